@@ -1,0 +1,132 @@
+"""The segment contract of ../shared/CONTRACT.md as data: names, input order, static shapes, dtypes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+MASK_VALUE = -10000.0
+KV_LAYOUT = "sequence-major [1, SEQ, KVH, D]"
+
+
+class SegmentKind(str, Enum):
+    EMBEDDING = "embedding"
+    EMBEDDING_CACHE = "embedding_cache"
+    BLOCK = "block"
+    BLOCK_CACHE = "block_cache"
+    LM_HEAD = "lm_head"
+    GREEDY_HEAD = "greedy_head"
+    PENALTY_SAMPLE_HEAD = "penalty_sample_head"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name: float32, int32, int64
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    name: str
+    kind: SegmentKind
+    layer: int | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.onnx"
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape for t in (*self.inputs, *self.outputs)}
+
+
+@dataclass(frozen=True)
+class ContractDims:
+    """The symbols of the contract for one model and one export."""
+
+    seq: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layers: int
+    int_dtype: str = "int32"
+    float_dtype: str = "float32"
+    sample_top_k: int = 50
+
+
+def segment_specs(d: ContractDims, with_penalty_head: bool = False) -> list[SegmentSpec]:
+    """Every segment of the default output, in the order the runtime first uses them."""
+    f, i = d.float_dtype, d.int_dtype
+    kv_hist = (1, d.seq, d.kv_heads, d.head_dim)
+    kv_one = (1, 1, d.kv_heads, d.head_dim)
+    T = TensorSpec
+    specs = [
+        SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
+                    (T("input_ids", (1, d.seq), i),), (T("input_embed", (1, d.seq, d.hidden), f),)),
+        SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
+                    (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f),)),
+    ]
+    for layer in range(d.layers):
+        specs.append(SegmentSpec(
+            f"block_{layer}", SegmentKind.BLOCK, layer,
+            (T("input_states", (1, d.seq, d.hidden), f), T("position_ids", (1, d.seq), i),
+             T("attention_mask", (1, 1, d.seq, d.seq), f)),
+            (T("hidden_states", (1, d.seq, d.hidden), f), T("past_k", kv_hist, f), T("past_v", kv_hist, f)),
+        ))
+        specs.append(SegmentSpec(
+            f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
+            (T("input_states", (1, 1, d.hidden), f), T("position_ids", (1, 1), i),
+             T("attention_mask", (1, 1, 1, d.seq + 1), f), T("history_k", kv_hist, f), T("history_v", kv_hist, f)),
+            (T("hidden_states", (1, 1, d.hidden), f), T("past_k", kv_one, f), T("past_v", kv_one, f)),
+        ))
+    specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None,
+                             (T("hidden_states", (1, d.hidden), f),), (T("m_logits", (1, d.vocab), f),)))
+    specs.append(SegmentSpec("greedy_head", SegmentKind.GREEDY_HEAD, None,
+                             (T("m_logits", (1, d.vocab), f),), (T("token", (1, 1), i),)))
+    if with_penalty_head:
+        k = d.sample_top_k
+        specs.append(SegmentSpec(
+            "penalty_sample_head", SegmentKind.PENALTY_SAMPLE_HEAD, None,
+            (T("m_logits", (1, d.vocab), f), T("input_ids", (1, d.seq), i), T("top_p", (1,), f),
+             T("temperature", (1,), f), T("penalty", (1,), f)),
+            (T("probs", (1, k), f), T("token", (1, k), i)),
+        ))
+    return specs
+
+
+def prefill_inputs(prompt: list[int], seq: int):
+    """input_ids, position_ids, attention_mask of the prefill step, as the runtime builds them."""
+    import numpy as np
+
+    n = len(prompt)
+    ids = np.zeros((1, seq), dtype=np.int64)
+    ids[0, :n] = prompt
+    pos = np.zeros((1, seq), dtype=np.int64)
+    pos[0, :n] = np.arange(n)
+    mask = np.full((1, 1, seq, seq), MASK_VALUE, dtype=np.float32)
+    for r in range(n):
+        mask[0, 0, r, : r + 1] = 0.0
+    return ids, pos, mask
+
+
+def decode_inputs(token: int, n: int, seq: int):
+    """input_ids, position_ids, attention_mask of the decode step for the token at index ``n``."""
+    import numpy as np
+
+    ids = np.array([[token]], dtype=np.int64)
+    pos = np.array([[n]], dtype=np.int64)
+    mask = np.full((1, 1, 1, seq + 1), MASK_VALUE, dtype=np.float32)
+    mask[0, 0, 0, :n] = 0.0
+    mask[0, 0, 0, seq] = 0.0
+    return ids, pos, mask

@@ -1,0 +1,253 @@
+"""MODEL argument -> a checked model folder, its facts, and a memory-mapped view of its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError, UnsupportedModelError
+from .families import FamilySpec, family_for
+
+log = logging.getLogger(__name__)
+
+PRESET_PACKAGE = "tpugraph.presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files(PRESET_PACKAGE) / f"{name}.json"
+    if not path.is_file():
+        raise ModelError(f"no preset named '{name}'; presets: {', '.join(preset_names())}")
+    return json.loads(path.read_text())
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TPUGRAPH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tpugraph")
+    return Path(base)
+
+
+def materialize_preset(name: str) -> Path:
+    """Write the preset's random-weight model once (deterministic seed) and return its folder."""
+    preset = load_preset(name)
+    import transformers
+
+    key = hashlib.sha256(
+        json.dumps({"preset": preset, "transformers": transformers.__version__}, sort_keys=True).encode()
+    ).hexdigest()[:12]
+    target = cache_dir() / "presets" / f"{name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = dict(preset["config"])
+    model_type = cfg_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    torch.manual_seed(int(preset.get("seed", 0)))
+    model = AutoModelForCausalLM.from_config(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    log.info("preset %s materialised at %s (random weights)", name, target)
+    return target
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from: a local folder, or a built-in preset materialised into a folder."""
+
+    path: Path
+    preset: str | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.preset is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "preset": self.preset, "random_weights": self.random_weights}
+
+
+def resolve_model(model: str) -> ModelSource:
+    """A folder path or a preset name -> a ModelSource whose folder holds config.json and weights."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model '{model}' is a file, not a model folder (config.json + *.safetensors)")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelError(f"model folder '{model}' is not readable")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"'{model}' is not a model folder: it has no config.json")
+        return ModelSource(path=path.resolve())
+    if model in preset_names():
+        return ModelSource(path=materialize_preset(model), preset=model)
+    raise ModelError(
+        f"model '{model}' not found: give a local model folder or a preset ({', '.join(preset_names())})"
+    )
+
+
+@dataclass
+class ModelFacts:
+    """What the exporter and the manifest need to know about a model, read from its config."""
+
+    architecture: str
+    model_type: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    tie_word_embeddings: bool
+    rope: dict[str, Any] = field(default_factory=dict)
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    dtype: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{folder / 'config.json'} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {exc.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{folder / 'config.json'} is not a JSON object")
+    return raw
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    """The transformers config of a model folder, after the checks that give one clear line each."""
+    raw = read_config_json(source.path)
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if "auto_map" in raw and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"model '{source.path}' needs remote code ({', '.join(archs) or model_type}); tpugraph does not run it "
+            "unless --trust-remote-code is given"
+        )
+    family = family_for(model_type, archs)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ModelError(f"transformers cannot read {source.path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    missing = [f for f in REQUIRED_FIELDS if getattr(text_config, f, None) in (None, 0)]
+    if missing:
+        raise ModelError(f"{source.path / 'config.json'} lacks required fields: {', '.join(missing)}")
+    return config, family
+
+
+def model_facts(config, family: FamilySpec) -> ModelFacts:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    rope = dict(rope) if isinstance(rope, dict) else {}
+    if "rope_theta" not in rope and getattr(c, "rope_theta", None) is not None:
+        rope["rope_theta"] = c.rope_theta
+    dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None)
+    return ModelFacts(
+        architecture=(getattr(config, "architectures", None) or [family.architectures[0]])[0],
+        model_type=c.model_type,
+        family=family.name,
+        num_layers=int(c.num_hidden_layers),
+        hidden_size=int(c.hidden_size),
+        num_heads=heads,
+        num_kv_heads=int(getattr(c, "num_key_value_heads", None) or heads),
+        head_dim=int(head_dim),
+        vocab_size=int(c.vocab_size),
+        max_positions=int(getattr(c, "max_position_embeddings", 0) or 0),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        rope=json.loads(json.dumps(rope, default=str)),
+        bos_token_id=getattr(c, "bos_token_id", None),
+        eos_token_id=getattr(c, "eos_token_id", None),
+        dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
+    )
+
+
+class WeightStore:
+    """Memory-mapped read access to a model folder's safetensors, one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        self._file_of: dict[str, str] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ModelError(f"{index} is not a valid safetensors index: {exc}") from None
+            self._file_of = dict(weight_map)
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise ModelError(f"model folder '{self.folder}' has no *.safetensors weights")
+            for f in files:
+                for key in self._open(f.name).keys():
+                    self._file_of[key] = f.name
+        for name in set(self._file_of.values()):
+            if not (self.folder / name).is_file():
+                raise ModelError(f"weights file '{name}' named in the index is missing from '{self.folder}'")
+        self._handles: dict[str, Any] = {}
+
+    def _open(self, filename: str):
+        from safetensors import safe_open
+
+        handles = getattr(self, "_handles", None)
+        if handles is not None and filename in handles:
+            return handles[filename]
+        try:
+            handle = safe_open(str(self.folder / filename), framework="pt")
+        except Exception as exc:
+            raise ModelError(f"weights file '{self.folder / filename}' is unreadable or truncated: {exc}") from None
+        if handles is not None:
+            handles[filename] = handle
+        return handle
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def get(self, key: str):
+        if key not in self._file_of:
+            raise ModelError(f"weight '{key}' is missing from the model's safetensors")
+        try:
+            return self._open(self._file_of[key]).get_tensor(key)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"cannot read weight '{key}' from '{self._file_of[key]}': {exc}") from None
+
+    def state_dict(self, prefix: str) -> dict[str, Any]:
+        """All tensors under ``prefix`` (a module path followed by '.'), with the prefix stripped."""
+        return {k[len(prefix):]: self.get(k) for k in self._file_of if k.startswith(prefix)}
