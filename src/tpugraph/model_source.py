@@ -37,6 +37,14 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def quiet_transformers() -> None:
+    """No progress bars or advisory warnings from transformers inside tpugraph's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def materialize_preset(name: str) -> Path:
     """Write the preset's random-weight model once (deterministic seed) and return its folder."""
     preset = load_preset(name)
@@ -51,6 +59,7 @@ def materialize_preset(name: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    quiet_transformers()
     cfg_dict = dict(preset["config"])
     model_type = cfg_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg_dict)

@@ -1,0 +1,164 @@
+"""The tpugraph command line: thin typer commands, each calling one library function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import EXIT_INTERRUPTED, TpugraphError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hugging Face causal LMs -> the ONNX segments Sophgo's tpu-mlir and LLM-TPU runtime expect.")
+manifest_app = typer.Typer(no_args_is_help=True, help="Read and check OUT/manifest.json.")
+passes_app = typer.Typer(no_args_is_help=True, help="List the graph passes, or run some of them on one file.")
+app.add_typer(manifest_app, name="manifest")
+app.add_typer(passes_app, name="passes")
+
+_state = {"verbosity": 0}
+
+
+def _echo(msg: str = "") -> None:
+    if _state["verbosity"] >= 0:
+        typer.echo(msg)
+
+
+def user_errors(fn):
+    """Turn a TpugraphError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TpugraphError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished segments are kept; rerun the same command to finish", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+@app.callback()
+def main_options(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-vv for debug)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+) -> None:
+    _state["verbosity"] = -1 if quiet else verbose
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _split(values: Optional[list[str]]) -> Optional[list[str]]:
+    if values is None:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@app.command("export-and-optimize")
+@user_errors
+def export_and_optimize_cmd(
+    model: str = typer.Argument(..., help="A local Hugging Face model folder (config.json + *.safetensors) or a preset name (e.g. tiny-llama)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the segments and manifest.json."),
+    seq_length: int = typer.Option(512, "--seq-length", help="Static sequence length SEQ."),
+    int_dtype: str = typer.Option("int32", "--int-dtype", help="Integer input dtype: int32 or int64."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the exported segments."),
+    passes: Optional[list[str]] = typer.Option(None, "--passes", help="Pass chain to run instead of the default (comma-separated; 'none' for no pass)."),
+    skip_pass: Optional[list[str]] = typer.Option(None, "--skip-pass", help="Pass(es) to leave out of the chain."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not a tpugraph output."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models whose config needs remote code."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+) -> None:
+    """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
+    from .pipeline import ExportOptions, export_and_optimize
+
+    chain = _split(passes)
+    if chain == ["none"]:
+        chain = []
+    opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=chain,
+                         skip_passes=_split(skip_pass) or [], force=force, trust_remote_code=trust_remote_code)
+
+    def progress(name: str, index: int, total: int) -> None:
+        if _state["verbosity"] >= 0 and not json_out and name != "done":
+            typer.echo(f"[{index + 1}/{total}] {name}", err=True)
+
+    manifest = export_and_optimize(model, out, opts, progress=progress)
+    src = manifest.model["source"]
+    if json_out:
+        typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "random_weights": src["random_weights"],
+                               "complete": manifest.complete}))
+        return
+    _echo(f"wrote {len(manifest.segments)} segments and manifest.json to {out}")
+    if src["random_weights"]:
+        _echo(f"note: preset '{src['preset']}' has RANDOM weights: good for trying the toolchain, not for real text")
+
+
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    prompt_length: int = typer.Option(8, "--prompt-length", help="Number of prompt tokens (random ids from --seed)."),
+    new_tokens: int = typer.Option(8, "--new-tokens", help="Number of tokens to generate."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+    model: Optional[str] = typer.Option(None, "--model", help="Source model folder, if it moved since the export."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Drive OUT's segments like the TPU runtime and compare tokens and logits with transformers' greedy generate."""
+    from .verify import MAX_REL_DIFF, MIN_COSINE, verify
+
+    report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model)
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        _echo(f"prompt ({len(report.prompt)} tokens): {report.prompt}")
+        _echo(f"{'step':>4}  {'hf':>7}  {'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
+        for s in report.steps:
+            _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  "
+                  f"{s.rel_diff:>9.2e}  {'ok' if s.ok else 'MISMATCH'}")
+        _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {MIN_COSINE}); "
+              f"max rel diff {report.max_rel_diff:.2e} (<= {MAX_REL_DIFF})")
+        typer.echo("PASS" if report.passed else "FAIL")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@manifest_app.command("validate")
+@user_errors
+def manifest_validate_cmd(out: Path = typer.Argument(..., help="An output folder written by export-and-optimize.")) -> None:
+    """Check that every file of OUT's manifest exists, its hash matches and its I/O shapes equal the manifest."""
+    from .manifest import read_manifest, validate
+
+    problems = validate(out)
+    for p in problems:
+        typer.echo(f"MISMATCH {p}", err=True)
+    if problems:
+        typer.echo(f"{len(problems)} problem(s) in {out}", err=True)
+        raise typer.Exit(7)
+    _echo(f"ok: {len(read_manifest(out).segments)} segments match {out / 'manifest.json'}")
+
+
+@app.command("families")
+@user_errors
+def families_cmd() -> None:
+    """List the supported model families: architectures, what each supports, minimum transformers."""
+    from .families import FAMILIES
+
+    for fam in FAMILIES:
+        _echo(f"{fam.name:<10} {', '.join(fam.architectures):<40} transformers>={fam.min_transformers:<6} {fam.describe()}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

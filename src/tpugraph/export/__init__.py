@@ -1,0 +1,1 @@
+"""Torch segment wrappers and the exporter that turns them into ONNX."""

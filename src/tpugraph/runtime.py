@@ -1,0 +1,89 @@
+"""Drive exported segments in onnxruntime exactly as the TPU runtime does (CONTRACT.md, greedy decoding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .contract import decode_inputs, prefill_inputs
+from .manifest import Manifest, SegmentEntry, read_manifest
+
+
+@dataclass
+class GenerationTrace:
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)  # one [V] array per generated token
+
+
+class SegmentRuntime:
+    """Loads the segments of an OUT folder and runs prefill + decode, feeding inputs by position."""
+
+    def __init__(self, out_dir: Path, manifest: Manifest | None = None):
+        import onnxruntime as ort
+
+        self.out_dir = Path(out_dir)
+        self.manifest = manifest or read_manifest(self.out_dir)
+        self.seq = int(self.manifest.options["seq_length"])
+        self.layers = int(self.manifest.model["num_layers"])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self._ort, self._opts = ort, opts
+        self._sessions: dict[str, object] = {}
+
+    def _session(self, name: str):
+        if name not in self._sessions:
+            entry = self.manifest.segment(name)
+            self._sessions[name] = self._ort.InferenceSession(
+                str(self.out_dir / entry.file), self._opts, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[name]
+
+    def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Run segment ``name`` with ``arrays`` in the contract's input order, cast to the declared dtypes."""
+        entry: SegmentEntry = self.manifest.segment(name)
+        sess = self._session(name)
+        feeds = {}
+        for declared, spec, arr in zip(sess.get_inputs(), entry.inputs, arrays, strict=True):
+            feeds[declared.name] = np.asarray(arr).astype(spec.dtype, copy=False)
+        return sess.run(None, feeds)
+
+    def next_token(self, hidden_last: np.ndarray) -> tuple[int, np.ndarray]:
+        (logits,) = self.run("lm_head", hidden_last.reshape(1, -1))
+        (token,) = self.run("greedy_head", logits)
+        return int(np.asarray(token).reshape(-1)[0]), logits.reshape(-1)
+
+    def prefill(self, prompt: list[int]):
+        ids, pos, mask = prefill_inputs(prompt, self.seq)
+        (hidden,) = self.run("embedding", ids)
+        history = []
+        for i in range(self.layers):
+            hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
+            history.append((k.copy(), v.copy()))
+        return hidden[0, len(prompt) - 1], history
+
+    def decode(self, token: int, n: int, history) -> np.ndarray:
+        ids, pos, mask = decode_inputs(token, n, self.seq)
+        (hidden,) = self.run("embedding_cache", ids)
+        for i in range(self.layers):
+            hk, hv = history[i]
+            hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, hk, hv)
+            hk[0, n] = k[0, 0]
+            hv[0, n] = v[0, 0]
+        return hidden[0, 0]
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_ids: set[int] | None = None) -> GenerationTrace:
+        if not 1 <= len(prompt) <= self.seq:
+            raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
+        trace = GenerationTrace()
+        hidden, history = self.prefill(prompt)
+        n = len(prompt)
+        while True:
+            token, logits = self.next_token(hidden)
+            trace.tokens.append(token)
+            trace.logits.append(logits)
+            if len(trace.tokens) >= max_new_tokens or (eos_ids and token in eos_ids) or n >= self.seq:
+                return trace
+            hidden = self.decode(token, n, history)
+            n += 1

@@ -1,0 +1,138 @@
+"""End-to-end parity: the ONNX segments driven like the TPU runtime vs transformers' own greedy generate."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VerificationError
+from .manifest import Manifest, read_manifest
+from .model_source import materialize_preset, quiet_transformers
+from .runtime import SegmentRuntime
+
+log = logging.getLogger(__name__)
+
+MIN_COSINE = 0.9999  # per-step logits, fp32 export vs fp32 reference
+MAX_REL_DIFF = 1e-3  # max |diff| / (max logit - min logit)
+
+
+@dataclass
+class StepReport:
+    step: int
+    hf_token: int
+    onnx_token: int
+    cosine: float
+    max_abs_diff: float
+    rel_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return self.hf_token == self.onnx_token and self.cosine >= MIN_COSINE and self.rel_diff <= MAX_REL_DIFF
+
+
+@dataclass
+class VerifyReport:
+    prompt: list[int]
+    hf_tokens: list[int]
+    onnx_tokens: list[int]
+    steps: list[StepReport] = field(default_factory=list)
+
+    @property
+    def tokens_equal(self) -> bool:
+        return self.hf_tokens == self.onnx_tokens
+
+    @property
+    def min_cosine(self) -> float:
+        return min((s.cosine for s in self.steps), default=float("nan"))
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max((s.rel_diff for s in self.steps), default=float("nan"))
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((s.max_abs_diff for s in self.steps), default=float("nan"))
+
+    @property
+    def passed(self) -> bool:
+        return self.tokens_equal and bool(self.steps) and all(s.ok for s in self.steps)
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed, "prompt": self.prompt, "hf_tokens": self.hf_tokens,
+            "onnx_tokens": self.onnx_tokens, "tokens_equal": self.tokens_equal,
+            "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff,
+            "thresholds": {"min_cosine": MIN_COSINE, "max_rel_diff": MAX_REL_DIFF},
+            "steps": [s.__dict__ | {"ok": s.ok} for s in self.steps],
+        }
+
+
+def _source_folder(manifest: Manifest, model_path: str | None) -> Path:
+    if model_path:
+        return Path(model_path)
+    src = manifest.model.get("source", {})
+    path = Path(src.get("path", ""))
+    if src.get("preset") and not (path / "config.json").is_file():
+        path = materialize_preset(src["preset"])  # deterministic: the same weights again
+    if not (path / "config.json").is_file():
+        raise VerificationError(f"source model '{path}' of this output is gone; pass --model FOLDER")
+    return path
+
+
+def _eos_ids(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, eos: set[int]):
+    """transformers' own greedy generate on the source model in fp32: tokens and the raw per-step logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=sorted(eos) or None,
+                           pad_token_id=min(eos) if eos else 0, output_logits=True, return_dict_in_generate=True)
+    ids = torch.tensor([prompt], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logits = [l[0].float().numpy() for l in out.logits]
+    return tokens, logits
+
+
+def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, seed: int = 0,
+           model_path: str | None = None, prompt: list[int] | None = None) -> VerifyReport:
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if not manifest.complete:
+        raise VerificationError(f"'{out_dir}' is an unfinished export (manifest marked incomplete); rerun the export")
+    seq = int(manifest.options["seq_length"])
+    vocab = int(manifest.model["vocab_size"])
+    if prompt is None:
+        if prompt_length < 1 or new_tokens < 1:
+            raise VerificationError("--prompt-length and --new-tokens must be >= 1")
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(3, vocab, size=prompt_length).tolist()
+    if len(prompt) + new_tokens - 1 > seq:
+        raise VerificationError(
+            f"prompt length {len(prompt)} + {new_tokens} new tokens does not fit SEQ={seq}"
+        )
+    eos = _eos_ids(manifest.model.get("eos_token_id"))
+    hf_tokens, hf_logits = hf_greedy(_source_folder(manifest, model_path), prompt, new_tokens, eos)
+    trace = SegmentRuntime(out_dir, manifest).generate(prompt, new_tokens, eos)
+    report = VerifyReport(prompt=prompt, hf_tokens=hf_tokens, onnx_tokens=trace.tokens)
+    for step, (ref, got) in enumerate(zip(hf_logits, trace.logits)):
+        ref = ref.astype(np.float64)
+        got = got.astype(np.float64)
+        cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
+        diff = float(np.max(np.abs(ref - got)))
+        span = float(ref.max() - ref.min()) or 1.0
+        report.steps.append(StepReport(step, hf_tokens[step] if step < len(hf_tokens) else -1,
+                                       trace.tokens[step], cos, diff, diff / span))
+    return report
