@@ -13,6 +13,7 @@ from .contract import TensorSpec
 from .errors import OutputError, VerificationError
 
 MANIFEST_NAME = "manifest.json"
+PARTIAL_NAME = ".tpugraph-partial.json"  # the manifest of an unfinished run: finished segments only
 FORMAT = "tpugraph-manifest"
 FORMAT_VERSION = 1
 
@@ -110,10 +111,10 @@ class Manifest:
             complete=bool(d.get("complete", False)),
         )
 
-    def write(self, out_dir: Path) -> Path:
-        """Atomically replace OUT/manifest.json."""
-        target = Path(out_dir) / MANIFEST_NAME
-        tmp = target.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
+    def write(self, out_dir: Path, name: str = MANIFEST_NAME) -> Path:
+        """Atomically replace OUT/manifest.json (or another manifest file name)."""
+        target = Path(out_dir) / name
+        tmp = target.with_name(f".{name}.tmp{os.getpid()}")
         try:
             tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
             os.replace(tmp, target)
@@ -123,12 +124,14 @@ class Manifest:
         return target
 
 
-def read_manifest(out_dir: Path) -> Manifest:
-    path = Path(out_dir) / MANIFEST_NAME
+def read_manifest(out_dir: Path, name: str = MANIFEST_NAME) -> Manifest:
+    path = Path(out_dir) / name
     if not Path(out_dir).is_dir():
         raise VerificationError(f"'{out_dir}' is not a folder")
     if not path.is_file():
-        raise VerificationError(f"'{out_dir}' has no {MANIFEST_NAME}: not a tpugraph output (or not finished)")
+        unfinished = (Path(out_dir) / PARTIAL_NAME).is_file()
+        why = "an unfinished export: rerun it to finish" if unfinished else "not a tpugraph output"
+        raise VerificationError(f"'{out_dir}' has no {name}: {why}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -13,8 +13,8 @@ from typing import Callable
 
 from . import __version__
 from .contract import KV_LAYOUT, MASK_VALUE, ContractDims, SegmentSpec, segment_specs
-from .errors import OutputError, UsageError
-from .manifest import MANIFEST_NAME, Manifest, SegmentEntry, read_manifest
+from .errors import OutputError, TpugraphError, UsageError
+from .manifest import MANIFEST_NAME, PARTIAL_NAME, Manifest, SegmentEntry, read_manifest, sha256_file
 from .model_source import ModelSource, WeightStore, load_config, model_facts, resolve_model
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,13 @@ def prepare_output_dir(out: Path, force: bool) -> None:
         raise OutputError(f"output '{out}' exists and is not a folder")
     if out.is_dir():
         entries = [p for p in out.iterdir() if not p.name.startswith(".tpugraph")]
-        if entries and not (out / MANIFEST_NAME).is_file() and not force:
+        ours = (out / MANIFEST_NAME).is_file() or (out / PARTIAL_NAME).is_file()
+        if entries and not ours and not force:
             raise OutputError(f"output folder '{out}' is not empty and is not a tpugraph output (use --force to write into it)")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in list(out.glob(".tpugraph-stage-*")) + list(out.glob(".tpugraph-work-*")):
+            shutil.rmtree(leftover, ignore_errors=True)  # scratch of a run that was killed
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tpugraph-probe-", delete=True)
         probe.close()
     except OSError as exc:
@@ -115,11 +118,35 @@ def _fits_protobuf(model) -> bool:
 ProgressFn = Callable[[str, int, int], None]
 
 
+def _previous_entries(out_dir: Path) -> dict[str, SegmentEntry]:
+    """Segments an earlier run into OUT finished (from its manifest, or its partial manifest)."""
+    for name in (MANIFEST_NAME, PARTIAL_NAME):
+        path = out_dir / name
+        if path.is_file():
+            try:
+                return {s.name: s for s in read_manifest(out_dir, name).segments}
+            except TpugraphError:
+                return {}
+    return {}
+
+
+def _still_valid(entry: SegmentEntry, out_dir: Path, fingerprint: str) -> bool:
+    if entry.extra.get("fingerprint") != fingerprint:
+        return False
+    files = [(entry.file, entry.size, entry.sha256)] + [(e["file"], e.get("size"), e.get("sha256")) for e in entry.external_data]
+    for name, size, digest in files:
+        path = out_dir / name
+        if not path.is_file() or path.stat().st_size != size or sha256_file(path) != digest:
+            return False
+    return True
+
+
 def export_and_optimize(model: str, out: str | Path, options: ExportOptions | None = None,
                         progress: ProgressFn | None = None) -> Manifest:
     """Export MODEL (folder or preset) into OUT: every segment of the contract, passed through the chain,
-    plus OUT/manifest.json (written last, marked complete only when every segment is done)."""
+    then OUT/manifest.json, written last. Segments an earlier run finished with the same inputs are kept."""
     from .export.exporter import DEFAULT_OPSET, ModelParts, export_segment
+    from .resume import segment_fingerprint
 
     options = options or ExportOptions()
     options.check()
@@ -134,47 +161,61 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     weights = WeightStore(source.path)
     chain = _resolve_chain(options)
     prepare_output_dir(out_dir, options.force)
-    stale = out_dir / MANIFEST_NAME
-    if stale.is_file():
-        stale.unlink()  # an earlier run's manifest must not describe this run's files
+    previous = _previous_entries(out_dir)
+    # From here on OUT is being changed: no manifest.json until every segment is done again.
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
                         int_dtype=options.int_dtype)
     specs = segment_specs(dims)
+    tools = tool_versions()
     manifest = Manifest(
         model={**facts.to_json(), "source": source.to_json()},
-        tools=tool_versions(),
+        tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
                      "naming": "llm-tpu", "int_dtype": options.int_dtype, "float_dtype": "float32",
                      "batch": 1},
         options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype},
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
     )
-    parts = ModelParts(config, family, weights, options.dtype)
+    config_json = config.to_dict()
+    parts = None
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
     try:
         for index, spec in enumerate(specs):
             if progress:
                 progress(spec.name, index, len(specs))
+            fingerprint = segment_fingerprint(spec, family, weights, config_json, manifest.options,
+                                              manifest.pass_chain, tools)
+            prev = previous.get(spec.name)
+            if prev is not None and _still_valid(prev, out_dir, fingerprint):
+                log.info("%s: unchanged since the last run, kept", spec.name)
+                prev.extra["reused"] = True
+                manifest.segments.append(prev)
+                manifest.write(out_dir, PARTIAL_NAME)
+                continue
             t0 = time.perf_counter()
+            parts = parts or ModelParts(config, family, weights, options.dtype)
             onnx_model = export_segment(parts, spec, options.seq_length, options.int_dtype, work)
-            results = _run_chain(onnx_model, chain, spec, work) if chain else (onnx_model, [])
-            onnx_model, pass_results = results
+            onnx_model, pass_results = _run_chain(onnx_model, chain, spec, work) if chain else (onnx_model, [])
             entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
                                  inputs=list(spec.inputs), outputs=list(spec.outputs))
             _apply_renames(entry, pass_results)
             entry.external_data = save_model_atomic(onnx_model, out_dir, spec.filename)
+            del onnx_model
             entry.passes = [r.to_json() for r in pass_results]
+            entry.extra["fingerprint"] = fingerprint
             entry.extra["export_seconds"] = round(time.perf_counter() - t0, 3)
             entry.record_files(out_dir)
             manifest.segments.append(entry)
-            manifest.write(out_dir)  # complete=False: lists only the finished segments
+            manifest.write(out_dir, PARTIAL_NAME)
             log.info("%s done (%.2fs)", spec.name, time.perf_counter() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     manifest.complete = True
     manifest.write(out_dir)
+    (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
     if progress:
         progress("done", len(specs), len(specs))
     return manifest
