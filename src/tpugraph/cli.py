@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .errors import EXIT_INTERRUPTED, TpugraphError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpugraphError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hugging Face causal LMs -> the ONNX segments Sophgo's tpu-mlir and LLM-TPU runtime expect.")
@@ -41,6 +41,15 @@ def user_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted: finished segments are kept; rerun the same command to finish", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:  # a bug, not a user error: still one line unless asked for more
+            if _state["verbosity"] >= 2:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            typer.echo(f"error: internal error ({type(exc).__name__}: {first}); rerun with -vv for the traceback "
+                       "and report it", err=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 

@@ -59,4 +59,5 @@ class CompileError(TpugraphError):
     exit_code = 8
 
 
+EXIT_INTERNAL = 70  # a bug in tpugraph (EX_SOFTWARE)
 EXIT_INTERRUPTED = 130

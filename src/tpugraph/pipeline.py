@@ -224,10 +224,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
 def _resolve_chain(options: ExportOptions):
     if options.passes is not None and not options.passes:
         return []
-    try:
-        from .passes import resolve_chain
-    except ImportError:  # pragma: no cover - the passes package is part of the distribution
-        return []
+    from .passes import resolve_chain
+
     return resolve_chain(options.passes, options.skip_passes)
 
 
