@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VerificationError
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, read_manifest, validate
 from .model_source import materialize_preset, quiet_transformers
 from .runtime import SegmentRuntime
 
@@ -112,6 +112,10 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     manifest = read_manifest(out_dir)
     if not manifest.complete:
         raise VerificationError(f"'{out_dir}' is an unfinished export (manifest marked incomplete); rerun the export")
+    problems = validate(out_dir)
+    if problems:
+        more = f" (and {len(problems) - 1} more; see `tpugraph manifest validate`)" if len(problems) > 1 else ""
+        raise VerificationError(f"'{out_dir}' does not match its manifest: {problems[0]}{more}")
     seq = int(manifest.options["seq_length"])
     vocab = int(manifest.model["vocab_size"])
     if prompt is None:
