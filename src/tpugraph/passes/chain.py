@@ -1,0 +1,84 @@
+"""Pass names -> configured pass objects, and a chain of them -> one transformed model plus results."""
+
+from __future__ import annotations
+
+import onnx
+
+from tpugraph.errors import PassError, UsageError
+
+from .base import GraphPass, PassContext, PassResult
+from .dedupe_initializers import DedupeInitializers
+from .fix_static_shapes import FixStaticShapes
+from .fold_constants import FoldConstants
+from .make_tpu_compatible import MakeTpuCompatible
+from .remove_identity import RemoveIdentity
+from .remove_unused import RemoveUnused
+from .rename_kv_io import RenameKvIo
+from .simplify_graph import Simplify
+
+
+PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (
+    FixStaticShapes, FoldConstants, Simplify, RemoveIdentity, DedupeInitializers, RemoveUnused, RenameKvIo,
+    MakeTpuCompatible,
+)}
+
+DEFAULT_CHAIN: tuple[str, ...] = (
+    "fix_static_shapes",  # first: every later pass (and onnxsim) sees a fully static graph
+    "fold_constants",  # shape chains and constant tables become initializers, size-capped
+    "simplify",  # onnxsim fusions and eliminations on the static graph
+    "remove_identity",
+    "dedupe_initializers",
+    "remove_unused",  # after the passes that orphan nodes and initializers
+    "rename_kv_io",  # names last but one: nothing after it relies on the contract names
+    "tpu_compat",  # last: validates exactly what is written
+)
+
+
+def get_pass(name: str, **options: object) -> GraphPass:
+    """A configured pass by registry name; UsageError for an unknown name or option."""
+    try:
+        cls = PASSES[name]
+    except KeyError:
+        raise UsageError(f"unknown pass '{name}' (passes: {', '.join(PASSES)})") from None
+    return cls(**options)
+
+
+def default_chain() -> list[GraphPass]:
+    return [get_pass(name) for name in DEFAULT_CHAIN]
+
+
+def _split_names(names: list[str] | str) -> list[str]:
+    items = [names] if isinstance(names, str) else list(names)
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def resolve_chain(names: list[str] | None = None, skip: list[str] | None = None) -> list[GraphPass]:
+    """The chain to run: ``names`` in order (default chain if None) minus ``skip``.
+
+    Entries may be comma-separated ("simplify,tpu_compat"). Unknown names raise UsageError.
+    """
+    chosen = list(DEFAULT_CHAIN) if names is None else _split_names(names)
+    skipped = _split_names(skip or [])
+    unknown = [n for n in (*chosen, *skipped) if n not in PASSES]
+    if unknown:
+        raise UsageError(f"unknown pass {', '.join(repr(n) for n in unknown)} (passes: {', '.join(PASSES)})")
+    return [get_pass(n) for n in chosen if n not in skipped]
+
+
+def run_chain(model: onnx.ModelProto, chain: list[GraphPass],
+              ctx: PassContext) -> tuple[onnx.ModelProto, list[PassResult]]:
+    """Run the passes in order. ``model`` itself is never changed.
+
+    At most one copy of the model is made: in-place passes work on a copy the chain owns, passes
+    that build a new model hand that one on. A failure raises PassError naming the pass, the
+    segment and the passes that ran before it.
+    """
+    results: list[PassResult] = []
+    current = model
+    for p in chain:
+        try:
+            current, result = p.execute(current, ctx, owned=current is not model)
+        except PassError as err:
+            raise PassError(p.name, ctx.segment, [r.name for r in results], err.reason) from err.__cause__
+        results.append(result)
+    return current, results

@@ -1,0 +1,92 @@
+"""A graph -> its onnxsim-simplified form (big models go through files with external data)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from . import _graph
+from .base import GraphPass, PassContext, PassFailed
+
+log = logging.getLogger(__name__)
+
+_METADATA_PREFIX = "onnxsim."
+_COUNTS = {"removed_nodes": "onnxsim.removed_nodes.count", "changed_nodes": "onnxsim.changed_nodes.count",
+           "removed_values": "onnxsim.removed_values.count"}
+
+
+class Simplify(GraphPass):
+    name = "simplify"
+    summary = "onnxsim: fold constants, fuse and eliminate redundant ops (files + external data above 1.8 GB)"
+    defaults = {
+        "skip_fuse_bn": False,
+        "skipped_optimizers": [],
+        "skip_constant_folding": False,
+        "tensor_size_threshold": "16MB",
+        "large_model_bytes": _graph.LARGE_MODEL_BYTES,
+    }
+    in_place = False
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        import onnxsim
+
+        kwargs: dict[str, Any] = {
+            "check_n": 0,  # tpugraph checks numerics itself (--check, check_numerics, verify)
+            "skip_fuse_bn": bool(self.opt["skip_fuse_bn"]),
+            "skipped_optimizers": list(self.opt["skipped_optimizers"]) or None,
+            "skip_constant_folding": bool(self.opt["skip_constant_folding"]),
+            "tensor_size_threshold": str(self.opt["tensor_size_threshold"]),
+        }
+        accepted = inspect.signature(onnxsim.simplify).parameters
+        if "certify" in accepted:  # newer onnxsim tries a z3 proof by default: not wanted here
+            kwargs["certify"] = False
+        through_file = _graph.model_nbytes(model) > int(self.opt["large_model_bytes"])
+        chatter = io.StringIO()  # onnxsim prints notes to stdout; they belong in the log
+        with contextlib.redirect_stdout(chatter):
+            if through_file:
+                out, ok = _simplify_via_file(model, ctx.work_dir, kwargs)
+            else:
+                out, ok = onnxsim.simplify(model, **kwargs)
+        if chatter.getvalue().strip():
+            log.info("onnxsim on %s: %s", ctx.segment, " ".join(chatter.getvalue().split()))
+        if not ok:
+            raise PassFailed("onnxsim reported that the simplified model is not valid")
+        details: dict[str, Any] = {"via_file": through_file}
+        meta = {p.key: p.value for p in out.metadata_props}
+        for key, meta_key in _COUNTS.items():
+            if meta_key in meta and meta[meta_key].isdigit():
+                details[key] = int(meta[meta_key])
+        # onnxsim records its bookkeeping in the model; it belongs in the manifest, not the segment
+        kept = [p for p in out.metadata_props if not p.key.startswith(_METADATA_PREFIX)]
+        del out.metadata_props[:]
+        out.metadata_props.extend(kept)
+        details["nodes_removed"] = _graph.count_nodes(model) - _graph.count_nodes(out)
+        return out, details
+
+
+def _simplify_via_file(model: onnx.ModelProto, work_dir: Path | None,
+                       kwargs: dict[str, Any]) -> tuple[onnx.ModelProto, bool]:
+    """Never serialise a >2 GB protobuf: write the model with external data and let onnxsim read the path."""
+    import onnxsim
+
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="simplify-", dir=work_dir))
+    try:
+        src, dst = tmp / "in.onnx", tmp / "out" / "out.onnx"
+        dst.parent.mkdir()
+        _graph.save_external(model, src)
+        log.info("simplify: large model, going through %s", tmp)
+        _, ok = onnxsim.simplify(str(src), output_path=str(dst), **kwargs)
+        out = onnx.load_model(dst, load_external_data=True)
+        return out, ok
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Graph pass tests (a package, so its conftest does not shadow tests/conftest.py)."""
