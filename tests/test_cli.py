@@ -55,10 +55,27 @@ def test_verify_json_report(tmp_path, make_model):
     assert report["passed"] and len(report["onnx_tokens"]) == 4 and len(report["prompt"]) == 5
 
 
-@pytest.mark.parametrize("help_args", [[], ["export-and-optimize"], ["verify"], ["manifest", "validate"], ["families"]])
+def _all_command_paths():
+    """Every command of the typer app, found from the app itself (a new command cannot be forgotten)."""
+    import typer.main
+
+    def walk(group, prefix):
+        yield prefix
+        for name, cmd in getattr(group, "commands", {}).items():
+            yield from walk(cmd, prefix + [name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+@pytest.mark.parametrize("help_args", _all_command_paths(), ids=lambda p: " ".join(p) or "tpugraph")
 def test_every_command_help_renders(help_args):
     code, output = run(*help_args, "--help")
     assert code == 0 and "Usage" in output
+
+
+def test_guard_finds_the_commands():
+    paths = {" ".join(p) for p in _all_command_paths()}
+    assert {"export-and-optimize", "verify", "manifest validate", "passes list", "passes run", "inspect"} <= paths
 
 
 def test_missing_model(tmp_path):

@@ -80,18 +80,25 @@ def export_and_optimize_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the exported segments."),
     passes: Optional[list[str]] = typer.Option(None, "--passes", help="Pass chain to run instead of the default (comma-separated; 'none' for no pass)."),
     skip_pass: Optional[list[str]] = typer.Option(None, "--skip-pass", help="Pass(es) to leave out of the chain."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum."),
+    naming: Optional[str] = typer.Option(None, "--naming", help="I/O naming convention: llm-tpu (default), optimum or genie (shortcut for --option rename_kv_io.convention=...)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not a tpugraph output."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models whose config needs remote code."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
+    from .passes import parse_pass_options
     from .pipeline import ExportOptions, export_and_optimize
 
     chain = _split(passes)
     if chain == ["none"]:
         chain = []
+    pass_options = parse_pass_options(option)
+    if naming:
+        pass_options.setdefault("rename_kv_io", {})["convention"] = naming
     opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=chain,
-                         skip_passes=_split(skip_pass) or [], force=force, trust_remote_code=trust_remote_code)
+                         skip_passes=_split(skip_pass) or [], pass_options=pass_options, force=force,
+                         trust_remote_code=trust_remote_code)
 
     def progress(name: str, index: int, total: int) -> None:
         if _state["verbosity"] >= 0 and not json_out and name != "done":
@@ -152,6 +159,83 @@ def manifest_validate_cmd(out: Path = typer.Argument(..., help="An output folder
     _echo(f"ok: {len(read_manifest(out).segments)} segments match {out / 'manifest.json'}")
 
 
+@passes_app.command("list")
+@user_errors
+def passes_list_cmd() -> None:
+    """Name and one line for each registered pass; '*' marks the default chain, in its order."""
+    from .passes import DEFAULT_CHAIN, PASSES
+
+    for name in [*DEFAULT_CHAIN, *[n for n in PASSES if n not in DEFAULT_CHAIN]]:
+        mark = "*" if name in DEFAULT_CHAIN else " "
+        _echo(f"{mark} {name:<20} {PASSES[name].summary}")
+
+
+@passes_app.command("run")
+@user_errors
+def passes_run_cmd(
+    names: str = typer.Argument(..., help="Pass name(s), comma-separated, run in this order."),
+    input_path: Path = typer.Argument(..., metavar="IN.onnx", help="The ONNX file to transform (left untouched)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the result."),
+    check: bool = typer.Option(False, "--check", help="Run IN and OUT in onnxruntime on random inputs and compare."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest max-abs-diff per output that --check accepts."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="A pass option PASS.KEY=VALUE (repeatable)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Run some passes on one ONNX file with the same code and options as the full chain (for debugging)."""
+    from .passes import parse_pass_options, run_passes_on_file
+
+    report = run_passes_on_file(input_path, out, names, check=check, tolerance=tolerance,
+                                options=parse_pass_options(option))
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    for r in report.results:
+        _echo(f"{r.name:<20} {'modified' if r.modified else 'unchanged':<10} nodes {r.nodes_before} -> "
+              f"{r.nodes_after}  {r.seconds:.2f}s  {json.dumps(r.details, default=str)[:120]}")
+    if report.max_abs_diff is not None:
+        for name, diff in report.max_abs_diff.items():
+            _echo(f"check {name:<24} max|diff| {diff:.3e} (tolerance {report.tolerance:g})")
+    _echo(f"wrote {out}")
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="An .onnx file, or an output folder with manifest.json."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Show an ONNX file's I/O, ops, parameters, opset/IR and TPU problems; or the segment table of an OUT folder."""
+    from .inspection import inspect_onnx, inspect_output, is_output_folder
+
+    if path.is_dir():
+        if not is_output_folder(path):
+            from .errors import UsageError
+
+            raise UsageError(f"'{path}' is a folder without manifest.json: give an .onnx file or a tpugraph output")
+        rows = inspect_output(path)
+        if json_out:
+            typer.echo(json.dumps(rows))
+            return
+        _echo(f"{'segment':<18} {'kind':<16} {'MB':>9} {'nodes':>6}  inputs -> outputs")
+        for r in rows:
+            _echo(f"{r['name']:<18} {r['kind']:<16} {r['bytes'] / 1e6:>9.2f} {str(r['nodes'] or '-'):>6}  "
+                  f"{', '.join(r['inputs'])} -> {', '.join(r['outputs'])}")
+        return
+    summary = inspect_onnx(path)
+    if json_out:
+        typer.echo(json.dumps(summary.to_json()))
+        return
+    _echo(f"{summary.path}: opset {summary.opset}, IR version {summary.ir_version}, {summary.nodes} nodes, "
+          f"{summary.parameters:,} parameters ({summary.parameter_bytes / 1e6:.2f} MB"
+          f"{', external data' if summary.external_data else ''})")
+    for label, tensors in (("input", summary.inputs), ("output", summary.outputs)):
+        for t in tensors:
+            _echo(f"  {label:<6} {t.name:<20} {str(list(t.shape)):<24} {t.dtype}")
+    _echo("  ops: " + ", ".join(f"{op}x{n}" for op, n in summary.op_histogram.items()))
+    _echo("  dynamic dims: " + (", ".join(summary.dynamic_dims) if summary.dynamic_dims else "none"))
+    _echo("  ops tpu-mlir 1.30 does not support: " + (", ".join(summary.unsupported_ops) or "none"))
+
+
 @app.command("families")
 @user_errors
 def families_cmd() -> None:
@@ -162,9 +246,18 @@ def families_cmd() -> None:
         _echo(f"{fam.name:<10} {', '.join(fam.architectures):<40} transformers>={fam.min_transformers:<6} {fam.describe()}")
 
 
+GLOBAL_FLAGS = {"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose"}
+
+
+def _global_flags_first(argv: list[str]) -> list[str]:
+    """Accept -v/-q anywhere on the line (`tpugraph verify out -q`), as users type them."""
+    flags = [a for a in argv if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv if a not in GLOBAL_FLAGS]
+
+
 def main() -> None:
     try:
-        app()
+        app(args=_global_flags_first(sys.argv[1:]), prog_name="tpugraph")
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
 

@@ -31,6 +31,7 @@ class ExportOptions:
     dtype: str = "float32"
     passes: list[str] | None = None  # None = the default chain
     skip_passes: list[str] = field(default_factory=list)
+    pass_options: dict[str, dict] = field(default_factory=dict)  # {"rename_kv_io": {"convention": "optimum"}}
     force: bool = False
     trust_remote_code: bool = False
 
@@ -174,7 +175,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         model={**facts.to_json(), "source": source.to_json()},
         tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
-                     "naming": "llm-tpu", "int_dtype": options.int_dtype, "float_dtype": "float32",
+                     "naming": _naming(chain), "int_dtype": options.int_dtype, "float_dtype": "float32",
                      "batch": 1},
         options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype},
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
@@ -226,7 +227,15 @@ def _resolve_chain(options: ExportOptions):
         return []
     from .passes import resolve_chain
 
-    return resolve_chain(options.passes, options.skip_passes)
+    return resolve_chain(options.passes, options.skip_passes, options.pass_options)
+
+
+def _naming(chain) -> str:
+    """The I/O naming convention the chain leaves the segments in."""
+    for p in chain:
+        if p.name == "rename_kv_io":
+            return str(p.options().get("convention", "llm-tpu"))
+    return "llm-tpu"
 
 
 def _run_chain(model, chain, spec: SegmentSpec, work: Path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx
 
 from tpugraph.errors import PassError, UsageError
@@ -52,17 +54,46 @@ def _split_names(names: list[str] | str) -> list[str]:
     return [part.strip() for item in items for part in item.split(",") if part.strip()]
 
 
-def resolve_chain(names: list[str] | None = None, skip: list[str] | None = None) -> list[GraphPass]:
-    """The chain to run: ``names`` in order (default chain if None) minus ``skip``.
+def resolve_chain(names: list[str] | None = None, skip: list[str] | None = None,
+                  options: dict[str, dict[str, Any]] | None = None) -> list[GraphPass]:
+    """The chain to run: ``names`` in order (default chain if None) minus ``skip``, each pass configured
+    with ``options[name]``.
 
-    Entries may be comma-separated ("simplify,tpu_compat"). Unknown names raise UsageError.
+    Entries may be comma-separated ("simplify,tpu_compat"). Unknown names raise UsageError, and so do
+    options for a pass that is not in the chain.
     """
     chosen = list(DEFAULT_CHAIN) if names is None else _split_names(names)
     skipped = _split_names(skip or [])
-    unknown = [n for n in (*chosen, *skipped) if n not in PASSES]
+    options = options or {}
+    unknown = [n for n in (*chosen, *skipped, *options) if n not in PASSES]
     if unknown:
         raise UsageError(f"unknown pass {', '.join(repr(n) for n in unknown)} (passes: {', '.join(PASSES)})")
-    return [get_pass(n) for n in chosen if n not in skipped]
+    chain = [n for n in chosen if n not in skipped]
+    idle = [n for n in options if n not in chain]
+    if idle:
+        raise UsageError(f"options given for pass {', '.join(repr(n) for n in idle)}, which is not in the chain")
+    return [get_pass(n, **options.get(n, {})) for n in chain]
+
+
+def parse_pass_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["rename_kv_io.convention=optimum", ...]`` -> ``{"rename_kv_io": {"convention": "optimum"}}``.
+
+    Values are read as JSON where they parse (numbers, true/false, null, lists), else kept as strings.
+    """
+    import json
+
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot or not name or not option:
+            raise UsageError(f"--option '{item}' is not of the form PASS.KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        parsed.setdefault(name.strip(), {})[option.strip()] = value
+    return parsed
 
 
 def run_chain(model: onnx.ModelProto, chain: list[GraphPass],

@@ -83,7 +83,8 @@ def context_for_file(path: Path, model: onnx.ModelProto, work_dir: Path | None =
 
 
 def run_passes_on_file(in_path: Path | str, out_path: Path | str, names: list[str] | str, check: bool = False,
-                       tolerance: float = DEFAULT_TOLERANCE, work_dir: Path | None = None) -> FileRunReport:
+                       tolerance: float = DEFAULT_TOLERANCE, work_dir: Path | None = None,
+                       options: dict[str, dict[str, Any]] | None = None) -> FileRunReport:
     """Run passes on IN and write OUT (external data above 1.8 GB), exactly as the full chain would.
 
     OUT appears only when everything succeeded (written under a temporary name, then renamed);
@@ -91,7 +92,7 @@ def run_passes_on_file(in_path: Path | str, out_path: Path | str, names: list[st
     same random inputs and VerificationError is raised if an output differs by more than ``tolerance``.
     """
     in_path, out_path = Path(in_path), Path(out_path)
-    chain = resolve_chain(_as_list(names))
+    chain = resolve_chain(_as_list(names), options=options)
     if not chain:
         raise UsageError("no passes to run")
     model = load_model_file(in_path)
