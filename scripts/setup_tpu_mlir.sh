@@ -106,8 +106,9 @@ fi
 
 # Smoke test: every tool tpugraph drives must start.
 export PATH="$VENV_DIR/bin:$PATH"
-for tool in model_transform.py model_deploy.py npz_tool.py model_runner.py; do
-    out=$("$VENV_DIR/bin/$tool" --help 2>&1) || die "'$tool --help' fails after setup:
+for tool in "model_transform.py --help" "model_deploy.py --help" "model_runner.py --help" "npz_tool.py compare --help"; do
+    # shellcheck disable=SC2086 # the tool and its arguments split on purpose
+    out=$("$VENV_DIR"/bin/$tool 2>&1) || die "'$tool' fails after setup:
 $(printf '%s\n' "$out" | tail -n 5)"
 done
 out=$("$VENV_DIR/bin/model_tool" 2>&1 || true)

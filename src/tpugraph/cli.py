@@ -84,6 +84,7 @@ def export_and_optimize_cmd(
     naming: Optional[str] = typer.Option(None, "--naming", help="I/O naming convention: llm-tpu (default), optimum or genie (shortcut for --option rename_kv_io.convention=...)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not a tpugraph output."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models whose config needs remote code."),
+    with_test_data: bool = typer.Option(False, "--with-test-data", help="Also write OUT/test_data/<segment>_input.npz: realistic inputs (a prompt driven through the segments) for tpu-mlir's numerical compares."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
@@ -105,12 +106,19 @@ def export_and_optimize_cmd(
             typer.echo(f"[{index + 1}/{total}] {name}", err=True)
 
     manifest = export_and_optimize(model, out, opts, progress=progress)
+    test_files: list[str] = []
+    if with_test_data:
+        from .testdata import write_test_data
+
+        test_files = write_test_data(out, manifest)
     src = manifest.model["source"]
     if json_out:
         typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "random_weights": src["random_weights"],
-                               "complete": manifest.complete}))
+                               "complete": manifest.complete, "test_data": test_files}))
         return
     _echo(f"wrote {len(manifest.segments)} segments and manifest.json to {out}")
+    if test_files:
+        _echo(f"wrote test inputs of {len(test_files)} segments to {out / 'test_data'} (used by compile-script and compile)")
     if src["random_weights"]:
         _echo(f"note: preset '{src['preset']}' has RANDOM weights: good for trying the toolchain, not for real text")
 
@@ -234,6 +242,73 @@ def inspect_cmd(
     _echo("  ops: " + ", ".join(f"{op}x{n}" for op, n in summary.op_histogram.items()))
     _echo("  dynamic dims: " + (", ".join(summary.dynamic_dims) if summary.dynamic_dims else "none"))
     _echo("  ops tpu-mlir 1.30 does not support: " + (", ".join(summary.unsupported_ops) or "none"))
+
+
+_QUANTIZE_HELP = ("Quantization: f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
+                  "the float type, the greedy/sample heads stay F32).")
+
+
+def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: bool):
+    from .compile import CompileOptions
+
+    return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device, check=check)
+
+
+@app.command("compile-script")
+@user_errors
+def compile_script_cmd(
+    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    chip: str = typer.Option("bm1684x", "--chip", help="Target chip: bm1684x or bm1688."),
+    quantize: str = typer.Option("f16", "--quantize", help=_QUANTIZE_HELP),
+    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*)."),
+    num_device: int = typer.Option(1, "--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data (export-and-optimize --with-test-data)."),
+    script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
+) -> None:
+    """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
+    from .compile import write_compile_script
+
+    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check), script)
+    _echo(f"wrote {path}")
+    _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
+
+
+@app.command("compile")
+@user_errors
+def compile_cmd(
+    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv made by scripts/setup_tpu_mlir.sh (default: $TPUGRAPH_TPU_MLIR_VENV, else the script's default location)."),
+    chip: str = typer.Option("bm1684x", "--chip", help="Target chip: bm1684x or bm1688."),
+    quantize: str = typer.Option("f16", "--quantize", help=_QUANTIZE_HELP),
+    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*)."),
+    num_device: int = typer.Option(1, "--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data (export-and-optimize --with-test-data)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
+    from .compile import SegmentCompileError, compile_segments, format_table
+
+    def progress(segment: str, action: str, index: int, total: int) -> None:
+        if _state["verbosity"] >= 0 and not json_out and action != "done":
+            typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
+
+    try:
+        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check),
+                                  progress=progress, jobs=jobs)
+    except SegmentCompileError as err:
+        if err.report and err.report.results and not json_out:
+            typer.echo(format_table(err.report.results), err=True)
+        raise
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    _echo(report.table())
+    unchecked = [r.segment for r in report.results if not r.checked]
+    if unchecked:
+        _echo(f"note: no test data for {', '.join(unchecked)}: compiled without numerical compares "
+              "(export with --with-test-data)")
+    _echo(f"wrote {report.bmodel} ({report.seconds:.0f}s)")
 
 
 @app.command("families")

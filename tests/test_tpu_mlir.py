@@ -1,0 +1,126 @@
+"""The real consumer: tpu-mlir compiles the tiny preset's segments and checks them numerically (cmodel).
+
+Needs the toolchain of scripts/setup_tpu_mlir.sh: found through $TPUGRAPH_TPU_MLIR_VENV, else at its default
+location; skipped with the reason when absent. SEQ is 64 here (not the default 512): the compile time is
+mostly the tools' own start-up, and a short window keeps the MLIR interpreter's compares quick.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tpugraph.compile import (CompileOptions, SegmentCompileError, compile_segments, default_tpu_mlir_venv,
+                              format_table)
+from tpugraph.errors import CompileError
+from tpugraph.manifest import read_manifest
+from tpugraph.pipeline import ExportOptions, export_and_optimize
+from tpugraph.testdata import write_test_data
+
+pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
+
+SEQ = 64
+MIN_COSINE = 0.99  # the tools' own default tolerance for F16 is 0.99 cosine
+SETUP_STAMP = ".tpugraph-tpu-mlir-setup"  # written by scripts/setup_tpu_mlir.sh when it is done
+DEPLOYED = ("block_0", "block_cache_0", "embedding", "lm_head", "greedy_head")
+
+
+def find_toolchain() -> tuple[Path | None, str]:
+    """The venv of $TPUGRAPH_TPU_MLIR_VENV, else the setup script's default one if its setup finished."""
+    venv = default_tpu_mlir_venv()
+    configured = bool(os.environ.get("TPUGRAPH_TPU_MLIR_VENV"))
+    where = f"{venv} ({'$TPUGRAPH_TPU_MLIR_VENV' if configured else 'the default location'})"
+    if not (venv / "bin" / "model_transform.py").exists():
+        return None, (f"tpu-mlir toolchain not found at {where}: run scripts/setup_tpu_mlir.sh "
+                      "or set TPUGRAPH_TPU_MLIR_VENV to its venv")
+    if not configured and not (venv / SETUP_STAMP).is_file():
+        return None, f"tpu-mlir setup at {where} did not finish: rerun scripts/setup_tpu_mlir.sh"
+    return venv, ""
+
+
+@pytest.fixture(scope="module")
+def toolchain() -> Path:
+    venv, reason = find_toolchain()
+    if venv is None:
+        pytest.skip(reason)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def compiled(toolchain, tmp_path_factory):
+    """tiny-llama (default pass chain) with test data, compiled F16 for bm1684x: (out, report)."""
+    out = tmp_path_factory.mktemp("tiny-llama-tpu") / "out"
+    export_and_optimize("tiny-llama", out, ExportOptions(seq_length=SEQ))
+    write_test_data(out)
+    try:
+        report = compile_segments(out, toolchain, CompileOptions(chip="bm1684x", quantize="f16"), jobs=2)
+    except SegmentCompileError as err:
+        table = format_table(err.report.results) if err.report else ""
+        pytest.fail(f"{err}\n{table}")
+    print("\n" + report.table())
+    return out, report
+
+
+def test_every_segment_passes_transform_with_its_compare(compiled):
+    out, report = compiled
+    manifest = read_manifest(out)
+    results = {r.segment: r for r in report.results}
+    assert list(results) == [s.name for s in manifest.segments]
+    for seg in manifest.segments:
+        r = results[seg.name]
+        assert r.checked and r.transform_ok, seg.name
+        assert r.transform_similarity is not None and r.transform_similarity >= MIN_COSINE, (seg.name, r)
+
+
+def test_segments_pass_deploy_on_the_cmodel(compiled):
+    _, report = compiled
+    results = {r.segment: r for r in report.results}
+    for name in DEPLOYED:
+        r = results[name]
+        assert r.deploy_ok, name
+        assert r.deploy_similarity is not None and r.deploy_similarity >= MIN_COSINE, (name, r)
+
+
+def test_combined_bmodel_has_every_net(compiled, toolchain):
+    out, report = compiled
+    assert report.passed
+    assert report.bmodel == out.resolve() / f"llama_f16_seq{SEQ}_bm1684x_1dev.bmodel"
+    info = subprocess.run([str(toolchain / "bin" / "model_tool"), "--info", str(report.bmodel)],
+                          capture_output=True, text=True, check=True).stdout
+    for seg in read_manifest(out).segments:
+        assert f"[{seg.name}]" in info
+    assert "addr mode: 1" in info  # io_alone for the decode blocks
+
+
+def test_a_rejected_segment_names_itself_and_the_reason(compiled, toolchain, tmp_path):
+    """An opset-18 ReduceMean (which tpu-mlir 1.30 rejects) in place of greedy_head, in an output of its own."""
+    src, _ = compiled
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = read_manifest(src)
+    vocab = manifest.model["vocab_size"]
+    bad = onnx.parser.parse_model(f"""
+        < ir_version: 8, opset_import: ["" : 18] >
+        greedy (float[1,{vocab}] m_logits) => (int32[1,1] token) {{
+            axes = Constant <value = int64[1] {{1}}> ()
+            mean = ReduceMean <keepdims = 1> (m_logits, axes)
+            centered = Sub(m_logits, mean)
+            index = ArgMax <axis = 1, keepdims = 1> (centered)
+            token = Cast <to = 6> (index)
+        }}""")
+    onnx.save(bad, str(out / "greedy_head.onnx"))
+    manifest.segments = [manifest.segment("greedy_head")]
+    manifest.write(out)
+    (out / "test_data").mkdir()
+    shutil.copy(src / "test_data" / "greedy_head_input.npz", out / "test_data")
+    with pytest.raises(CompileError) as info:
+        compile_segments(out, toolchain, CompileOptions())
+    err = info.value
+    assert err.exit_code == 8 and err.segment == "greedy_head" and err.action == "transform"
+    assert "Unsupport opset for ReduceMean" in err.reason
+    assert "segment 'greedy_head'" in str(err)
