@@ -78,8 +78,9 @@ def write_random_model(shape: str, out: Path, layers: int | None = None, seed: i
         if tied and name == "lm_head.weight":
             continue
         shp = shapes[name]
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            t = torch.ones(shp, dtype=torch.bfloat16)
+        if name.endswith("norm.weight"):
+            # Trained norms are not all ones; equal norm weights would also hide swapped tensors.
+            t = (1.0 + torch.randn(shp, generator=gen) * std).to(torch.bfloat16)
         else:
             t = (torch.randn(shp, generator=gen) * std).to(torch.bfloat16)
         nbytes = t.numel() * 2

@@ -22,6 +22,11 @@ def build_model_dir(folder: Path, model_type: str, seed: int = 0, **config_kwarg
     config = AutoConfig.for_model(model_type, **config_kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                # Trained norms are not all ones; equal ones would hide a swapped or dropped norm weight.
+                param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     return folder
 

@@ -65,6 +65,12 @@ def materialize_preset(name: str) -> Path:
     config = AutoConfig.for_model(model_type, **cfg_dict)
     torch.manual_seed(int(preset.get("seed", 0)))
     model = AutoModelForCausalLM.from_config(config)
+    noise = float(preset.get("norm_noise", 0.0))
+    if noise:
+        with torch.no_grad():  # trained norms are not all ones: make the preset look like a trained model
+            for pname, param in model.named_parameters():
+                if "norm" in pname and pname.endswith("weight"):
+                    param.add_(torch.randn_like(param) * noise)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
@@ -256,6 +262,13 @@ class WeightStore:
             raise
         except Exception as exc:
             raise ModelError(f"cannot read weight '{key}' from '{self._file_of[key]}': {exc}") from None
+
+    def shape_and_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
+        """Shape and safetensors dtype name (e.g. 'BF16') of a tensor, without reading its data."""
+        if key not in self._file_of:
+            raise ModelError(f"weight '{key}' is missing from the model's safetensors")
+        view = self._open(self._file_of[key]).get_slice(key)
+        return tuple(int(d) for d in view.get_shape()), str(view.get_dtype())
 
     def state_dict(self, prefix: str) -> dict[str, Any]:
         """All tensors under ``prefix`` (a module path followed by '.'), with the prefix stripped."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from .model_source import ModelSource, WeightStore, load_config, model_facts, re
 log = logging.getLogger(__name__)
 
 LARGE_MODEL_BYTES = 1_800_000_000  # past this a segment's weights go to external data (protobuf's 2 GB limit)
+EXTERNAL_MIN_BYTES = 16 * 1024 * 1024  # auto: a unit with more weights than this shares one external-data file
+EXTERNAL_DATA_MODES = ("auto", "always", "never")
 INT_DTYPES = ("int32", "int64")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -34,8 +37,12 @@ class ExportOptions:
     pass_options: dict[str, dict] = field(default_factory=dict)  # {"rename_kv_io": {"convention": "optimum"}}
     force: bool = False
     trust_remote_code: bool = False
+    external_data: str = "auto"  # auto | always | never
+    weight_swap: bool = True  # reuse one layer's optimised graph for the other layers of the same structure
 
     def check(self) -> None:
+        if self.external_data not in EXTERNAL_DATA_MODES:
+            raise UsageError(f"--external-data must be one of {', '.join(EXTERNAL_DATA_MODES)} (got {self.external_data})")
         if self.seq_length < 1:
             raise UsageError(f"--seq-length must be >= 1 (got {self.seq_length})")
         if self.int_dtype not in INT_DTYPES:
@@ -81,34 +88,6 @@ def prepare_output_dir(out: Path, force: bool) -> None:
         raise OutputError(f"output folder '{out}' is not writable: {exc.strerror or exc}") from None
 
 
-def save_model_atomic(model, out_dir: Path, filename: str) -> list[dict]:
-    """Write an ONNX model (and its external data, when big) into a staging folder inside OUT, then rename
-    the data first and the .onnx last, so a file under its final name is always complete.
-
-    Returns the external-data files written (names relative to OUT) for the manifest.
-    """
-    import onnx
-
-    stage = Path(tempfile.mkdtemp(prefix=f".tpugraph-stage-{filename}-", dir=out_dir))
-    external: list[dict] = []
-    try:
-        big = not _fits_protobuf(model)
-        if big:
-            data_name = f"{filename}.data"
-            onnx.save_model(model, str(stage / filename), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(stage / data_name, out_dir / data_name)
-            external.append({"file": data_name})
-        else:
-            onnx.save_model(model, str(stage / filename))
-        os.replace(stage / filename, out_dir / filename)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out_dir / filename}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return external
-
-
 def _fits_protobuf(model) -> bool:
     try:
         return model.ByteSize() <= LARGE_MODEL_BYTES
@@ -116,7 +95,100 @@ def _fits_protobuf(model) -> bool:
         return False
 
 
-ProgressFn = Callable[[str, int, int], None]
+@dataclass
+class WorkUnit:
+    """Segments exported, written and resumed together because they hold the same weights."""
+
+    name: str
+    specs: list[SegmentSpec]
+    weight_prefixes: list[str]
+    data_file: str | None = None  # the external-data file the unit's segments share, if any
+
+
+def plan_units(specs: list[SegmentSpec], family, weights: WeightStore, dtype_bytes: int,
+               external_data: str) -> list[WorkUnit]:
+    """vocab (embedding, embedding_cache, lm_head), one unit per layer (block_i, block_cache_i), then the heads."""
+    from .contract import SegmentKind
+    from .resume import segment_weight_prefixes
+
+    units: dict[str, WorkUnit] = {}
+    for spec in specs:
+        if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.LM_HEAD):
+            name = "vocab"
+        elif spec.layer is not None:
+            name = f"layer_{spec.layer}"
+        else:
+            name = spec.name
+        unit = units.setdefault(name, WorkUnit(name, [], []))
+        unit.specs.append(spec)
+        for prefix in segment_weight_prefixes(family, spec):
+            if prefix not in unit.weight_prefixes:
+                unit.weight_prefixes.append(prefix)
+    for unit in units.values():
+        if not unit.weight_prefixes or external_data == "never":
+            continue
+        nbytes = sum(math.prod(weights.shape_and_dtype(k)[0]) * dtype_bytes
+                     for k in weights.keys() if any(k.startswith(p) for p in unit.weight_prefixes))
+        if external_data == "always" or nbytes >= EXTERNAL_MIN_BYTES:
+            unit.data_file = f"{unit.name}.data"
+    order = {spec.name: i for i, spec in enumerate(specs)}
+    return sorted(units.values(), key=lambda u: order[u.specs[0].name])
+
+
+class UnitWriter:
+    """Writes a unit's segments into a staging folder inside OUT, then renames the data file first and each
+    .onnx last, so a file under its final name is always complete."""
+
+    def __init__(self, out_dir: Path, unit: WorkUnit):
+        from .export.external_data import WeightsFile
+
+        self.out_dir = out_dir
+        self.unit = unit
+        self.stage = Path(tempfile.mkdtemp(prefix=f".tpugraph-stage-{unit.name}-", dir=out_dir))
+        self.weights_file = WeightsFile(self.stage, unit.data_file) if unit.data_file else None
+        self.files: list[str] = []
+
+    def add(self, spec: SegmentSpec, model) -> list[dict]:
+        """Stage one segment; returns its external-data entries for the manifest."""
+        import onnx
+
+        external: list[dict] = []
+        try:
+            if self.weights_file is not None:
+                self.weights_file.externalize(model)
+                external.append({"file": self.unit.data_file})
+                onnx.save_model(model, str(self.stage / spec.filename))
+            elif _fits_protobuf(model):
+                onnx.save_model(model, str(self.stage / spec.filename))
+            else:
+                raise OutputError(f"{spec.name} is over 2 GB and cannot be written inline; use --external-data auto")
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.out_dir / spec.filename}: {exc.strerror or exc}") from None
+        self.files.append(spec.filename)
+        return external
+
+    def commit(self) -> None:
+        try:
+            if self.weights_file is not None:
+                self.weights_file.close()
+                os.replace(self.stage / self.unit.data_file, self.out_dir / self.unit.data_file)
+            for name in self.files:
+                os.replace(self.stage / name, self.out_dir / name)
+        except OSError as exc:
+            raise OutputError(f"cannot write into {self.out_dir}: {exc.strerror or exc}") from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.weights_file is not None:
+            try:
+                self.weights_file.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+
+ProgressFn = Callable[[str, int, int], None]  # (segment, index, total)
 
 
 def _previous_entries(out_dir: Path) -> dict[str, SegmentEntry]:
@@ -142,12 +214,16 @@ def _still_valid(entry: SegmentEntry, out_dir: Path, fingerprint: str) -> bool:
     return True
 
 
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def export_and_optimize(model: str, out: str | Path, options: ExportOptions | None = None,
                         progress: ProgressFn | None = None) -> Manifest:
     """Export MODEL (folder or preset) into OUT: every segment of the contract, passed through the chain,
     then OUT/manifest.json, written last. Segments an earlier run finished with the same inputs are kept."""
-    from .export.exporter import DEFAULT_OPSET, ModelParts, export_segment
-    from .resume import segment_fingerprint
+    from .export.exporter import DEFAULT_OPSET, ModelParts
+    from .export.factory import SegmentFactory
+    from .resume import unit_fingerprint
 
     options = options or ExportOptions()
     options.check()
@@ -170,6 +246,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
                         int_dtype=options.int_dtype)
     specs = segment_specs(dims)
+    units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
         model={**facts.to_json(), "source": source.to_json()},
@@ -177,43 +254,67 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
                      "naming": _naming(chain), "int_dtype": options.int_dtype, "float_dtype": "float32",
                      "batch": 1},
-        options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype},
+        options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype,
+                 "external_data": options.external_data},
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
     )
     config_json = config.to_dict()
-    parts = None
+    factory: SegmentFactory | None = None
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
+    done = 0
     try:
-        for index, spec in enumerate(specs):
-            if progress:
-                progress(spec.name, index, len(specs))
-            fingerprint = segment_fingerprint(spec, family, weights, config_json, manifest.options,
-                                              manifest.pass_chain, tools)
-            prev = previous.get(spec.name)
-            if prev is not None and _still_valid(prev, out_dir, fingerprint):
-                log.info("%s: unchanged since the last run, kept", spec.name)
-                prev.extra["reused"] = True
-                manifest.segments.append(prev)
+        for unit in units:
+            fingerprint = unit_fingerprint(unit.specs, unit.weight_prefixes, unit.data_file, weights, config_json,
+                                           manifest.options, manifest.pass_chain, tools)
+            kept = [previous.get(spec.name) for spec in unit.specs]
+            if all(e is not None and _still_valid(e, out_dir, fingerprint) for e in kept):
+                for entry in kept:
+                    log.info("%s: unchanged since the last run, kept", entry.name)
+                    if progress:
+                        progress(entry.name, done, len(specs))
+                    done += 1
+                    manifest.segments.append(entry)
                 manifest.write(out_dir, PARTIAL_NAME)
                 continue
-            t0 = time.perf_counter()
-            parts = parts or ModelParts(config, family, weights, options.dtype)
-            onnx_model = export_segment(parts, spec, options.seq_length, options.int_dtype, work)
-            onnx_model, pass_results = _run_chain(onnx_model, chain, spec, work) if chain else (onnx_model, [])
-            entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
-                                 inputs=list(spec.inputs), outputs=list(spec.outputs))
-            _apply_renames(entry, pass_results)
-            entry.external_data = save_model_atomic(onnx_model, out_dir, spec.filename)
-            del onnx_model
-            entry.passes = [r.to_json() for r in pass_results]
-            entry.extra["fingerprint"] = fingerprint
-            entry.extra["export_seconds"] = round(time.perf_counter() - t0, 3)
-            entry.record_files(out_dir)
-            manifest.segments.append(entry)
+            if factory is None:
+                factory = SegmentFactory(ModelParts(config, family, weights, options.dtype), chain,
+                                         options.seq_length, options.int_dtype, work, options.weight_swap)
+            writer = UnitWriter(out_dir, unit)
+            entries = []
+            try:
+                for spec in unit.specs:
+                    if progress:
+                        progress(spec.name, done, len(specs))
+                    done += 1
+                    t0 = time.perf_counter()
+                    built = factory.build(spec)
+                    entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
+                                         inputs=list(spec.inputs), outputs=list(spec.outputs))
+                    _apply_renames(entry, built.pass_results)
+                    entry.external_data = writer.add(spec, built.model)
+                    del built.model
+                    entry.passes = [r.to_json() for r in built.pass_results]
+                    entry.extra["fingerprint"] = fingerprint
+                    if built.swapped_from:
+                        entry.extra["graph_reused_from"] = built.swapped_from
+                    entry.extra["export_seconds"] = round(time.perf_counter() - t0, 3)
+                    entries.append(entry)
+                    log.info("%s done (%.2fs%s)", spec.name, time.perf_counter() - t0,
+                             f", weights swapped into the graph of {built.swapped_from}" if built.swapped_from else "")
+                writer.commit()
+            except BaseException:
+                writer.discard()
+                raise
+            for entry in entries:
+                entry.record_files(out_dir)
+                manifest.segments.append(entry)
             manifest.write(out_dir, PARTIAL_NAME)
-            log.info("%s done (%.2fs)", spec.name, time.perf_counter() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if factory is not None:
+        manifest.stats = {"segments_traced": factory.traced, "segments_weight_swapped": factory.swapped}
+    order = {spec.name: i for i, spec in enumerate(specs)}
+    manifest.segments.sort(key=lambda e: order[e.name])
     manifest.complete = True
     manifest.write(out_dir)
     (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
@@ -236,17 +337,6 @@ def _naming(chain) -> str:
         if p.name == "rename_kv_io":
             return str(p.options().get("convention", "llm-tpu"))
     return "llm-tpu"
-
-
-def _run_chain(model, chain, spec: SegmentSpec, work: Path):
-    from .passes import PassContext, run_chain
-
-    ctx = PassContext(segment=spec.name, shapes=spec.shapes(), work_dir=work)
-    if hasattr(ctx, "layer"):
-        ctx.layer = spec.layer
-    if hasattr(ctx, "kind"):
-        ctx.kind = spec.kind.value
-    return run_chain(model, chain, ctx)
 
 
 def _apply_renames(entry: SegmentEntry, pass_results) -> None:

@@ -36,16 +36,19 @@ def weights_digest(weights: WeightStore, prefixes: list[str]) -> str:
     return h.hexdigest()
 
 
-def segment_fingerprint(spec: SegmentSpec, family: FamilySpec, weights: WeightStore,
-                        config: dict[str, Any], options: dict[str, Any], chain: list[dict[str, Any]],
-                        tool_versions: dict[str, str]) -> str:
+def unit_fingerprint(specs: list[SegmentSpec], prefixes: list[str], data_file: str | None, weights: WeightStore,
+                     config: dict[str, Any], options: dict[str, Any], chain: list[dict[str, Any]],
+                     tool_versions: dict[str, str]) -> str:
+    """A digest of everything a unit of segments is made from: specs, config, options, chain, tools, weights."""
     payload = {
-        "segment": {"name": spec.name, "kind": spec.kind.value, "layer": spec.layer,
-                    "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs]},
+        "segments": [{"name": s.name, "kind": s.kind.value, "layer": s.layer,
+                      "inputs": [t.to_json() for t in s.inputs], "outputs": [t.to_json() for t in s.outputs]}
+                     for s in specs],
+        "data_file": data_file,
         "config": config,
         "options": options,
         "chain": chain,
         "tools": tool_versions,
-        "weights": weights_digest(weights, segment_weight_prefixes(family, spec)),
+        "weights": weights_digest(weights, prefixes),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -86,6 +86,9 @@ class GraphPass:
     summary: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     in_place: ClassVar[bool] = True
+    # The result depends on which layer the segment is (e.g. I/O names carrying the layer index), so one
+    # layer's output of this pass cannot be reused for another layer.
+    layer_dependent: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))

@@ -83,6 +83,7 @@ class _Rename:
 class RenameKvIo(GraphPass):
     name = "rename_kv_io"
     summary = "Rename segment I/O to a naming convention (llm-tpu, optimum, genie); optional KV layout change"
+    layer_dependent = True
     defaults = {"convention": "llm-tpu", "source": "llm-tpu", "kv_layout": "keep", "source_kv_layout": "native",
                 "strict": False}
 

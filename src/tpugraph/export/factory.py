@@ -1,0 +1,201 @@
+"""Segment specs -> optimised ONNX models: each distinct layer structure is traced and optimised once,
+every other layer of that structure gets its weights swapped into the optimised graph."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..contract import SegmentKind, SegmentSpec
+from ..model_source import WeightStore
+from . import weight_swap
+from .exporter import ModelParts, export_segment
+
+log = logging.getLogger(__name__)
+
+LAYER_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE)
+
+
+class ProbeWeights:
+    """A WeightStore look-alike: the same keys, shapes and dtypes, with distinct random values.
+
+    A graph traced from probe weights shows, by the bytes of each initializer, which parameter it holds.
+    """
+
+    def __init__(self, real: WeightStore, seed: int = 0):
+        self.real = real
+        self.seed = seed
+
+    def keys(self) -> list[str]:
+        return self.real.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.real
+
+    def get(self, key: str) -> torch.Tensor:
+        shape, dtype = self.real.shape_and_dtype(key)
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            return self.real.get(key)
+        gen = torch.Generator().manual_seed(self.seed ^ zlib.crc32(key.encode()))
+        return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
+def module_signature(module: nn.Module) -> str:
+    """What makes two decoder layers trace to the same graph: module types, plain attributes (but the
+    layer index), parameter shapes/dtypes and buffer values."""
+    items: list[Any] = []
+    for name, sub in module.named_modules():
+        attrs = sorted(
+            (k, repr(v)) for k, v in vars(sub).items()
+            if not k.startswith("_") and k not in ("layer_idx", "training")
+            and isinstance(v, (int, float, str, bool, type(None), tuple))
+        )
+        items.append((name, type(sub).__name__, attrs))
+    for name, p in module.named_parameters():
+        items.append((name, tuple(p.shape), str(p.dtype)))
+    for name, b in module.named_buffers():
+        digest = hashlib.sha256(b.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() \
+            if b.device.type != "meta" else "meta"
+        items.append((name, tuple(b.shape), str(b.dtype), digest))
+    return hashlib.sha256(repr(items).encode()).hexdigest()
+
+
+@dataclass
+class BuiltSegment:
+    spec: SegmentSpec
+    model: Any  # onnx.ModelProto
+    pass_results: list[Any] = field(default_factory=list)
+    swapped_from: str | None = None  # the layer whose optimised graph this one reuses
+
+
+@dataclass
+class _Template:
+    template: weight_swap.WeightTemplate | None
+    results: list[Any]
+    source_segment: str
+    why_not: str = ""
+
+
+class SegmentFactory:
+    """Builds one optimised segment at a time (see module docstring)."""
+
+    def __init__(self, parts: ModelParts, chain: list, seq: int, int_dtype: str, work_dir: Path | None,
+                 weight_swap: bool = True):
+        self.parts = parts
+        self.chain = chain
+        self.seq = seq
+        self.int_dtype = int_dtype
+        self.work_dir = work_dir
+        # numpy has no bfloat16: bf16 graphs are exported layer by layer.
+        self.weight_swap = weight_swap and parts.dtype in (torch.float32, torch.float16)
+        self._probe_parts: ModelParts | None = None
+        self._templates: dict[tuple, _Template] = {}
+        self.swapped = 0
+        self.traced = 0
+
+    # -- the public step -------------------------------------------------------------------------
+    def build(self, spec: SegmentSpec) -> BuiltSegment:
+        if not (self.weight_swap and spec.kind in LAYER_KINDS):
+            return self._full(spec)
+        key = self._layer_key(spec)
+        known = self._templates.get(key)
+        if known is None:
+            model, shared_results = self._trace_shared(self.parts, spec)
+            self._templates[key] = self._make_template(spec, model, shared_results)
+            model, own_results = self._run_chain(model, spec, self._per_layer_chain)
+            return BuiltSegment(spec, model, shared_results + own_results)
+        if known.template is None:
+            return self._full(spec)
+        model = weight_swap.apply(known.template, known.template.fill(self._layer_arrays(self.parts, spec)))
+        self.swapped += 1
+        model, own_results = self._run_chain(model, spec, self._per_layer_chain)
+        return BuiltSegment(spec, model, known.results + own_results, swapped_from=known.source_segment)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def _split(self) -> int:
+        """The chain up to the first layer-dependent pass is shared by a template; the rest runs per layer."""
+        return next((i for i, p in enumerate(self.chain) if getattr(p, "layer_dependent", False)), len(self.chain))
+
+    @property
+    def _shared_chain(self) -> list:
+        return self.chain[: self._split]
+
+    @property
+    def _per_layer_chain(self) -> list:
+        return self.chain[self._split:]
+
+    def _run_chain(self, model, spec: SegmentSpec, chain: list | None = None, before: list | None = None):
+        chain = self.chain if chain is None else chain
+        if not chain:
+            return model, []
+        from ..errors import PassError
+        from ..passes import PassContext, run_chain
+
+        ctx = PassContext(segment=spec.name, shapes=spec.shapes(), work_dir=self.work_dir, layer=spec.layer,
+                          kind=spec.kind.value)
+        try:
+            return run_chain(model, chain, ctx)
+        except PassError as err:
+            if not before:
+                raise
+            raise PassError(err.pass_name, err.segment, [p.name for p in before] + err.before, err.reason) from err
+
+    def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
+        model = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir)
+        self.traced += 1
+        return self._run_chain(model, spec, self._shared_chain)
+
+    def _full(self, spec: SegmentSpec) -> BuiltSegment:
+        model, results = self._trace_shared(self.parts, spec)
+        model, more = self._run_chain(model, spec, self._per_layer_chain, before=self._shared_chain)
+        return BuiltSegment(spec, model, results + more)
+
+    @property
+    def probe_parts(self) -> ModelParts:
+        if self._probe_parts is None:
+            self._probe_parts = ModelParts(self.parts.config, self.parts.family, ProbeWeights(self.parts.weights),
+                                           self.parts.dtype_name)
+        return self._probe_parts
+
+    def _layer_prefix(self, spec: SegmentSpec) -> str:
+        return f"{self.parts.family.layers_path}.{spec.layer}."
+
+    def _layer_arrays(self, parts: ModelParts, spec: SegmentSpec) -> dict[str, np.ndarray]:
+        """The layer's parameters as the graph holds them (export dtype), by name inside the layer."""
+        prefix = self._layer_prefix(spec)
+        return {key[len(prefix):]: parts.weights.get(key).to(parts.dtype).numpy()
+                for key in parts.weights.keys() if key.startswith(prefix)}
+
+    def _layer_key(self, spec: SegmentSpec) -> tuple:
+        parts = self.parts
+        layer_module = parts.skeleton.get_submodule(f"{parts.family.layers_path}.{spec.layer}")
+        return (spec.kind, module_signature(layer_module), id(parts.rotary_table(self.seq, spec.layer)),
+                parts.sliding_window(spec.layer))
+
+    def _make_template(self, spec: SegmentSpec, real_model, real_results: list) -> _Template:
+        """Trace the layer again from probe weights, learn where each parameter sits in the optimised graph
+        (after the shared part of the chain), and keep that as the template only if it reproduces the
+        real-weight graph of this layer exactly."""
+        try:
+            probe_model, _ = self._trace_shared(self.probe_parts, spec)
+            sources = weight_swap.discover_sources(probe_model, self._layer_arrays(self.probe_parts, spec))
+            template = weight_swap.make_template(probe_model, sources)
+            del probe_model
+            swapped = weight_swap.apply(template, template.fill(self._layer_arrays(self.parts, spec)))
+            if not weight_swap.same_model(swapped, real_model):
+                raise ValueError("the template filled with this layer's weights differs from its own export")
+        except ValueError as exc:
+            log.info("%s: weight swapping off for layers like this one (%s); each is exported on its own",
+                     spec.name, exc)
+            return _Template(None, real_results, spec.name, str(exc))
+        log.info("%s: optimised graph reused for the other layers of this structure", spec.name)
+        return _Template(template, real_results, spec.name)

@@ -1,0 +1,117 @@
+"""One optimised layer graph + another layer's parameters -> that layer's graph, without tracing it again.
+
+The template is traced from *probe* parameters (distinct random values), so every initializer that is a
+parameter (as is, transposed, or reshaped) is recognised by its bytes without ambiguity. Anything else
+(rotary tables, shape constants) must be the same for every layer; the caller proves that by comparing
+a real-weight export of one layer with the template filled with that layer's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+log = logging.getLogger(__name__)
+
+IDENTITY = "identity"  # same bytes (possibly another shape)
+TRANSPOSE = "transpose"  # 2-D parameter, transposed
+
+
+@dataclass(frozen=True)
+class InitializerSource:
+    initializer: str
+    param: str
+    transform: str
+    dims: tuple[int, ...]
+
+
+@dataclass
+class WeightTemplate:
+    model: onnx.ModelProto
+    sources: list[InitializerSource]
+
+    def fill(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The initializer arrays of the layer whose parameters are ``params`` (float arrays by param name)."""
+        out = {}
+        for src in self.sources:
+            p = params[src.param]
+            arr = p.T if src.transform == TRANSPOSE else p
+            out[src.initializer] = np.ascontiguousarray(arr).reshape(src.dims)
+        return out
+
+
+def _digest(arr: np.ndarray) -> str:
+    a = np.ascontiguousarray(arr)
+    return hashlib.sha256(str(a.dtype).encode() + a.tobytes()).hexdigest()
+
+
+def discover_sources(model: onnx.ModelProto, probe: dict[str, np.ndarray]) -> list[InitializerSource]:
+    """Which probe parameter (and transform) each initializer of ``model`` holds.
+
+    Raises ValueError when one probe parameter is not found at all: the graph then holds it in a form
+    the swap cannot reproduce (e.g. folded arithmetic), and the caller must export per layer.
+    """
+    index: dict[str, tuple[str, str]] = {}
+    for name, p in probe.items():
+        index.setdefault(_digest(p), (name, IDENTITY))
+        if p.ndim == 2:
+            index.setdefault(_digest(p.T), (name, TRANSPOSE))
+    sources, used = [], set()
+    for init in model.graph.initializer:
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            continue
+        hit = index.get(_digest(numpy_helper.to_array(init)))
+        if hit:
+            sources.append(InitializerSource(init.name, hit[0], hit[1], tuple(init.dims)))
+            used.add(hit[0])
+    missing = sorted(set(probe) - used)
+    if missing:
+        raise ValueError(f"parameters not found as initializers (transformed by the graph): {', '.join(missing)}")
+    return sources
+
+
+def make_template(model: onnx.ModelProto, sources: list[InitializerSource]) -> WeightTemplate:
+    """The graph with the parameter initializers' bytes dropped (they are filled per layer)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    holds_param = {s.initializer for s in sources}
+    for init in m.graph.initializer:
+        if init.name in holds_param:
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                init.ClearField(field)
+    return WeightTemplate(m, sources)
+
+
+def apply(template: WeightTemplate, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the template graph holding ``arrays`` in place of the parameter initializers."""
+    m = onnx.ModelProto()
+    m.CopyFrom(template.model)
+    for init in m.graph.initializer:
+        if init.name in arrays:
+            arr = arrays[init.name].astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type), copy=False)
+            init.raw_data = np.ascontiguousarray(arr).tobytes()
+    return m
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> bytes:
+    return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+
+
+def same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Equal graphs, I/O, opsets and initializer bytes, compared piece by piece (no whole-model copies)."""
+    ga, gb = a.graph, b.graph
+    if (list(a.opset_import) != list(b.opset_import) or a.ir_version != b.ir_version
+            or list(ga.node) != list(gb.node) or list(ga.input) != list(gb.input)
+            or list(ga.output) != list(gb.output) or len(ga.initializer) != len(gb.initializer)):
+        return False
+    for ta, tb in zip(ga.initializer, gb.initializer):
+        if (ta.name, list(ta.dims), ta.data_type) != (tb.name, list(tb.dims), tb.data_type):
+            return False
+        if _tensor_bytes(ta) != _tensor_bytes(tb):
+            return False
+    return True

@@ -1,0 +1,118 @@
+"""Weight swapping: one optimised layer graph reused for every layer of the same structure, and shared
+external data, must give exactly what exporting each layer on its own gives."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import TINY_LLAMA, build_model_dir
+from tpugraph.export import weight_swap
+from tpugraph.manifest import read_manifest, validate
+from tpugraph.pipeline import ExportOptions, export_and_optimize
+from tpugraph.verify import verify
+
+SEQ = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("m"), "llama", seed=11, **dict(TINY_LLAMA, num_hidden_layers=4))
+
+
+def _onnx_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.onnx"))}
+
+
+def test_swapped_layers_equal_layers_exported_one_by_one(model_dir, tmp_path):
+    swapped, single = tmp_path / "swapped", tmp_path / "single"
+    m1 = export_and_optimize(str(model_dir), swapped, ExportOptions(seq_length=SEQ))
+    m2 = export_and_optimize(str(model_dir), single, ExportOptions(seq_length=SEQ, weight_swap=False))
+    assert m1.stats["segments_weight_swapped"] == 2 * 3  # layers 1..3, block and block_cache
+    assert m2.stats["segments_weight_swapped"] == 0
+    assert _onnx_bytes(swapped) == _onnx_bytes(single)
+    entry = read_manifest(swapped).segment("block_cache_3")
+    assert entry.extra["graph_reused_from"] == "block_cache_0"
+    assert [r["name"] for r in entry.passes] == [p["name"] for p in m1.pass_chain]
+    assert verify(swapped, prompt_length=6, new_tokens=6).passed
+
+
+def test_block_and_block_cache_share_one_external_data_file(model_dir, tmp_path):
+    out = tmp_path / "ext"
+    export_and_optimize(str(model_dir), out, ExportOptions(seq_length=SEQ, external_data="always"))
+    manifest = read_manifest(out)
+    for layer in range(4):
+        b, bc = manifest.segment(f"block_{layer}"), manifest.segment(f"block_cache_{layer}")
+        assert [e["file"] for e in b.external_data] == [e["file"] for e in bc.external_data] == [f"layer_{layer}.data"]
+    vocab = {e["file"] for n in ("embedding", "embedding_cache", "lm_head") for e in manifest.segment(n).external_data}
+    assert vocab == {"vocab.data"}
+    # Each layer's weights are on disk once: the data file is the size of the layer's fp32 parameters.
+    cfg = TINY_LLAMA
+    h, i, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]
+    d = h // cfg["num_attention_heads"]
+    layer_params = 2 * h * h + 2 * h * kv * d + 3 * h * i + 2 * h
+    size = (out / "layer_2.data").stat().st_size
+    assert layer_params * 4 <= size < layer_params * 4 * 1.1
+    # The embedding matrix is stored once for embedding and embedding_cache (3 copies without sharing;
+    # this model's lm_head is untied, so its matrix is the second one).
+    matrix = cfg["vocab_size"] * h * 4
+    assert 2 * matrix <= (out / "vocab.data").stat().st_size < 2.1 * matrix
+    assert validate(out) == []
+    assert verify(out, prompt_length=5, new_tokens=5).passed
+
+
+def test_external_and_inline_outputs_compute_the_same(model_dir, tmp_path):
+    import onnxruntime as ort
+
+    inline, ext = tmp_path / "inline", tmp_path / "ext"
+    export_and_optimize(str(model_dir), inline, ExportOptions(seq_length=SEQ, external_data="never"))
+    export_and_optimize(str(model_dir), ext, ExportOptions(seq_length=SEQ, external_data="always"))
+    rng = np.random.default_rng(0)
+    feeds = {"input_states": rng.standard_normal((1, 1, TINY_LLAMA["hidden_size"]), dtype=np.float32),
+             "position_ids": np.array([[3]], dtype=np.int32),
+             "attention_mask": np.zeros((1, 1, 1, SEQ + 1), dtype=np.float32),
+             "history_k": rng.standard_normal((1, SEQ, 2, 12), dtype=np.float32),
+             "history_v": rng.standard_normal((1, SEQ, 2, 12), dtype=np.float32)}
+    a = ort.InferenceSession(str(inline / "block_cache_2.onnx")).run(None, feeds)
+    b = ort.InferenceSession(str(ext / "block_cache_2.onnx")).run(None, feeds)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def _matmul_graph(weight: np.ndarray, bias: np.ndarray, transposed: bool) -> onnx.ModelProto:
+    w = weight.T.copy() if transposed else weight
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def test_discover_sources_finds_transposed_and_plain_parameters():
+    rng = np.random.default_rng(1)
+    probe = {"proj.weight": rng.standard_normal((6, 4), dtype=np.float32),
+             "proj.bias": rng.standard_normal(6, dtype=np.float32)}
+    model = _matmul_graph(probe["proj.weight"], probe["proj.bias"], transposed=True)
+    sources = weight_swap.discover_sources(model, probe)
+    assert {(s.initializer, s.param, s.transform) for s in sources} == {
+        ("w", "proj.weight", weight_swap.TRANSPOSE), ("b", "proj.bias", weight_swap.IDENTITY)}
+    template = weight_swap.make_template(model, sources)
+    real = {"proj.weight": rng.standard_normal((6, 4), dtype=np.float32),
+            "proj.bias": rng.standard_normal(6, dtype=np.float32)}
+    filled = weight_swap.apply(template, template.fill(real))
+    assert weight_swap.same_model(filled, _matmul_graph(real["proj.weight"], real["proj.bias"], transposed=True))
+    assert not weight_swap.same_model(filled, _matmul_graph(real["proj.weight"], real["proj.bias"] + 1, transposed=True))
+
+
+def test_discover_sources_refuses_a_parameter_the_graph_transformed():
+    rng = np.random.default_rng(2)
+    probe = {"norm.weight": rng.standard_normal(4, dtype=np.float32), "proj.weight": rng.standard_normal((4, 4), dtype=np.float32)}
+    # Gemma-style (1 + w) folded into the initializer: no byte-equal parameter exists.
+    model = _matmul_graph(probe["proj.weight"], probe["norm.weight"] + 1.0, transposed=False)
+    with pytest.raises(ValueError, match="norm.weight"):
+        weight_swap.discover_sources(model, probe)
