@@ -65,8 +65,14 @@ class ContractDims:
     sample_top_k: int = 50
 
 
-def segment_specs(d: ContractDims, with_penalty_head: bool = False) -> list[SegmentSpec]:
-    """Every segment of the default output, in the order the runtime first uses them."""
+def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False) -> list[SegmentSpec]:
+    """Every segment of the default output, in the order the runtime first uses them.
+
+    ``greedy_in_lm_head``: the seed recipe's variant, one net fewer. ``lm_head`` takes the top-1 itself
+    and outputs ``token`` [1,1] int first and ``m_logits`` [1,V] second (a runtime reading output 0 as
+    the next token works unchanged; logits stay available for sampling and verification), and there is
+    no ``greedy_head``.
+    """
     f, i = d.float_dtype, d.int_dtype
     kv_hist = (1, d.seq, d.kv_heads, d.head_dim)
     kv_one = (1, 1, d.kv_heads, d.head_dim)
@@ -90,10 +96,14 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False) -> list[Segm
              T("attention_mask", (1, 1, 1, d.seq + 1), f), T("history_k", kv_hist, f), T("history_v", kv_hist, f)),
             (T("hidden_states", (1, 1, d.hidden), f), T("past_k", kv_one, f), T("past_v", kv_one, f)),
         ))
-    specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None,
-                             (T("hidden_states", (1, d.hidden), f),), (T("m_logits", (1, d.vocab), f),)))
-    specs.append(SegmentSpec("greedy_head", SegmentKind.GREEDY_HEAD, None,
-                             (T("m_logits", (1, d.vocab), f),), (T("token", (1, 1), i),)))
+    if greedy_in_lm_head:
+        specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
+                                 (T("token", (1, 1), i), T("m_logits", (1, d.vocab), f))))
+    else:
+        specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None,
+                                 (T("hidden_states", (1, d.hidden), f),), (T("m_logits", (1, d.vocab), f),)))
+        specs.append(SegmentSpec("greedy_head", SegmentKind.GREEDY_HEAD, None,
+                                 (T("m_logits", (1, d.vocab), f),), (T("token", (1, 1), i),)))
     if with_penalty_head:
         k = d.sample_top_k
         specs.append(SegmentSpec(

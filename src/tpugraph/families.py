@@ -1,13 +1,26 @@
 """The family registry: what tpugraph knows about each model family, declared as data.
 
-The generic exporter reads these attributes; it never branches on ``model_type`` itself.
+The generic exporter reads these attributes; it never branches on ``model_type`` itself. What a
+Hugging Face decoder layer does internally (q/k norms, fused projections, partial rotary, parallel
+attention/MLP, attention soft-capping, query_pre_attn_scalar) needs no declaration: the exporter
+calls transformers' own layer modules. A spec declares only what the *model* forward does around the
+layers (embedding and logit scaling, the final norm's path, per-layer rotary and sliding windows),
+because each segment replaces that forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import UnsupportedModelError
+
+# Values of ``sliding_layers``.
+SLIDING_NONE = "none"  # the family has no sliding-window attention
+SLIDING_ALL = "all"  # every layer uses the window when the config sets one (Mistral, Phi-3)
+SLIDING_BY_LAYER_TYPE = "layer_types"  # layers whose config.layer_types[i] == "sliding_attention"
+
+SLIDING_LAYER_TYPE = "sliding_attention"
 
 
 @dataclass(frozen=True)
@@ -17,23 +30,104 @@ class FamilySpec:
     name: str
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
-    min_transformers: str = "4.45"
+    # Oldest transformers release the family's tests/families/ modules passed on, of the four checked:
+    # 4.45.2, 4.51.3, 4.57.1, 5.24.0 (below 4.56, with verify loading the reference by torch_dtype).
+    # Older releases may work; they are refused because they were not checked (check_transformers).
+    min_transformers: str = "4.57"
     # Dotted module paths inside the ``*ForCausalLM`` model.
     layers_path: str = "model.layers"
     embed_path: str = "model.embed_tokens"
     norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
     rotary_path: str = "model.rotary_emb"
-    # The model forward multiplies the token embeddings by sqrt(hidden_size) (Gemma 1/2).
-    scale_embedding_by_sqrt_hidden: bool = False
-    # Config attribute holding the final logit soft-cap (Gemma 2), applied in lm_head.
-    final_softcap_attr: str | None = None
-    # Config attribute of the sliding attention window, if the family has one.
-    sliding_window_attr: str | None = None
+    # The rotary module is called per layer type (Gemma 3: local and global layers use different rope).
+    rotary_per_layer_type: bool = False
+    # Where transformers keeps one rotary module per layer type instead (Gemma 3 on 4.x:
+    # model.rotary_emb_local for sliding layers): (layer type, module path) pairs.
+    rotary_modules_by_layer_type: tuple[tuple[str, str], ...] = ()
+    # What the model forward multiplies the token embeddings by: "sqrt_hidden" (Gemma) or the name of a
+    # config attribute (Granite's embedding_multiplier). Skipped when the embedding module already
+    # applies it itself (transformers 5.x Gemma's ScaledWordEmbedding has an ``embed_scale``).
+    embedding_multiplier: str | None = None
+    # Config attributes of what the *ForCausalLM forward does to the logits, applied in lm_head.
+    logits_multiplier_attr: str | None = None  # Cohere: logits * logit_scale
+    logits_divisor_attr: str | None = None  # Granite: logits / logits_scaling
+    final_softcap_attr: str | None = None  # Gemma 2/3: tanh(logits / cap) * cap
+    # Sliding-window attention: which layers, and the config attribute of the window.
+    sliding_layers: str = SLIDING_NONE
+    sliding_window_attr: str = "sliding_window"
+    # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
+    embeddings: str = "either"
     quirks: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> str:
         return ", ".join(self.quirks) if self.quirks else "standard pre-norm decoder"
+
+    # -- per-config facts the exporter asks for; each reads only declared attributes ----------------
+
+    def sliding_window(self, text_config: Any, layer: int) -> int | None:
+        """The attention window of ``layer`` in tokens, or None for full causal attention."""
+        if self.sliding_layers == SLIDING_NONE:
+            return None
+        window = getattr(text_config, self.sliding_window_attr, None)
+        if not window:
+            return None
+        if self.sliding_layers == SLIDING_BY_LAYER_TYPE:
+            types = getattr(text_config, "layer_types", None)
+            if not types or types[layer] != SLIDING_LAYER_TYPE:
+                return None
+        return int(window)
+
+    def layer_type(self, text_config: Any, layer: int) -> str | None:
+        types = getattr(text_config, "layer_types", None)
+        return types[layer] if types else None
+
+    def rotary_call_kwargs(self, text_config: Any, layer: int) -> dict[str, Any]:
+        """Extra keyword arguments of the rotary module's forward for ``layer``."""
+        if self.rotary_per_layer_type:
+            return {"layer_type": self.layer_type(text_config, layer)}
+        return {}
+
+    def rotary_module_path(self, text_config: Any, layer: int) -> str:
+        """The separate rotary module of ``layer``'s type, if the family declares one, else rotary_path."""
+        return dict(self.rotary_modules_by_layer_type).get(self.layer_type(text_config, layer), self.rotary_path)
+
+    def embedding_scale(self, text_config: Any) -> float | None:
+        if self.embedding_multiplier is None:
+            return None
+        if self.embedding_multiplier == "sqrt_hidden":
+            return float(text_config.hidden_size) ** 0.5
+        value = getattr(text_config, self.embedding_multiplier, None)
+        return None if value in (None, 1, 1.0) else float(value)
+
+    def logits_scale(self, text_config: Any) -> float | None:
+        """The factor the logits are multiplied by before soft-capping, or None."""
+        scale = 1.0
+        if self.logits_multiplier_attr:
+            scale *= float(getattr(text_config, self.logits_multiplier_attr, None) or 1.0)
+        if self.logits_divisor_attr:
+            scale /= float(getattr(text_config, self.logits_divisor_attr, None) or 1.0)
+        return None if scale == 1.0 else scale
+
+    def final_softcap(self, text_config: Any) -> float | None:
+        value = getattr(text_config, self.final_softcap_attr, None) if self.final_softcap_attr else None
+        return float(value) if value else None
+
+    def check_transformers(self, installed: str) -> None:
+        """Refuse a transformers older than the family was verified with: its module layout (rotary,
+        cache and mask arguments) differs, and the export could be silently wrong rather than fail."""
+        from packaging.version import Version  # a dependency of transformers
+
+        if Version(installed).release < Version(self.min_transformers).release:
+            raise UnsupportedModelError(
+                f"family '{self.name}' ({', '.join(self.architectures)}) needs transformers>={self.min_transformers}; "
+                f"installed is {installed}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "architectures": list(self.architectures), "model_types": list(self.model_types),
+                "min_transformers": self.min_transformers, "embeddings": self.embeddings,
+                "sliding_window": self.sliding_layers, "quirks": list(self.quirks)}
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -41,13 +135,192 @@ FAMILIES: tuple[FamilySpec, ...] = (
         name="llama",
         model_types=("llama",),
         architectures=("LlamaForCausalLM",),
-        quirks=("GQA", "rope scaling (llama3, linear, dynamic-free)", "optional explicit head_dim", "tied or untied embeddings"),
+        min_transformers="4.45",
+        quirks=("Llama 2/3.x", "GQA", "rope scaling (llama3, linear, yarn)", "optional explicit head_dim",
+                "optional attention/MLP bias"),
+    ),
+    FamilySpec(
+        name="mistral",
+        model_types=("mistral",),
+        architectures=("MistralForCausalLM",),
+        min_transformers="4.51",
+        sliding_layers=SLIDING_ALL,
+        embeddings="untied",
+        quirks=("GQA", "sliding-window attention on every layer"),
+    ),
+    FamilySpec(
+        name="qwen2",
+        model_types=("qwen2",),
+        architectures=("Qwen2ForCausalLM",),
+        min_transformers="4.57",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("Qwen2/2.5", "q/k/v bias", "GQA", "optional sliding window on upper layers"),
+    ),
+    FamilySpec(
+        name="qwen3",
+        model_types=("qwen3",),
+        architectures=("Qwen3ForCausalLM",),
+        min_transformers="4.51",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("q/k RMSNorm", "explicit head_dim", "GQA"),
+    ),
+    FamilySpec(
+        name="phi3",
+        model_types=("phi3",),
+        architectures=("Phi3ForCausalLM",),
+        min_transformers="4.51",
+        sliding_layers=SLIDING_ALL,
+        embeddings="untied",
+        quirks=("fused qkv and gate_up projections", "longrope/su rope scaling", "sliding window"),
+    ),
+    FamilySpec(
+        name="phi",
+        model_types=("phi",),
+        architectures=("PhiForCausalLM",),
+        min_transformers="4.51",
+        norm_path="model.final_layernorm",
+        embeddings="untied",
+        quirks=("phi-1/1.5/2", "partial rotary", "parallel attention and MLP", "LayerNorm", "lm_head bias"),
+    ),
+    FamilySpec(
+        name="gemma",
+        model_types=("gemma",),
+        architectures=("GemmaForCausalLM",),
+        min_transformers="4.51",
+        embedding_multiplier="sqrt_hidden",
+        embeddings="tied",
+        quirks=("embedding scaled by sqrt(hidden)", "RMSNorm (1 + w)", "GeGLU"),
+    ),
+    FamilySpec(
+        name="gemma2",
+        model_types=("gemma2",),
+        architectures=("Gemma2ForCausalLM",),
+        min_transformers="4.57",
+        embedding_multiplier="sqrt_hidden",
+        final_softcap_attr="final_logit_softcapping",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        embeddings="tied",
+        quirks=("embedding scaled by sqrt(hidden)", "attention and final logit soft-capping",
+                "query_pre_attn_scalar", "sandwich norms", "alternating sliding-window layers"),
+    ),
+    FamilySpec(
+        name="gemma3",
+        model_types=("gemma3_text",),
+        architectures=("Gemma3ForCausalLM",),
+        min_transformers="4.57",
+        embedding_multiplier="sqrt_hidden",
+        final_softcap_attr="final_logit_softcapping",
+        rotary_per_layer_type=True,
+        rotary_modules_by_layer_type=((SLIDING_LAYER_TYPE, "model.rotary_emb_local"),),
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        embeddings="tied",
+        quirks=("text model only", "embedding scaled by sqrt(hidden)", "q/k RMSNorm", "query_pre_attn_scalar",
+                "local/global rope per layer type", "sliding-window layers"),
+    ),
+    # Further families: Llama-shaped models whose quirks live inside transformers' own layer modules
+    # (or are declared above), each with a tiny-model test in tests/families/.
+    FamilySpec(
+        name="granite",
+        model_types=("granite",),
+        architectures=("GraniteForCausalLM",),
+        min_transformers="4.45",
+        embedding_multiplier="embedding_multiplier",
+        logits_divisor_attr="logits_scaling",
+        quirks=("IBM Granite 3.x", "embedding/residual/attention multipliers", "logits / logits_scaling"),
+    ),
+    FamilySpec(
+        name="cohere",
+        model_types=("cohere",),
+        architectures=("CohereForCausalLM",),
+        min_transformers="4.45",
+        logits_multiplier_attr="logit_scale",
+        embeddings="tied",
+        quirks=("Command-R", "bias-free LayerNorm", "parallel attention and MLP", "interleaved rotary",
+                "logits * logit_scale", "optional q/k LayerNorm"),
+    ),
+    FamilySpec(
+        name="cohere2",
+        model_types=("cohere2",),
+        architectures=("Cohere2ForCausalLM",),
+        min_transformers="4.57",
+        logits_multiplier_attr="logit_scale",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        embeddings="tied",
+        quirks=("Command R7B / A", "sliding-window layers with rotary, global layers without (NoPE)",
+                "logits * logit_scale"),
+    ),
+    FamilySpec(
+        name="olmo2",
+        model_types=("olmo2",),
+        architectures=("Olmo2ForCausalLM",),
+        min_transformers="4.51",
+        quirks=("q/k RMSNorm over the whole projection", "norms after attention and MLP"),
+    ),
+    FamilySpec(
+        name="olmo3",
+        model_types=("olmo3",),
+        architectures=("Olmo3ForCausalLM",),
+        min_transformers="4.57",
+        rotary_per_layer_type=True,
+        rotary_modules_by_layer_type=((SLIDING_LAYER_TYPE, "model.rotary_embs.sliding_attention"),
+                                      ("full_attention", "model.rotary_embs.full_attention")),
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("OLMo 2 layout", "sliding-window layers", "rope per layer type"),
+    ),
+    FamilySpec(
+        name="stablelm",
+        model_types=("stablelm",),
+        architectures=("StableLmForCausalLM",),
+        min_transformers="4.45",
+        embeddings="untied",
+        quirks=("StableLM 2 / Zephyr", "partial rotary", "LayerNorm", "optional qkv bias, per-head q/k LayerNorm, "
+                "parallel residual"),
+    ),
+    FamilySpec(
+        name="starcoder2",
+        model_types=("starcoder2",),
+        architectures=("Starcoder2ForCausalLM",),
+        min_transformers="4.51",
+        sliding_layers=SLIDING_ALL,
+        quirks=("LayerNorm with bias", "biased projections", "GELU MLP", "sliding window on every layer"),
+    ),
+    FamilySpec(
+        name="smollm3",
+        model_types=("smollm3",),
+        architectures=("SmolLM3ForCausalLM",),
+        min_transformers="4.57",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("NoPE layers (no_rope_layers)", "optional sliding window on upper layers"),
+    ),
+    FamilySpec(
+        name="ministral",
+        model_types=("ministral",),
+        architectures=("MinistralForCausalLM",),
+        min_transformers="4.57",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("Ministral 8B", "alternating sliding-window layers"),
+    ),
+    FamilySpec(
+        name="exaone4",
+        model_types=("exaone4",),
+        architectures=("Exaone4ForCausalLM",),
+        min_transformers="4.57",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("EXAONE 4.0", "q/k RMSNorm", "norms after attention and MLP",
+                "sliding-window layers with rotary, global layers without (NoPE)"),
     ),
 )
 
 
 def supported_architectures() -> list[str]:
     return sorted(a for f in FAMILIES for a in f.architectures)
+
+
+def family_by_name(name: str) -> FamilySpec:
+    for fam in FAMILIES:
+        if fam.name == name:
+            return fam
+    raise KeyError(name)
 
 
 def family_for(model_type: str | None, architectures: list[str] | None) -> FamilySpec:

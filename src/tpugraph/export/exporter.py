@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import tempfile
 import warnings
@@ -22,8 +23,10 @@ from .wrappers import (
     BlockCacheSegment,
     BlockSegment,
     EmbeddingSegment,
+    FloatBoundary,
     GreedyHeadSegment,
     LmHeadSegment,
+    PenaltySampleHeadSegment,
     RotaryTable,
 )
 
@@ -34,26 +37,59 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 NP_TO_TORCH_INT = {"int32": torch.int32, "int64": torch.int64}
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device but every buffer real.
+
+    Parameters (the weights) come from the checkpoint later; buffers are what a module computes in
+    its constructor and checkpoints usually lack (rotary inv_freq, Gemma's embed_scale), so they must
+    keep their values.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 class ModelParts:
-    """Materialises a model's modules one at a time: the skeleton lives on the meta device (no memory),
-    and each module gets its weights from the memory-mapped safetensors only while it is exported."""
+    """Materialises a model's modules one at a time: the skeleton's parameters live on the meta device
+    (no memory), and each module gets its weights from the memory-mapped safetensors only while it is
+    exported."""
 
     def __init__(self, config, family: FamilySpec, weights: WeightStore, dtype: str = "float32"):
+        import transformers
         from transformers import AutoModelForCausalLM
 
+        family.check_transformers(transformers.__version__)
+        config = copy.deepcopy(config)  # from_config writes dtype and attention choices into it
         self.config = config
         self.family = family
         self.weights = weights
+        self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
         config._attn_implementation = "eager"
-        with torch.device("meta"), warnings.catch_warnings():
+        with _parameters_on_meta(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # Built in float32 whatever the checkpoint's dtype: buffers (rope, embed scale) then equal
+            # those of the float32 reference model verify compares with.
             try:
-                self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+                self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                                 dtype=torch.float32)
             except TypeError:
-                self.skeleton = AutoModelForCausalLM.from_config(config)
+                self.skeleton = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
         self.skeleton.eval()
         self.text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self._rotary_tables: dict[tuple, RotaryTable] = {}
+        # Segment name -> contract inputs its graph does not read (still declared; see export_segment).
+        self.unused_inputs: dict[str, list[str]] = {}
 
     def _submodule(self, path: str) -> nn.Module:
         try:
@@ -61,12 +97,21 @@ class ModelParts:
         except AttributeError:
             raise ModelError(f"{type(self.skeleton).__name__} has no module '{path}' (family {self.family.name})") from None
 
+    def _has_module(self, path: str) -> bool:
+        try:
+            self.skeleton.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
     def _checkpoint_key(self, module_path: str, param: str) -> str:
         key = f"{module_path}.{param}"
         if key in self.weights:
             return key
         if module_path == self.family.lm_head_path and self.tied:
-            return f"{self.family.embed_path}.{param}"
+            tied = f"{self.family.embed_path}.{param}"
+            if tied in self.weights:
+                return tied
         raise ModelError(f"weight '{key}' is missing from the model's safetensors")
 
     @property
@@ -79,12 +124,15 @@ class ModelParts:
     def materialized(self, path: str) -> Iterator[nn.Module]:
         """A real (CPU) copy of the module at ``path`` with its weights; freed on exit."""
         meta = self._submodule(path)
-        module = copy.deepcopy(meta).to_empty(device="cpu")
+        module = copy.deepcopy(meta)  # parameters on meta (free), buffers real (small)
+        persistent = set(meta.state_dict().keys())
         state = {}
-        for name, _ in list(meta.named_parameters()) + list(meta.named_buffers()):
-            if name in dict(meta.named_buffers()) and name not in meta.state_dict():
-                continue  # non-persistent buffer: not in checkpoints
+        for name, _ in meta.named_parameters():
             state[name] = self.weights.get(self._checkpoint_key(path, name)).to(self.dtype)
+        for name, buf in meta.named_buffers():
+            key = f"{path}.{name}"
+            if name in persistent and key in self.weights:
+                state[name] = self.weights.get(key).to(buf.dtype)
         module.load_state_dict(state, strict=False, assign=True)
         module.eval()
         try:
@@ -92,17 +140,92 @@ class ModelParts:
         finally:
             del module, state
 
-    def rotary_table(self, seq: int, layer: int | None = None) -> RotaryTable:
-        meta = self._submodule(self.family.rotary_path)
-        rotary = type(meta)(config=meta.config if hasattr(meta, "config") else self.text_config)
-        return RotaryTable.from_hf(rotary, seq)
+    def rotary_table(self, seq: int, layer: int) -> RotaryTable:
+        """cos/sin of ``layer`` for positions 0..SEQ-1, from the model's own rotary module."""
+        fam = self.family
+        path, kwargs = fam.rotary_path, fam.rotary_call_kwargs(self.text_config, layer)
+        if kwargs and not (self._has_module(path) and _accepts(self._submodule(path).forward, *kwargs)):
+            # Older transformers: one rotary module per layer type rather than one taking the type.
+            path, kwargs = fam.rotary_module_path(self.text_config, layer), {}
+        key = (seq, path, tuple(sorted(kwargs.items())))
+        if key not in self._rotary_tables:
+            self._rotary_tables[key] = RotaryTable.from_hf(self._submodule(path), seq, self.dtype, **kwargs)
+        return self._rotary_tables[key]
 
-    def embed_scale(self) -> float | None:
-        return float(self.text_config.hidden_size) ** 0.5 if self.family.scale_embedding_by_sqrt_hidden else None
+    def sliding_window(self, layer: int) -> int | None:
+        return self.family.sliding_window(self.text_config, layer)
+
+    def embed_scale(self, embed: nn.Module) -> float | None:
+        # transformers 5.x Gemma scales inside its embedding module; 4.x did it in the model forward.
+        if hasattr(embed, "embed_scale"):
+            return None
+        return self.family.embedding_scale(self.text_config)
 
     def final_softcap(self) -> float | None:
-        attr = self.family.final_softcap_attr
-        return getattr(self.text_config, attr, None) if attr else None
+        return self.family.final_softcap(self.text_config)
+
+    def logits_scale(self) -> float | None:
+        return self.family.logits_scale(self.text_config)
+
+
+def unused_inputs_note(unused: dict[str, list[str]]) -> str:
+    """The note for segments whose graph ignores some contract inputs (segment name -> input names)."""
+    listed = "; ".join(f"{name}: {', '.join(ins)}" for name, ins in unused.items())
+    return (f"inputs the graph does not read, still declared so the runtime can feed by position ({listed}); e.g. "
+            "position_ids of a layer without rotary embedding (NoPE). A pass or compiler that drops unused "
+            "inputs would shift the runtime's positional feeding")
+
+
+def _accepts(fn, *names: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return all(n in params for n in names) or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def export_notes(family: FamilySpec, config, seq: int, dtype: str = "float32") -> list[str]:
+    """Plain-language notes on how faithful an export of this model at SEQ is (stored in the manifest)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    notes: list[str] = []
+    layers = int(text_config.num_hidden_layers)
+    windows: dict[int, list[int]] = {}
+    for i in range(layers):
+        w = family.sliding_window(text_config, i)
+        if w is not None:
+            windows.setdefault(w, []).append(i)
+    for w, idx in sorted(windows.items()):
+        which = "all layers" if len(idx) == layers else f"layers {_ranges(idx)}"
+        if seq <= w:
+            notes.append(f"sliding window: {which} attend over a window of {w} tokens; SEQ={seq} <= {w}, so "
+                         "full causal attention is the window and those blocks are exact")
+        else:
+            notes.append(f"sliding window: {which} attend over a window of {w} tokens; SEQ={seq} > {w}, so "
+                         "those blocks mask keys >= window positions behind the query themselves (from "
+                         "position_ids; history slot c = position c), which is exact as long as the runtime "
+                         "keeps the contract's slot-n-holds-position-n history")
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    params = [rope] + [p for p in rope.values() if isinstance(p, dict)] if isinstance(rope, dict) else []
+    for p in params:
+        rope_type = p.get("rope_type") or p.get("type")
+        if rope_type not in ("dynamic", "longrope"):
+            continue
+        original = (p.get("original_max_position_embeddings")
+                    or getattr(text_config, "original_max_position_embeddings", None)
+                    or getattr(text_config, "max_position_embeddings", None))
+        if original and seq > int(original):
+            notes.append(f"rope '{rope_type}' depends on the sequence length: the baked cos/sin table is what "
+                         f"transformers computes for {seq} tokens (past original_max_position_embeddings="
+                         f"{original}), while transformers itself uses the unscaled rope until a sequence is "
+                         f"longer than {original}; shorter conversations differ from transformers")
+            break
+    if dtype != "float32":
+        notes.append(f"weights are {dtype}; segment inputs/outputs stay float32 (cast at the segment "
+                     "boundary), and numerics differ from the float32 model by that dtype's rounding")
+    return notes
+
+
+def _ranges(idx: list[int]) -> str:
+    if len(idx) > 6:
+        return f"{', '.join(map(str, idx[:6]))}, ... ({len(idx)} layers)"
+    return ", ".join(map(str, idx))
 
 
 def _example_inputs(spec: SegmentSpec, seq: int) -> tuple[torch.Tensor, ...]:
@@ -120,34 +243,58 @@ def _example_inputs(spec: SegmentSpec, seq: int) -> tuple[torch.Tensor, ...]:
             x = torch.zeros(t.shape, dtype=torch.float32)
             if t.shape[-1] == t.shape[-2]:
                 x = torch.triu(torch.full(t.shape, MASK_VALUE), diagonal=1)
+        elif t.name in SAMPLING_EXAMPLES:
+            x = torch.full(t.shape, SAMPLING_EXAMPLES[t.name], dtype=torch.float32)
         else:
             x = torch.randn(t.shape, dtype=torch.float32)
         tensors.append(x)
     return tuple(tensors)
 
 
+SAMPLING_EXAMPLES = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}
+
+
+def _with_float_boundary(module: nn.Module, parts: ModelParts) -> nn.Module:
+    return module if parts.dtype == torch.float32 else FloatBoundary(module, parts.dtype)
+
+
 @contextmanager
-def segment_module(parts: ModelParts, spec: SegmentSpec, seq: int, int_dtype: str) -> Iterator[nn.Module]:
-    """The torch module of one segment, its weights in memory only inside the context."""
+def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str) -> Iterator[nn.Module]:
+    """The torch module of one segment, its weights in memory only inside the context.
+
+    The sampling heads have no weights: for them ``parts`` may be None.
+    """
+    torch_int = NP_TO_TORCH_INT[int_dtype]
+    if spec.kind == SegmentKind.GREEDY_HEAD:
+        yield GreedyHeadSegment(torch_int)
+        return
+    if spec.kind == SegmentKind.PENALTY_SAMPLE_HEAD:
+        yield PenaltySampleHeadSegment(top_k=spec.outputs[0].shape[-1], int_dtype=torch_int)
+        return
+    if parts is None:
+        raise ModelError(f"segment '{spec.name}' needs the model's weights")
     fam = parts.family
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
         with parts.materialized(fam.embed_path) as embed:
-            yield EmbeddingSegment(embed, parts.embed_scale())
+            yield _with_float_boundary(EmbeddingSegment(embed, parts.embed_scale(embed)), parts)
     elif spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE):
         rotary = parts.rotary_table(seq, spec.layer)
+        window = parts.sliding_window(spec.layer)
+        if window is not None and seq <= window:
+            window = None  # positions never differ by >= window: plain causal attention is exact
         with parts.materialized(f"{fam.layers_path}.{spec.layer}") as layer:
             cls = BlockSegment if spec.kind == SegmentKind.BLOCK else BlockCacheSegment
-            yield cls(layer, rotary)
+            yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:
+        greedy = any(t.name == "token" for t in spec.outputs)
         with parts.materialized(fam.norm_path) as norm, parts.materialized(fam.lm_head_path) as head:
-            yield LmHeadSegment(norm, head, parts.final_softcap())
-    elif spec.kind == SegmentKind.GREEDY_HEAD:
-        yield GreedyHeadSegment(NP_TO_TORCH_INT[int_dtype])
+            yield _with_float_boundary(
+                LmHeadSegment(norm, head, parts.final_softcap(), parts.logits_scale(), greedy, torch_int), parts)
     else:
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
 
 
-def export_segment(parts: ModelParts, spec: SegmentSpec, seq: int, int_dtype: str,
+def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str,
                    work_dir: Path | None = None, opset: int = DEFAULT_OPSET):
     """Trace one segment with the TorchScript ONNX exporter (static shapes, opset <= 17) -> ModelProto."""
     import onnx
@@ -170,4 +317,45 @@ def export_segment(parts: ModelParts, spec: SegmentSpec, seq: int, int_dtype: st
                 dynamo=False,
             )
         model = onnx.load(str(path), load_external_data=True)
+    restored = _restore_unused_inputs(model, spec)
+    if restored and parts is not None:
+        parts.unused_inputs[spec.name] = restored
+        log.info("%s does not read %s; still declared as graph input(s) for the contract", spec.name, ", ".join(restored))
     return model
+
+
+def unused_graph_inputs(model) -> list[str]:
+    """Graph inputs no node reads (and no output passes through): what a NoPE layer does to position_ids.
+
+    Read from the final file rather than remembered from tracing, so it stays true for segments whose
+    graph was reused or rewritten by passes."""
+    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    inits = {i.name for i in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in inits and v.name not in read]
+
+
+def _restore_unused_inputs(model, spec: SegmentSpec) -> list[str]:
+    """Put back contract inputs the tracer dropped because the graph never reads them.
+
+    A NoPE layer (SmolLM3, Cohere2 global layers) ignores position_ids, and torch.onnx leaves unused
+    inputs out; the runtime feeds inputs by position, so the file must still declare every one, in order.
+    """
+    import onnx
+    from onnx import helper
+
+    present = {v.name: v for v in model.graph.input}
+    missing = [t.name for t in spec.inputs if t.name not in present]
+    if not missing:
+        return []
+    inits = [v for v in model.graph.input if v.name not in {t.name for t in spec.inputs}]
+    ordered = []
+    for t in spec.inputs:
+        if t.name in present:
+            ordered.append(present[t.name])
+        else:
+            elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            ordered.append(helper.make_tensor_value_info(t.name, elem, list(t.shape)))
+    del model.graph.input[:]
+    model.graph.input.extend(ordered + inits)
+    onnx.checker.check_model(model, full_check=False)
+    return missing

@@ -7,6 +7,8 @@ import inspect
 import torch
 from torch import nn
 
+from ..contract import MASK_VALUE
+
 
 def _layer_cache_kwarg(layer: nn.Module) -> str:
     """The keyword a decoder layer takes its KV cache under: 'cache' (5.x) or 'past_key_value(s)' (4.x)."""
@@ -44,18 +46,19 @@ class _CaptureKV:
 class RotaryTable(nn.Module):
     """cos/sin for positions 0..SEQ-1 baked in as constants; looked up by position_ids (a Gather)."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.register_buffer("cos", cos.float().contiguous(), persistent=False)
-        self.register_buffer("sin", sin.float().contiguous(), persistent=False)
+        self.register_buffer("cos", cos.to(dtype).contiguous(), persistent=False)
+        self.register_buffer("sin", sin.to(dtype).contiguous(), persistent=False)
 
     @classmethod
-    def from_hf(cls, rotary: nn.Module, seq: int, **call_kwargs) -> "RotaryTable":
+    def from_hf(cls, rotary: nn.Module, seq: int, dtype: torch.dtype = torch.float32, **call_kwargs) -> "RotaryTable":
+        """Ask the model's own rotary module for positions 0..SEQ-1 (in float32, cast like HF casts it)."""
         pos = torch.arange(seq, dtype=torch.long)[None]
         probe = torch.zeros(1, seq, 1, dtype=torch.float32)
         with torch.no_grad():
             cos, sin = rotary(probe, pos, **call_kwargs)
-        return cls(cos[0], sin[0])
+        return cls(cos[0], sin[0], dtype)
 
     def forward(self, position_ids: torch.Tensor):
         return self.cos[position_ids], self.sin[position_ids]
@@ -70,8 +73,17 @@ class EmbeddingSegment(nn.Module):
     def forward(self, input_ids):
         x = self.embed(input_ids)
         if self.scale is not None:
+            # Cast like the HF model forward does (the scale is rounded to the weight dtype).
             x = x * torch.tensor(self.scale, dtype=x.dtype)
         return x
+
+
+def _rotary_kwargs(layer: nn.Module) -> tuple[str, ...]:
+    """The keyword(s) a decoder layer takes cos/sin under. Gemma 3 on transformers 4.x takes a global
+    and a local pair and picks one by its own layer type; the table given is already that layer's."""
+    params = inspect.signature(layer.forward).parameters
+    split = ("position_embeddings_global", "position_embeddings_local")
+    return split if all(p in params for p in split) else ("position_embeddings",)
 
 
 def _call_layer(layer: nn.Module, cache_kwarg: str, x, mask, position_ids, rotary, cache: _CaptureKV):
@@ -79,23 +91,39 @@ def _call_layer(layer: nn.Module, cache_kwarg: str, x, mask, position_ids, rotar
         x,
         attention_mask=mask,
         position_ids=position_ids,
-        position_embeddings=rotary,
         use_cache=True,
         **{cache_kwarg: cache},
+        **{name: rotary for name in _rotary_kwargs(layer)},
     )
     return out[0] if isinstance(out, tuple) else out
 
 
-class BlockSegment(nn.Module):
-    """Prefill: (input_states, position_ids, attention_mask) -> (hidden_states, past_k, past_v)."""
+def _apply_window(mask: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Mask keys ``window`` or more positions behind the query, as HF's sliding-window mask does.
 
-    def __init__(self, layer: nn.Module, rotary: RotaryTable):
+    ``query_pos`` is [1, Q] and ``key_pos`` [1, K] (absolute positions); ``mask`` is [1, 1, Q, K].
+    """
+    distance = query_pos[:, None, :, None] - key_pos[:, None, None, :]
+    return torch.where(distance >= window, torch.full_like(mask, MASK_VALUE), mask)
+
+
+class BlockSegment(nn.Module):
+    """Prefill: (input_states, position_ids, attention_mask) -> (hidden_states, past_k, past_v).
+
+    ``window``: the layer's sliding window when SEQ exceeds it; the window is then applied here from
+    position_ids, so the runtime's plain causal mask stays the contract's.
+    """
+
+    def __init__(self, layer: nn.Module, rotary: RotaryTable, window: int | None = None):
         super().__init__()
         self.layer = layer
         self.rotary = rotary
+        self.window = window
         self.cache_kwarg = _layer_cache_kwarg(layer)
 
     def forward(self, input_states, position_ids, attention_mask):
+        if self.window is not None:
+            attention_mask = _apply_window(attention_mask, position_ids, position_ids, self.window)
         cache = _CaptureKV()
         hidden = _call_layer(self.layer, self.cache_kwarg, input_states, attention_mask, position_ids,
                              self.rotary(position_ids), cache)
@@ -104,15 +132,24 @@ class BlockSegment(nn.Module):
 
 
 class BlockCacheSegment(nn.Module):
-    """Decode: (input_states, position_ids, attention_mask, history_k, history_v) -> (hidden_states, past_k, past_v)."""
+    """Decode: (input_states, position_ids, attention_mask, history_k, history_v) -> (hidden_states, past_k, past_v).
 
-    def __init__(self, layer: nn.Module, rotary: RotaryTable):
+    History slot ``c`` holds the token at position ``c`` (the runtime writes row n for position n), so
+    the key positions of a window check are 0..SEQ-1 followed by the new token's own position.
+    """
+
+    def __init__(self, layer: nn.Module, rotary: RotaryTable, window: int | None = None):
         super().__init__()
         self.layer = layer
         self.rotary = rotary
+        self.window = window
         self.cache_kwarg = _layer_cache_kwarg(layer)
 
     def forward(self, input_states, position_ids, attention_mask, history_k, history_v):
+        if self.window is not None:
+            slots = torch.arange(history_k.shape[1], dtype=position_ids.dtype)[None]
+            key_pos = torch.cat([slots, position_ids], dim=1)
+            attention_mask = _apply_window(attention_mask, position_ids, key_pos, self.window)
         cache = _CaptureKV(history_k.transpose(1, 2), history_v.transpose(1, 2))
         hidden = _call_layer(self.layer, self.cache_kwarg, input_states, attention_mask, position_ids,
                              self.rotary(position_ids), cache)
@@ -120,19 +157,32 @@ class BlockCacheSegment(nn.Module):
 
 
 class LmHeadSegment(nn.Module):
-    """Final norm, output projection and optional logit soft-capping: [1, H] -> [1, V]."""
+    """Final norm, output projection, logit scaling and soft-capping: [1, H] -> [1, V].
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None):
+    With ``greedy`` the segment also takes the top-1 and returns ``(token [1, 1], m_logits [1, V])``:
+    token first, so a runtime that reads output 0 of lm_head as the next token works unchanged.
+    """
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None,
+                 scale: float | None = None, greedy: bool = False, int_dtype: torch.dtype = torch.int32):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
         self.softcap = softcap
+        self.scale = scale
+        self.greedy = greedy
+        self.int_dtype = int_dtype
 
     def forward(self, hidden_states):
         logits = self.lm_head(self.norm(hidden_states))
+        if self.scale is not None:
+            logits = logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        if not self.greedy:
+            return logits
+        token = torch.argmax(logits, dim=-1, keepdim=True).to(self.int_dtype)
+        return token, logits
 
 
 class GreedyHeadSegment(nn.Module):
@@ -144,3 +194,59 @@ class GreedyHeadSegment(nn.Module):
 
     def forward(self, m_logits):
         return torch.argmax(m_logits, dim=-1, keepdim=True).to(self.int_dtype)
+
+
+class PenaltySampleHeadSegment(nn.Module):
+    """(m_logits [1,V], input_ids [1,SEQ], top_p [1], temperature [1], penalty [1]) -> (probs [1,K], token [1,K]).
+
+    The order of transformers' sampling processors:
+    1. repetition penalty on every token id in ``input_ids`` (once per distinct id, as HF does):
+       a logit ``x`` becomes ``x * penalty`` when negative, else ``x / penalty``;
+    2. the K largest logits, in descending order (``token`` are their ids);
+    3. softmax of those K logits / temperature;
+    4. top-p (nucleus): keep a token when the probability mass *before* it is < top_p, so the most
+       likely token is always kept; at least ``min_tokens_to_keep`` tokens are kept;
+    5. ``probs`` = the kept probabilities renormalised to sum 1, 0 for the dropped ones.
+
+    The runtime draws an index i from ``probs`` and emits ``token[0, i]``. Every id in ``input_ids`` is
+    penalised, padding included: pad with an id already in the prompt, not 0, unless 0 should be.
+    """
+
+    def __init__(self, top_k: int = 50, min_tokens_to_keep: int = 1, int_dtype: torch.dtype = torch.int32):
+        super().__init__()
+        self.top_k = top_k
+        self.min_tokens_to_keep = min_tokens_to_keep
+        self.int_dtype = int_dtype
+
+    def forward(self, m_logits, input_ids, top_p, temperature, penalty):
+        ids = input_ids.to(torch.int64)
+        seen = torch.gather(m_logits, 1, ids)
+        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+        logits = m_logits.scatter(1, ids, seen)
+        top_logits, token = torch.topk(logits, self.top_k, dim=1)
+        probs = torch.softmax(top_logits / temperature, dim=1)
+        mass_before = torch.cumsum(probs, dim=1) - probs
+        rank = torch.arange(self.top_k)[None]
+        keep = (mass_before < top_p) | (rank < self.min_tokens_to_keep)
+        kept = torch.where(keep, probs, torch.zeros_like(probs))
+        return kept / kept.sum(dim=1, keepdim=True), token.to(self.int_dtype)
+
+
+class FloatBoundary(nn.Module):
+    """Float32 at the segment's inputs and outputs, ``compute_dtype`` inside (the --dtype of the weights).
+
+    The contract's float I/O stays float32 whatever the weights are, so the runtime and the history
+    buffers never change with --dtype; the casts are the only extra nodes.
+    """
+
+    def __init__(self, inner: nn.Module, compute_dtype: torch.dtype):
+        super().__init__()
+        self.inner = inner
+        self.compute_dtype = compute_dtype
+
+    def forward(self, *inputs):
+        cast_in = [x.to(self.compute_dtype) if x.is_floating_point() else x for x in inputs]
+        out = self.inner(*cast_in)
+        if isinstance(out, tuple):
+            return tuple(o.to(torch.float32) if o.is_floating_point() else o for o in out)
+        return out.to(torch.float32) if out.is_floating_point() else out

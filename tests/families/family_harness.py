@@ -1,0 +1,59 @@
+"""Shared by the family tests: a tiny random-weight model of a family, exported and verified end to end.
+
+A helper module, not a conftest: tests/test_*.py import the root conftest by name, and a second
+conftest.py would shadow it. Test modules import the fixture from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tpugraph.manifest import Manifest
+from tpugraph.pipeline import ExportOptions, export_and_optimize
+from tpugraph.verify import VerifyReport, verify
+
+SEQ = 32
+# Small enough that a family's variants take about a second each on two cores; GQA (4 heads, 2 KV heads).
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@dataclass
+class Exported:
+    model_dir: Path
+    out: Path
+    manifest: Manifest
+    report: VerifyReport
+
+
+def describe(report: VerifyReport) -> str:
+    return (f"hf {report.hf_tokens} vs onnx {report.onnx_tokens}; min cosine {report.min_cosine:.7f}, "
+            f"max rel diff {report.max_rel_diff:.2e}")
+
+
+@pytest.fixture
+def export_verify(make_model, tmp_path):
+    """export_verify(model_type, seq=..., prompt_length=..., new_tokens=..., options=..., **config) -> Exported.
+
+    Builds the model with save_pretrained, exports it through the real pipeline (no passes, so the test
+    is about the exporter) and drives the segments like the TPU runtime against transformers' generate.
+    """
+    count = iter(range(1000))
+
+    def run(model_type: str, *, seq: int = SEQ, prompt_length: int = 8, new_tokens: int = 8, seed: int = 0,
+            options: dict | None = None, **config) -> Exported:
+        folder = make_model(model_type, seed=seed, **{**TINY, **config})
+        out = tmp_path / f"out-{next(count)}"
+        manifest = export_and_optimize(str(folder), out, ExportOptions(seq_length=seq, passes=[], **(options or {})))
+        report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed)
+        return Exported(folder, out, manifest, report)
+
+    return run
+
+
+def onnx_nodes(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
