@@ -68,7 +68,7 @@ CHILD_TPUGRAPH = r'''
 import json, resource, sys, time, logging
 from tpugraph.pipeline import ExportOptions, export_and_optimize
 t0 = time.perf_counter()
-export_and_optimize(sys.argv[1], sys.argv[2], ExportOptions(seq_length=int(sys.argv[3]), jobs=int(sys.argv[4])))
+export_and_optimize(sys.argv[1], sys.argv[2], ExportOptions(seq_length=int(sys.argv[3])))
 print(json.dumps({"seconds": time.perf_counter() - t0,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 '''
@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="model folder (see scripts/make_random_model.py)")
     ap.add_argument("--seq-length", type=int, default=512)
-    ap.add_argument("--jobs", type=int, default=1, help="tpugraph --jobs")
     ap.add_argument("--work", type=Path, default=None, help="where to write both outputs (default: a temp dir)")
     ap.add_argument("--skip-baseline", action="store_true", help="run tpugraph only (e.g. a 7B model)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base_out, ignore_errors=True)
     tg_out = work / "tpugraph"
     shutil.rmtree(tg_out, ignore_errors=True)
-    rows["tpugraph"] = run_child(CHILD_TPUGRAPH, args.model, str(tg_out), str(args.seq_length), str(args.jobs))
+    rows["tpugraph"] = run_child(CHILD_TPUGRAPH, args.model, str(tg_out), str(args.seq_length))
     rows["tpugraph"]["bytes"] = dir_bytes(tg_out)
     if not args.keep:
         shutil.rmtree(tg_out, ignore_errors=True)

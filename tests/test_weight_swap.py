@@ -104,7 +104,8 @@ def test_discover_sources_finds_transposed_and_plain_parameters():
     template = weight_swap.make_template(model, sources)
     real = {"proj.weight": rng.standard_normal((6, 4), dtype=np.float32),
             "proj.bias": rng.standard_normal(6, dtype=np.float32)}
-    filled = weight_swap.apply(template, template.fill(real))
+    filled, weights = weight_swap.apply(template, template.fill(real))
+    assert weights == []
     assert weight_swap.same_model(filled, _matmul_graph(real["proj.weight"], real["proj.bias"], transposed=True))
     assert not weight_swap.same_model(filled, _matmul_graph(real["proj.weight"], real["proj.bias"] + 1, transposed=True))
 

@@ -148,17 +148,22 @@ class UnitWriter:
         self.weights_file = WeightsFile(self.stage, unit.data_file) if unit.data_file else None
         self.files: list[str] = []
 
-    def add(self, spec: SegmentSpec, model) -> list[dict]:
-        """Stage one segment; returns its external-data entries for the manifest."""
+    def add(self, built) -> list[dict]:
+        """Stage one built segment (export.factory.BuiltSegment); returns its external-data entries."""
         import onnx
 
+        spec = built.spec
         external: list[dict] = []
         try:
             if self.weights_file is not None:
-                self.weights_file.externalize(model)
+                self.weights_file.externalize(built.model, built.weights)
+                built.weights = []
                 external.append({"file": self.unit.data_file})
-                onnx.save_model(model, str(self.stage / spec.filename))
-            elif _fits_protobuf(model):
+                onnx.save_model(built.model, str(self.stage / spec.filename))
+                self.files.append(spec.filename)
+                return external
+            model = built.restored()
+            if _fits_protobuf(model):
                 onnx.save_model(model, str(self.stage / spec.filename))
             else:
                 raise OutputError(f"{spec.name} is over 2 GB and cannot be written inline; use --external-data auto")
@@ -291,16 +296,17 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                     entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
                                          inputs=list(spec.inputs), outputs=list(spec.outputs))
                     _apply_renames(entry, built.pass_results)
-                    entry.external_data = writer.add(spec, built.model)
-                    del built.model
                     entry.passes = [r.to_json() for r in built.pass_results]
                     entry.extra["fingerprint"] = fingerprint
-                    if built.swapped_from:
-                        entry.extra["graph_reused_from"] = built.swapped_from
+                    swapped_from = built.swapped_from
+                    if swapped_from:
+                        entry.extra["graph_reused_from"] = swapped_from
+                    entry.external_data = writer.add(built)
+                    del built
                     entry.extra["export_seconds"] = round(time.perf_counter() - t0, 3)
-                    entries.append(entry)
                     log.info("%s done (%.2fs%s)", spec.name, time.perf_counter() - t0,
-                             f", weights swapped into the graph of {built.swapped_from}" if built.swapped_from else "")
+                             f", weights swapped into the graph of {swapped_from}" if swapped_from else "")
+                    entries.append(entry)
                 writer.commit()
             except BaseException:
                 writer.discard()

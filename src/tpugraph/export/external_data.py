@@ -34,33 +34,55 @@ class WeightsFile:
         self.tensors_written = 0
         self.tensors_shared = 0
 
-    def externalize(self, model: onnx.ModelProto) -> None:
+    def _store(self, data: bytes, data_type: int) -> tuple[int, int]:
+        key = hashlib.sha256(data).hexdigest() + str(data_type)
+        if key in self._offsets:
+            self.tensors_shared += 1
+            return self._offsets[key]
+        pos = self._fh.tell()
+        pad = (-pos) % ALIGN
+        if pad:
+            self._fh.write(b"\0" * pad)
+        self._fh.write(data)
+        self._offsets[key] = (pos + pad, len(data))
+        self.tensors_written += 1
+        return self._offsets[key]
+
+    @staticmethod
+    def _point(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            t.ClearField(field)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+
+    def externalize(self, model: onnx.ModelProto, set_aside: list[onnx.TensorProto] = ()) -> None:
+        """Move the model's initializers (of at least ``min_bytes``) into the file, and attach the weights
+        ``set_aside`` from the graph (declared as graph inputs) as external initializers again."""
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 continue
             data = _raw_bytes(t)
             if len(data) < self.min_bytes:
                 continue
-            key = hashlib.sha256(data).hexdigest() + str(t.data_type)
-            if key in self._offsets:
-                offset, length = self._offsets[key]
-                self.tensors_shared += 1
-            else:
-                pos = self._fh.tell()
-                pad = (-pos) % ALIGN
-                if pad:
-                    self._fh.write(b"\0" * pad)
-                offset, length = pos + pad, len(data)
-                self._fh.write(data)
-                self._offsets[key] = (offset, length)
-                self.tensors_written += 1
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(field)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", self.name), ("offset", str(offset)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
+            self._point(t, self.name, *self._store(data, t.data_type))
+        if not set_aside:
+            return
+        hidden = {t.name for t in set_aside}
+        inputs = [v for v in model.graph.input if v.name not in hidden]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+        read = {name for node in model.graph.node for name in node.input}
+        for w in set_aside:
+            if w.name not in read:
+                continue
+            offset, length = self._store(_raw_bytes(w), w.data_type)
+            stub = model.graph.initializer.add()
+            stub.name, stub.data_type = w.name, w.data_type
+            stub.dims.extend(w.dims)
+            self._point(stub, self.name, offset, length)
 
     @property
     def empty(self) -> bool:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -22,6 +24,42 @@ from .exporter import ModelParts, export_segment
 log = logging.getLogger(__name__)
 
 LAYER_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE)
+HIDE_MIN_BYTES = 1 << 20  # weights this big sit out the pass chain as opaque graph inputs
+
+
+def hide_weights(model, min_bytes: int = HIDE_MIN_BYTES) -> list:
+    """Move the big float initializers out of the graph, declaring each as a graph input of its shape.
+
+    The passes then work on a graph of a few kilobytes: nothing copies, hashes or re-serialises the
+    weights, and no pass can fold (and so duplicate) a weight. ``restore_weights`` puts them back.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    itemsize = {1: 4, 10: 2, 16: 2, 11: 8}  # FLOAT, FLOAT16, BFLOAT16, DOUBLE
+    big = [i for i, t in enumerate(graph.initializer)
+           if t.data_type in itemsize and t.data_location != onnx.TensorProto.EXTERNAL
+           and math.prod(t.dims) * itemsize[t.data_type] >= min_bytes]
+    stash = []
+    for i in reversed(big):
+        tensor = graph.initializer.pop(i)
+        stash.append(tensor)
+        graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    stash.reverse()
+    return stash
+
+
+def restore_weights(model, stash: list) -> None:
+    """Undo ``hide_weights``: the hidden inputs become initializers again (those a node still reads)."""
+    graph = model.graph
+    hidden = {t.name for t in stash}
+    kept_inputs = [v for v in graph.input if v.name not in hidden]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    read = {name for node in graph.node for name in node.input}
+    for tensor in stash:
+        if tensor.name in read:
+            graph.initializer.append(tensor)
 
 
 class ProbeWeights:
@@ -71,9 +109,16 @@ def module_signature(module: nn.Module) -> str:
 @dataclass
 class BuiltSegment:
     spec: SegmentSpec
-    model: Any  # onnx.ModelProto
+    model: Any  # onnx.ModelProto; the big weights are graph inputs named by ``weights`` (see hide_weights)
     pass_results: list[Any] = field(default_factory=list)
     swapped_from: str | None = None  # the layer whose optimised graph this one reuses
+    weights: list = field(default_factory=list)  # onnx.TensorProto set aside from the graph
+
+    def restored(self):
+        """The model with its weights back in place as initializers (for writing inline)."""
+        restore_weights(self.model, self.weights)
+        self.weights = []
+        return self.model
 
 
 @dataclass
@@ -108,16 +153,19 @@ class SegmentFactory:
         key = self._layer_key(spec)
         known = self._templates.get(key)
         if known is None:
-            model, shared_results = self._trace_shared(self.parts, spec)
-            self._templates[key] = self._make_template(spec, model, shared_results)
-            model, own_results = self._run_chain(model, spec, self._per_layer_chain)
-            return BuiltSegment(spec, model, shared_results + own_results)
+            model, weights, shared_results = self._trace_shared(self.parts, spec)
+            self._templates[key] = self._make_template(spec, model, weights, shared_results)
+            model, weights, own_results = self._run_chain(model, weights, spec, self._per_layer_chain,
+                                                          before=self._shared_chain)
+            return BuiltSegment(spec, model, shared_results + own_results, weights=weights)
         if known.template is None:
             return self._full(spec)
-        model = weight_swap.apply(known.template, known.template.fill(self._layer_arrays(self.parts, spec)))
+        model, weights = weight_swap.apply(known.template, known.template.fill(self._layer_arrays(self.parts, spec)))
         self.swapped += 1
-        model, own_results = self._run_chain(model, spec, self._per_layer_chain)
-        return BuiltSegment(spec, model, known.results + own_results, swapped_from=known.source_segment)
+        model, weights, own_results = self._run_chain(model, weights, spec, self._per_layer_chain,
+                                                      before=self._shared_chain)
+        return BuiltSegment(spec, model, known.results + own_results, swapped_from=known.source_segment,
+                            weights=weights)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -133,31 +181,33 @@ class SegmentFactory:
     def _per_layer_chain(self) -> list:
         return self.chain[self._split:]
 
-    def _run_chain(self, model, spec: SegmentSpec, chain: list | None = None, before: list | None = None):
-        chain = self.chain if chain is None else chain
+    def _run_chain(self, model, weights: list, spec: SegmentSpec, chain: list, before: list | None = None):
+        """Run ``chain`` on a graph whose big weights are set aside in ``weights``; returns the same form."""
         if not chain:
-            return model, []
+            return model, weights, []
         from ..errors import PassError
         from ..passes import PassContext, run_chain
 
         ctx = PassContext(segment=spec.name, shapes=spec.shapes(), work_dir=self.work_dir, layer=spec.layer,
-                          kind=spec.kind.value)
+                          kind=spec.kind.value, opaque_inputs=frozenset(t.name for t in weights))
         try:
-            return run_chain(model, chain, ctx)
+            model, results = run_chain(model, chain, ctx)
         except PassError as err:
             if not before:
                 raise
             raise PassError(err.pass_name, err.segment, [p.name for p in before] + err.before, err.reason) from err
+        return model, weights, results
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
         model = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir)
         self.traced += 1
-        return self._run_chain(model, spec, self._shared_chain)
+        weights = hide_weights(model)
+        return self._run_chain(model, weights, spec, self._shared_chain)
 
     def _full(self, spec: SegmentSpec) -> BuiltSegment:
-        model, results = self._trace_shared(self.parts, spec)
-        model, more = self._run_chain(model, spec, self._per_layer_chain, before=self._shared_chain)
-        return BuiltSegment(spec, model, results + more)
+        model, weights, results = self._trace_shared(self.parts, spec)
+        model, weights, more = self._run_chain(model, weights, spec, self._per_layer_chain, before=self._shared_chain)
+        return BuiltSegment(spec, model, results + more, weights=weights)
 
     @property
     def probe_parts(self) -> ModelParts:
@@ -181,17 +231,18 @@ class SegmentFactory:
         return (spec.kind, module_signature(layer_module), id(parts.rotary_table(self.seq, spec.layer)),
                 parts.sliding_window(spec.layer))
 
-    def _make_template(self, spec: SegmentSpec, real_model, real_results: list) -> _Template:
+    def _make_template(self, spec: SegmentSpec, real_model, real_weights: list, real_results: list) -> _Template:
         """Trace the layer again from probe weights, learn where each parameter sits in the optimised graph
         (after the shared part of the chain), and keep that as the template only if it reproduces the
         real-weight graph of this layer exactly."""
         try:
-            probe_model, _ = self._trace_shared(self.probe_parts, spec)
-            sources = weight_swap.discover_sources(probe_model, self._layer_arrays(self.probe_parts, spec))
-            template = weight_swap.make_template(probe_model, sources)
-            del probe_model
-            swapped = weight_swap.apply(template, template.fill(self._layer_arrays(self.parts, spec)))
-            if not weight_swap.same_model(swapped, real_model):
+            probe_model, probe_weights, _ = self._trace_shared(self.probe_parts, spec)
+            sources = weight_swap.discover_sources(probe_model, self._layer_arrays(self.probe_parts, spec),
+                                                   probe_weights)
+            template = weight_swap.make_template(probe_model, sources, probe_weights)
+            del probe_model, probe_weights
+            swapped, swapped_weights = weight_swap.apply(template, template.fill(self._layer_arrays(self.parts, spec)))
+            if not weight_swap.same_model(swapped, real_model, swapped_weights, real_weights):
                 raise ValueError("the template filled with this layer's weights differs from its own export")
         except ValueError as exc:
             log.info("%s: weight swapping off for layers like this one (%s); each is exported on its own",

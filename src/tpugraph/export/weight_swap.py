@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -32,8 +33,15 @@ class InitializerSource:
 
 @dataclass
 class WeightTemplate:
+    """The optimised graph of one layer, its parameter tensors left empty.
+
+    ``weights`` are big tensors set aside from the graph while it was optimised (see
+    ``factory.hide_weights``); parameters among them are empty stubs here, anything else keeps its bytes.
+    """
+
     model: onnx.ModelProto
     sources: list[InitializerSource]
+    weights: list[onnx.TensorProto] = field(default_factory=list)
 
     def fill(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The initializer arrays of the layer whose parameters are ``params`` (float arrays by param name)."""
@@ -50,8 +58,12 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha256(str(a.dtype).encode() + a.tobytes()).hexdigest()
 
 
-def discover_sources(model: onnx.ModelProto, probe: dict[str, np.ndarray]) -> list[InitializerSource]:
-    """Which probe parameter (and transform) each initializer of ``model`` holds.
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def discover_sources(model: onnx.ModelProto, probe: dict[str, np.ndarray],
+                     weights: Iterable[onnx.TensorProto] = ()) -> list[InitializerSource]:
+    """Which probe parameter (and transform) each initializer of ``model`` (or set-aside weight) holds.
 
     Raises ValueError when one probe parameter is not found at all: the graph then holds it in a form
     the swap cannot reproduce (e.g. folded arithmetic), and the caller must export per layer.
@@ -62,8 +74,8 @@ def discover_sources(model: onnx.ModelProto, probe: dict[str, np.ndarray]) -> li
         if p.ndim == 2:
             index.setdefault(_digest(p.T), (name, TRANSPOSE))
     sources, used = [], set()
-    for init in model.graph.initializer:
-        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+    for init in [*model.graph.initializer, *weights]:
+        if init.data_type not in FLOAT_TYPES:
             continue
         hit = index.get(_digest(numpy_helper.to_array(init)))
         if hit:
@@ -75,43 +87,76 @@ def discover_sources(model: onnx.ModelProto, probe: dict[str, np.ndarray]) -> li
     return sources
 
 
-def make_template(model: onnx.ModelProto, sources: list[InitializerSource]) -> WeightTemplate:
-    """The graph with the parameter initializers' bytes dropped (they are filled per layer)."""
+def _strip(tensor: onnx.TensorProto) -> None:
+    for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+        tensor.ClearField(name)
+
+
+def make_template(model: onnx.ModelProto, sources: list[InitializerSource],
+                  weights: Iterable[onnx.TensorProto] = ()) -> WeightTemplate:
+    """The graph with the parameter tensors' bytes dropped (they are filled per layer)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     holds_param = {s.initializer for s in sources}
     for init in m.graph.initializer:
         if init.name in holds_param:
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-                init.ClearField(field)
-    return WeightTemplate(m, sources)
+            _strip(init)
+    kept = []
+    for w in weights:
+        stub = onnx.TensorProto()
+        if w.name in holds_param:
+            stub.name, stub.data_type = w.name, w.data_type
+            stub.dims.extend(w.dims)
+        else:
+            stub.CopyFrom(w)
+        kept.append(stub)
+    return WeightTemplate(m, sources, kept)
 
 
-def apply(template: WeightTemplate, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of the template graph holding ``arrays`` in place of the parameter initializers."""
+def _fill(tensor: onnx.TensorProto, arr: np.ndarray) -> None:
+    arr = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type), copy=False)
+    tensor.raw_data = np.ascontiguousarray(arr).tobytes()
+
+
+def apply(template: WeightTemplate, arrays: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of the template graph (and set-aside weights) holding ``arrays`` in place of the parameters."""
     m = onnx.ModelProto()
     m.CopyFrom(template.model)
     for init in m.graph.initializer:
         if init.name in arrays:
-            arr = arrays[init.name].astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type), copy=False)
-            init.raw_data = np.ascontiguousarray(arr).tobytes()
-    return m
+            _fill(init, arrays[init.name])
+    weights = []
+    for stub in template.weights:
+        w = onnx.TensorProto()
+        w.CopyFrom(stub)
+        if w.name in arrays:
+            _fill(w, arrays[w.name])
+        weights.append(w)
+    return m, weights
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> bytes:
     return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
 
 
-def same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    """Equal graphs, I/O, opsets and initializer bytes, compared piece by piece (no whole-model copies)."""
-    ga, gb = a.graph, b.graph
-    if (list(a.opset_import) != list(b.opset_import) or a.ir_version != b.ir_version
-            or list(ga.node) != list(gb.node) or list(ga.input) != list(gb.input)
-            or list(ga.output) != list(gb.output) or len(ga.initializer) != len(gb.initializer)):
+def _same_tensors(a: Iterable[onnx.TensorProto], b: Iterable[onnx.TensorProto]) -> bool:
+    a, b = list(a), list(b)
+    if len(a) != len(b):
         return False
-    for ta, tb in zip(ga.initializer, gb.initializer):
+    for ta, tb in zip(a, b):
         if (ta.name, list(ta.dims), ta.data_type) != (tb.name, list(tb.dims), tb.data_type):
             return False
         if _tensor_bytes(ta) != _tensor_bytes(tb):
             return False
     return True
+
+
+def same_model(a: onnx.ModelProto, b: onnx.ModelProto, weights_a: Iterable[onnx.TensorProto] = (),
+               weights_b: Iterable[onnx.TensorProto] = ()) -> bool:
+    """Equal graphs, I/O, opsets and tensor bytes, compared piece by piece (no whole-model copies)."""
+    ga, gb = a.graph, b.graph
+    if (list(a.opset_import) != list(b.opset_import) or a.ir_version != b.ir_version
+            or list(ga.node) != list(gb.node) or list(ga.input) != list(gb.input)
+            or list(ga.output) != list(gb.output)):
+        return False
+    return _same_tensors(ga.initializer, gb.initializer) and _same_tensors(weights_a, weights_b)

@@ -39,6 +39,8 @@ class PassContext:
     """Segment kind (``tpugraph.contract.SegmentKind`` value), when known."""
     tolerance: float = 1e-4
     """Max abs difference accepted by the ``check_numerics`` comparison."""
+    opaque_inputs: frozenset[str] = frozenset()
+    """Graph inputs that are weights set aside while the chain runs (not part of the segment's I/O)."""
 
 
 @dataclass

@@ -90,7 +90,7 @@ class MakeTpuCompatible(GraphPass):
         if unsupported and not self.opt["allow_unsupported_ops"]:
             listed = ", ".join(f"{op} x{n}" for op, n in unsupported.items())
             problems.append(f"ops tpu-mlir {TPU_MLIR_VERSION} cannot convert: {listed}")
-        bad_io = _non_fp32_io(model.graph)
+        bad_io = {k: v for k, v in _non_fp32_io(model.graph).items() if k not in ctx.opaque_inputs}
         details["non_fp32_io"] = bad_io
         if bad_io and not self.opt["allow_non_fp32_io"]:
             problems.append("float I/O must be float32: " + ", ".join(f"{k} is {v}" for k, v in bad_io.items()))
