@@ -77,13 +77,15 @@ def export_and_optimize_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the segments and manifest.json."),
     seq_length: int = typer.Option(512, "--seq-length", help="Static sequence length SEQ."),
     int_dtype: str = typer.Option("int32", "--int-dtype", help="Integer input dtype: int32 or int64."),
-    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the exported segments."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the exported segments: float32, float16 or bfloat16 (segment inputs/outputs stay float32)."),
     passes: Optional[list[str]] = typer.Option(None, "--passes", help="Pass chain to run instead of the default (comma-separated; 'none' for no pass)."),
     skip_pass: Optional[list[str]] = typer.Option(None, "--skip-pass", help="Pass(es) to leave out of the chain."),
     option: Optional[list[str]] = typer.Option(None, "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum."),
     naming: Optional[str] = typer.Option(None, "--naming", help="I/O naming convention: llm-tpu (default), optimum or genie (shortcut for --option rename_kv_io.convention=...)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not a tpugraph output."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models whose config needs remote code."),
+    penalty_head: bool = typer.Option(False, "--penalty-head", help="Also export penalty_sample_head.onnx (repetition penalty, temperature, top-p; top-50 probs and tokens)."),
+    lm_head_greedy: bool = typer.Option(False, "--lm-head-greedy", help="Take the greedy top-1 inside lm_head (outputs token, m_logits) and export no greedy_head."),
     with_test_data: bool = typer.Option(False, "--with-test-data", help="Also write OUT/test_data/<segment>_input.npz: realistic inputs (a prompt driven through the segments) for tpu-mlir's numerical compares."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
@@ -99,7 +101,8 @@ def export_and_optimize_cmd(
         pass_options.setdefault("rename_kv_io", {})["convention"] = naming
     opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=chain,
                          skip_passes=_split(skip_pass) or [], pass_options=pass_options, force=force,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, penalty_head=penalty_head,
+                         greedy_in_lm_head=lm_head_greedy)
 
     def progress(name: str, index: int, total: int) -> None:
         if _state["verbosity"] >= 0 and not json_out and name != "done":
@@ -117,6 +120,8 @@ def export_and_optimize_cmd(
                                "complete": manifest.complete, "test_data": test_files}))
         return
     _echo(f"wrote {len(manifest.segments)} segments and manifest.json to {out}")
+    for note in manifest.notes:
+        _echo(f"note: {note}")
     if test_files:
         _echo(f"wrote test inputs of {len(test_files)} segments to {out / 'test_data'} (used by compile-script and compile)")
     if src["random_weights"]:
@@ -134,7 +139,7 @@ def verify_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Drive OUT's segments like the TPU runtime and compare tokens and logits with transformers' greedy generate."""
-    from .verify import MAX_REL_DIFF, MIN_COSINE, verify
+    from .verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model)
     if json_out:
@@ -144,9 +149,11 @@ def verify_cmd(
         _echo(f"{'step':>4}  {'hf':>7}  {'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
         for s in report.steps:
             _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  "
-                  f"{s.rel_diff:>9.2e}  {'ok' if s.ok else 'MISMATCH'}")
-        _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {MIN_COSINE}); "
-              f"max rel diff {report.max_rel_diff:.2e} (<= {MAX_REL_DIFF})")
+                  f"{s.rel_diff:>9.2e}  {('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
+        min_cos, max_rel = report.thresholds
+        _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {min_cos}); "
+              f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} weights on {report.backend}"
+              + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else ""))
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
         raise typer.Exit(1)
@@ -313,12 +320,17 @@ def compile_cmd(
 
 @app.command("families")
 @user_errors
-def families_cmd() -> None:
+def families_cmd(json_out: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
     """List the supported model families: architectures, what each supports, minimum transformers."""
     from .families import FAMILIES
 
+    if json_out:
+        typer.echo(json.dumps([fam.to_json() for fam in FAMILIES]))
+        return
+    _echo(f"{'family':<11} {'architectures':<22} {'transformers':<13} {'embeddings':<11} supports")
     for fam in FAMILIES:
-        _echo(f"{fam.name:<10} {', '.join(fam.architectures):<40} transformers>={fam.min_transformers:<6} {fam.describe()}")
+        _echo(f"{fam.name:<11} {', '.join(fam.architectures):<22} {'>=' + fam.min_transformers:<13} "
+              f"{fam.embeddings:<11} {fam.describe()}")
 
 
 GLOBAL_FLAGS = {"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose"}

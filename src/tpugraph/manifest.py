@@ -82,6 +82,8 @@ class Manifest:
     pass_chain: list[dict[str, Any]] = field(default_factory=list)
     segments: list[SegmentEntry] = field(default_factory=list)
     complete: bool = False
+    # Plain-language statements of where the export is exact and where it is not (sliding windows, rope).
+    notes: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)  # how the run went: segments traced, weight-swapped
 
     def segment(self, name: str) -> SegmentEntry:
@@ -94,7 +96,7 @@ class Manifest:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "complete": self.complete,
             "model": self.model, "tools": self.tools, "conventions": self.conventions,
-            "options": self.options, "pass_chain": self.pass_chain,
+            "options": self.options, "pass_chain": self.pass_chain, "notes": self.notes,
             "stats": self.stats,
             "segments": [s.to_json() for s in self.segments],
         }
@@ -110,7 +112,7 @@ class Manifest:
         return cls(
             model=d["model"], tools=d["tools"], conventions=d["conventions"], options=d["options"],
             pass_chain=d.get("pass_chain", []), segments=[SegmentEntry.from_json(s) for s in d["segments"]],
-            complete=bool(d.get("complete", False)), stats=dict(d.get("stats", {})),
+            complete=bool(d.get("complete", False)), notes=list(d.get("notes", [])), stats=dict(d.get("stats", {})),
         )
 
     def write(self, out_dir: Path, name: str = MANIFEST_NAME) -> Path:

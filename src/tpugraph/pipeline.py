@@ -39,6 +39,8 @@ class ExportOptions:
     trust_remote_code: bool = False
     external_data: str = "auto"  # auto | always | never
     weight_swap: bool = True  # reuse one layer's optimised graph for the other layers of the same structure
+    penalty_head: bool = False  # also export penalty_sample_head.onnx (CONTRACT.md)
+    greedy_in_lm_head: bool = False  # lm_head -> (token, m_logits) and no greedy_head.onnx
 
     def check(self) -> None:
         if self.external_data not in EXTERNAL_DATA_MODES:
@@ -49,8 +51,6 @@ class ExportOptions:
             raise UsageError(f"--int-dtype must be one of {', '.join(INT_DTYPES)} (got {self.int_dtype})")
         if self.dtype not in FLOAT_DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)} (got {self.dtype})")
-        if self.dtype != "float32":
-            raise UsageError(f"--dtype {self.dtype} is not supported yet: segments are exported in float32")
 
 
 def tool_versions() -> dict[str, str]:
@@ -226,7 +226,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                         progress: ProgressFn | None = None) -> Manifest:
     """Export MODEL (folder or preset) into OUT: every segment of the contract, passed through the chain,
     then OUT/manifest.json, written last. Segments an earlier run finished with the same inputs are kept."""
-    from .export.exporter import DEFAULT_OPSET, ModelParts
+    from .export.exporter import DEFAULT_OPSET, ModelParts, export_notes, unused_graph_inputs, unused_inputs_note
     from .export.factory import SegmentFactory
     from .resume import unit_fingerprint
 
@@ -250,7 +250,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
                         int_dtype=options.int_dtype)
-    specs = segment_specs(dims)
+    specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
@@ -260,7 +260,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                      "naming": _naming(chain), "int_dtype": options.int_dtype, "float_dtype": "float32",
                      "batch": 1},
         options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype,
-                 "external_data": options.external_data},
+                 "external_data": options.external_data, "penalty_head": options.penalty_head,
+                 "greedy_in_lm_head": options.greedy_in_lm_head},
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
     )
     config_json = config.to_dict()
@@ -296,6 +297,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                     entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
                                          inputs=list(spec.inputs), outputs=list(spec.outputs))
                     _apply_renames(entry, built.pass_results)
+                    if unused := unused_graph_inputs(built.model):
+                        entry.extra["unused_inputs"] = unused
                     entry.passes = [r.to_json() for r in built.pass_results]
                     entry.extra["fingerprint"] = fingerprint
                     swapped_from = built.swapped_from
@@ -321,6 +324,11 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         manifest.stats = {"segments_traced": factory.traced, "segments_weight_swapped": factory.swapped}
     order = {spec.name: i for i, spec in enumerate(specs)}
     manifest.segments.sort(key=lambda e: order[e.name])
+    unused = {e.name: e.extra["unused_inputs"] for e in manifest.segments if e.extra.get("unused_inputs")}
+    manifest.notes = export_notes(family, config, options.seq_length, options.dtype) + (
+        [unused_inputs_note(unused)] if unused else [])
+    for note in manifest.notes:
+        log.info("note: %s", note)
     manifest.complete = True
     manifest.write(out_dir)
     (out_dir / PARTIAL_NAME).unlink(missing_ok=True)

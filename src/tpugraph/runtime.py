@@ -11,6 +11,35 @@ from .contract import decode_inputs, prefill_inputs
 from .manifest import Manifest, SegmentEntry, read_manifest
 
 
+# Weight dtypes onnxruntime's CPU provider has no kernels for: those segments run on onnx's reference
+# evaluator instead (pure numpy, slow: meant for verifying tiny models, not for real ones).
+REFERENCE_DTYPES = ("bfloat16",)
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+
+
+class _ReferenceSession:
+    """The slice of onnxruntime's InferenceSession the driver uses, backed by onnx.reference."""
+
+    def __init__(self, path: str):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        self._model = onnx.load(path)
+        self._evaluator = ReferenceEvaluator(self._model)
+        inits = {i.name for i in self._model.graph.initializer}
+        self._inputs = [_Named(v.name) for v in self._model.graph.input if v.name not in inits]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def run(self, output_names, feeds):
+        return self._evaluator.run(output_names, feeds)
+
+
 @dataclass
 class GenerationTrace:
     tokens: list[int] = field(default_factory=list)
@@ -31,13 +60,17 @@ class SegmentRuntime:
         opts.log_severity_level = 3
         self._ort, self._opts = ort, opts
         self._sessions: dict[str, object] = {}
+        self.backend = "onnx-reference" if self.manifest.options.get("dtype") in REFERENCE_DTYPES else "onnxruntime"
+        # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
+        self.greedy_in_lm_head = len(self.manifest.segment("lm_head").outputs) == 2
 
     def _session(self, name: str):
         if name not in self._sessions:
-            entry = self.manifest.segment(name)
-            self._sessions[name] = self._ort.InferenceSession(
-                str(self.out_dir / entry.file), self._opts, providers=["CPUExecutionProvider"]
-            )
+            path = str(self.out_dir / self.manifest.segment(name).file)
+            if self.backend == "onnx-reference":
+                self._sessions[name] = _ReferenceSession(path)
+            else:
+                self._sessions[name] = self._ort.InferenceSession(path, self._opts, providers=["CPUExecutionProvider"])
         return self._sessions[name]
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -50,9 +83,12 @@ class SegmentRuntime:
         return sess.run(None, feeds)
 
     def next_token(self, hidden_last: np.ndarray) -> tuple[int, np.ndarray]:
-        (logits,) = self.run("lm_head", hidden_last.reshape(1, -1))
-        (token,) = self.run("greedy_head", logits)
-        return int(np.asarray(token).reshape(-1)[0]), logits.reshape(-1)
+        if self.greedy_in_lm_head:
+            token, logits = self.run("lm_head", hidden_last.reshape(1, -1))
+        else:
+            (logits,) = self.run("lm_head", hidden_last.reshape(1, -1))
+            (token,) = self.run("greedy_head", logits)
+        return int(np.asarray(token).reshape(-1)[0]), np.asarray(logits, dtype=np.float32).reshape(-1)
 
     def prefill(self, prompt: list[int]):
         ids, pos, mask = prefill_inputs(prompt, self.seq)
@@ -73,7 +109,10 @@ class SegmentRuntime:
             hv[0, n] = v[0, 0]
         return hidden[0, 0]
 
-    def generate(self, prompt: list[int], max_new_tokens: int, eos_ids: set[int] | None = None) -> GenerationTrace:
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
+                 forced: list[int] | None = None) -> GenerationTrace:
+        """Greedy generation; with ``forced``, step i feeds forced[i] back instead of its own top-1
+        (teacher forcing: the logits of every step are then comparable with another run's)."""
         if not 1 <= len(prompt) <= self.seq:
             raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
         trace = GenerationTrace()
@@ -83,7 +122,9 @@ class SegmentRuntime:
             token, logits = self.next_token(hidden)
             trace.tokens.append(token)
             trace.logits.append(logits)
-            if len(trace.tokens) >= max_new_tokens or (eos_ids and token in eos_ids) or n >= self.seq:
+            fed = token if forced is None else forced[len(trace.tokens) - 1]
+            if (len(trace.tokens) >= max_new_tokens or (eos_ids and fed in eos_ids) or n >= self.seq
+                    or (forced is not None and len(trace.tokens) >= len(forced))):
                 return trace
-            hidden = self.decode(token, n, history)
+            hidden = self.decode(fed, n, history)
             n += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -12,21 +11,6 @@ from family_harness import SEQ, describe, export_verify  # noqa: F401
 
 from tpugraph.pipeline import ExportOptions
 
-# These options go through pipeline/runtime/verify; until those accept them, say so instead of failing.
-_FIELDS = {f.name for f in dataclasses.fields(ExportOptions)}
-needs_pipeline_options = pytest.mark.skipif(
-    not {"penalty_head", "greedy_in_lm_head"} <= _FIELDS,
-    reason="pipeline.ExportOptions has no penalty_head/greedy_in_lm_head yet (issue 5 pipeline patch)")
-
-
-def _dtype_supported(dtype: str) -> bool:
-    try:
-        ExportOptions(dtype=dtype).check()
-        return True
-    except Exception:
-        return False
-
-
 GEMMA2 = dict(head_dim=16, query_pre_attn_scalar=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
               sliding_window=4, initializer_range=0.05)
 
@@ -35,8 +19,6 @@ GEMMA2 = dict(head_dim=16, query_pre_attn_scalar=8, attn_logit_softcapping=2.0, 
 @pytest.mark.parametrize("model_type,config", [("llama", {}), ("gemma2", GEMMA2), ("phi", dict(partial_rotary_factor=0.4))],
                          ids=["llama", "gemma2", "phi"])
 def test_half_precision_weights_verify(export_verify, dtype, model_type, config):
-    if not _dtype_supported(dtype):
-        pytest.skip(f"pipeline refuses --dtype {dtype} (issue 5 pipeline patch not applied)")
     result = export_verify(model_type, options={"dtype": dtype}, **config)
     assert result.report.passed, describe(result.report)
     assert result.report.dtype == dtype
@@ -55,7 +37,6 @@ def test_half_precision_weights_verify(export_verify, dtype, model_type, config)
     assert any(dtype in note for note in result.manifest.notes)
 
 
-@needs_pipeline_options
 def test_greedy_in_lm_head_verifies_with_one_net_fewer(export_verify):
     result = export_verify("qwen2", options={"greedy_in_lm_head": True})
     assert result.report.passed, describe(result.report)
@@ -65,7 +46,6 @@ def test_greedy_in_lm_head_verifies_with_one_net_fewer(export_verify):
     assert outputs == [("token", (1, 1)), ("m_logits", (1, 256))]
 
 
-@needs_pipeline_options
 def test_penalty_head_is_exported_and_samples(export_verify):
     import onnxruntime as ort
 
@@ -82,7 +62,6 @@ def test_penalty_head_is_exported_and_samples(export_verify):
     assert token[0, 0] == np.argmax(logits) and probs.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-@needs_pipeline_options
 def test_manifest_notes_state_the_sliding_window_behaviour(export_verify):
     wide = export_verify("gemma2", **dict(GEMMA2, sliding_window=SEQ))
     narrow = export_verify("gemma2", **GEMMA2)
@@ -93,7 +72,6 @@ def test_manifest_notes_state_the_sliding_window_behaviour(export_verify):
     assert json.loads((narrow.out / "manifest.json").read_text())["notes"] == [narrow_note]
 
 
-@needs_pipeline_options
 def test_nope_layers_are_noted(export_verify):
     result = export_verify("smollm3", no_rope_layers=[1, 0])
     assert result.manifest.segment("block_1").extra["unused_inputs"] == ["position_ids"]
