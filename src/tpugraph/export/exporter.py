@@ -294,12 +294,40 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
 
 
-def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str,
-                   work_dir: Path | None = None, opset: int = DEFAULT_OPSET):
-    """Trace one segment with the TorchScript ONNX exporter (static shapes, opset <= 17) -> ModelProto."""
+def _tensor_proto(name: str, t: torch.Tensor):
+    """A TensorProto of a torch tensor, bfloat16 included (numpy has no bfloat16: its bits go as raw data)."""
     import onnx
+    from onnx import numpy_helper
+
+    t = t.contiguous()
+    if t.dtype != torch.bfloat16:
+        return numpy_helper.from_array(t.numpy(), name)
+    proto = onnx.TensorProto()
+    proto.name, proto.data_type = name, onnx.TensorProto.BFLOAT16
+    proto.dims.extend(t.shape)
+    proto.raw_data = t.view(torch.int16).numpy().tobytes()
+    return proto
+
+
+class ParametersNotNamed(Exception):
+    """Tracing with parameters as inputs lost the parameter names; trace with them as constants instead."""
+
+
+def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str,
+                   work_dir: Path | None = None, opset: int = DEFAULT_OPSET, set_aside_bytes: int | None = None):
+    """Trace one segment with the TorchScript ONNX exporter (static shapes, opset <= 17) -> ModelProto.
+
+    With ``set_aside_bytes`` the parameters are traced as graph inputs (the tracer never holds them as
+    constants, which is what makes a 150k-vocabulary embedding slow to export) and the result is
+    ``(model, weights)``: parameters smaller than ``set_aside_bytes`` become initializers again, the bigger
+    ones stay graph inputs and are returned as tensors, the form ``factory.hide_weights`` produces. Only
+    for segments that use their weights as they are stored (no transpose for the tracer to fold).
+    """
+    import onnx
+    from onnx import numpy_helper
 
     inputs = _example_inputs(spec, seq)
+    weights: list = []
     with segment_module(parts, spec, seq, int_dtype) as module, tempfile.TemporaryDirectory(
         dir=work_dir, prefix=f"{spec.name}-"
     ) as tmp:
@@ -314,14 +342,36 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
                 output_names=[t.name for t in spec.outputs],
                 opset_version=opset,
                 do_constant_folding=True,
+                export_params=set_aside_bytes is None,
                 dynamo=False,
             )
         model = onnx.load(str(path), load_external_data=True)
+        if set_aside_bytes is not None:
+            params = dict(module.named_parameters())
+            contract = {t.name for t in spec.inputs}
+            strays = [v.name for v in model.graph.input if v.name not in contract and v.name not in params]
+            if strays:
+                # The tracer named a parameter input after an op (e.g. 'onnx::Mul_21'): no safe mapping.
+                raise ParametersNotNamed(f"{spec.name}: parameter inputs {', '.join(strays)} carry no parameter name")
+            keep = []
+            for v in model.graph.input:
+                p = params.get(v.name)
+                if p is None:
+                    keep.append(v)
+                    continue
+                tensor = _tensor_proto(v.name, p.detach())
+                if p.numel() * p.element_size() >= set_aside_bytes:
+                    weights.append(tensor)
+                    keep.append(v)
+                else:
+                    model.graph.initializer.append(tensor)
+            del model.graph.input[:]
+            model.graph.input.extend(keep)
     restored = _restore_unused_inputs(model, spec)
     if restored and parts is not None:
         parts.unused_inputs[spec.name] = restored
         log.info("%s does not read %s; still declared as graph input(s) for the contract", spec.name, ", ".join(restored))
-    return model
+    return model if set_aside_bytes is None else (model, weights)
 
 
 def unused_graph_inputs(model) -> list[str]:

@@ -19,11 +19,14 @@ from torch import nn
 from ..contract import SegmentKind, SegmentSpec
 from ..model_source import WeightStore
 from . import weight_swap
-from .exporter import ModelParts, export_segment
+from .exporter import ModelParts, ParametersNotNamed, export_segment
 
 log = logging.getLogger(__name__)
 
 LAYER_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE)
+# Segments whose weights are used as stored (a Gather, a Gemm with transB): traced with their parameters
+# as graph inputs, so the exporter never handles the vocabulary-sized matrix as a constant.
+PARAMS_AS_INPUTS_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.LM_HEAD)
 HIDE_MIN_BYTES = 1 << 20  # weights this big sit out the pass chain as opaque graph inputs
 
 
@@ -199,9 +202,17 @@ class SegmentFactory:
         return model, weights, results
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
-        model = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir)
+        model = None
+        if spec.kind in PARAMS_AS_INPUTS_KINDS:
+            try:
+                model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
+                                                set_aside_bytes=HIDE_MIN_BYTES)
+            except ParametersNotNamed as exc:
+                log.info("%s; traced with constant weights", exc)
+        if model is None:
+            model = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir)
+            weights = hide_weights(model)
         self.traced += 1
-        weights = hide_weights(model)
         return self._run_chain(model, weights, spec, self._shared_chain)
 
     def _full(self, spec: SegmentSpec) -> BuiltSegment:

@@ -156,6 +156,21 @@ class BlockCacheSegment(nn.Module):
         return hidden, cache.new_k.transpose(1, 2), cache.new_v.transpose(1, 2)
 
 
+class _LinearTransB(torch.autograd.Function):
+    """x @ W.T (+ b), exported as one Gemm(transB=1) on W as stored, not MatMul on a transposed copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = x @ weight.t()
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def symbolic(g, x, weight, bias):
+        if bias is None or (hasattr(bias, "node") and bias.node().mustBeNone()):
+            return g.op("Gemm", x, weight, transB_i=1)
+        return g.op("Gemm", x, weight, bias, transB_i=1)
+
+
 class LmHeadSegment(nn.Module):
     """Final norm, output projection, logit scaling and soft-capping: [1, H] -> [1, V].
 
@@ -174,7 +189,12 @@ class LmHeadSegment(nn.Module):
         self.int_dtype = int_dtype
 
     def forward(self, hidden_states):
-        logits = self.lm_head(self.norm(hidden_states))
+        normed = self.norm(hidden_states)
+        if isinstance(self.lm_head, nn.Linear) and normed.dim() == 2:
+            # Gemm(transB=1) reads the [V, H] matrix as stored: a tied head then shares the embedding's bytes.
+            logits = _LinearTransB.apply(normed, self.lm_head.weight, self.lm_head.bias)
+        else:
+            logits = self.lm_head(normed)
         if self.scale is not None:
             logits = logits * self.scale
         if self.softcap:
@@ -227,7 +247,9 @@ class PenaltySampleHeadSegment(nn.Module):
         probs = torch.softmax(top_logits / temperature, dim=1)
         mass_before = torch.cumsum(probs, dim=1) - probs
         rank = torch.arange(self.top_k)[None]
-        keep = (mass_before < top_p) | (rank < self.min_tokens_to_keep)
+        # "mass before < top_p, or among the first min_tokens_to_keep": no Or with a constant operand,
+        # which tpu-mlir 1.30's Or converter cannot take.
+        keep = (mass_before - 2.0 * (rank < self.min_tokens_to_keep).to(probs.dtype)) < top_p
         kept = torch.where(keep, probs, torch.zeros_like(probs))
         return kept / kept.sum(dim=1, keepdim=True), token.to(self.int_dtype)
 
