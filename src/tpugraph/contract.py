@@ -33,6 +33,23 @@ class TensorSpec:
     def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
 
+    @classmethod
+    def from_value_info(cls, v, dynamic: list[str] | None = None) -> "TensorSpec":
+        """The spec of an ONNX ValueInfoProto; each symbolic or unknown dim is -1 and noted in ``dynamic``."""
+        import onnx
+
+        tt = v.type.tensor_type
+        dims = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                if dynamic is not None:
+                    dynamic.append(f"{v.name}[{i}]={d.dim_param or '?'}")
+                dims.append(-1)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "undefined"
+        return cls(v.name, tuple(dims), dtype)
+
 
 @dataclass(frozen=True)
 class SegmentSpec:

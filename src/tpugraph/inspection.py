@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract import TensorSpec
-from .errors import UsageError
-from .manifest import MANIFEST_NAME, read_manifest
+from .manifest import MANIFEST_NAME, graph_io, read_manifest
 
 
 @dataclass
@@ -34,22 +33,6 @@ class OnnxSummary:
         return d
 
 
-def load_onnx_header(path: Path):
-    """The graph of an ONNX file without its external weights; one clear error for anything else."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"'{path}' does not exist or is not a file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise UsageError(f"'{path}' is not a readable ONNX file ({type(exc).__name__})") from None
-    if not model.graph.node and not model.graph.output:
-        raise UsageError(f"'{path}' is not a readable ONNX file (no graph)")
-    return model
-
-
 def _unsupported(op_types: set[str]) -> list[str]:
     from .passes.make_tpu_compatible import unsupported_ops
 
@@ -60,27 +43,13 @@ def inspect_onnx(path: str | Path) -> OnnxSummary:
     import numpy as np
     import onnx
 
-    model = load_onnx_header(Path(path))
+    from .passes.run_file import load_model_file
+
+    model = load_model_file(Path(path), load_external_data=False)
     graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    dynamic: list[str] = []
-
-    def spec(v) -> TensorSpec:
-        tt = v.type.tensor_type
-        dims = []
-        for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            else:
-                dynamic.append(f"{v.name}[{i}]={d.dim_param or '?'}")
-                dims.append(-1)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "undefined"
-        return TensorSpec(v.name, tuple(dims), dtype)
-
-    inputs = [spec(v) for v in graph.input if v.name not in inits]
-    outputs = [spec(v) for v in graph.output]
+    inputs, outputs, dynamic = graph_io(model)
     for v in graph.value_info:
-        spec(v)
+        TensorSpec.from_value_info(v, dynamic)
     ops = Counter(n.op_type for n in graph.node)
     params = 0
     nbytes = 0

@@ -146,29 +146,20 @@ def read_manifest(out_dir: Path, name: str = MANIFEST_NAME) -> Manifest:
         raise VerificationError(f"{path} is malformed: missing or bad field {exc}") from None
 
 
+def graph_io(model) -> tuple[list[TensorSpec], list[TensorSpec], list[str]]:
+    """Declared graph inputs (initializers excluded) and outputs, and every dynamic dim among them."""
+    dynamic: list[str] = []
+    inits = {i.name for i in model.graph.initializer}
+    ins = [TensorSpec.from_value_info(v, dynamic) for v in model.graph.input if v.name not in inits]
+    outs = [TensorSpec.from_value_info(v, dynamic) for v in model.graph.output]
+    return ins, outs, dynamic
+
+
 def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[str]]:
-    """Declared graph inputs/outputs of an ONNX file (without loading external weights)."""
+    """Declared graph I/O of an ONNX file, read without its external weights."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    problems: list[str] = []
-
-    def spec(v) -> TensorSpec:
-        tt = v.type.tensor_type
-        dims = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            else:
-                problems.append(f"{v.name} has a dynamic dim '{d.dim_param or '?'}'")
-                dims.append(-1)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "undefined"
-        return TensorSpec(v.name, tuple(dims), dtype)
-
-    inits = {i.name for i in model.graph.initializer}
-    ins = [spec(v) for v in model.graph.input if v.name not in inits]
-    outs = [spec(v) for v in model.graph.output]
-    return ins, outs, problems
+    return graph_io(onnx.load(str(path), load_external_data=False))
 
 
 def validate(out_dir: Path) -> list[str]:
@@ -198,7 +189,7 @@ def validate(out_dir: Path) -> list[str]:
         except Exception as exc:
             problems.append(f"{seg.name}: {seg.file} is not a readable ONNX file: {str(exc).splitlines()[0]}")
             continue
-        problems.extend(f"{seg.name}: {p}" for p in dyn)
+        problems.extend(f"{seg.name}: dynamic dim {d}" for d in dyn)
         for label, want, got in (("inputs", seg.inputs, ins), ("outputs", seg.outputs, outs)):
             if [t.to_json() for t in want] != [t.to_json() for t in got]:
                 problems.append(

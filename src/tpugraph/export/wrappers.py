@@ -107,11 +107,9 @@ def _apply_window(mask: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Te
     return torch.where(distance >= window, torch.full_like(mask, MASK_VALUE), mask)
 
 
-class BlockSegment(nn.Module):
-    """Prefill: (input_states, position_ids, attention_mask) -> (hidden_states, past_k, past_v).
-
-    ``window``: the layer's sliding window when SEQ exceeds it; the window is then applied here from
-    position_ids, so the runtime's plain causal mask stays the contract's.
+class _LayerSegment(nn.Module):
+    """A decoder layer with its rotary table. ``window``: the layer's sliding window when SEQ exceeds it;
+    the window is then applied here from position_ids, so the runtime's plain causal mask stays the contract's.
     """
 
     def __init__(self, layer: nn.Module, rotary: RotaryTable, window: int | None = None):
@@ -120,6 +118,10 @@ class BlockSegment(nn.Module):
         self.rotary = rotary
         self.window = window
         self.cache_kwarg = _layer_cache_kwarg(layer)
+
+
+class BlockSegment(_LayerSegment):
+    """Prefill: (input_states, position_ids, attention_mask) -> (hidden_states, past_k, past_v)."""
 
     def forward(self, input_states, position_ids, attention_mask):
         if self.window is not None:
@@ -131,19 +133,12 @@ class BlockSegment(nn.Module):
         return hidden, cache.new_k.transpose(1, 2), cache.new_v.transpose(1, 2)
 
 
-class BlockCacheSegment(nn.Module):
+class BlockCacheSegment(_LayerSegment):
     """Decode: (input_states, position_ids, attention_mask, history_k, history_v) -> (hidden_states, past_k, past_v).
 
     History slot ``c`` holds the token at position ``c`` (the runtime writes row n for position n), so
     the key positions of a window check are 0..SEQ-1 followed by the new token's own position.
     """
-
-    def __init__(self, layer: nn.Module, rotary: RotaryTable, window: int | None = None):
-        super().__init__()
-        self.layer = layer
-        self.rotary = rotary
-        self.window = window
-        self.cache_kwarg = _layer_cache_kwarg(layer)
 
     def forward(self, input_states, position_ids, attention_mask, history_k, history_v):
         if self.window is not None:

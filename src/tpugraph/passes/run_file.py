@@ -46,13 +46,13 @@ class FileRunReport:
         }
 
 
-def load_model_file(path: Path) -> onnx.ModelProto:
-    """Load an ONNX file with its external data; a one-line error for anything that is not one."""
+def load_model_file(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file (with its external data unless told not to); a one-line error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
-        model = onnx.load_model(str(path), load_external_data=True)
+        model = onnx.load_model(str(path), load_external_data=load_external_data)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a readable ONNX model ({reason})") from exc
