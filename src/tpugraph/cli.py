@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -64,6 +65,36 @@ def main_options(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+@contextlib.contextmanager
+def _progress_reporter(enabled: bool, what: str):
+    """A progress callback (name, index, total): a rich bar with ETA on a terminal, plain lines otherwise."""
+    if not enabled:
+        yield lambda name, index, total: None
+        return
+    if not sys.stderr.isatty():
+        def plain(name: str, index: int, total: int) -> None:
+            if name != "done":
+                typer.echo(f"[{index + 1}/{total}] {name}", err=True)
+
+        yield plain
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TextColumn(what),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = None
+
+        def rich_progress(name: str, index: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task(name, total=total)
+            bar.update(task, completed=index, description="done" if name == "done" else name)
+
+        yield rich_progress
+
+
 def _split(values: Optional[list[str]]) -> Optional[list[str]]:
     if values is None:
         return None
@@ -106,11 +137,8 @@ def export_and_optimize_cmd(
                          trust_remote_code=trust_remote_code, penalty_head=penalty_head,
                          greedy_in_lm_head=lm_head_greedy, external_data=external_data, weight_swap=weight_swap)
 
-    def progress(name: str, index: int, total: int) -> None:
-        if _state["verbosity"] >= 0 and not json_out and name != "done":
-            typer.echo(f"[{index + 1}/{total}] {name}", err=True)
-
-    manifest = export_and_optimize(model, out, opts, progress=progress)
+    with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as progress:
+        manifest = export_and_optimize(model, out, opts, progress=progress)
     test_files: list[str] = []
     if with_test_data:
         from .testdata import write_test_data
