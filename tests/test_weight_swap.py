@@ -117,3 +117,35 @@ def test_discover_sources_refuses_a_parameter_the_graph_transformed():
     model = _matmul_graph(probe["proj.weight"], probe["norm.weight"] + 1.0, transposed=False)
     with pytest.raises(ValueError, match="norm.weight"):
         weight_swap.discover_sources(model, probe)
+
+
+@pytest.mark.parametrize("external", ["never", "always"])
+def test_weights_set_aside_during_the_chain_give_a_correct_export(model_dir, tmp_path, monkeypatch, external):
+    """Big-model paths on a tiny model: every weight of 4 KB or more sits out the chain (vocabulary segments
+    traced with parameters as inputs, layers hidden after tracing), then returns inline or as external data."""
+    from tpugraph.export import factory
+
+    monkeypatch.setattr(factory, "HIDE_MIN_BYTES", 4096)
+    out = tmp_path / "o"
+    manifest = export_and_optimize(str(model_dir), out, ExportOptions(seq_length=SEQ, external_data=external))
+    assert manifest.stats["segments_weight_swapped"] == 6
+    lm_head = onnx.load(str(out / "lm_head.onnx"), load_external_data=False)
+    assert [n.op_type for n in lm_head.graph.node][-1] == "Gemm"
+    for name in ("embedding", "block_2", "block_cache_3", "lm_head"):
+        graph = onnx.load(str(out / f"{name}.onnx")).graph
+        inits = {t.name for t in graph.initializer}
+        # Set-aside weights are initializers again, not graph inputs.
+        assert [v.name for v in graph.input if v.name not in inits] == [t.name for t in read_manifest(out).segment(name).inputs]
+    assert validate(out) == []
+    assert verify(out, prompt_length=6, new_tokens=6).passed
+
+
+def test_tied_embedding_and_lm_head_are_stored_once(tmp_path):
+    cfg = dict(TINY_LLAMA, tie_word_embeddings=True)
+    model = build_model_dir(tmp_path / "m", "llama", seed=3, **cfg)
+    out = tmp_path / "o"
+    export_and_optimize(str(model), out, ExportOptions(seq_length=SEQ, external_data="always"))
+    matrix = cfg["vocab_size"] * cfg["hidden_size"] * 4
+    # embedding, embedding_cache and the tied lm_head (a Gemm on the matrix as stored) share one copy.
+    assert matrix <= (out / "vocab.data").stat().st_size < 1.1 * matrix
+    assert verify(out, prompt_length=5, new_tokens=5).passed

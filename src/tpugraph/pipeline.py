@@ -364,7 +364,3 @@ def _apply_renames(entry: SegmentEntry, pass_results) -> None:
         entry.inputs = [replace(t, name=mapping.get(t.name, t.name)) for t in entry.inputs]
         entry.outputs = [replace(t, name=mapping.get(t.name, t.name)) for t in entry.outputs]
         entry.extra["io_mapping"] = mapping
-
-
-def load_output(out: str | Path) -> Manifest:
-    return read_manifest(Path(out))

@@ -30,7 +30,7 @@ PARAMS_AS_INPUTS_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, Se
 HIDE_MIN_BYTES = 1 << 20  # weights this big sit out the pass chain as opaque graph inputs
 
 
-def hide_weights(model, min_bytes: int = HIDE_MIN_BYTES) -> list:
+def hide_weights(model, min_bytes: int | None = None) -> list:
     """Move the big float initializers out of the graph, declaring each as a graph input of its shape.
 
     The passes then work on a graph of a few kilobytes: nothing copies, hashes or re-serialises the
@@ -38,6 +38,7 @@ def hide_weights(model, min_bytes: int = HIDE_MIN_BYTES) -> list:
     """
     from onnx import helper
 
+    min_bytes = HIDE_MIN_BYTES if min_bytes is None else min_bytes
     graph = model.graph
     itemsize = {1: 4, 10: 2, 16: 2, 11: 8}  # FLOAT, FLOAT16, BFLOAT16, DOUBLE
     big = [i for i, t in enumerate(graph.initializer)
