@@ -62,15 +62,19 @@ class SegmentEntry:
             extra={k: v for k, v in d.items() if k not in known},
         )
 
-    def record_files(self, out_dir: Path) -> None:
-        """Fill size and sha256 of the segment file and of its external-data files."""
+    def record_files(self, out_dir: Path, digests: dict[str, str] | None = None) -> None:
+        """Fill size and sha256 of the segment file and of its external-data files. ``digests`` (file name ->
+        sha256) lets the segments sharing a data file, written together, read it once."""
+        digests = {} if digests is None else digests
         path = out_dir / self.file
         self.size = path.stat().st_size
         self.sha256 = sha256_file(path)
         for ext in self.external_data:
             p = out_dir / ext["file"]
             ext["size"] = p.stat().st_size
-            ext["sha256"] = sha256_file(p)
+            if ext["file"] not in digests:
+                digests[ext["file"]] = sha256_file(p)
+            ext["sha256"] = digests[ext["file"]]
 
 
 @dataclass

@@ -208,13 +208,19 @@ def _previous_entries(out_dir: Path) -> dict[str, SegmentEntry]:
     return {}
 
 
-def _still_valid(entry: SegmentEntry, out_dir: Path, fingerprint: str) -> bool:
+def _still_valid(entry: SegmentEntry, out_dir: Path, fingerprint: str, digests: dict[str, str]) -> bool:
+    """The entry was made from the same inputs and its files are as it recorded them. ``digests`` caches
+    the sha256 of files already read in this check (a data file shared by a unit's segments)."""
     if entry.extra.get("fingerprint") != fingerprint:
         return False
     files = [(entry.file, entry.size, entry.sha256)] + [(e["file"], e.get("size"), e.get("sha256")) for e in entry.external_data]
     for name, size, digest in files:
         path = out_dir / name
-        if not path.is_file() or path.stat().st_size != size or sha256_file(path) != digest:
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+        if name not in digests:
+            digests[name] = sha256_file(path)
+        if digests[name] != digest:
             return False
     return True
 
@@ -273,7 +279,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
             fingerprint = unit_fingerprint(unit.specs, unit.weight_prefixes, unit.data_file, weights, config_json,
                                            manifest.options, manifest.pass_chain, tools)
             kept = [previous.get(spec.name) for spec in unit.specs]
-            if all(e is not None and _still_valid(e, out_dir, fingerprint) for e in kept):
+            seen: dict[str, str] = {}
+            if all(e is not None and _still_valid(e, out_dir, fingerprint, seen) for e in kept):
                 for entry in kept:
                     log.info("%s: unchanged since the last run, kept", entry.name)
                     if progress:
@@ -314,8 +321,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
             except BaseException:
                 writer.discard()
                 raise
+            digests: dict[str, str] = {}  # the unit's shared data file is hashed once
             for entry in entries:
-                entry.record_files(out_dir)
+                entry.record_files(out_dir, digests)
                 manifest.segments.append(entry)
             manifest.write(out_dir, PARTIAL_NAME)
     finally:
