@@ -28,7 +28,12 @@ def _onnx_bytes(out):
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.onnx"))}
 
 
-def test_swapped_layers_equal_layers_exported_one_by_one(model_dir, tmp_path):
+@pytest.mark.parametrize("set_aside", [None, 4096], ids=["weights-inline", "weights-set-aside"])
+def test_swapped_layers_equal_layers_exported_one_by_one(model_dir, tmp_path, monkeypatch, set_aside):
+    if set_aside:  # the big-model path: parameters traced as inputs, transposes folded on the set-aside weights
+        from tpugraph.export import factory
+
+        monkeypatch.setattr(factory, "HIDE_MIN_BYTES", set_aside)
     swapped, single = tmp_path / "swapped", tmp_path / "single"
     m1 = export_and_optimize(str(model_dir), swapped, ExportOptions(seq_length=SEQ))
     m2 = export_and_optimize(str(model_dir), single, ExportOptions(seq_length=SEQ, weight_swap=False))

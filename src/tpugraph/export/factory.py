@@ -9,7 +9,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -51,6 +51,45 @@ def hide_weights(model, min_bytes: int | None = None) -> list:
         graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     stash.reverse()
     return stash
+
+
+def fold_weight_transposes(model, weights: list) -> list:
+    """Transpose nodes that read a set-aside weight -> the transposed weight, set aside under the node's
+    output name (what the exporter's constant folding does when it holds the weights as constants).
+
+    Returns the new list of set-aside weights; a weight nothing reads any more is dropped.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    by_name = {w.name: w for w in weights}
+    foldable = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    out = list(weights)
+    folded = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in by_name or by_name[node.input[0]].data_type not in foldable:
+            continue
+        source = numpy_helper.to_array(by_name[node.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(reversed(range(source.ndim))))
+        out.append(numpy_helper.from_array(np.ascontiguousarray(source.transpose(perm)), node.output[0]))
+        graph.input.append(helper.make_tensor_value_info(node.output[0], by_name[node.input[0]].data_type,
+                                                         [source.shape[p] for p in perm]))
+        folded.append(node)
+        del source
+    if not folded:
+        return out
+    for node in folded:
+        graph.node.remove(node)
+    produced = {node.output[0] for node in folded}
+    infos = [v for v in graph.value_info if v.name not in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unread = {w.name for w in out if w.name not in read}
+    inputs = [v for v in graph.input if v.name not in unread]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return [w for w in out if w.name not in unread]
 
 
 def restore_weights(model, stash: list) -> None:
@@ -108,6 +147,29 @@ def module_signature(module: nn.Module) -> str:
             if b.device.type != "meta" else "meta"
         items.append((name, tuple(b.shape), str(b.dtype), digest))
     return hashlib.sha256(repr(items).encode()).hexdigest()
+
+
+class LayerArrays(Mapping):
+    """Parameter name (inside a layer) -> numpy array in the export dtype, read on access."""
+
+    def __init__(self, parts: ModelParts, prefix: str):
+        self._parts = parts
+        self._prefix = prefix
+        self._names = [k[len(prefix):] for k in parts.weights.keys() if k.startswith(prefix)]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._parts.weights.get(self._prefix + name).to(self._parts.dtype).numpy()
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @dataclass
@@ -204,10 +266,13 @@ class SegmentFactory:
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
         model = None
-        if spec.kind in PARAMS_AS_INPUTS_KINDS:
+        # Parameters traced as graph inputs: the exporter never holds a layer's weights as constants
+        # (its copies were the memory peak of big models). numpy has no bfloat16 to fold transposes in.
+        if spec.kind in PARAMS_AS_INPUTS_KINDS or (spec.kind in LAYER_KINDS and parts.dtype != torch.bfloat16):
             try:
                 model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
                                                 set_aside_bytes=HIDE_MIN_BYTES)
+                weights = fold_weight_transposes(model, weights)
             except ParametersNotNamed as exc:
                 log.info("%s; traced with constant weights", exc)
         if model is None:
@@ -231,11 +296,10 @@ class SegmentFactory:
     def _layer_prefix(self, spec: SegmentSpec) -> str:
         return f"{self.parts.family.layers_path}.{spec.layer}."
 
-    def _layer_arrays(self, parts: ModelParts, spec: SegmentSpec) -> dict[str, np.ndarray]:
-        """The layer's parameters as the graph holds them (export dtype), by name inside the layer."""
-        prefix = self._layer_prefix(spec)
-        return {key[len(prefix):]: parts.weights.get(key).to(parts.dtype).numpy()
-                for key in parts.weights.keys() if key.startswith(prefix)}
+    def _layer_arrays(self, parts: ModelParts, spec: SegmentSpec) -> "LayerArrays":
+        """The layer's parameters as the graph holds them (export dtype), by name inside the layer; each is
+        read from the memory-mapped checkpoint when asked for."""
+        return LayerArrays(parts, self._layer_prefix(spec))
 
     def _layer_key(self, spec: SegmentSpec) -> tuple:
         parts = self.parts
@@ -253,8 +317,9 @@ class SegmentFactory:
                                                    probe_weights)
             template = weight_swap.make_template(probe_model, sources, probe_weights)
             del probe_model, probe_weights
-            swapped, swapped_weights = weight_swap.apply(template, template.fill(self._layer_arrays(self.parts, spec)))
-            if not weight_swap.same_model(swapped, real_model, swapped_weights, real_weights):
+            real_weights = list(real_weights)
+            if not weight_swap.reproduces(template, template.fill(self._layer_arrays(self.parts, spec)),
+                                          real_model, real_weights):
                 raise ValueError("the template filled with this layer's weights differs from its own export")
         except ValueError as exc:
             log.info("%s: weight swapping off for layers like this one (%s); each is exported on its own",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -43,14 +43,33 @@ class WeightTemplate:
     sources: list[InitializerSource]
     weights: list[onnx.TensorProto] = field(default_factory=list)
 
-    def fill(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The initializer arrays of the layer whose parameters are ``params`` (float arrays by param name)."""
-        out = {}
-        for src in self.sources:
-            p = params[src.param]
-            arr = p.T if src.transform == TRANSPOSE else p
-            out[src.initializer] = np.ascontiguousarray(arr).reshape(src.dims)
-        return out
+    def fill(self, params: Mapping[str, np.ndarray]) -> "FilledArrays":
+        """The initializer arrays of the layer whose parameters are ``params`` (float arrays by param name),
+        made one at a time when asked for, so a layer's weights are never all copied at once."""
+        return FilledArrays({s.initializer: s for s in self.sources}, params)
+
+
+class FilledArrays(Mapping):
+    """initializer name -> its array for one layer, computed from that layer's parameters on access."""
+
+    def __init__(self, sources: dict[str, InitializerSource], params: Mapping[str, np.ndarray]):
+        self._sources = sources
+        self._params = params
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        src = self._sources[name]
+        p = self._params[src.param]
+        arr = p.T if src.transform == TRANSPOSE else p
+        return np.ascontiguousarray(arr).reshape(src.dims)
+
+    def __contains__(self, name: object) -> bool:  # without computing the array
+        return name in self._sources
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
 
 
 def _digest(arr: np.ndarray) -> str:
@@ -118,7 +137,7 @@ def _fill(tensor: onnx.TensorProto, arr: np.ndarray) -> None:
     tensor.raw_data = np.ascontiguousarray(arr).tobytes()
 
 
-def apply(template: WeightTemplate, arrays: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+def apply(template: WeightTemplate, arrays: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
     """A copy of the template graph (and set-aside weights) holding ``arrays`` in place of the parameters."""
     m = onnx.ModelProto()
     m.CopyFrom(template.model)
@@ -147,6 +166,30 @@ def _same_tensors(a: Iterable[onnx.TensorProto], b: Iterable[onnx.TensorProto]) 
         if (ta.name, list(ta.dims), ta.data_type) != (tb.name, list(tb.dims), tb.data_type):
             return False
         if _tensor_bytes(ta) != _tensor_bytes(tb):
+            return False
+    return True
+
+
+def reproduces(template: WeightTemplate, arrays: Mapping[str, np.ndarray], model: onnx.ModelProto,
+               weights: Iterable[onnx.TensorProto] = ()) -> bool:
+    """Whether the template filled with ``arrays`` equals ``model`` (+ its set-aside ``weights``) exactly,
+    checked tensor by tensor without building the filled model."""
+    t, m = template.model, model
+    if (list(t.opset_import) != list(m.opset_import) or t.ir_version != m.ir_version
+            or list(t.graph.node) != list(m.graph.node) or list(t.graph.input) != list(m.graph.input)
+            or list(t.graph.output) != list(m.graph.output)):
+        return False
+    pairs = list(zip(t.graph.initializer, m.graph.initializer)) + list(zip(template.weights, weights))
+    if len(t.graph.initializer) != len(m.graph.initializer) or len(template.weights) != len(list(weights)):
+        return False
+    for mine, theirs in pairs:
+        if (mine.name, list(mine.dims), mine.data_type) != (theirs.name, list(theirs.dims), theirs.data_type):
+            return False
+        if mine.name in arrays:
+            arr = arrays[mine.name].astype(onnx.helper.tensor_dtype_to_np_dtype(mine.data_type), copy=False)
+            if np.ascontiguousarray(arr).tobytes() != _tensor_bytes(theirs):
+                return False
+        elif _tensor_bytes(mine) != _tensor_bytes(theirs):
             return False
     return True
 
