@@ -30,7 +30,7 @@ def _onnx_bytes(out):
 
 @pytest.mark.parametrize("set_aside", [None, 4096], ids=["weights-inline", "weights-set-aside"])
 def test_swapped_layers_equal_layers_exported_one_by_one(model_dir, tmp_path, monkeypatch, set_aside):
-    if set_aside:  # the big-model path: parameters traced as inputs, transposes folded on the set-aside weights
+    if set_aside:  # the big-model path: weights set aside from the graph while the chain runs
         from tpugraph.export import factory
 
         monkeypatch.setattr(factory, "HIDE_MIN_BYTES", set_aside)

@@ -53,45 +53,6 @@ def hide_weights(model, min_bytes: int | None = None) -> list:
     return stash
 
 
-def fold_weight_transposes(model, weights: list) -> list:
-    """Transpose nodes that read a set-aside weight -> the transposed weight, set aside under the node's
-    output name (what the exporter's constant folding does when it holds the weights as constants).
-
-    Returns the new list of set-aside weights; a weight nothing reads any more is dropped.
-    """
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    by_name = {w.name: w for w in weights}
-    foldable = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    out = list(weights)
-    folded = []
-    for node in graph.node:
-        if node.op_type != "Transpose" or node.input[0] not in by_name or by_name[node.input[0]].data_type not in foldable:
-            continue
-        source = numpy_helper.to_array(by_name[node.input[0]])
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(reversed(range(source.ndim))))
-        out.append(numpy_helper.from_array(np.ascontiguousarray(source.transpose(perm)), node.output[0]))
-        graph.input.append(helper.make_tensor_value_info(node.output[0], by_name[node.input[0]].data_type,
-                                                         [source.shape[p] for p in perm]))
-        folded.append(node)
-        del source
-    if not folded:
-        return out
-    for node in folded:
-        graph.node.remove(node)
-    produced = {node.output[0] for node in folded}
-    infos = [v for v in graph.value_info if v.name not in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    unread = {w.name for w in out if w.name not in read}
-    inputs = [v for v in graph.input if v.name not in unread]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    return [w for w in out if w.name not in unread]
-
-
 def restore_weights(model, stash: list) -> None:
     """Undo ``hide_weights``: the hidden inputs become initializers again (those a node still reads)."""
     graph = model.graph
@@ -266,13 +227,10 @@ class SegmentFactory:
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
         model = None
-        # Parameters traced as graph inputs: the exporter never holds a layer's weights as constants
-        # (its copies were the memory peak of big models). numpy has no bfloat16 to fold transposes in.
-        if spec.kind in PARAMS_AS_INPUTS_KINDS or (spec.kind in LAYER_KINDS and parts.dtype != torch.bfloat16):
+        if spec.kind in PARAMS_AS_INPUTS_KINDS:
             try:
                 model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
                                                 set_aside_bytes=HIDE_MIN_BYTES)
-                weights = fold_weight_transposes(model, weights)
             except ParametersNotNamed as exc:
                 log.info("%s; traced with constant weights", exc)
         if model is None:
