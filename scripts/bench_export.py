@@ -102,20 +102,17 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tpugraph-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = {}
+    runs = [("tpugraph", CHILD_TPUGRAPH, "tpugraph")]
     if not args.skip_baseline:
-        base_out = work / "baseline"
-        shutil.rmtree(base_out, ignore_errors=True)
-        rows["naive baseline"] = run_child(CHILD_BASELINE, args.model, str(base_out), str(args.seq_length))
-        rows["naive baseline"]["bytes"] = dir_bytes(base_out)
+        runs.insert(0, ("naive baseline", CHILD_BASELINE, "baseline"))
+    rows = {}
+    for name, code, folder in runs:
+        out = work / folder
+        shutil.rmtree(out, ignore_errors=True)
+        rows[name] = run_child(code, args.model, str(out), str(args.seq_length))
+        rows[name]["bytes"] = dir_bytes(out)
         if not args.keep:
-            shutil.rmtree(base_out, ignore_errors=True)
-    tg_out = work / "tpugraph"
-    shutil.rmtree(tg_out, ignore_errors=True)
-    rows["tpugraph"] = run_child(CHILD_TPUGRAPH, args.model, str(tg_out), str(args.seq_length))
-    rows["tpugraph"]["bytes"] = dir_bytes(tg_out)
-    if not args.keep:
-        shutil.rmtree(tg_out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
     print(f"model: {args.model}  SEQ={args.seq_length}  machine: {machine}")
