@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -116,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
     print(f"model: {args.model}  SEQ={args.seq_length}  machine: {machine}")
-    print(f"| run | wall s | peak RSS GB | written GB |")
-    print(f"|---|---:|---:|---:|")
+    print("| run | wall s | peak RSS GB | written GB |")
+    print("|---|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['wall']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['bytes'] / 1e9:.2f} |")
     if "naive baseline" in rows:

@@ -263,7 +263,3 @@ class WeightStore:
             raise ModelError(f"weight '{key}' is missing from the model's safetensors")
         view = self._open(self._file_of[key]).get_slice(key)
         return tuple(int(d) for d in view.get_shape()), str(view.get_dtype())
-
-    def state_dict(self, prefix: str) -> dict[str, Any]:
-        """All tensors under ``prefix`` (a module path followed by '.'), with the prefix stripped."""
-        return {k[len(prefix):]: self.get(k) for k in self._file_of if k.startswith(prefix)}

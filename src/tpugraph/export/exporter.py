@@ -324,7 +324,6 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     for segments that use their weights as they are stored (no transpose for the tracer to fold).
     """
     import onnx
-    from onnx import numpy_helper
 
     inputs = _example_inputs(spec, seq)
     weights: list = []

@@ -11,15 +11,11 @@ import os
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper
+
+from ..passes._graph import tensor_bytes
 
 ALIGN = 64  # byte alignment of each tensor in the file
 
-
-def _raw_bytes(t: onnx.TensorProto) -> bytes:
-    if t.HasField("raw_data"):
-        return t.raw_data
-    return numpy_helper.to_array(t).tobytes()
 
 
 class WeightsFile:
@@ -31,13 +27,10 @@ class WeightsFile:
         self.min_bytes = min_bytes
         self._fh = open(self.path, "wb")
         self._offsets: dict[str, tuple[int, int]] = {}
-        self.tensors_written = 0
-        self.tensors_shared = 0
 
     def _store(self, data: bytes, data_type: int) -> tuple[int, int]:
         key = hashlib.sha256(data).hexdigest() + str(data_type)
         if key in self._offsets:
-            self.tensors_shared += 1
             return self._offsets[key]
         pos = self._fh.tell()
         pad = (-pos) % ALIGN
@@ -45,7 +38,6 @@ class WeightsFile:
             self._fh.write(b"\0" * pad)
         self._fh.write(data)
         self._offsets[key] = (pos + pad, len(data))
-        self.tensors_written += 1
         return self._offsets[key]
 
     @staticmethod
@@ -64,7 +56,7 @@ class WeightsFile:
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 continue
-            data = _raw_bytes(t)
+            data = tensor_bytes(t)
             if len(data) < self.min_bytes:
                 continue
             self._point(t, self.name, *self._store(data, t.data_type))
@@ -78,15 +70,11 @@ class WeightsFile:
         for w in set_aside:
             if w.name not in read:
                 continue
-            offset, length = self._store(_raw_bytes(w), w.data_type)
+            offset, length = self._store(tensor_bytes(w), w.data_type)
             stub = model.graph.initializer.add()
             stub.name, stub.data_type = w.name, w.data_type
             stub.dims.extend(w.dims)
             self._point(stub, self.name, offset, length)
-
-    @property
-    def empty(self) -> bool:
-        return not self._offsets
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -153,7 +153,6 @@ class _Template:
     template: weight_swap.WeightTemplate | None
     results: list[Any]
     source_segment: str
-    why_not: str = ""
 
 
 class SegmentFactory:
@@ -282,6 +281,6 @@ class SegmentFactory:
         except ValueError as exc:
             log.info("%s: weight swapping off for layers like this one (%s); each is exported on its own",
                      spec.name, exc)
-            return _Template(None, real_results, spec.name, str(exc))
+            return _Template(None, real_results, spec.name)
         log.info("%s: optimised graph reused for the other layers of this structure", spec.name)
         return _Template(template, real_results, spec.name)

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..passes._graph import tensor_bytes
+
 log = logging.getLogger(__name__)
 
 IDENTITY = "identity"  # same bytes (possibly another shape)
@@ -154,52 +156,27 @@ def apply(template: WeightTemplate, arrays: Mapping[str, np.ndarray]) -> tuple[o
     return m, weights
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> bytes:
-    return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-
-
-def _same_tensors(a: Iterable[onnx.TensorProto], b: Iterable[onnx.TensorProto]) -> bool:
-    a, b = list(a), list(b)
-    if len(a) != len(b):
-        return False
-    for ta, tb in zip(a, b):
-        if (ta.name, list(ta.dims), ta.data_type) != (tb.name, list(tb.dims), tb.data_type):
-            return False
-        if _tensor_bytes(ta) != _tensor_bytes(tb):
-            return False
-    return True
-
-
 def reproduces(template: WeightTemplate, arrays: Mapping[str, np.ndarray], model: onnx.ModelProto,
                weights: Iterable[onnx.TensorProto] = ()) -> bool:
     """Whether the template filled with ``arrays`` equals ``model`` (+ its set-aside ``weights``) exactly,
     checked tensor by tensor without building the filled model."""
+    weights = list(weights)
     t, m = template.model, model
     if (list(t.opset_import) != list(m.opset_import) or t.ir_version != m.ir_version
             or list(t.graph.node) != list(m.graph.node) or list(t.graph.input) != list(m.graph.input)
             or list(t.graph.output) != list(m.graph.output)):
         return False
     pairs = list(zip(t.graph.initializer, m.graph.initializer)) + list(zip(template.weights, weights))
-    if len(t.graph.initializer) != len(m.graph.initializer) or len(template.weights) != len(list(weights)):
+    if len(t.graph.initializer) != len(m.graph.initializer) or len(template.weights) != len(weights):
         return False
     for mine, theirs in pairs:
         if (mine.name, list(mine.dims), mine.data_type) != (theirs.name, list(theirs.dims), theirs.data_type):
             return False
         if mine.name in arrays:
             arr = arrays[mine.name].astype(onnx.helper.tensor_dtype_to_np_dtype(mine.data_type), copy=False)
-            if np.ascontiguousarray(arr).tobytes() != _tensor_bytes(theirs):
+            if np.ascontiguousarray(arr).tobytes() != tensor_bytes(theirs):
                 return False
-        elif _tensor_bytes(mine) != _tensor_bytes(theirs):
+        elif tensor_bytes(mine) != tensor_bytes(theirs):
             return False
     return True
 
-
-def same_model(a: onnx.ModelProto, b: onnx.ModelProto, weights_a: Iterable[onnx.TensorProto] = (),
-               weights_b: Iterable[onnx.TensorProto] = ()) -> bool:
-    """Equal graphs, I/O, opsets and tensor bytes, compared piece by piece (no whole-model copies)."""
-    ga, gb = a.graph, b.graph
-    if (list(a.opset_import) != list(b.opset_import) or a.ir_version != b.ir_version
-            or list(ga.node) != list(gb.node) or list(ga.input) != list(gb.input)
-            or list(ga.output) != list(gb.output)):
-        return False
-    return _same_tensors(ga.initializer, gb.initializer) and _same_tensors(weights_a, weights_b)

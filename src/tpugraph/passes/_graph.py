@@ -124,14 +124,6 @@ def node_reads(node: onnx.NodeProto) -> set[str]:
     return reads
 
 
-def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node_reads(node):
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: node for node in graph.node for o in node.output if o}
 
