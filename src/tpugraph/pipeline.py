@@ -172,6 +172,12 @@ class UnitWriter:
         self.files.append(spec.filename)
         return external
 
+    def digests(self) -> dict[str, str]:
+        """sha256 of the files already hashed while they were written (the unit's data file)."""
+        if self.weights_file is None:
+            return {}
+        return {self.unit.data_file: self.weights_file.sha256}
+
     def commit(self) -> None:
         try:
             if self.weights_file is not None:
@@ -321,7 +327,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
             except BaseException:
                 writer.discard()
                 raise
-            digests: dict[str, str] = {}  # the unit's shared data file is hashed once
+            digests = writer.digests()  # the unit's shared data file was hashed as it was written
             for entry in entries:
                 entry.record_files(out_dir, digests)
                 manifest.segments.append(entry)

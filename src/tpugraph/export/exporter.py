@@ -294,34 +294,62 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
 
 
-def _tensor_proto(name: str, t: torch.Tensor):
-    """A TensorProto of a torch tensor, bfloat16 included (numpy has no bfloat16: its bits go as raw data)."""
-    import onnx
-    from onnx import numpy_helper
+def _lazy_weight(name: str, t: torch.Tensor):
+    """A set-aside weight whose bytes are those of ``t`` (bfloat16 included: its bits, as numpy has no
+    bfloat16), without a copy."""
+    from onnx import helper
+
+    from .external_data import LazyWeight
 
     t = t.contiguous()
-    if t.dtype != torch.bfloat16:
-        return numpy_helper.from_array(t.numpy(), name)
-    proto = onnx.TensorProto()
-    proto.name, proto.data_type = name, onnx.TensorProto.BFLOAT16
-    proto.dims.extend(t.shape)
-    proto.raw_data = t.view(torch.int16).numpy().tobytes()
-    return proto
+    if t.dtype == torch.bfloat16:
+        elem, make = helper.TensorProto.BFLOAT16, (lambda: t.view(torch.int16).numpy())
+    else:
+        elem, make = helper.np_dtype_to_tensor_dtype(t.numpy().dtype), t.numpy
+    return LazyWeight(name, elem, list(t.shape), make)
 
 
-class ParametersNotNamed(Exception):
-    """Tracing with parameters as inputs lost the parameter names; trace with them as constants instead."""
+class _ParamsAsInputs(nn.Module):
+    """Runs ``inner`` with the given parameters replaced by extra forward arguments.
+
+    The tracer then sees each parameter as a graph input of its own name. (``export_params=False`` would
+    keep them out of the file too, but the exporter still hands them to its ONNX shape inference, which
+    serialises a 150k-vocabulary matrix and takes seconds.) ``inner`` is held outside the module tree so
+    its parameters are not traced as the wrapper's own.
+    """
+
+    def __init__(self, inner: nn.Module, names: list[str], n_inputs: int):
+        super().__init__()
+        self._inner = [inner]
+        self.names = names
+        self.n_inputs = n_inputs
+
+    def forward(self, *args):
+        inner = self._inner[0]
+        inputs, params = args[: self.n_inputs], args[self.n_inputs:]
+        saved = []
+        for name, value in zip(self.names, params):
+            owner, _, leaf = name.rpartition(".")
+            sub = inner.get_submodule(owner) if owner else inner
+            saved.append((sub, leaf, sub._parameters[leaf]))
+            sub._parameters[leaf] = value
+        try:
+            return inner(*inputs)
+        finally:
+            for sub, leaf, old in saved:
+                sub._parameters[leaf] = old
 
 
 def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str,
                    work_dir: Path | None = None, opset: int = DEFAULT_OPSET, set_aside_bytes: int | None = None):
     """Trace one segment with the TorchScript ONNX exporter (static shapes, opset <= 17) -> ModelProto.
 
-    With ``set_aside_bytes`` the parameters are traced as graph inputs (the tracer never holds them as
-    constants, which is what makes a 150k-vocabulary embedding slow to export) and the result is
-    ``(model, weights)``: parameters smaller than ``set_aside_bytes`` become initializers again, the bigger
-    ones stay graph inputs and are returned as tensors, the form ``factory.hide_weights`` produces. Only
-    for segments that use their weights as they are stored (no transpose for the tracer to fold).
+    With ``set_aside_bytes`` the parameters are traced as graph inputs named after them (the tracer never
+    holds them as constants, which is what makes a 150k-vocabulary embedding slow to export) and the
+    result is ``(model, weights)``: parameters smaller than ``set_aside_bytes`` become initializers again,
+    the bigger ones stay graph inputs and are returned as tensors, the form ``factory.hide_weights``
+    produces. Only for segments that use their weights as they are stored (no transpose for the tracer
+    to fold).
     """
     import onnx
 
@@ -331,39 +359,38 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         dir=work_dir, prefix=f"{spec.name}-"
     ) as tmp:
         path = Path(tmp) / f"{spec.name}.onnx"
+        input_names = [t.name for t in spec.inputs]
+        params = dict(module.named_parameters()) if set_aside_bytes is not None else {}
+        traced, args = module, inputs
+        if params:
+            traced = _ParamsAsInputs(module, list(params), len(inputs))
+            args = inputs + tuple(p.detach() for p in params.values())
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module,
-                inputs,
+                traced,
+                args,
                 str(path),
-                input_names=[t.name for t in spec.inputs],
+                input_names=input_names + list(params),
                 output_names=[t.name for t in spec.outputs],
                 opset_version=opset,
                 do_constant_folding=True,
-                export_params=set_aside_bytes is None,
                 dynamo=False,
             )
         model = onnx.load(str(path), load_external_data=True)
-        if set_aside_bytes is not None:
-            params = dict(module.named_parameters())
-            contract = {t.name for t in spec.inputs}
-            strays = [v.name for v in model.graph.input if v.name not in contract and v.name not in params]
-            if strays:
-                # The tracer named a parameter input after an op (e.g. 'onnx::Mul_21'): no safe mapping.
-                raise ParametersNotNamed(f"{spec.name}: parameter inputs {', '.join(strays)} carry no parameter name")
+        if params:
             keep = []
             for v in model.graph.input:
                 p = params.get(v.name)
                 if p is None:
                     keep.append(v)
                     continue
-                tensor = _tensor_proto(v.name, p.detach())
+                weight = _lazy_weight(v.name, p.detach())
                 if p.numel() * p.element_size() >= set_aside_bytes:
-                    weights.append(tensor)
+                    weights.append(weight)
                     keep.append(v)
                 else:
-                    model.graph.initializer.append(tensor)
+                    model.graph.initializer.append(weight.to_proto())
             del model.graph.input[:]
             model.graph.input.extend(keep)
     restored = _restore_unused_inputs(model, spec)

@@ -8,37 +8,122 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import onnx
 
 from ..passes._graph import tensor_bytes
 
 ALIGN = 64  # byte alignment of each tensor in the file
+SAMPLE = 1 << 16  # bytes at each end of a tensor that key the duplicate lookup
+COMPARE_CHUNK = 1 << 22
+
+
+class LazyWeight:
+    """A weight set aside from a graph (see ``factory.hide_weights``) whose bytes are an array made only
+    when the weight is written: no TensorProto copy of a big tensor is ever built on the way to disk.
+
+    Has the ``name``, ``data_type`` and ``dims`` of a TensorProto, which is what the passes look at.
+    """
+
+    def __init__(self, name: str, data_type: int, dims, make: Callable[[], np.ndarray], source: tuple | None = None):
+        self.name = name
+        self.data_type = data_type
+        self.dims = list(dims)
+        self._make = make
+        # What the bytes are made from (checkpoint tensor, transform, dims, type), when known: two weights
+        # with the same source hold the same bytes, so a file stores the second without making it.
+        self.source = source
+
+    def array(self) -> np.ndarray:
+        arr = np.ascontiguousarray(self._make())
+        if arr.nbytes != int(np.prod(self.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(
+                self.data_type).itemsize:
+            raise ValueError(f"weight {self.name}: {arr.nbytes} bytes for dims {self.dims}")
+        return arr
+
+    def to_proto(self) -> onnx.TensorProto:
+        t = onnx.TensorProto()
+        t.name, t.data_type = self.name, self.data_type
+        t.dims.extend(self.dims)
+        t.raw_data = self.array().tobytes()
+        return t
+
+
+def weight_data(w) -> memoryview:
+    """The payload bytes of a TensorProto or LazyWeight, without a copy where it can be avoided."""
+    if isinstance(w, LazyWeight):
+        return memoryview(w.array()).cast("B")
+    return memoryview(tensor_bytes(w))
 
 
 
 class WeightsFile:
-    """Appends tensors to ``stage_dir/name`` (renamed into OUT by the caller) and points initializers at it."""
+    """Appends tensors to ``stage_dir/name`` (renamed into OUT by the caller) and points initializers at it.
+
+    The bytes are written and hashed by a writer thread (file writes and sha256 release the GIL), one
+    tensor behind the caller, which meanwhile makes the next tensor's bytes. An error of the writer is
+    raised by the next call.
+    """
 
     def __init__(self, stage_dir: Path, name: str, min_bytes: int = 1024):
         self.name = name
         self.path = Path(stage_dir) / name
         self.min_bytes = min_bytes
-        self._fh = open(self.path, "wb")
-        self._offsets: dict[str, tuple[int, int]] = {}
+        self._fh = open(self.path, "w+b")
+        self._stored: dict[tuple, list[tuple[int, int]]] = {}  # sample key -> (offset, length) stored under it
+        self._by_source: dict[tuple, tuple[int, int]] = {}  # LazyWeight.source -> (offset, length)
+        self._sha = hashlib.sha256()  # of the whole file, as written
+        self._end = 0  # the file's length once the pending write is done
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"write-{name}")
+        self._pending: Future | None = None
 
-    def _store(self, data: bytes, data_type: int) -> tuple[int, int]:
-        key = hashlib.sha256(data).hexdigest() + str(data_type)
-        if key in self._offsets:
-            return self._offsets[key]
-        pos = self._fh.tell()
-        pad = (-pos) % ALIGN
-        if pad:
-            self._fh.write(b"\0" * pad)
-        self._fh.write(data)
-        self._offsets[key] = (pos + pad, len(data))
-        return self._offsets[key]
+    @property
+    def sha256(self) -> str:
+        """The file's sha256, computed while writing."""
+        self._wait()
+        return self._sha.hexdigest()
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _append(self, pad: bytes, data: memoryview) -> None:
+        for block in (pad, data):
+            if len(block):
+                self._fh.write(block)
+                self._sha.update(block)
+
+    def _same_as_stored(self, data: memoryview, offset: int) -> bool:
+        self._wait()
+        self._fh.flush()
+        fd = self._fh.fileno()
+        for start in range(0, len(data), COMPARE_CHUNK):
+            part = data[start:start + COMPARE_CHUNK]
+            if os.pread(fd, len(part), offset + start) != part.tobytes():
+                return False
+        return True
+
+    def _store(self, data: memoryview, data_type: int) -> tuple[int, int]:
+        """Append ``data`` unless the same bytes (and type) are already in the file; returns where they are.
+
+        Duplicates are found by type, length and the bytes at both ends, then confirmed byte for byte
+        against the file: no digest of the whole tensor is needed."""
+        key = (data_type, len(data), bytes(data[:SAMPLE]), bytes(data[-SAMPLE:]))
+        for offset, length in self._stored.get(key, []):
+            if self._same_as_stored(data, offset):
+                return offset, length
+        pad = (-self._end) % ALIGN
+        offset = self._end + pad
+        self._wait()
+        self._pending = self._writer.submit(self._append, b"\0" * pad, data)
+        self._end = offset + len(data)
+        self._stored.setdefault(key, []).append((offset, len(data)))
+        return offset, len(data)
 
     @staticmethod
     def _point(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -50,13 +135,14 @@ class WeightsFile:
             entry = t.external_data.add()
             entry.key, entry.value = k, v
 
-    def externalize(self, model: onnx.ModelProto, set_aside: list[onnx.TensorProto] = ()) -> None:
+    def externalize(self, model: onnx.ModelProto, set_aside: list = ()) -> None:
         """Move the model's initializers (of at least ``min_bytes``) into the file, and attach the weights
-        ``set_aside`` from the graph (declared as graph inputs) as external initializers again."""
+        ``set_aside`` from the graph (declared as graph inputs; TensorProto or LazyWeight) as external
+        initializers again."""
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 continue
-            data = tensor_bytes(t)
+            data = memoryview(tensor_bytes(t))
             if len(data) < self.min_bytes:
                 continue
             self._point(t, self.name, *self._store(data, t.data_type))
@@ -70,14 +156,26 @@ class WeightsFile:
         for w in set_aside:
             if w.name not in read:
                 continue
-            offset, length = self._store(tensor_bytes(w), w.data_type)
+            source = getattr(w, "source", None)
+            if source is not None and source in self._by_source:
+                offset, length = self._by_source[source]
+            else:
+                offset, length = self._store(weight_data(w), w.data_type)
+                if source is not None:
+                    self._by_source[source] = (offset, length)
             stub = model.graph.initializer.add()
             stub.name, stub.data_type = w.name, w.data_type
             stub.dims.extend(w.dims)
             self._point(stub, self.name, offset, length)
 
     def close(self) -> None:
-        if not self._fh.closed:
+        """Finish the writes and make the file durable (raises the writer's error, if any)."""
+        if self._fh.closed:
+            return
+        try:
+            self._wait()
             self._fh.flush()
             os.fsync(self._fh.fileno())
+        finally:
+            self._writer.shutdown(wait=True)
             self._fh.close()

@@ -19,7 +19,8 @@ from torch import nn
 from ..contract import SegmentKind, SegmentSpec
 from ..model_source import WeightStore
 from . import weight_swap
-from .exporter import ModelParts, ParametersNotNamed, export_segment
+from .exporter import ModelParts, export_segment
+from .external_data import LazyWeight
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def restore_weights(model, stash: list) -> None:
     read = {name for node in graph.node for name in node.input}
     for tensor in stash:
         if tensor.name in read:
-            graph.initializer.append(tensor)
+            graph.initializer.append(tensor.to_proto() if isinstance(tensor, LazyWeight) else tensor)
 
 
 class ProbeWeights:
@@ -119,9 +120,17 @@ class LayerArrays(Mapping):
         self._names = [k[len(prefix):] for k in parts.weights.keys() if k.startswith(prefix)]
 
     def __getitem__(self, name: str) -> np.ndarray:
+        return self.source(name).to(self._parts.dtype).numpy()
+
+    def source_key(self, name: str) -> str:
+        """The checkpoint key of a parameter of the layer."""
+        return self._prefix + name
+
+    def source(self, name: str) -> torch.Tensor:
+        """The parameter as the checkpoint stores it (any float dtype), for a cast fused with a transpose."""
         if name not in self._names:
             raise KeyError(name)
-        return self._parts.weights.get(self._prefix + name).to(self._parts.dtype).numpy()
+        return self._parts.weights.get(self._prefix + name)
 
     def __contains__(self, name: object) -> bool:  # without reading the tensor
         return name in self._names
@@ -225,14 +234,10 @@ class SegmentFactory:
         return model, weights, results
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
-        model = None
         if spec.kind in PARAMS_AS_INPUTS_KINDS:
-            try:
-                model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
-                                                set_aside_bytes=HIDE_MIN_BYTES)
-            except ParametersNotNamed as exc:
-                log.info("%s; traced with constant weights", exc)
-        if model is None:
+            model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
+                                            set_aside_bytes=HIDE_MIN_BYTES)
+        else:
             model = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir)
             weights = hide_weights(model)
         self.traced += 1

@@ -15,9 +15,11 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
 from ..passes._graph import tensor_bytes
+from .external_data import LazyWeight
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class InitializerSource:
     param: str
     transform: str
     dims: tuple[int, ...]
+    data_type: int = onnx.TensorProto.FLOAT
 
 
 @dataclass
@@ -47,8 +50,14 @@ class WeightTemplate:
 
     def fill(self, params: Mapping[str, np.ndarray]) -> "FilledArrays":
         """The initializer arrays of the layer whose parameters are ``params`` (float arrays by param name),
-        made one at a time when asked for, so a layer's weights are never all copied at once."""
+        made one at a time when asked for, so a layer's weights are never all copied at once. If
+        ``params`` has a ``source(name)`` method (a torch tensor in the checkpoint's dtype), each array is
+        made from that in one copy: cast and transpose together."""
         return FilledArrays({s.initializer: s for s in self.sources}, params)
+
+
+TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
+                onnx.TensorProto.DOUBLE: torch.float64}
 
 
 class FilledArrays(Mapping):
@@ -60,9 +69,25 @@ class FilledArrays(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         src = self._sources[name]
-        p = self._params[src.param]
-        arr = p.T if src.transform == TRANSPOSE else p
-        return np.ascontiguousarray(arr).reshape(src.dims)
+        source = getattr(self._params, "source", None)
+        if source is None or src.data_type not in TORCH_DTYPES:
+            p = self._params[src.param]
+            arr = p.T if src.transform == TRANSPOSE else p
+            return np.ascontiguousarray(arr).reshape(src.dims)
+        p = source(src.param)
+        if src.transform == TRANSPOSE:
+            p = p.t()
+        out = torch.empty(p.shape, dtype=TORCH_DTYPES[src.data_type])
+        out.copy_(p)  # a strided copy in torch is several times faster than numpy's for a transpose
+        return out.numpy().reshape(src.dims)
+
+    def source(self, name: str) -> tuple | None:
+        """What the array of ``name`` is made from, if ``params`` names its tensors (``source_key``)."""
+        source_key = getattr(self._params, "source_key", None)
+        if source_key is None:
+            return None
+        src = self._sources[name]
+        return (source_key(src.param), src.transform, src.dims, src.data_type)
 
     def __contains__(self, name: object) -> bool:  # without computing the array
         return name in self._sources
@@ -100,7 +125,7 @@ def discover_sources(model: onnx.ModelProto, probe: dict[str, np.ndarray],
             continue
         hit = index.get(_digest(numpy_helper.to_array(init)))
         if hit:
-            sources.append(InitializerSource(init.name, hit[0], hit[1], tuple(init.dims)))
+            sources.append(InitializerSource(init.name, hit[0], hit[1], tuple(init.dims), init.data_type))
             used.add(hit[0])
     missing = sorted(set(probe) - used)
     if missing:
@@ -140,7 +165,8 @@ def _fill(tensor: onnx.TensorProto, arr: np.ndarray) -> None:
 
 
 def apply(template: WeightTemplate, arrays: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
-    """A copy of the template graph (and set-aside weights) holding ``arrays`` in place of the parameters."""
+    """A copy of the template graph holding ``arrays`` in place of the parameters, and its set-aside weights
+    (parameters among them as LazyWeight: their bytes are made when written)."""
     m = onnx.ModelProto()
     m.CopyFrom(template.model)
     for init in m.graph.initializer:
@@ -148,10 +174,13 @@ def apply(template: WeightTemplate, arrays: Mapping[str, np.ndarray]) -> tuple[o
             _fill(init, arrays[init.name])
     weights = []
     for stub in template.weights:
+        if stub.name in arrays:  # bytes made when the weight is written
+            source = arrays.source(stub.name) if isinstance(arrays, FilledArrays) else None
+            weights.append(LazyWeight(stub.name, stub.data_type, stub.dims,
+                                      lambda name=stub.name: arrays[name], source))
+            continue
         w = onnx.TensorProto()
         w.CopyFrom(stub)
-        if w.name in arrays:
-            _fill(w, arrays[w.name])
         weights.append(w)
     return m, weights
 
