@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -199,6 +200,45 @@ class UnitWriter:
         shutil.rmtree(self.stage, ignore_errors=True)
 
 
+class Finisher:
+    """Commits finished units in a background thread (fsync, renames, file sizes and hashes, the partial
+    manifest) while the next unit is built. At most one unit is in flight; ``wait`` raises its error."""
+
+    def __init__(self, out_dir: Path, manifest: Manifest):
+        self.out_dir = out_dir
+        self.manifest = manifest
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self._in_flight: Future | None = None
+
+    def _finish(self, writer: UnitWriter, entries: list[SegmentEntry]) -> None:
+        writer.commit()
+        digests = writer.digests()  # the unit's shared data file was hashed as it was written
+        for entry in entries:
+            entry.record_files(self.out_dir, digests)
+            self.manifest.segments.append(entry)
+        self.manifest.write(self.out_dir, PARTIAL_NAME)
+
+    def submit(self, writer: UnitWriter, entries: list[SegmentEntry]) -> None:
+        self.wait()
+        self._in_flight = self._pool.submit(self._finish, writer, entries)
+
+    def wait(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def close(self, failing: bool) -> None:
+        """Let the unit in flight finish; when the run is already failing, its own error is only logged."""
+        try:
+            self.wait()
+        except Exception as exc:
+            if not failing:
+                raise
+            log.info("while stopping: %s", exc)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 ProgressFn = Callable[[str, int, int], None]  # (segment, index, total)
 
 
@@ -279,14 +319,20 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     config_json = config.to_dict()
     factory: SegmentFactory | None = None
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
+    finisher = Finisher(out_dir, manifest)
     done = 0
+    failing = True
+    # The units' fingerprints (hashes of their weights) are computed ahead, in a thread of their own.
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+    fingerprints = [hasher.submit(unit_fingerprint, unit.specs, unit.weight_prefixes, unit.data_file, weights,
+                                  config_json, manifest.options, manifest.pass_chain, tools) for unit in units]
     try:
-        for unit in units:
-            fingerprint = unit_fingerprint(unit.specs, unit.weight_prefixes, unit.data_file, weights, config_json,
-                                           manifest.options, manifest.pass_chain, tools)
+        for unit, pending_fingerprint in zip(units, fingerprints):
+            fingerprint = pending_fingerprint.result()
             kept = [previous.get(spec.name) for spec in unit.specs]
             seen: dict[str, str] = {}
             if all(e is not None and _still_valid(e, out_dir, fingerprint, seen) for e in kept):
+                finisher.wait()
                 for entry in kept:
                     log.info("%s: unchanged since the last run, kept", entry.name)
                     if progress:
@@ -323,16 +369,14 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                     log.info("%s done (%.2fs%s)", spec.name, time.perf_counter() - t0,
                              f", weights swapped into the graph of {swapped_from}" if swapped_from else "")
                     entries.append(entry)
-                writer.commit()
             except BaseException:
                 writer.discard()
                 raise
-            digests = writer.digests()  # the unit's shared data file was hashed as it was written
-            for entry in entries:
-                entry.record_files(out_dir, digests)
-                manifest.segments.append(entry)
-            manifest.write(out_dir, PARTIAL_NAME)
+            finisher.submit(writer, entries)
+        failing = False
     finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+        finisher.close(failing)
         shutil.rmtree(work, ignore_errors=True)
     if factory is not None:
         manifest.stats = {"segments_traced": factory.traced, "segments_weight_swapped": factory.swapped}

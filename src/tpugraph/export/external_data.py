@@ -64,9 +64,9 @@ def weight_data(w) -> memoryview:
 class WeightsFile:
     """Appends tensors to ``stage_dir/name`` (renamed into OUT by the caller) and points initializers at it.
 
-    The bytes are written and hashed by a writer thread (file writes and sha256 release the GIL), one
-    tensor behind the caller, which meanwhile makes the next tensor's bytes. An error of the writer is
-    raised by the next call.
+    The bytes are written by one thread and hashed by another (file writes and sha256 release the GIL),
+    one tensor behind the caller, which meanwhile makes the next tensor's bytes. An error of the writer
+    is raised by the next call.
     """
 
     def __init__(self, stage_dir: Path, name: str, min_bytes: int = 1024):
@@ -79,7 +79,8 @@ class WeightsFile:
         self._sha = hashlib.sha256()  # of the whole file, as written
         self._end = 0  # the file's length once the pending write is done
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"write-{name}")
-        self._pending: Future | None = None
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix=f"hash-{name}")
+        self._pending: list[Future] = []
 
     @property
     def sha256(self) -> str:
@@ -88,15 +89,17 @@ class WeightsFile:
         return self._sha.hexdigest()
 
     def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
-    def _append(self, pad: bytes, data: memoryview) -> None:
-        for block in (pad, data):
-            if len(block):
-                self._fh.write(block)
-                self._sha.update(block)
+    def _write(self, pad: bytes, data: memoryview) -> None:
+        self._fh.write(pad)
+        self._fh.write(data)
+
+    def _hash(self, pad: bytes, data: memoryview) -> None:
+        self._sha.update(pad)
+        self._sha.update(data)
 
     def _same_as_stored(self, data: memoryview, offset: int) -> bool:
         self._wait()
@@ -120,7 +123,8 @@ class WeightsFile:
         pad = (-self._end) % ALIGN
         offset = self._end + pad
         self._wait()
-        self._pending = self._writer.submit(self._append, b"\0" * pad, data)
+        self._pending = [self._writer.submit(self._write, b"\0" * pad, data),
+                         self._hasher.submit(self._hash, b"\0" * pad, data)]
         self._end = offset + len(data)
         self._stored.setdefault(key, []).append((offset, len(data)))
         return offset, len(data)
@@ -178,4 +182,5 @@ class WeightsFile:
             os.fsync(self._fh.fileno())
         finally:
             self._writer.shutdown(wait=True)
+            self._hasher.shutdown(wait=True)
             self._fh.close()
