@@ -294,19 +294,66 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
 
 
-def _lazy_weight(name: str, t: torch.Tensor):
-    """A set-aside weight whose bytes are those of ``t`` (bfloat16 included: its bits, as numpy has no
-    bfloat16), without a copy."""
+def _tensor_array(t: torch.Tensor) -> np.ndarray:
+    """The bytes of ``t`` as a numpy array (bfloat16 as its int16 bits: numpy has no bfloat16)."""
+    t = t.contiguous()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _elem_type(t: torch.Tensor) -> int:
     from onnx import helper
 
+    if t.dtype == torch.bfloat16:
+        return helper.TensorProto.BFLOAT16
+    return helper.np_dtype_to_tensor_dtype(np.dtype(str(t.dtype).removeprefix("torch.")))
+
+
+def _lazy_weight(name: str, t: torch.Tensor, transposed: bool = False):
+    """A set-aside weight whose bytes are those of ``t`` (or of its transpose, made when written)."""
     from .external_data import LazyWeight
 
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        elem, make = helper.TensorProto.BFLOAT16, (lambda: t.view(torch.int16).numpy())
-    else:
-        elem, make = helper.np_dtype_to_tensor_dtype(t.numpy().dtype), t.numpy
-    return LazyWeight(name, elem, list(t.shape), make)
+    if transposed:
+        return LazyWeight(name, _elem_type(t), list(t.shape[::-1]), lambda: _tensor_array(t.t()))
+    return LazyWeight(name, _elem_type(t), list(t.shape), lambda: _tensor_array(t))
+
+
+def _params_to_weights(model, params: dict[str, torch.Tensor], set_aside_bytes: int) -> list:
+    """Graph inputs that are parameters -> initializers (the small ones) or set-aside weights (the rest).
+
+    A Linear traced with its weight as an input reads ``Transpose(W)``: for a set-aside W that transpose
+    is folded here (the weight is set aside transposed, as constant folding would have stored it)."""
+    from onnx import helper
+
+    graph = model.graph
+    big = {name: t for name, t in params.items() if t.numel() * t.element_size() >= set_aside_bytes}
+    folded: dict[str, tuple[str, torch.Tensor]] = {}  # transpose output -> (parameter, tensor)
+    kept_nodes = []
+    for node in graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if node.op_type == "Transpose" and node.input[0] in big and big[node.input[0]].dim() == 2 and perm == [1, 0]:
+            folded[node.output[0]] = (node.input[0], big[node.input[0]])
+            continue
+        kept_nodes.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept_nodes)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    weights, inputs = [], []
+    for v in graph.input:
+        t = params.get(v.name)
+        if t is None:
+            inputs.append(v)
+        elif v.name not in big:
+            graph.initializer.append(_lazy_weight(v.name, t).to_proto())
+        elif v.name in read:
+            weights.append(_lazy_weight(v.name, t))
+            inputs.append(v)
+    for name, (_, t) in folded.items():
+        weights.append(_lazy_weight(name, t, transposed=True))
+        inputs.append(helper.make_tensor_value_info(name, _elem_type(t), list(t.shape[::-1])))
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return weights
 
 
 class _ParamsAsInputs(nn.Module):
@@ -347,9 +394,8 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     With ``set_aside_bytes`` the parameters are traced as graph inputs named after them (the tracer never
     holds them as constants, which is what makes a 150k-vocabulary embedding slow to export) and the
     result is ``(model, weights)``: parameters smaller than ``set_aside_bytes`` become initializers again,
-    the bigger ones stay graph inputs and are returned as tensors, the form ``factory.hide_weights``
-    produces. Only for segments that use their weights as they are stored (no transpose for the tracer
-    to fold).
+    the bigger ones stay graph inputs and are returned as LazyWeights, the form ``factory.hide_weights``
+    produces (see ``_params_to_weights``).
     """
     import onnx
 
@@ -379,20 +425,7 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
             )
         model = onnx.load(str(path), load_external_data=True)
         if params:
-            keep = []
-            for v in model.graph.input:
-                p = params.get(v.name)
-                if p is None:
-                    keep.append(v)
-                    continue
-                weight = _lazy_weight(v.name, p.detach())
-                if p.numel() * p.element_size() >= set_aside_bytes:
-                    weights.append(weight)
-                    keep.append(v)
-                else:
-                    model.graph.initializer.append(weight.to_proto())
-            del model.graph.input[:]
-            model.graph.input.extend(keep)
+            weights = _params_to_weights(model, {k: p.detach() for k, p in params.items()}, set_aside_bytes)
     restored = _restore_unused_inputs(model, spec)
     if restored and parts is not None:
         parts.unused_inputs[spec.name] = restored

@@ -25,9 +25,6 @@ from .external_data import LazyWeight
 log = logging.getLogger(__name__)
 
 LAYER_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE)
-# Segments whose weights are used as stored (a Gather, a Gemm with transB): traced with their parameters
-# as graph inputs, so the exporter never handles the vocabulary-sized matrix as a constant.
-PARAMS_AS_INPUTS_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.LM_HEAD)
 HIDE_MIN_BYTES = 1 << 20  # weights this big sit out the pass chain as opaque graph inputs
 
 
@@ -76,6 +73,10 @@ class ProbeWeights:
     def __init__(self, real: WeightStore, seed: int = 0):
         self.real = real
         self.seed = seed
+        self._made: dict[str, torch.Tensor] = {}  # kept between clear() calls: one template's probe
+
+    def clear(self) -> None:
+        self._made.clear()
 
     def keys(self) -> list[str]:
         return self.real.keys()
@@ -87,8 +88,10 @@ class ProbeWeights:
         shape, dtype = self.real.shape_and_dtype(key)
         if dtype not in ("F32", "F16", "BF16", "F64"):
             return self.real.get(key)
-        gen = torch.Generator().manual_seed(self.seed ^ zlib.crc32(key.encode()))
-        return torch.randn(shape, generator=gen, dtype=torch.float32)
+        if key not in self._made:
+            gen = torch.Generator().manual_seed(self.seed ^ zlib.crc32(key.encode()))
+            self._made[key] = torch.randn(shape, generator=gen, dtype=torch.float32)
+        return self._made[key]
 
 
 def module_signature(module: nn.Module) -> str:
@@ -234,12 +237,11 @@ class SegmentFactory:
         return model, weights, results
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
-        if spec.kind in PARAMS_AS_INPUTS_KINDS:
-            model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
-                                            set_aside_bytes=HIDE_MIN_BYTES)
-        else:
-            model = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir)
-            weights = hide_weights(model)
+        # Parameters are traced as graph inputs: the exporter never holds a weight as a constant (its
+        # shape inference over a 7B layer's constants alone took 40 s and gigabytes).
+        model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
+                                        set_aside_bytes=HIDE_MIN_BYTES)
+        weights += hide_weights(model)  # big constants that are not parameters (long rotary tables)
         self.traced += 1
         return self._run_chain(model, weights, spec, self._shared_chain)
 
@@ -287,5 +289,7 @@ class SegmentFactory:
             log.info("%s: weight swapping off for layers like this one (%s); each is exported on its own",
                      spec.name, exc)
             return _Template(None, real_results, spec.name)
+        finally:
+            self.probe_parts.weights.clear()
         log.info("%s: optimised graph reused for the other layers of this structure", spec.name)
         return _Template(template, real_results, spec.name)
