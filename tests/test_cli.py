@@ -53,6 +53,12 @@ def test_verify_json_report(tmp_path, make_model):
     assert code == 0, output
     report = json.loads(output)
     assert report["passed"] and len(report["onnx_tokens"]) == 4 and len(report["prompt"]) == 5
+    assert report["reference"] == "whole"
+    code, output = run("verify", str(out), "--prompt-length", "5", "--new-tokens", "4", "--json", "--stream-reference")
+    assert code == 0, output
+    streamed = json.loads(output)
+    assert streamed["reference"] == "streamed" and streamed["onnx_tokens"] == report["onnx_tokens"]
+    assert streamed["hf_tokens"] == report["hf_tokens"] and streamed["passed"]
 
 
 def _all_command_paths():

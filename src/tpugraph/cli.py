@@ -167,11 +167,16 @@ def verify_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
     model: Optional[str] = typer.Option(None, "--model", help="Source model folder, if it moved since the export."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    stream_reference: Optional[bool] = typer.Option(
+        None, "--stream-reference/--full-reference",
+        help="Stream the fp32 reference's layer weights from the safetensors (default: when the whole fp32 "
+             "model would take over half the available memory, e.g. 7B on 24 GB)."),
 ) -> None:
     """Drive OUT's segments like the TPU runtime and compare tokens and logits with transformers' greedy generate."""
     from .verify import verify
 
-    report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model)
+    report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
+                    stream_reference=stream_reference)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
@@ -183,7 +188,8 @@ def verify_cmd(
         min_cos, max_rel = report.thresholds
         _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {min_cos}); "
               f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} weights on {report.backend}"
-              + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else ""))
+              + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
+              + ("; reference layers streamed" if report.reference == "streamed" else ""))
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
         raise typer.Exit(1)

@@ -49,11 +49,18 @@ class GenerationTrace:
 class SegmentRuntime:
     """Loads the segments of an OUT folder and runs prefill + decode, feeding inputs by position."""
 
-    def __init__(self, out_dir: Path, manifest: Manifest | None = None):
+    def __init__(self, out_dir: Path, manifest: Manifest | None = None, keep_bytes: int | None = None):
+        """``keep_bytes``: how many bytes of segment files (with their data) may stay loaded between runs;
+        past that a segment is loaded for each run and dropped after (a 7B model's 64 layer segments
+        hold 52 GB). Default: half the memory available."""
         import onnxruntime as ort
+
+        from .reference import available_memory
 
         self.out_dir = Path(out_dir)
         self.manifest = manifest or read_manifest(self.out_dir)
+        self.keep_bytes = available_memory() // 2 if keep_bytes is None else keep_bytes
+        self._kept_bytes = 0
         self.seq = int(self.manifest.options["seq_length"])
         self.layers = int(self.manifest.model["num_layers"])
         opts = ort.SessionOptions()
@@ -65,13 +72,24 @@ class SegmentRuntime:
         self.greedy_in_lm_head = len(self.manifest.segment("lm_head").outputs) == 2
 
     def _session(self, name: str):
-        if name not in self._sessions:
-            path = str(self.out_dir / self.manifest.segment(name).file)
-            if self.backend == "onnx-reference":
-                self._sessions[name] = _ReferenceSession(path)
-            else:
-                self._sessions[name] = self._ort.InferenceSession(path, self._opts, providers=["CPUExecutionProvider"])
-        return self._sessions[name]
+        if name in self._sessions:
+            return self._sessions[name]
+        entry = self.manifest.segment(name)
+        path = str(self.out_dir / entry.file)
+        if self.backend == "onnx-reference":
+            session = _ReferenceSession(path)
+        else:
+            session = self._ort.InferenceSession(path, self._opts, providers=["CPUExecutionProvider"])
+        size = self._segment_bytes(entry)
+        if self._kept_bytes + size <= self.keep_bytes:
+            self._sessions[name] = session
+            self._kept_bytes += size
+        return session
+
+    def _segment_bytes(self, entry: SegmentEntry) -> int:
+        """The segment's file, plus its share of data files: a shared data file counts whole for each."""
+        files = [entry.file] + [e["file"] for e in entry.external_data]
+        return sum((self.out_dir / f).stat().st_size for f in files if (self.out_dir / f).is_file())
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run segment ``name`` with ``arrays`` in the contract's input order, cast to the declared dtypes."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import VerificationError
 from .manifest import Manifest, read_manifest, validate
-from .model_source import materialize_preset, quiet_transformers
+from .model_source import materialize_preset
 from .runtime import SegmentRuntime
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class VerifyReport:
     # float16/bfloat16: the runtime is fed transformers' tokens (teacher forcing), so one near-tie does
     # not send the two generations apart and every step's logits stay comparable.
     teacher_forced: bool = False
+    reference: str = "whole"  # or "streamed": the fp32 reference's layer weights read per forward
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -86,6 +87,7 @@ class VerifyReport:
             "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff,
             "thresholds": {"min_cosine": self.thresholds[0], "max_rel_diff": self.thresholds[1]},
             "dtype": self.dtype, "backend": self.backend, "teacher_forced": self.teacher_forced,
+            "reference": self.reference,
             "steps": [s.__dict__ | {"ok": s.ok} for s in self.steps],
         }
 
@@ -108,18 +110,18 @@ def _eos_ids(value) -> set[int]:
     return {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, eos: set[int]):
-    """transformers' own greedy generate on the source model in fp32: tokens and the raw per-step logits."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, eos: set[int], stream: bool | None = None):
+    """transformers' own greedy generate on the source model in fp32: tokens and the raw per-step logits.
 
-    quiet_transformers()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-    except TypeError:  # transformers < 4.56 calls it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32,
-                                                     attn_implementation="eager")
-    model.eval()
+    ``stream``: stream the decoder layers' weights (see ``reference``); None decides by memory."""
+    import torch
+    from transformers import GenerationConfig
+
+    from . import reference
+
+    if stream is None:
+        stream = reference.should_stream(model_dir)
+    model = reference.load_streamed(model_dir) if stream else reference.load_full(model_dir)
     gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=sorted(eos) or None,
                            pad_token_id=min(eos) if eos else 0, output_logits=True, return_dict_in_generate=True)
     ids = torch.tensor([prompt], dtype=torch.long)
@@ -131,7 +133,10 @@ def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, eos: set[int]
 
 
 def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, seed: int = 0,
-           model_path: str | None = None, prompt: list[int] | None = None) -> VerifyReport:
+           model_path: str | None = None, prompt: list[int] | None = None,
+           stream_reference: bool | None = None) -> VerifyReport:
+    """``stream_reference``: stream the reference's layer weights (None: when the fp32 model would take
+    over half the memory available). The segments are likewise kept loaded only while they fit."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest.complete:
@@ -152,13 +157,19 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
             f"prompt length {len(prompt)} + {new_tokens} new tokens does not fit SEQ={seq}"
         )
     eos = _eos_ids(manifest.model.get("eos_token_id"))
-    hf_tokens, hf_logits = hf_greedy(_source_folder(manifest, model_path), prompt, new_tokens, eos)
+    source = _source_folder(manifest, model_path)
+    if stream_reference is None:
+        from .reference import should_stream
+
+        stream_reference = should_stream(source)
+    hf_tokens, hf_logits = hf_greedy(source, prompt, new_tokens, eos, stream_reference)
     dtype = str(manifest.options.get("dtype", "float32"))
     forced = hf_tokens if dtype != "float32" else None
     runtime = SegmentRuntime(out_dir, manifest)
     trace = runtime.generate(prompt, new_tokens, eos, forced=forced)
     report = VerifyReport(prompt=prompt, hf_tokens=hf_tokens, onnx_tokens=trace.tokens, dtype=dtype,
-                          backend=runtime.backend, teacher_forced=forced is not None)
+                          backend=runtime.backend, teacher_forced=forced is not None,
+                          reference="streamed" if stream_reference else "whole")
     min_cos, max_rel = report.thresholds
     for step, (ref, got) in enumerate(zip(hf_logits, trace.logits)):
         ref = ref.astype(np.float64)

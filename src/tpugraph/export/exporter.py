@@ -104,7 +104,7 @@ class ModelParts:
         except AttributeError:
             return False
 
-    def _checkpoint_key(self, module_path: str, param: str) -> str:
+    def checkpoint_key(self, module_path: str, param: str) -> str:
         key = f"{module_path}.{param}"
         if key in self.weights:
             return key
@@ -128,7 +128,7 @@ class ModelParts:
         persistent = set(meta.state_dict().keys())
         state = {}
         for name, _ in meta.named_parameters():
-            state[name] = self.weights.get(self._checkpoint_key(path, name)).to(self.dtype)
+            state[name] = self.weights.get(self.checkpoint_key(path, name)).to(self.dtype)
         for name, buf in meta.named_buffers():
             key = f"{path}.{name}"
             if name in persistent and key in self.weights:
