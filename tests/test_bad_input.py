@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -103,6 +104,7 @@ def test_remote_code_is_refused_without_the_flag(good_model, tmp_path):
     (["--dtype", "float8"], "--dtype"),
     (["--int-dtype", "int16"], "--int-dtype"),
     (["--seq-length", "0"], "--seq-length"),
+    (["--jobs", "0", "--seq-length", "16"], "--jobs"),
     (["--passes", "no_such_pass", "--seq-length", "16"], "no_such_pass"),
 ])
 def test_invalid_options(good_model, tmp_path, args, needle):
@@ -139,6 +141,29 @@ def test_disk_full_during_a_write_leaves_no_half_file(good_model, tmp_path, monk
     code, output = run("-v", "export-and-optimize", good_model, "-o", out, "--seq-length", 16)
     assert code == 0, output
     assert (out / "manifest.json").is_file() and not (out / ".tpugraph-partial.json").exists()
+
+
+def test_a_failing_unit_of_a_parallel_run_stops_it_cleanly(good_model, tmp_path, monkeypatch):
+    import onnx
+
+    real_save = onnx.save_model
+
+    def failing_save(model, f, *args, **kwargs):
+        if Path(f).name == "block_cache_1.onnx":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(model, f, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save_model", failing_save)
+    out = tmp_path / "o"
+    code, output = run("export-and-optimize", good_model, "-o", out, "--seq-length", 16, "--jobs", "2")
+    one_line(code, output, 5, "No space left on device", "block_cache_1.onnx")
+    assert_nothing_presented_as_done(out)
+    assert not (out / "block_cache_1.onnx").exists() and not (out / "layer_1.data").exists()
+    assert not list(out.glob(".tpugraph-stage-*")) and not list(out.glob(".tpugraph-work-*"))
+    monkeypatch.setattr(onnx, "save_model", real_save)
+    code, output = run("export-and-optimize", good_model, "-o", out, "--seq-length", 16, "--jobs", "2")
+    assert code == 0, output
+    assert (out / "manifest.json").is_file() and (out / "block_cache_1.onnx").is_file()
 
 
 def test_manifest_hash_mismatch_fails_validate(good_model, tmp_path):

@@ -103,3 +103,22 @@ def test_rerun_of_a_finished_output_keeps_everything(model_and_reference, tmp_pa
     r = subprocess.run(_export_cmd(model, out)[:-1] + ["24"], capture_output=True, text=True)
     assert r.returncode == 0
     assert "unchanged since the last run, kept" not in r.stderr
+
+
+def _manifest_without_timings(out: Path) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    for seg in manifest["segments"]:
+        seg.pop("export_seconds", None)
+        for result in seg["passes"]:
+            result.pop("seconds", None)
+    return manifest
+
+
+def test_parallel_jobs_write_the_same_output_byte_for_byte(model_and_reference, tmp_path):
+    model, ref = model_and_reference
+    out = tmp_path / "out"
+    r = subprocess.run(_export_cmd(model, out) + ["--jobs", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "manifest.json"}  # noqa: E731
+    assert files(out) == files(ref)
+    assert _manifest_without_timings(out) == _manifest_without_timings(ref)

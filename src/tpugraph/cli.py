@@ -119,6 +119,7 @@ def export_and_optimize_cmd(
     lm_head_greedy: bool = typer.Option(False, "--lm-head-greedy", help="Take the greedy top-1 inside lm_head (outputs token, m_logits) and export no greedy_head."),
     external_data: str = typer.Option("auto", "--external-data", help="Weights in a shared NAME.data file per layer/vocabulary: auto (when over 16 MB), always or never."),
     weight_swap: bool = typer.Option(True, "--weight-swap/--no-weight-swap", help="Reuse one layer's optimised graph for the other layers of the same structure (checked against a full export of that layer)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Work units (the vocabulary segments, each layer's pair) built in parallel threads; the output is the same whatever the number."),
     with_test_data: bool = typer.Option(False, "--with-test-data", help="Also write OUT/test_data/<segment>_input.npz: realistic inputs (a prompt driven through the segments) for tpu-mlir's numerical compares."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
@@ -135,7 +136,8 @@ def export_and_optimize_cmd(
     opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=chain,
                          skip_passes=_split(skip_pass) or [], pass_options=pass_options, force=force,
                          trust_remote_code=trust_remote_code, penalty_head=penalty_head,
-                         greedy_in_lm_head=lm_head_greedy, external_data=external_data, weight_swap=weight_swap)
+                         greedy_in_lm_head=lm_head_greedy, external_data=external_data, weight_swap=weight_swap,
+                         jobs=jobs)
 
     with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as progress:
         manifest = export_and_optimize(model, out, opts, progress=progress)

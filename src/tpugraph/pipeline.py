@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class ExportOptions:
     weight_swap: bool = True  # reuse one layer's optimised graph for the other layers of the same structure
     penalty_head: bool = False  # also export penalty_sample_head.onnx (CONTRACT.md)
     greedy_in_lm_head: bool = False  # lm_head -> (token, m_logits) and no greedy_head.onnx
+    jobs: int = 1  # work units (vocabulary, each layer) built in parallel threads
 
     def check(self) -> None:
         if self.external_data not in EXTERNAL_DATA_MODES:
@@ -50,6 +52,8 @@ class ExportOptions:
             raise UsageError(f"--seq-length must be >= 1 (got {self.seq_length})")
         if self.int_dtype not in INT_DTYPES:
             raise UsageError(f"--int-dtype must be one of {', '.join(INT_DTYPES)} (got {self.int_dtype})")
+        if self.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1 (got {self.jobs})")
         if self.dtype not in FLOAT_DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)} (got {self.dtype})")
 
@@ -209,6 +213,7 @@ class Finisher:
         self.manifest = manifest
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="commit")
         self._in_flight: Future | None = None
+        self._lock = threading.Lock()  # units built in parallel (--jobs) submit from several threads
 
     def _finish(self, writer: UnitWriter, entries: list[SegmentEntry]) -> None:
         writer.commit()
@@ -218,11 +223,26 @@ class Finisher:
             self.manifest.segments.append(entry)
         self.manifest.write(self.out_dir, PARTIAL_NAME)
 
+    def _keep(self, entries: list[SegmentEntry]) -> None:
+        self.manifest.segments.extend(entries)
+        self.manifest.write(self.out_dir, PARTIAL_NAME)
+
     def submit(self, writer: UnitWriter, entries: list[SegmentEntry]) -> None:
-        self.wait()
-        self._in_flight = self._pool.submit(self._finish, writer, entries)
+        with self._lock:
+            self._wait()
+            self._in_flight = self._pool.submit(self._finish, writer, entries)
+
+    def keep(self, entries: list[SegmentEntry]) -> None:
+        """Record segments an earlier run finished (in order with the commits)."""
+        with self._lock:
+            self._wait()
+            self._in_flight = self._pool.submit(self._keep, entries)
 
     def wait(self) -> None:
+        with self._lock:
+            self._wait()
+
+    def _wait(self) -> None:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.result()
@@ -274,11 +294,127 @@ def _still_valid(entry: SegmentEntry, out_dir: Path, fingerprint: str, digests: 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+class _Stopped(Exception):
+    """Another unit of a parallel run failed: this one stops before its next segment."""
+
+
+class _UnitRun:
+    """Builds, writes and records work units, one at a time or several in parallel threads (``--jobs``)."""
+
+    def __init__(self, out_dir: Path, previous: dict[str, SegmentEntry], finisher: Finisher,
+                 progress: ProgressFn | None, total: int, make_factory: Callable):
+        self.out_dir = out_dir
+        self.previous = previous
+        self.finisher = finisher
+        self.progress = progress
+        self.total = total
+        self._make_factory = make_factory
+        self.factory = None
+        self._done = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _factory(self):
+        with self._lock:
+            if self.factory is None:
+                self.factory = self._make_factory()
+            return self.factory
+
+    def _step(self, name: str) -> None:
+        with self._lock:
+            done, self._done = self._done, self._done + 1
+        if self.progress:
+            self.progress(name, done, self.total)
+
+    def unit(self, unit: WorkUnit, pending_fingerprint: Future) -> None:
+        from .export.exporter import unused_graph_inputs
+
+        fingerprint = pending_fingerprint.result()
+        kept = [self.previous.get(spec.name) for spec in unit.specs]
+        seen: dict[str, str] = {}
+        if all(e is not None and _still_valid(e, self.out_dir, fingerprint, seen) for e in kept):
+            for entry in kept:
+                log.info("%s: unchanged since the last run, kept", entry.name)
+                self._step(entry.name)
+            self.finisher.keep(kept)
+            return
+        factory = self._factory()
+        writer = UnitWriter(self.out_dir, unit)
+        entries = []
+        try:
+            for spec in unit.specs:
+                if self._stop.is_set():
+                    raise _Stopped()
+                self._step(spec.name)
+                t0 = time.perf_counter()
+                built = factory.build(spec)
+                entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
+                                     inputs=list(spec.inputs), outputs=list(spec.outputs))
+                _apply_renames(entry, built.pass_results)
+                if unused := unused_graph_inputs(built.model):
+                    entry.extra["unused_inputs"] = unused
+                entry.passes = [r.to_json() for r in built.pass_results]
+                entry.extra["fingerprint"] = fingerprint
+                swapped_from = built.swapped_from
+                if swapped_from:
+                    entry.extra["graph_reused_from"] = swapped_from
+                entry.external_data = writer.add(built)
+                del built
+                entry.extra["export_seconds"] = round(time.perf_counter() - t0, 3)
+                log.info("%s done (%.2fs%s)", spec.name, time.perf_counter() - t0,
+                         f", weights swapped into the graph of {swapped_from}" if swapped_from else "")
+                entries.append(entry)
+        except BaseException:
+            writer.discard()
+            raise
+        self.finisher.submit(writer, entries)
+
+    def in_parallel(self, units: list[WorkUnit], fingerprints: list[Future], jobs: int) -> None:
+        """Run the units in ``jobs`` threads. The first unit of each layer structure (the one whose graph
+        the others reuse) runs before them, so the result is the same as a one-job run, byte for byte."""
+        from .export.factory import LAYER_KINDS
+
+        factory = self._factory()
+        leaders: dict[tuple, Future] = {}
+        futures: list[Future] = []
+        with ThreadPoolExecutor(jobs, thread_name_prefix="unit") as pool:
+            try:
+                for unit, fingerprint in zip(units, fingerprints):
+                    key = tuple(factory.layer_key(s) for s in unit.specs if s.kind in LAYER_KINDS) or None
+                    leader = leaders.get(key) if key else None
+                    future = pool.submit(self._after, leader, unit, fingerprint)
+                    if key and key not in leaders:
+                        leaders[key] = future
+                    futures.append(future)
+                errors = []
+                for future in futures:
+                    try:
+                        future.result()
+                    except _Stopped:
+                        pass
+                    except BaseException as exc:  # noqa: BLE001 - the first error is raised below
+                        self._stop.set()
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
+            except BaseException:
+                self._stop.set()
+                raise
+
+    def _after(self, leader: Future | None, unit: WorkUnit, fingerprint: Future) -> None:
+        if leader is not None:
+            try:
+                leader.result()
+            except BaseException:
+                raise _Stopped() from None
+        self.unit(unit, fingerprint)
+
+
 def export_and_optimize(model: str, out: str | Path, options: ExportOptions | None = None,
                         progress: ProgressFn | None = None) -> Manifest:
     """Export MODEL (folder or preset) into OUT: every segment of the contract, passed through the chain,
     then OUT/manifest.json, written last. Segments an earlier run finished with the same inputs are kept."""
-    from .export.exporter import DEFAULT_OPSET, ModelParts, export_notes, unused_graph_inputs, unused_inputs_note
+    from .export.exporter import DEFAULT_OPSET, ModelParts, export_notes, unused_inputs_note
     from .export.factory import SegmentFactory
     from .resume import unit_fingerprint
 
@@ -317,67 +453,28 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
     )
     config_json = config.to_dict()
-    factory: SegmentFactory | None = None
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
     finisher = Finisher(out_dir, manifest)
-    done = 0
+    run = _UnitRun(out_dir, previous, finisher, progress, len(specs), lambda: SegmentFactory(
+        ModelParts(config, family, weights, options.dtype), chain, options.seq_length, options.int_dtype, work,
+        options.weight_swap))
     failing = True
     # The units' fingerprints (hashes of their weights) are computed ahead, in a thread of their own.
     hasher = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
     fingerprints = [hasher.submit(unit_fingerprint, unit.specs, unit.weight_prefixes, unit.data_file, weights,
                                   config_json, manifest.options, manifest.pass_chain, tools) for unit in units]
     try:
-        for unit, pending_fingerprint in zip(units, fingerprints):
-            fingerprint = pending_fingerprint.result()
-            kept = [previous.get(spec.name) for spec in unit.specs]
-            seen: dict[str, str] = {}
-            if all(e is not None and _still_valid(e, out_dir, fingerprint, seen) for e in kept):
-                finisher.wait()
-                for entry in kept:
-                    log.info("%s: unchanged since the last run, kept", entry.name)
-                    if progress:
-                        progress(entry.name, done, len(specs))
-                    done += 1
-                    manifest.segments.append(entry)
-                manifest.write(out_dir, PARTIAL_NAME)
-                continue
-            if factory is None:
-                factory = SegmentFactory(ModelParts(config, family, weights, options.dtype), chain,
-                                         options.seq_length, options.int_dtype, work, options.weight_swap)
-            writer = UnitWriter(out_dir, unit)
-            entries = []
-            try:
-                for spec in unit.specs:
-                    if progress:
-                        progress(spec.name, done, len(specs))
-                    done += 1
-                    t0 = time.perf_counter()
-                    built = factory.build(spec)
-                    entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
-                                         inputs=list(spec.inputs), outputs=list(spec.outputs))
-                    _apply_renames(entry, built.pass_results)
-                    if unused := unused_graph_inputs(built.model):
-                        entry.extra["unused_inputs"] = unused
-                    entry.passes = [r.to_json() for r in built.pass_results]
-                    entry.extra["fingerprint"] = fingerprint
-                    swapped_from = built.swapped_from
-                    if swapped_from:
-                        entry.extra["graph_reused_from"] = swapped_from
-                    entry.external_data = writer.add(built)
-                    del built
-                    entry.extra["export_seconds"] = round(time.perf_counter() - t0, 3)
-                    log.info("%s done (%.2fs%s)", spec.name, time.perf_counter() - t0,
-                             f", weights swapped into the graph of {swapped_from}" if swapped_from else "")
-                    entries.append(entry)
-            except BaseException:
-                writer.discard()
-                raise
-            finisher.submit(writer, entries)
+        if options.jobs <= 1:
+            for unit, fingerprint in zip(units, fingerprints):
+                run.unit(unit, fingerprint)
+        else:
+            run.in_parallel(units, fingerprints, options.jobs)
         failing = False
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
         finisher.close(failing)
         shutil.rmtree(work, ignore_errors=True)
+    factory = run.factory
     if factory is not None:
         manifest.stats = {"segments_traced": factory.traced, "segments_weight_swapped": factory.swapped}
     order = {spec.name: i for i, spec in enumerate(specs)}

@@ -6,6 +6,7 @@ import copy
 import inspect
 import logging
 import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -356,6 +357,10 @@ def _params_to_weights(model, params: dict[str, torch.Tensor], set_aside_bytes: 
     return weights
 
 
+# torch.onnx's TorchScript exporter keeps global state (opset, flags) while it runs: one export at a time.
+_EXPORT_LOCK = threading.Lock()
+
+
 class _ParamsAsInputs(nn.Module):
     """Runs ``inner`` with the given parameters replaced by extra forward arguments.
 
@@ -411,7 +416,7 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         if params:
             traced = _ParamsAsInputs(module, list(params), len(inputs))
             args = inputs + tuple(p.detach() for p in params.values())
-        with torch.no_grad(), warnings.catch_warnings():
+        with _EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 traced,

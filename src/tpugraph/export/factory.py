@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,12 +184,13 @@ class SegmentFactory:
         self._templates: dict[tuple, _Template] = {}
         self.swapped = 0
         self.traced = 0
+        self._lock = threading.Lock()  # counters and the probe model, for units built in parallel threads
 
     # -- the public step -------------------------------------------------------------------------
     def build(self, spec: SegmentSpec) -> BuiltSegment:
         if not (self.weight_swap and spec.kind in LAYER_KINDS):
             return self._full(spec)
-        key = self._layer_key(spec)
+        key = self.layer_key(spec)
         known = self._templates.get(key)
         if known is None:
             model, weights, shared_results = self._trace_shared(self.parts, spec)
@@ -199,7 +201,8 @@ class SegmentFactory:
         if known.template is None:
             return self._full(spec)
         model, weights = weight_swap.apply(known.template, known.template.fill(self._layer_arrays(self.parts, spec)))
-        self.swapped += 1
+        with self._lock:
+            self.swapped += 1
         model, weights, own_results = self._run_chain(model, weights, spec, self._per_layer_chain,
                                                       before=self._shared_chain)
         return BuiltSegment(spec, model, known.results + own_results, swapped_from=known.source_segment,
@@ -242,7 +245,8 @@ class SegmentFactory:
         model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
                                         set_aside_bytes=HIDE_MIN_BYTES)
         weights += hide_weights(model)  # big constants that are not parameters (long rotary tables)
-        self.traced += 1
+        with self._lock:
+            self.traced += 1
         return self._run_chain(model, weights, spec, self._shared_chain)
 
     def _full(self, spec: SegmentSpec) -> BuiltSegment:
@@ -252,6 +256,10 @@ class SegmentFactory:
 
     @property
     def probe_parts(self) -> ModelParts:
+        with self._lock:
+            return self._make_probe_parts()
+
+    def _make_probe_parts(self) -> ModelParts:
         if self._probe_parts is None:
             self._probe_parts = ModelParts(self.parts.config, self.parts.family, ProbeWeights(self.parts.weights),
                                            self.parts.dtype_name)
@@ -265,7 +273,7 @@ class SegmentFactory:
         read from the memory-mapped checkpoint when asked for."""
         return LayerArrays(parts, self._layer_prefix(spec))
 
-    def _layer_key(self, spec: SegmentSpec) -> tuple:
+    def layer_key(self, spec: SegmentSpec) -> tuple:
         parts = self.parts
         layer_module = parts.skeleton.get_submodule(f"{parts.family.layers_path}.{spec.layer}")
         return (spec.kind, module_signature(layer_module), id(parts.rotary_table(self.seq, spec.layer)),
