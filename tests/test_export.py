@@ -132,3 +132,20 @@ def test_validate_reports_every_mismatch(exported, tmp_path):
     assert "lm_head: size" in text and "lm_head: sha256" in text
     assert "greedy_head: file greedy_head.onnx is missing" in text
     assert "embedding: inputs in the file" in text
+
+
+def test_building_a_skeleton_leaves_other_threads_parameters_real():
+    """--jobs: one thread builds a meta skeleton while another materialises a module's real weights."""
+    import threading
+
+    import torch
+
+    from tpugraph.export.exporter import _parameters_on_meta
+
+    made = {}
+    with _parameters_on_meta():
+        assert torch.nn.Linear(2, 2).weight.device.type == "meta"
+        t = threading.Thread(target=lambda: made.setdefault("linear", torch.nn.Linear(2, 2)))
+        t.start()
+        t.join()
+    assert made["linear"].weight.device.type == "cpu"

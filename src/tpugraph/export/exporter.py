@@ -44,13 +44,15 @@ def _parameters_on_meta() -> Iterator[None]:
 
     Parameters (the weights) come from the checkpoint later; buffers are what a module computes in
     its constructor and checkpoints usually lack (rotary inv_freq, Gemma's embed_scale), so they must
-    keep their values.
+    keep their values. Only the calling thread is affected: the patch is process-wide, and a unit built
+    in parallel assigns real parameters through the same method.
     """
     original = nn.Module.register_parameter
+    builder = threading.get_ident()  # other threads (--jobs) keep registering real parameters meanwhile
 
     def register(module: nn.Module, name: str, param) -> None:
         original(module, name, param)
-        if param is not None and param.device.type != "meta":
+        if param is not None and param.device.type != "meta" and threading.get_ident() == builder:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = register
