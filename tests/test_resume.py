@@ -72,7 +72,10 @@ def test_kill_9_then_rerun_finishes_only_missing_segments_byte_identical(model_a
 def test_ctrl_c_exits_130_keeps_finished_segments_and_rerun_resumes(model_and_reference, tmp_path):
     model, ref = model_and_reference
     out = tmp_path / "out"
-    proc = subprocess.Popen(_export_cmd(model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive
+    # shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all.
+    proc = subprocess.Popen(_export_cmd(model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_partial(out, 2, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
