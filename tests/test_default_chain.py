@@ -137,3 +137,21 @@ def test_corrupt_files_to_passes_run_and_inspect(tmp_path, content):
         assert "Traceback" not in r.output
         assert len([l for l in r.output.splitlines() if l.startswith("error:")]) == 1, r.output
         assert not (tmp_path / "o.onnx").exists()
+
+
+def test_pass_progress_reports_each_pass_as_it_starts(make_model, tmp_path):
+    from conftest import TINY_LLAMA
+    from tpugraph.pipeline import ExportOptions, export_and_optimize
+
+    model = make_model("llama", **TINY_LLAMA)
+    seen: list[tuple] = []
+    manifest = export_and_optimize(str(model), tmp_path / "o", ExportOptions(seq_length=16),
+                                   pass_progress=lambda *call: seen.append(call))
+    chain = [p["name"] for p in manifest.pass_chain]
+    assert {s for s, *_ in seen} == {seg.name for seg in manifest.segments}
+    assert all(n == len(chain) and chain[i] == p for _, p, i, n in seen)  # positions in the whole chain
+    # block_0 runs the whole chain (its template's probe graph, the shared part once more) ...
+    assert {i for s, _, i, _ in seen if s == "block_0"} == set(range(len(chain)))
+    # ... a layer whose weights were swapped into block_0's graph only the layer-dependent rest of it.
+    tail = [i for s, _, i, _ in seen if s == "block_1"]
+    assert tail and tail == list(range(len(chain) - len(tail), len(chain)))

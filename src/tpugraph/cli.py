@@ -67,32 +67,41 @@ def main_options(
 
 @contextlib.contextmanager
 def _progress_reporter(enabled: bool, what: str):
-    """A progress callback (name, index, total): a rich bar with ETA on a terminal, plain lines otherwise."""
+    """Progress callbacks: (name, index, total) per segment and (segment, pass, index, total) per pass. A rich
+    bar with ETA over the segments and one over the current segment's passes on a terminal; plain lines per
+    segment otherwise."""
+    quiet = lambda *args: None  # noqa: E731
     if not enabled:
-        yield lambda name, index, total: None
+        yield quiet, quiet
         return
     if not sys.stderr.isatty():
         def plain(name: str, index: int, total: int) -> None:
             if name != "done":
                 typer.echo(f"[{index + 1}/{total}] {name}", err=True)
 
-        yield plain
+        yield plain, quiet
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TextColumn(what),
+    columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = None
+        tasks: dict[str, object] = {}
 
         def rich_progress(name: str, index: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                task = bar.add_task(name, total=total)
-            bar.update(task, completed=index, description="done" if name == "done" else name)
+            if "segments" not in tasks:
+                tasks["segments"] = bar.add_task(name, total=total, what=what)
+            bar.update(tasks["segments"], completed=index, description="done" if name == "done" else name)
+            if name == "done" and "passes" in tasks:
+                bar.remove_task(tasks.pop("passes"))
 
-        yield rich_progress
+        def pass_progress(segment: str, pass_name: str, index: int, total: int) -> None:
+            if "passes" not in tasks:
+                tasks["passes"] = bar.add_task("", total=total, what="passes")
+            bar.update(tasks["passes"], total=total, completed=index, description=f"  {segment}: {pass_name}")
+
+        yield rich_progress, pass_progress
 
 
 def _split(values: Optional[list[str]]) -> Optional[list[str]]:
@@ -139,8 +148,8 @@ def export_and_optimize_cmd(
                          greedy_in_lm_head=lm_head_greedy, external_data=external_data, weight_swap=weight_swap,
                          jobs=jobs)
 
-    with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as progress:
-        manifest = export_and_optimize(model, out, opts, progress=progress)
+    with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
+        manifest = export_and_optimize(model, out, opts, progress=progress, pass_progress=passes)
     test_files: list[str] = []
     if with_test_data:
         from .testdata import write_test_data

@@ -411,7 +411,8 @@ class _UnitRun:
 
 
 def export_and_optimize(model: str, out: str | Path, options: ExportOptions | None = None,
-                        progress: ProgressFn | None = None) -> Manifest:
+                        progress: ProgressFn | None = None,
+                        pass_progress: Callable[[str, str, int, int], None] | None = None) -> Manifest:
     """Export MODEL (folder or preset) into OUT: every segment of the contract, passed through the chain,
     then OUT/manifest.json, written last. Segments an earlier run finished with the same inputs are kept."""
     from .export.exporter import DEFAULT_OPSET, ModelParts, export_notes, unused_inputs_note
@@ -455,9 +456,13 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     config_json = config.to_dict()
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
     finisher = Finisher(out_dir, manifest)
-    run = _UnitRun(out_dir, previous, finisher, progress, len(specs), lambda: SegmentFactory(
-        ModelParts(config, family, weights, options.dtype), chain, options.seq_length, options.int_dtype, work,
-        options.weight_swap))
+    def make_factory() -> SegmentFactory:
+        factory = SegmentFactory(ModelParts(config, family, weights, options.dtype), chain, options.seq_length,
+                                 options.int_dtype, work, options.weight_swap)
+        factory.on_pass = pass_progress
+        return factory
+
+    run = _UnitRun(out_dir, previous, finisher, progress, len(specs), make_factory)
     failing = True
     # The units' fingerprints (hashes of their weights) are computed ahead, in a thread of their own.
     hasher = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")

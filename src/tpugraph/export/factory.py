@@ -175,6 +175,7 @@ class SegmentFactory:
                  weight_swap: bool = True):
         self.parts = parts
         self.chain = chain
+        self.on_pass = None  # PassContext.on_pass: progress of each pass
         self.seq = seq
         self.int_dtype = int_dtype
         self.work_dir = work_dir
@@ -229,8 +230,12 @@ class SegmentFactory:
         from ..errors import PassError
         from ..passes import PassContext, run_chain
 
+        on_pass = None
+        if self.on_pass is not None:  # positions in the whole chain, of which ``chain`` is a part
+            offset, total, report = len(before or []), len(self.chain), self.on_pass
+            on_pass = lambda segment, name, index, _n: report(segment, name, offset + index, total)  # noqa: E731
         ctx = PassContext(segment=spec.name, shapes=spec.shapes(), work_dir=self.work_dir, layer=spec.layer,
-                          kind=spec.kind.value, opaque_inputs=frozenset(t.name for t in weights))
+                          kind=spec.kind.value, opaque_inputs=frozenset(t.name for t in weights), on_pass=on_pass)
         try:
             model, results = run_chain(model, chain, ctx)
         except PassError as err:

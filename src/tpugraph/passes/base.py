@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Callable
 
 import onnx
 
@@ -41,6 +41,8 @@ class PassContext:
     """Max abs difference accepted by the ``check_numerics`` comparison."""
     opaque_inputs: frozenset[str] = frozenset()
     """Graph inputs that are weights set aside while the chain runs (not part of the segment's I/O)."""
+    on_pass: Callable[[str, str, int, int], None] | None = None
+    """Told (segment, pass, index, passes in the chain) as each pass starts: a progress display."""
 
 
 @dataclass

@@ -106,7 +106,9 @@ def run_chain(model: onnx.ModelProto, chain: list[GraphPass],
     """
     results: list[PassResult] = []
     current = model
-    for p in chain:
+    for index, p in enumerate(chain):
+        if ctx.on_pass is not None:
+            ctx.on_pass(ctx.segment, p.name, index, len(chain))
         try:
             current, result = p.execute(current, ctx, owned=current is not model)
         except PassError as err:
