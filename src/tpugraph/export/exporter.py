@@ -93,6 +93,8 @@ class ModelParts:
         self._rotary_tables: dict[tuple, RotaryTable] = {}
         # Segment name -> contract inputs its graph does not read (still declared; see export_segment).
         self.unused_inputs: dict[str, list[str]] = {}
+        # data_ptr of a placeholder parameter -> the checkpoint key its values are read from when written
+        self._placeholders: dict[int, str] = {}
 
     def _submodule(self, path: str) -> nn.Module:
         try:
@@ -124,14 +126,26 @@ class ModelParts:
         )
 
     @contextmanager
-    def materialized(self, path: str) -> Iterator[nn.Module]:
-        """A real (CPU) copy of the module at ``path`` with its weights; freed on exit."""
+    def materialized(self, path: str, placeholders_from: int | None = None) -> Iterator[nn.Module]:
+        """A real (CPU) copy of the module at ``path`` with its weights; freed on exit.
+
+        With ``placeholders_from``, parameters of at least that many bytes are *placeholders*: allocated,
+        never read from the checkpoint (pages never touched cost no memory). Tracing needs only their
+        shapes; ``placeholder_key`` tells which checkpoint tensor to read when the weight is written."""
         meta = self._submodule(path)
         module = copy.deepcopy(meta)  # parameters on meta (free), buffers real (small)
         persistent = set(meta.state_dict().keys())
-        state = {}
-        for name, _ in meta.named_parameters():
-            state[name] = self.weights.get(self.checkpoint_key(path, name)).to(self.dtype)
+        state, placeholders = {}, []
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        for name, param in meta.named_parameters():
+            key = self.checkpoint_key(path, name)
+            if placeholders_from is not None and param.is_floating_point() \
+                    and param.numel() * itemsize >= placeholders_from:
+                state[name] = torch.empty(param.shape, dtype=self.dtype)
+                placeholders.append(state[name].data_ptr())
+                self._placeholders[placeholders[-1]] = key
+            else:
+                state[name] = self.weights.get(key).to(self.dtype)
         for name, buf in meta.named_buffers():
             key = f"{path}.{name}"
             if name in persistent and key in self.weights:
@@ -141,7 +155,17 @@ class ModelParts:
         try:
             yield module
         finally:
+            for ptr in placeholders:
+                self._placeholders.pop(ptr, None)
             del module, state
+
+    def placeholder_key(self, tensor: torch.Tensor) -> str | None:
+        """The checkpoint key of a placeholder parameter (inside its ``materialized`` context), else None."""
+        return self._placeholders.get(tensor.data_ptr())
+
+    def read(self, key: str) -> torch.Tensor:
+        """A checkpoint tensor in the export dtype."""
+        return self.weights.get(key).to(self.dtype)
 
     def rotary_table(self, seq: int, layer: int) -> RotaryTable:
         """cos/sin of ``layer`` for positions 0..SEQ-1, from the model's own rotary module."""
@@ -262,8 +286,10 @@ def _with_float_boundary(module: nn.Module, parts: ModelParts) -> nn.Module:
 
 
 @contextmanager
-def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str) -> Iterator[nn.Module]:
-    """The torch module of one segment, its weights in memory only inside the context.
+def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str,
+                   placeholders_from: int | None = None) -> Iterator[nn.Module]:
+    """The torch module of one segment, its weights in memory only inside the context (parameters of at
+    least ``placeholders_from`` bytes as placeholders: see ``ModelParts.materialized``).
 
     The sampling heads have no weights: for them ``parts`` may be None.
     """
@@ -278,19 +304,20 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         raise ModelError(f"segment '{spec.name}' needs the model's weights")
     fam = parts.family
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
-        with parts.materialized(fam.embed_path) as embed:
+        with parts.materialized(fam.embed_path, placeholders_from) as embed:
             yield _with_float_boundary(EmbeddingSegment(embed, parts.embed_scale(embed)), parts)
     elif spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE):
         rotary = parts.rotary_table(seq, spec.layer)
         window = parts.sliding_window(spec.layer)
         if window is not None and seq <= window:
             window = None  # positions never differ by >= window: plain causal attention is exact
-        with parts.materialized(f"{fam.layers_path}.{spec.layer}") as layer:
+        with parts.materialized(f"{fam.layers_path}.{spec.layer}", placeholders_from) as layer:
             cls = BlockSegment if spec.kind == SegmentKind.BLOCK else BlockCacheSegment
             yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:
         greedy = any(t.name == "token" for t in spec.outputs)
-        with parts.materialized(fam.norm_path) as norm, parts.materialized(fam.lm_head_path) as head:
+        with parts.materialized(fam.norm_path, placeholders_from) as norm, \
+                parts.materialized(fam.lm_head_path, placeholders_from) as head:
             yield _with_float_boundary(
                 LmHeadSegment(norm, head, parts.final_softcap(), parts.logits_scale(), greedy, torch_int), parts)
     else:
@@ -311,16 +338,28 @@ def _elem_type(t: torch.Tensor) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(str(t.dtype).removeprefix("torch.")))
 
 
-def _lazy_weight(name: str, t: torch.Tensor, transposed: bool = False):
-    """A set-aside weight whose bytes are those of ``t`` (or of its transpose, made when written)."""
+def _lazy_weight(name: str, t: torch.Tensor, transposed: bool = False, parts: ModelParts | None = None):
+    """A set-aside weight whose bytes are those of ``t`` (or of its transpose), made when written. For a
+    placeholder ``t`` they are read from the checkpoint then, and the weight names its source (so a file
+    holding the same source already stores it without reading it again)."""
     from .external_data import LazyWeight
 
+    key = parts.placeholder_key(t) if parts is not None else None
+    dims = list(t.shape[::-1] if transposed else t.shape)
+    elem = _elem_type(t)
+    if key is None:
+        values = lambda: t  # noqa: E731
+        source = None
+    else:
+        values = lambda: parts.read(key)  # noqa: E731
+        source = (key, "transpose" if transposed else "identity", tuple(dims), elem)
     if transposed:
-        return LazyWeight(name, _elem_type(t), list(t.shape[::-1]), lambda: _tensor_array(t.t()))
-    return LazyWeight(name, _elem_type(t), list(t.shape), lambda: _tensor_array(t))
+        return LazyWeight(name, elem, dims, lambda: _tensor_array(values().t()), source)
+    return LazyWeight(name, elem, dims, lambda: _tensor_array(values()), source)
 
 
-def _params_to_weights(model, params: dict[str, torch.Tensor], set_aside_bytes: int) -> list:
+def _params_to_weights(model, params: dict[str, torch.Tensor], set_aside_bytes: int,
+                       parts: ModelParts | None = None) -> list:
     """Graph inputs that are parameters -> initializers (the small ones) or set-aside weights (the rest).
 
     A Linear traced with its weight as an input reads ``Transpose(W)``: for a set-aside W that transpose
@@ -349,10 +388,10 @@ def _params_to_weights(model, params: dict[str, torch.Tensor], set_aside_bytes: 
         elif v.name not in big:
             graph.initializer.append(_lazy_weight(v.name, t).to_proto())
         elif v.name in read:
-            weights.append(_lazy_weight(v.name, t))
+            weights.append(_lazy_weight(v.name, t, parts=parts))
             inputs.append(v)
     for name, (_, t) in folded.items():
-        weights.append(_lazy_weight(name, t, transposed=True))
+        weights.append(_lazy_weight(name, t, transposed=True, parts=parts))
         inputs.append(helper.make_tensor_value_info(name, _elem_type(t), list(t.shape[::-1])))
     del graph.input[:]
     graph.input.extend(inputs)
@@ -408,7 +447,7 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
 
     inputs = _example_inputs(spec, seq)
     weights: list = []
-    with segment_module(parts, spec, seq, int_dtype) as module, tempfile.TemporaryDirectory(
+    with segment_module(parts, spec, seq, int_dtype, set_aside_bytes) as module, tempfile.TemporaryDirectory(
         dir=work_dir, prefix=f"{spec.name}-"
     ) as tmp:
         path = Path(tmp) / f"{spec.name}.onnx"
@@ -432,7 +471,7 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
             )
         model = onnx.load(str(path), load_external_data=True)
         if params:
-            weights = _params_to_weights(model, {k: p.detach() for k, p in params.items()}, set_aside_bytes)
+            weights = _params_to_weights(model, {k: p.detach() for k, p in params.items()}, set_aside_bytes, parts)
     restored = _restore_unused_inputs(model, spec)
     if restored and parts is not None:
         parts.unused_inputs[spec.name] = restored

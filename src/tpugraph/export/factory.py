@@ -82,6 +82,9 @@ class ProbeWeights:
     def keys(self) -> list[str]:
         return self.real.keys()
 
+    def shape_and_dtype(self, key: str):
+        return self.real.shape_and_dtype(key)
+
     def __contains__(self, key: str) -> bool:
         return key in self.real
 
