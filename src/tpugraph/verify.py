@@ -110,17 +110,15 @@ def _eos_ids(value) -> set[int]:
     return {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, eos: set[int], stream: bool | None = None):
+def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, eos: set[int], stream: bool = False):
     """transformers' own greedy generate on the source model in fp32: tokens and the raw per-step logits.
 
-    ``stream``: stream the decoder layers' weights (see ``reference``); None decides by memory."""
+    ``stream``: stream the decoder layers' weights (see ``reference``)."""
     import torch
     from transformers import GenerationConfig
 
     from . import reference
 
-    if stream is None:
-        stream = reference.should_stream(model_dir)
     model = reference.load_streamed(model_dir) if stream else reference.load_full(model_dir)
     gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=sorted(eos) or None,
                            pad_token_id=min(eos) if eos else 0, output_logits=True, return_dict_in_generate=True)

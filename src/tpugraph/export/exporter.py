@@ -163,10 +163,6 @@ class ModelParts:
         """The checkpoint key of a placeholder parameter (inside its ``materialized`` context), else None."""
         return self._placeholders.get(tensor.data_ptr())
 
-    def read(self, key: str) -> torch.Tensor:
-        """A checkpoint tensor in the export dtype."""
-        return self.weights.get(key).to(self.dtype)
-
     def rotary_table(self, seq: int, layer: int) -> RotaryTable:
         """cos/sin of ``layer`` for positions 0..SEQ-1, from the model's own rotary module."""
         fam = self.family
@@ -324,12 +320,6 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
 
 
-def _tensor_array(t: torch.Tensor) -> np.ndarray:
-    """The bytes of ``t`` as a numpy array (bfloat16 as its int16 bits: numpy has no bfloat16)."""
-    t = t.contiguous()
-    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
 def _elem_type(t: torch.Tensor) -> int:
     from onnx import helper
 
@@ -342,20 +332,15 @@ def _lazy_weight(name: str, t: torch.Tensor, transposed: bool = False, parts: Mo
     """A set-aside weight whose bytes are those of ``t`` (or of its transpose), made when written. For a
     placeholder ``t`` they are read from the checkpoint then, and the weight names its source (so a file
     holding the same source already stores it without reading it again)."""
-    from .external_data import LazyWeight
+    from .external_data import LazyWeight, tensor_array
 
     key = parts.placeholder_key(t) if parts is not None else None
     dims = list(t.shape[::-1] if transposed else t.shape)
     elem = _elem_type(t)
     if key is None:
-        values = lambda: t  # noqa: E731
-        source = None
-    else:
-        values = lambda: parts.read(key)  # noqa: E731
-        source = (key, "transpose" if transposed else "identity", tuple(dims), elem)
-    if transposed:
-        return LazyWeight(name, elem, dims, lambda: _tensor_array(values().t()), source)
-    return LazyWeight(name, elem, dims, lambda: _tensor_array(values()), source)
+        return LazyWeight(name, elem, dims, lambda: tensor_array(t, transposed=transposed))
+    source = (key, "transpose" if transposed else "identity", tuple(dims), elem)
+    return LazyWeight(name, elem, dims, lambda: tensor_array(parts.weights.get(key), t.dtype, transposed), source)
 
 
 def _params_to_weights(model, params: dict[str, torch.Tensor], set_aside_bytes: int,

@@ -53,6 +53,22 @@ class LazyWeight:
         return t
 
 
+def tensor_array(t, dtype=None, transposed: bool = False) -> np.ndarray:
+    """A torch tensor (2-D ``t.T`` if ``transposed``) cast to ``dtype`` as a C-contiguous numpy array, in one
+    strided torch copy (several times faster than numpy's for a transpose). bfloat16 comes back as its
+    int16 bits: numpy has no bfloat16, and only the bytes are wanted."""
+    import torch
+
+    src = t.t() if transposed else t
+    dtype = dtype or t.dtype
+    if src.dtype == dtype and src.is_contiguous():
+        out = src
+    else:
+        out = torch.empty(src.shape, dtype=dtype)
+        out.copy_(src)
+    return out.view(torch.int16).numpy() if dtype == torch.bfloat16 else out.numpy()
+
+
 def weight_data(w) -> memoryview:
     """The payload bytes of a TensorProto or LazyWeight, without a copy where it can be avoided."""
     if isinstance(w, LazyWeight):

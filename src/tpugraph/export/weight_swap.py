@@ -18,7 +18,7 @@ import torch
 from onnx import numpy_helper
 
 from ..passes._graph import tensor_bytes
-from .external_data import LazyWeight, weight_data
+from .external_data import LazyWeight, tensor_array, weight_data
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,8 @@ class FilledArrays(Mapping):
             p = self._params[src.param]
             arr = p.T if src.transform == TRANSPOSE else p
             return np.ascontiguousarray(arr).reshape(src.dims)
-        p = source(src.param)
-        if src.transform == TRANSPOSE:
-            p = p.t()
-        out = torch.empty(p.shape, dtype=TORCH_DTYPES[src.data_type])
-        out.copy_(p)  # a strided copy in torch is several times faster than numpy's for a transpose
-        return out.numpy().reshape(src.dims)
+        arr = tensor_array(source(src.param), TORCH_DTYPES[src.data_type], src.transform == TRANSPOSE)
+        return arr.reshape(src.dims)
 
     def source(self, name: str) -> tuple | None:
         """What the array of ``name`` is made from, if ``params`` names its tensors (``source_key``)."""
