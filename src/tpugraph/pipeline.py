@@ -220,23 +220,23 @@ class Finisher:
         digests = writer.digests()  # the unit's shared data file was hashed as it was written
         for entry in entries:
             entry.record_files(self.out_dir, digests)
-            self.manifest.segments.append(entry)
-        self.manifest.write(self.out_dir, PARTIAL_NAME)
+        self._record(entries)
 
-    def _keep(self, entries: list[SegmentEntry]) -> None:
+    def _record(self, entries: list[SegmentEntry]) -> None:
         self.manifest.segments.extend(entries)
         self.manifest.write(self.out_dir, PARTIAL_NAME)
 
-    def submit(self, writer: UnitWriter, entries: list[SegmentEntry]) -> None:
+    def _then(self, job, *args) -> None:
         with self._lock:
             self._wait()
-            self._in_flight = self._pool.submit(self._finish, writer, entries)
+            self._in_flight = self._pool.submit(job, *args)
+
+    def submit(self, writer: UnitWriter, entries: list[SegmentEntry]) -> None:
+        self._then(self._finish, writer, entries)
 
     def keep(self, entries: list[SegmentEntry]) -> None:
         """Record segments an earlier run finished (in order with the commits)."""
-        with self._lock:
-            self._wait()
-            self._in_flight = self._pool.submit(self._keep, entries)
+        self._then(self._record, entries)
 
     def wait(self) -> None:
         with self._lock:

@@ -136,11 +136,10 @@ class ModelParts:
         module = copy.deepcopy(meta)  # parameters on meta (free), buffers real (small)
         persistent = set(meta.state_dict().keys())
         state, placeholders = {}, []
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
         for name, param in meta.named_parameters():
             key = self.checkpoint_key(path, name)
             if placeholders_from is not None and param.is_floating_point() \
-                    and param.numel() * itemsize >= placeholders_from:
+                    and param.numel() * self.dtype.itemsize >= placeholders_from:
                 state[name] = torch.empty(param.shape, dtype=self.dtype)
                 placeholders.append(state[name].data_ptr())
                 self._placeholders[placeholders[-1]] = key

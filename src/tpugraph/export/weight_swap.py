@@ -69,12 +69,8 @@ class FilledArrays(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         src = self._sources[name]
         source = getattr(self._params, "source", None)
-        if source is None or src.data_type not in TORCH_DTYPES:
-            p = self._params[src.param]
-            arr = p.T if src.transform == TRANSPOSE else p
-            return np.ascontiguousarray(arr).reshape(src.dims)
-        arr = tensor_array(source(src.param), TORCH_DTYPES[src.data_type], src.transform == TRANSPOSE)
-        return arr.reshape(src.dims)
+        p = source(src.param) if source is not None else torch.from_numpy(np.ascontiguousarray(self._params[src.param]))
+        return tensor_array(p, TORCH_DTYPES.get(src.data_type), src.transform == TRANSPOSE).reshape(src.dims)
 
     def source(self, name: str) -> tuple | None:
         """What the array of ``name`` is made from, if ``params`` names its tensors (``source_key``)."""
