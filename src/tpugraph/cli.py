@@ -113,8 +113,9 @@ def _split(values: Optional[list[str]]) -> Optional[list[str]]:
 @app.command("export-and-optimize")
 @user_errors
 def export_and_optimize_cmd(
-    model: str = typer.Argument(..., help="A local Hugging Face model folder (config.json + *.safetensors) or a preset name (e.g. tiny-llama)."),
+    model: str = typer.Argument(..., help="A local Hugging Face model folder (config.json + *.safetensors, plain or GPTQ/AWQ/AutoRound-quantized), a .gguf file (or a folder holding one), or a preset name (e.g. tiny-llama)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the segments and manifest.json."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="The .gguf file inside the MODEL folder to export (when it holds several, or config.json too)."),
     seq_length: int = typer.Option(512, "--seq-length", help="Static sequence length SEQ."),
     int_dtype: str = typer.Option("int32", "--int-dtype", help="Integer input dtype: int32 or int64."),
     dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the exported segments: float32, float16 or bfloat16 (segment inputs/outputs stay float32)."),
@@ -148,6 +149,10 @@ def export_and_optimize_cmd(
                          greedy_in_lm_head=lm_head_greedy, external_data=external_data, weight_swap=weight_swap,
                          jobs=jobs)
 
+    if gguf_file:
+        from .model_source import resolve_model
+
+        model = str(resolve_model(model, gguf_file).gguf_path)
     with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
         manifest = export_and_optimize(model, out, opts, progress=progress, pass_progress=passes)
     test_files: list[str] = []

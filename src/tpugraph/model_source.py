@@ -1,4 +1,10 @@
-"""MODEL argument -> a checked model folder, its facts, and a memory-mapped view of its weights."""
+"""MODEL argument -> a checked model folder (or .gguf file), its facts, and a memory-mapped view of its weights.
+
+``open_weights`` is the one place that decides how weights are read: plain safetensors (``WeightStore``),
+safetensors with a quantization_config (``quantized_weights.QuantizedWeights``: packed layers dequantized
+when read) or a .gguf file (``gguf_weights.GgufWeights``). All three present the same interface: the
+model's Hugging Face parameter names, one float tensor per ``get``, shapes without reading data.
+"""
 
 from __future__ import annotations
 
@@ -86,30 +92,60 @@ def materialize_preset(name: str) -> Path:
 
 @dataclass
 class ModelSource:
-    """Where a model came from: a local folder, or a built-in preset materialised into a folder."""
+    """Where a model came from: a local folder, a .gguf file (``path`` its folder, ``gguf_file`` its name),
+    or a built-in preset materialised into a folder."""
 
     path: Path
     preset: str | None = None
+    gguf_file: str | None = None
 
     @property
     def random_weights(self) -> bool:
         return self.preset is not None
 
+    @property
+    def gguf_path(self) -> Path | None:
+        return self.path / self.gguf_file if self.gguf_file else None
+
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "preset": self.preset, "random_weights": self.random_weights}
+        # For a GGUF source "path" is the file itself: what `verify --model` and `export-and-optimize` take.
+        return {"path": str(self.gguf_path or self.path), "preset": self.preset, "random_weights": self.random_weights,
+                **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
 
 
-def resolve_model(model: str) -> ModelSource:
-    """A folder path or a preset name -> a ModelSource whose folder holds config.json and weights."""
+def is_gguf_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def resolve_model(model: str, gguf_file: str | None = None) -> ModelSource:
+    """A folder path, a .gguf file or a preset name -> a ModelSource. A folder holds config.json and
+    safetensors, or a .gguf file (``gguf_file`` picks one; a folder with a single .gguf and no config.json
+    needs no choice)."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"model '{model}' is a file, not a model folder (config.json + *.safetensors)")
+            if is_gguf_file(path):
+                if gguf_file and gguf_file != path.name:
+                    raise ModelError(f"--gguf-file '{gguf_file}' given, but MODEL is the file '{path.name}'")
+                return ModelSource(path=path.resolve().parent, gguf_file=path.name)
+            raise ModelError(f"model '{model}' is a file, not a model folder (config.json + *.safetensors) "
+                             "nor a .gguf file")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"model folder '{model}' is not readable")
+        if gguf_file:
+            if not is_gguf_file(path / gguf_file):
+                raise ModelError(f"--gguf-file '{gguf_file}' is not a .gguf file in '{model}'")
+            return ModelSource(path=path.resolve(), gguf_file=gguf_file)
         if not (path / "config.json").is_file():
-            raise ModelError(f"'{model}' is not a model folder: it has no config.json")
+            ggufs = sorted(p.name for p in path.glob("*.gguf") if p.is_file())
+            if len(ggufs) == 1:
+                return ModelSource(path=path.resolve(), gguf_file=ggufs[0])
+            if ggufs:
+                raise ModelError(f"'{model}' holds several .gguf files ({', '.join(ggufs)}); pick one with --gguf-file")
+            raise ModelError(f"'{model}' is not a model folder: it has no config.json (nor a .gguf file)")
         return ModelSource(path=path.resolve())
+    if gguf_file:
+        raise ModelError(f"--gguf-file needs MODEL to be the folder holding it ('{model}' not found)")
     if model in preset_names():
         return ModelSource(path=materialize_preset(model), preset=model)
     raise ModelError(
@@ -156,8 +192,26 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     return raw
 
 
+def load_gguf_config(source: ModelSource):
+    """The transformers config transformers itself builds from a .gguf file's metadata."""
+    from transformers import AutoConfig
+
+    from .gguf_weights import open_reader
+
+    open_reader(source.gguf_path)  # a truncated or foreign file: one clear line, before transformers sees it
+    try:
+        config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+    except Exception as exc:  # transformers raises ValueError/KeyError/ImportError for what it cannot map
+        raise ModelError(f"transformers cannot build a config from '{source.gguf_path}': "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    family = family_for(config.model_type, list(getattr(config, "architectures", None) or []))
+    return config, family
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     """The transformers config of a model folder, after the checks that give one clear line each."""
+    if source.gguf_file:
+        return load_gguf_config(source)
     raw = read_config_json(source.path)
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
@@ -211,6 +265,8 @@ def model_facts(config, family: FamilySpec) -> ModelFacts:
 class WeightStore:
     """Memory-mapped read access to a model folder's safetensors, one tensor at a time."""
 
+    quantization = None  # plain weights: nothing for the manifest to record
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
@@ -263,3 +319,62 @@ class WeightStore:
             raise ModelError(f"weight '{key}' is missing from the model's safetensors")
         view = self._open(self._file_of[key]).get_slice(key)
         return tuple(int(d) for d in view.get_shape()), str(view.get_dtype())
+
+
+def meta_parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model ``config`` describes (built on the meta device: no memory)."""
+    return {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}
+
+
+def meta_model(config):
+    """The model's module tree on the meta device (names and shapes only)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except TypeError:  # transformers < 4.56
+            return AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+
+
+def quantization_config(source: ModelSource) -> dict[str, Any] | None:
+    """The quantization_config of a safetensors folder's config.json (None: plain weights or a GGUF file)."""
+    if source.gguf_file:
+        return None
+    qc = read_config_json(source.path).get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ModelError(f"{source.path / 'config.json'}: quantization_config is not a JSON object")
+    return qc
+
+
+def open_weights(source: ModelSource, config):
+    """The model's weights as one interface (keys, ``in``, get, shape_and_dtype, ``quantization``): plain
+    safetensors, packed GPTQ/AWQ/AutoRound layers dequantized when read, or a .gguf file's tensors."""
+    if source.gguf_file:
+        from .gguf_weights import GgufWeights
+
+        return GgufWeights(source.gguf_path, config)
+    qc = quantization_config(source)
+    if qc is None:
+        return WeightStore(source.path)
+    from .quantized_weights import QuantizedWeights, scheme_from_config
+
+    return QuantizedWeights(WeightStore(source.path), scheme_from_config(qc), config)
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer (save_pretrained-able): from the folder, or built from a .gguf file's metadata
+    the way transformers does it."""
+    from transformers import AutoTokenizer
+
+    try:
+        if source.gguf_file:
+            return AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+        return AutoTokenizer.from_pretrained(str(source.path))
+    except Exception as exc:
+        raise ModelError(f"no usable tokenizer in '{source.gguf_path or source.path}': "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

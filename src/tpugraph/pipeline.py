@@ -18,7 +18,7 @@ from . import __version__
 from .contract import KV_LAYOUT, MASK_VALUE, ContractDims, SegmentSpec, segment_specs
 from .errors import OutputError, TpugraphError, UsageError
 from .manifest import MANIFEST_NAME, PARTIAL_NAME, Manifest, SegmentEntry, read_manifest, sha256_file
-from .model_source import ModelSource, WeightStore, load_config, model_facts, resolve_model
+from .model_source import ModelSource, WeightStore, load_config, model_facts, open_weights, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         raise UsageError(
             f"--seq-length {options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})"
         )
-    weights = WeightStore(source.path)
+    weights = open_weights(source, config)  # plain, quantized (dequantized per tensor) or GGUF
     chain = _resolve_chain(options)
     prepare_output_dir(out_dir, options.force)
     previous = _previous_entries(out_dir)
@@ -443,7 +443,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model={**facts.to_json(), "source": source.to_json()},
+        model={**facts.to_json(), "source": source.to_json(),
+               **({"source_quantization": weights.quantization} if weights.quantization else {})},
         tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
                      "naming": _naming(chain), "int_dtype": options.int_dtype, "float_dtype": "float32",

@@ -14,7 +14,15 @@ import math
 import os
 from pathlib import Path
 
-from .model_source import WeightStore, load_config, quiet_transformers, resolve_model
+from .model_source import (
+    WeightStore,
+    is_gguf_file,
+    load_config,
+    open_weights,
+    quantization_config,
+    quiet_transformers,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,17 @@ def float32_bytes(weights: WeightStore) -> int:
     return sum(math.prod(weights.shape_and_dtype(k)[0]) * 4 for k in weights.keys())
 
 
+def _weights(model_dir: Path):
+    """The source's weights as tpugraph reads them (plain, dequantized packed layers, or a .gguf file)."""
+    source = resolve_model(str(model_dir))
+    if source.gguf_file is None and quantization_config(source) is None:
+        return WeightStore(source.path)
+    config, _ = load_config(source)
+    return open_weights(source, config)
+
+
 def should_stream(model_dir: Path) -> bool:
-    need, have = float32_bytes(WeightStore(model_dir)), available_memory()
+    need, have = float32_bytes(_weights(model_dir)), available_memory()
     stream = need > MEMORY_SHARE * have
     if stream:
         log.info("the fp32 reference needs %.1f GB, %.1f GB available: its layers' weights are streamed",
@@ -47,15 +64,26 @@ def should_stream(model_dir: Path) -> bool:
 
 
 def load_full(model_dir: Path):
+    """transformers' own from_pretrained in float32. A .gguf file is loaded by transformers' GGUF loader
+    (dequantized by transformers). A GPTQ/AWQ folder, which transformers loads only with GPU kernels, is
+    the streamed model with tpugraph's dequantized weights (for an independent reference, pass a float
+    checkpoint to ``verify --model``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    model_dir = Path(model_dir)
+    kwargs: dict = {"attn_implementation": "eager"}
+    if is_gguf_file(model_dir):
+        model_dir, kwargs["gguf_file"] = model_dir.parent, model_dir.name
+    elif quantization_config(resolve_model(str(model_dir))) is not None:
+        log.info("%s is a quantized checkpoint: the reference runs transformers' modules on its dequantized weights",
+                 model_dir)
+        return load_streamed(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
     except TypeError:  # transformers < 4.56 calls it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32,
-                                                     attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32, **kwargs)
     return model.eval()
 
 
@@ -69,7 +97,7 @@ def load_streamed(model_dir: Path):
     quiet_transformers()
     source = resolve_model(str(model_dir))
     config, family = load_config(source, trust_remote_code=False)
-    weights = WeightStore(source.path)
+    weights = open_weights(source, config)
     parts = ModelParts(config, family, weights, "float32")
     model = parts.skeleton
     layers_prefix = f"{family.layers_path}."

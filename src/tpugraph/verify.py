@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import VerificationError
 from .manifest import Manifest, read_manifest, validate
-from .model_source import materialize_preset
+from .model_source import is_gguf_file, materialize_preset
 from .runtime import SegmentRuntime
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _source_folder(manifest: Manifest, model_path: str | None) -> Path:
     path = Path(src.get("path", ""))
     if src.get("preset") and not (path / "config.json").is_file():
         path = materialize_preset(src["preset"])  # deterministic: the same weights again
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or is_gguf_file(path)):
         raise VerificationError(f"source model '{path}' of this output is gone; pass --model FOLDER")
     return path
 
