@@ -98,6 +98,10 @@ class GgufWeights:
         tensor = self._require(key)
         return tuple(int(d) for d in reversed(list(tensor.shape))), "F32"
 
+    def gguf_name(self, key: str) -> str:
+        """The tensor's name in the file (e.g. blk.0.attn_q.weight)."""
+        return self._require(key).name
+
     def ggml_type(self, key: str) -> str:
         self._require(key)
         return self.tensor_types[key]
