@@ -14,6 +14,9 @@ the integers exact and one rounding (the product in float32). The formulas are t
   int32 [groups, out / 8] pack eight *output* columns each in AWQ's interleaved order (nibble ``i``
   holds column ``[0, 2, 4, 6, 1, 3, 5, 7][i]`` of its eight); ``scales`` [groups, out]; groups are
   consecutive runs of ``group_size`` input rows; zeros are stored as they are.
+- compressed-tensors pack-quantized (symmetric): ``weight_packed`` int32 [out, in / (32/bits)] packs
+  consecutive *input* columns, lowest bits first, each value stored plus ``2^(bits-1)`` (unsigned);
+  ``weight_scale`` [out, groups]; no zero point: ``w = scale * q``.
 """
 
 from __future__ import annotations
@@ -73,3 +76,16 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     groups = torch.arange(q.shape[0]) // group_size
     w = scales.to(torch.float32)[groups] * (q - zeros[groups]).to(torch.float32)
     return w.t().contiguous()
+
+
+def compressed_tensors_integers(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """The signed integers [out, in] of a compressed-tensors pack-quantized weight."""
+    return unpack_along_columns(packed, bits)[:, :in_features] - (1 << (bits - 1))
+
+
+def dequantize_compressed_tensors(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int,
+                                  in_features: int) -> torch.Tensor:
+    """compressed-tensors symmetric pack-quantized weight -> float32 [out, in]."""
+    q = compressed_tensors_integers(packed, bits, in_features)
+    groups = torch.arange(in_features) // group_size
+    return (scale.to(torch.float32)[:, groups] * q.to(torch.float32)).contiguous()

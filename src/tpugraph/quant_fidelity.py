@@ -194,7 +194,7 @@ def measure_source(weights, quantization: dict[str, Any], layers_path: str = "mo
         notes = [f"GGUF tensors mostly {dominant}: W{bits} with groups of {group} (its block size)"]
         if dominant.startswith("Q5") or dominant.startswith("Q6"):
             notes.append(f"{dominant} has more levels than W4 holds: W8 keeps it (not exactly: a finer grid)")
-    elif method in ("gptq", "awq", "auto-round"):
+    elif method in ("gptq", "awq", "auto-round", "compressed-tensors"):
         bits, group = int(quantization["bits"]), int(quantization["group_size"])
         group = 0 if group == -1 else group
         keys = sorted(k for k in weights.keys() if getattr(weights, "is_packed", lambda _k: False)(k))

@@ -1,4 +1,5 @@
-"""A safetensors folder with a ``quantization_config`` (GPTQ, AWQ GEMM, AutoRound) -> the model's float
+"""A safetensors folder with a ``quantization_config`` (GPTQ, AWQ GEMM, AutoRound, compressed-tensors
+symmetric pack-quantized) -> the model's float
 parameters, each packed layer dequantized when it is read.
 
 The quantization config is checked against the tensors before anything is exported: another bit width,
@@ -18,15 +19,17 @@ from .model_source import WeightStore, meta_parameter_shapes
 
 log = logging.getLogger(__name__)
 
-PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx",  # GPTQ / AWQ
+                   ".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
+MARKER = {"gptq": ".qweight", "awq-gemm": ".qweight", "ct-pack": ".weight_packed"}  # the tensor naming a packed layer
 
 
 @dataclass(frozen=True)
 class QuantScheme:
     """The source quantization, as the manifest records it and ``quant_fidelity`` reads it."""
 
-    method: str  # gptq | awq | auto-round
-    packing: str  # gptq | awq-gemm
+    method: str  # gptq | awq | auto-round | compressed-tensors
+    packing: str  # gptq | awq-gemm | ct-pack
     bits: int
     group_size: int  # -1: one group over all input features
     sym: bool
@@ -43,9 +46,11 @@ def scheme_from_config(qc: dict[str, Any]) -> QuantScheme:
     method = str(qc.get("quant_method", "")).lower()
     if method in ("intel/auto-round", "auto_round"):
         method = "auto-round"
+    if method == "compressed-tensors":
+        return _compressed_tensors_scheme(qc)
     if method not in ("gptq", "awq", "auto-round"):
         raise ModelError(f"quantization_config quant_method '{qc.get('quant_method')}' is not supported "
-                         "(supported: gptq, awq, auto-round, and .gguf files)")
+                         "(supported: gptq, awq, auto-round, compressed-tensors pack-quantized, and .gguf files)")
     bits = qc.get("bits", qc.get("w_bit"))
     group_size = qc.get("group_size", qc.get("q_group_size", 128))
     if not isinstance(bits, int) or not isinstance(group_size, int):
@@ -70,6 +75,33 @@ def scheme_from_config(qc: dict[str, Any]) -> QuantScheme:
                        checkpoint_format=fmt)
 
 
+def _compressed_tensors_scheme(qc: dict[str, Any]) -> QuantScheme:
+    """compressed-tensors: weight-only, symmetric int4/int8 "pack-quantized", group or channel strategy."""
+    fmt = qc.get("format")
+    if fmt != "pack-quantized":
+        raise ModelError(f"compressed-tensors format '{fmt}' is not supported (only pack-quantized)")
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    if not weights or any(w != weights[0] for w in weights):
+        raise ModelError("compressed-tensors config_groups must quantize every target's weights the same way")
+    if any(g.get("input_activations") for g in groups):
+        raise ModelError("compressed-tensors with quantized activations is not supported (weight-only is)")
+    w = weights[0]
+    bits, strategy = w.get("num_bits"), w.get("strategy")
+    if w.get("type", "int") != "int" or bits not in (4, 8):
+        raise ModelError(f"compressed-tensors {w.get('type')} with num_bits={bits} is not supported (int 4/8 are)")
+    if not w.get("symmetric", True):
+        raise ModelError("compressed-tensors asymmetric weights (weight_zero_point) are not supported (symmetric are)")
+    if w.get("actorder"):
+        raise ModelError(f"compressed-tensors actorder '{w.get('actorder')}' is not supported")
+    if strategy not in ("group", "channel"):
+        raise ModelError(f"compressed-tensors strategy '{strategy}' is not supported (group, channel are)")
+    group = int(w.get("group_size") or 0) if strategy == "group" else -1
+    if strategy == "group" and group <= 0:
+        raise ModelError("compressed-tensors group strategy without a group_size")
+    return QuantScheme("compressed-tensors", "ct-pack", bits, group, sym=True, desc_act=False, zero_offset=0)
+
+
 class QuantizedWeights:
     """A WeightStore look-alike: HF parameter names (``X.weight`` for each packed ``X.qweight``), each packed
     layer dequantized to float32 when read; every other tensor as the checkpoint stores it."""
@@ -78,12 +110,13 @@ class QuantizedWeights:
         self.raw = raw
         self.scheme = scheme
         self._packed: dict[str, str] = {}  # logical "X.weight" -> module prefix "X"
+        marker = MARKER[scheme.packing]
         for key in raw.keys():
-            if key.endswith(".qweight"):
-                self._packed[key[: -len(".qweight")] + ".weight"] = key[: -len(".qweight")]
+            if key.endswith(marker):
+                self._packed[key[: -len(marker)] + ".weight"] = key[: -len(marker)]
         if not self._packed:
             raise ModelError(f"'{raw.folder}' has a {scheme.method} quantization_config but no packed weights "
-                             "(no *.qweight tensors)")
+                             f"(no *{marker} tensors)")
         self._keys = [k for k in raw.keys() if not k.endswith(PACKED_SUFFIXES)] + list(self._packed)
         self._shapes: dict[str, tuple[int, int]] = {}
         expected = meta_parameter_shapes(config)
@@ -96,6 +129,8 @@ class QuantizedWeights:
 
     def _check_layer(self, prefix: str, expected: tuple[int, ...] | None) -> tuple[int, int]:
         s = self.scheme
+        if s.packing == "ct-pack":
+            return self._check_ct_layer(prefix, expected)
         qweight, qzeros, scales = (self._shape(f"{prefix}{x}") for x in (".qweight", ".qzeros", ".scales"))
         if qzeros is None or scales is None:
             missing = ".qzeros" if qzeros is None else ".scales"
@@ -141,6 +176,29 @@ class QuantizedWeights:
                 raise ModelError(f"{prefix}.g_idx has shape {list(g_idx)}, expected [{in_f}]")
         return out_f, in_f
 
+    def _check_ct_layer(self, prefix: str, expected: tuple[int, ...] | None) -> tuple[int, int]:
+        s = self.scheme
+        packed, scale = self._shape(f"{prefix}.weight_packed"), self._shape(f"{prefix}.weight_scale")
+        if scale is None:
+            raise ModelError(f"{prefix}: packed weight without {prefix}.weight_scale")
+        if f"{prefix}.weight_zero_point" in self.raw or f"{prefix}.weight_g_idx" in self.raw:
+            raise ModelError(f"{prefix}: has a zero point or g_idx, but the config says symmetric without actorder")
+        if expected is None or len(expected) != 2:
+            raise ModelError(f"{prefix}: the model has no linear weight '{prefix}.weight' for this packed layer")
+        out_f, in_f = expected
+        per_int = 32 // s.bits
+        want = (out_f, math.ceil(in_f / per_int))
+        if tuple(packed) != want:
+            implied = 32 * packed[1] // in_f if in_f else "?"
+            raise ModelError(f"{prefix}.weight_packed is {list(packed)}, but {s.bits}-bit packing of the model's "
+                             f"[{out_f}, {in_f}] weight is {list(want)} (quantization_config says num_bits={s.bits}; "
+                             f"the tensors look {implied}-bit)")
+        groups = 1 if s.group_size == -1 else math.ceil(in_f / s.group_size)
+        if tuple(scale) != (out_f, groups):
+            raise ModelError(f"{prefix}.weight_scale is {list(scale)}, but group_size={s.group_size} over {in_f} "
+                             f"inputs makes [{out_f}, {groups}] (config and tensors disagree)")
+        return out_f, in_f
+
     # -- the WeightStore interface -------------------------------------------------------------
     @property
     def quantization(self) -> dict[str, Any]:
@@ -183,7 +241,12 @@ def _g_idx(raw: WeightStore, prefix: str, scheme: QuantScheme, in_f: int):
 def layer_integers(raw: WeightStore, prefix: str, scheme: QuantScheme, shape: tuple[int, int]):
     import torch
 
-    from .dequantize import awq_integers, gptq_integers
+    from .dequantize import awq_integers, compressed_tensors_integers, gptq_integers
+
+    if scheme.packing == "ct-pack":
+        q = compressed_tensors_integers(raw.get(f"{prefix}.weight_packed"), scheme.bits, shape[1])
+        scales = raw.get(f"{prefix}.weight_scale").to(torch.float32).t().contiguous()
+        return q.t(), torch.zeros_like(scales, dtype=torch.int32), scales, _g_idx(raw, prefix, scheme, shape[1])
 
     qweight, qzeros = raw.get(f"{prefix}.qweight"), raw.get(f"{prefix}.qzeros")
     if scheme.packing == "gptq":
@@ -195,8 +258,12 @@ def layer_integers(raw: WeightStore, prefix: str, scheme: QuantScheme, shape: tu
 
 
 def dequantize_layer(raw: WeightStore, prefix: str, scheme: QuantScheme, shape: tuple[int, int]):
-    from .dequantize import dequantize_awq, dequantize_gptq
+    from .dequantize import dequantize_awq, dequantize_compressed_tensors, dequantize_gptq
 
+    if scheme.packing == "ct-pack":
+        group = shape[1] if scheme.group_size == -1 else scheme.group_size
+        return dequantize_compressed_tensors(raw.get(f"{prefix}.weight_packed"), raw.get(f"{prefix}.weight_scale"),
+                                             scheme.bits, group, shape[1])
     qweight, qzeros, scales = (raw.get(f"{prefix}{x}") for x in (".qweight", ".qzeros", ".scales"))
     try:
         if scheme.packing == "gptq":

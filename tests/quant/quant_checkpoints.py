@@ -31,7 +31,7 @@ class Variant:
     group_size: int
     sym: bool
     desc_act: bool = False
-    packing: str = "gptq"  # gptq | awq
+    packing: str = "gptq"  # gptq | awq | ct (compressed-tensors pack-quantized)
     checkpoint_format: str = "gptq"  # gptq (zeros stored minus one) | gptq_v2
 
     @property
@@ -40,6 +40,13 @@ class Variant:
         return f"{self.method}-{self.packing}-w{self.bits}-g{self.group_size}-{'sym' if self.sym else 'asym'}{act}"
 
     def quantization_config(self) -> dict:
+        if self.method == "compressed-tensors":
+            strategy = "channel" if self.group_size == -1 else "group"
+            weights = {"num_bits": self.bits, "type": "int", "symmetric": True, "strategy": strategy,
+                       "group_size": None if self.group_size == -1 else self.group_size, "actorder": None}
+            return {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                  "input_activations": None}}}
         if self.method == "awq":
             return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size, "zero_point": True,
                     "version": "gemm"}
@@ -103,6 +110,17 @@ def unpack_slot(packed: np.ndarray, bits: int, j: int) -> np.ndarray:
 def reference_dequantize(tensors: dict[str, np.ndarray], prefix: str, v: Variant, in_f: int, out_f: int) -> np.ndarray:
     """The format's own reading of one packed layer -> float32 weight [out, in], element by element slots."""
     per = 32 // v.bits
+    if v.packing == "ct":
+        packed, scale = tensors[f"{prefix}.weight_packed"], tensors[f"{prefix}.weight_scale"].astype(np.float32)
+        q = np.zeros((out_f, packed.shape[1] * per), np.int64)
+        for j in range(per):
+            q[:, j::per] = unpack_slot(packed, v.bits, j)
+        q = q[:, :in_f] - 2 ** (v.bits - 1)
+        group = in_f if v.group_size == -1 else v.group_size
+        w = np.empty((out_f, in_f), np.float32)
+        for i in range(in_f):
+            w[:, i] = scale[:, i // group] * q[:, i].astype(np.float32)
+        return w
     qweight, qzeros = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"]
     scales = tensors[f"{prefix}.scales"].astype(np.float32)
     q = np.zeros((in_f, out_f), np.int64)
@@ -154,6 +172,15 @@ def write_quantized(folder: Path, v: Variant, seed: int = 0, **config) -> tuple[
             groups[perm] = np.arange(in_f) // group
         else:
             groups = np.arange(in_f) // group
+        if v.packing == "ct":  # symmetric signed ints, stored unsigned (+2^(bits-1)), packed along the input
+            half = 2 ** (v.bits - 1)
+            g = w.reshape(out_f, n_groups, group)
+            scale = (np.abs(g).max(axis=2) / (half - 0.5)).astype(np.float16)
+            q = np.clip(np.round(g / scale.astype(np.float32)[:, :, None]), -half, half - 1).reshape(out_f, in_f)
+            tensors[f"{prefix}.weight_packed"] = pack_cols(q + half, v.bits)
+            tensors[f"{prefix}.weight_scale"] = scale
+            tensors[f"{prefix}.weight_shape"] = np.array([out_f, in_f], np.int64)
+            continue
         q, zeros, scales = quantize_groups(w, groups, n_groups, v.bits, v.sym)
         if v.packing == "awq":
             tensors[f"{prefix}.qweight"] = pack_cols(q, v.bits, AWQ_ORDER)
@@ -179,7 +206,13 @@ def write_reference_model(folder: Path, quant_dir: Path, tensors: dict[str, np.n
 
     out = {}
     for key, value in tensors.items():
-        if key.endswith(".qweight"):
+        if key.endswith(".weight_packed"):
+            prefix = key[: -len(".weight_packed")]
+            out_f, in_f = (int(x) for x in tensors[f"{prefix}.weight_shape"])
+            out[f"{prefix}.weight"] = reference_dequantize(tensors, prefix, v, in_f, out_f)
+        elif key.endswith((".weight_scale", ".weight_shape")):
+            continue
+        elif key.endswith(".qweight"):
             prefix = key[: -len(".qweight")]
             out_f = tensors[f"{prefix}.scales"].shape[1]
             in_f = value.shape[0] * (32 // v.bits) if v.packing == "gptq" else value.shape[0]

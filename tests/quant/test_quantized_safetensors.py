@@ -27,6 +27,8 @@ VARIANTS = [
     Variant("awq", 4, 32, sym=False, packing="awq"),
     Variant("auto-round", 4, 32, sym=False),
     Variant("auto-round", 4, 32, sym=False, packing="awq"),
+    Variant("compressed-tensors", 4, 32, sym=True, packing="ct"),
+    Variant("compressed-tensors", 8, -1, sym=True, packing="ct"),
 ]
 
 
@@ -41,11 +43,12 @@ def test_dequantized_bit_for_bit_like_the_reference(tmp_path, variant):
     folder, tensors = write_quantized(tmp_path / "q", variant)
     weights = _open(folder)
     assert isinstance(weights, QuantizedWeights)
-    packed = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
+    marker = ".weight_packed" if variant.packing == "ct" else ".qweight"
+    packed = [k[: -len(marker)] for k in tensors if k.endswith(marker)]
     assert len(packed) == 2 * 7
     for prefix in packed:
         key = f"{prefix}.weight"
-        assert key in weights and f"{prefix}.qweight" not in weights
+        assert key in weights and f"{prefix}{marker}" not in weights
         got = weights.get(key)
         out_f, in_f = weights.shape_and_dtype(key)[0]
         want = reference_dequantize(tensors, prefix, variant, in_f, out_f)
@@ -56,12 +59,12 @@ def test_dequantized_bit_for_bit_like_the_reference(tmp_path, variant):
                        torch.from_numpy(tensors["model.embed_tokens.weight"]))
     q = weights.quantization
     assert (q["bits"], q["group_size"], q["sym"], q["desc_act"]) == (
-        variant.bits, variant.group_size, variant.sym if variant.packing == "gptq" else False, variant.desc_act)
+        variant.bits, variant.group_size, variant.sym if variant.packing != "awq" else False, variant.desc_act)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[1], VARIANTS[3], VARIANTS[4], VARIANTS[6], VARIANTS[7],
-                                     VARIANTS[8]], ids=lambda v: v.name)
+                                     VARIANTS[8], VARIANTS[9], VARIANTS[10]], ids=lambda v: v.name)
 def test_exports_and_verifies_against_the_independent_dequantization(tmp_path, variant):
     folder, tensors = write_quantized(tmp_path / "q", variant)
     reference = write_reference_model(tmp_path / "ref", folder, tensors, variant)
@@ -124,6 +127,18 @@ def test_group_size_disagreeing_with_the_scales_is_refused(tmp_path):
 ])
 def test_unsupported_schemes_are_refused(tmp_path, edit, needle):
     assert needle in _bad(tmp_path, Variant("gptq", 4, 32, sym=True), edit_config=edit)
+
+
+def test_compressed_tensors_bits_disagreeing_with_the_packing_is_refused(tmp_path):
+    line = _bad(tmp_path, Variant("compressed-tensors", 8, 32, sym=True, packing="ct"),
+                edit_config=lambda qc: qc["config_groups"]["group_0"]["weights"].update(num_bits=4))
+    assert "num_bits=4" in line and "8-bit" in line
+
+
+def test_compressed_tensors_asymmetric_is_refused(tmp_path):
+    line = _bad(tmp_path, Variant("compressed-tensors", 4, 32, sym=True, packing="ct"),
+                edit_config=lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False))
+    assert "asymmetric" in line
 
 
 def test_awq_gemv_is_refused(tmp_path):
