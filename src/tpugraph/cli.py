@@ -370,6 +370,40 @@ def compile_cmd(
     _echo(f"wrote {report.bmodel} ({report.seconds:.0f}s)")
 
 
+@app.command("quant-fidelity")
+@user_errors
+def quant_fidelity_cmd(
+    out: Path = typer.Argument(..., help="An output folder exported from a quantized model (GPTQ, AWQ, AutoRound, compressed-tensors, GGUF)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The source model, if it moved since the export."),
+    layers: int = typer.Option(4, "--layers", help="Decoder layers to measure, spread over the model (0: all)."),
+    half: str = typer.Option("f16", "--half", help="Half type of the deploy's scales: f16 or bf16."),
+    json_out: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+) -> None:
+    """The W4/W8 compile mode that keeps a quantized source's integers best (bits, group size, asymmetric or
+    --q_symmetric), with the share of groups tpu-mlir's re-quantization reproduces exactly and its extra
+    weight error relative to the checkpoint's own quantization error."""
+    from .errors import UsageError
+    from .quant_fidelity import HALF_TYPES, choose_compile_mode
+
+    if half not in HALF_TYPES:
+        raise UsageError(f"--half must be one of {', '.join(HALF_TYPES)} (got {half})")
+    choice = choose_compile_mode(out, model, sample_layers=layers or None, half=half)
+    if choice is None:
+        if json_out:
+            typer.echo(json.dumps(None))
+        else:
+            _echo("the source was not quantized: compile with the usual modes")
+        return
+    if json_out:
+        typer.echo(json.dumps(choice.to_json()))
+        return
+    _echo(choice.summary())
+    for note in choice.notes:
+        _echo(f"note: {note}")
+    _echo("compile with: " + " ".join(choice.compile_args())
+          + (" plus model_deploy's --q_symmetric" if choice.q_symmetric else ""))
+
+
 @app.command("families")
 @user_errors
 def families_cmd(json_out: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:

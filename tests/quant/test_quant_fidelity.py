@@ -90,3 +90,22 @@ def test_plain_source_has_no_choice(tmp_path, make_model):
                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)),
                         out, ExportOptions(seq_length=16, passes=[]))
     assert choose_compile_mode(out) is None
+
+
+def test_cli_prints_the_choice(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tpugraph.cli import app
+
+    folder, _ = write_quantized(tmp_path / "q", Variant("gptq", 8, 32, sym=False))
+    out = tmp_path / "out"
+    export_and_optimize(str(folder), out, ExportOptions(seq_length=16, passes=[]))
+    result = CliRunner().invoke(app, ["quant-fidelity", str(out), "--layers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["quantize"] == "w8f16" and data["q_group_size"] == 32 and not data["q_symmetric"]
+    assert data["asymmetric"]["exact_share"] > 0.9 and "reproduce" in data["summary"]
+    result = CliRunner().invoke(app, ["quant-fidelity", str(out), "--half", "f32"])
+    assert result.exit_code == 2 and "--half" in result.output
