@@ -9,7 +9,7 @@ tensor processor (which undoes llama.cpp's q/k row permutation, Gemma's norm off
 from __future__ import annotations
 
 import logging
-import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,18 @@ def open_reader(path: Path):
         raise ModelError(f"'{path}' is not a readable GGUF file (truncated or corrupt?): {first}") from None
 
 
+@dataclass(frozen=True)
+class _TensorPlace:
+    """Where a tensor's bytes sit in the file, and how the reader saw them (no map kept open)."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: innermost dim first
+    offset: int
+    data_dtype: Any  # numpy dtype of the reader's view (uint8 blocks, or the float type)
+    data_shape: tuple[int, ...]
+
+
 class GgufWeights:
     """A WeightStore look-alike over a .gguf file: HF parameter names, float32 tensors read on demand."""
 
@@ -58,7 +70,7 @@ class GgufWeights:
             raise ModelError(f"GGUF architecture '{architecture}' needs a tensor conversion tpugraph does not "
                              "stream (mixture-of-experts or fused tensors)")
         to_hf = get_gguf_hf_weights_map(meta_model(config), self._processor)
-        self._tensors: dict[str, Any] = {}  # HF name -> gguf ReaderTensor
+        self._tensors: dict[str, _TensorPlace] = {}  # HF name -> where its bytes are
         self.tensor_types: dict[str, str] = {}  # HF name -> ggml type name
         unsupported = []
         for tensor in reader.tensors:
@@ -69,14 +81,27 @@ class GgufWeights:
             type_name = tensor.tensor_type.name
             if type_name not in SUPPORTED_TYPES:
                 unsupported.append(f"{tensor.name} ({type_name})")
-            self._tensors[hf_name] = tensor
+            self._tensors[hf_name] = _TensorPlace(tensor.name, tensor.tensor_type, tuple(int(d) for d in tensor.shape),
+                                                  int(tensor.data_offset), tensor.data.dtype,
+                                                  tuple(tensor.data.shape))
             self.tensor_types[hf_name] = type_name
         if unsupported:
             more = f" and {len(unsupported) - 1} more" if len(unsupported) > 1 else ""
             raise ModelError(f"'{self.path.name}': tensor {unsupported[0]}{more} has a GGUF type tpugraph does not "
                              f"dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
         self._architecture = architecture
-        self._lock = threading.Lock()
+        del reader  # its map of the whole file would keep every page ever read resident
+
+    def _read(self, place: _TensorPlace):
+        """The tensor's bytes through a fresh map of just that region (released after the read, like
+        WeightStore's per-read safetensors maps)."""
+        import math
+
+        import numpy as np
+
+        count = math.prod(place.data_shape)
+        return np.memmap(self.path, dtype=place.data_dtype, mode="r", offset=place.offset,
+                         shape=(count,)).reshape(place.data_shape)
 
     @property
     def quantization(self) -> dict[str, Any]:
@@ -119,7 +144,7 @@ class GgufWeights:
 
         tensor = self._require(key)
         try:
-            values = dequantize(tensor.data, tensor.tensor_type)
+            values = dequantize(self._read(tensor), tensor.tensor_type)
         except Exception as exc:  # a truncated map reads short
             raise ModelError(f"cannot read GGUF tensor '{tensor.name}' from '{self.path.name}': {exc}") from None
         result = self._processor.process(weights=values, name=tensor.name, tensor_key_mapping={},
