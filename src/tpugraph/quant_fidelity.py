@@ -51,8 +51,9 @@ def to_half(x: np.ndarray, half: str) -> np.ndarray:
     return rounded.view(np.float32)
 
 
-def tpu_mlir_requantize(w: np.ndarray, bits: int, group: int, symmetric: bool, half: str = "f16") -> np.ndarray:
-    """The weight [out, in] as the chip computes with it after tpu-mlir's per-group re-quantization."""
+def tpu_mlir_quantize(w: np.ndarray, bits: int, group: int, symmetric: bool):
+    """tpu-mlir's integers for a weight [out, in]: q [out, in] (0..2^bits-1), the float32 scale and the zero
+    point of each group [out, groups] (before the scale is stored in the half type)."""
     w = np.asarray(w, np.float32)
     out_f, in_f = w.shape
     size = in_f if group == 0 else group
@@ -62,14 +63,23 @@ def tpu_mlir_requantize(w: np.ndarray, bits: int, group: int, symmetric: bool, h
     max_int = np.float32(2 ** bits - 1)
     if symmetric:
         scale = np.float32(2) * np.abs(g).max(axis=2, keepdims=True) / max_int
-        zp = np.float32(8 if bits == 4 else 128)
+        zp = np.full_like(scale, np.float32(8 if bits == 4 else 128))
     else:
         lo, hi = g.min(axis=2, keepdims=True), g.max(axis=2, keepdims=True)
         scale = np.maximum(hi - lo, np.float32(1e-5)) / max_int
         zp = np.clip(-round_half_away(lo / scale), 0, max_int)
     safe = np.where(scale == 0, np.float32(1), scale)
     q = np.clip(round_half_away(g / safe) + zp, 0, max_int)
-    return ((q - zp) * to_half(scale, half)).reshape(out_f, in_f).astype(np.float32)
+    return q.reshape(out_f, in_f).astype(np.uint8), scale[:, :, 0], zp[:, :, 0].astype(np.uint8)
+
+
+def tpu_mlir_requantize(w: np.ndarray, bits: int, group: int, symmetric: bool, half: str = "f16") -> np.ndarray:
+    """The weight [out, in] as the chip computes with it after tpu-mlir's per-group re-quantization."""
+    q, scale, zp = tpu_mlir_quantize(w, bits, group, symmetric)
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    levels = q.reshape(out_f, groups, -1).astype(np.float32) - zp[:, :, None].astype(np.float32)
+    return (levels * to_half(scale, half)[:, :, None]).reshape(out_f, in_f).astype(np.float32)
 
 
 @dataclass
