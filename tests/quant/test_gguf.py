@@ -161,3 +161,26 @@ def test_real_smollm2_gguf_exports_and_answers_like_transformers(tmp_path):
     report = verify(out, prompt=prompt, new_tokens=8)
     assert report.passed and report.tokens_equal, (report.hf_tokens, report.onnx_tokens)
     assert "Paris" in tokenizer.decode(report.onnx_tokens)
+
+
+@pytest.mark.slow
+def test_gguf_file_option_picks_one_of_several(all_types_file, tmp_path):
+    from tpugraph.verify import verify
+
+    path, _ = all_types_file
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_gguf(folder / "a.gguf", default="Q8_0", seed=1)
+    shutil.copy(path, folder / "b.gguf")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export-and-optimize", str(folder), "-o", str(out), "--seq-length", "16"])
+    assert result.exit_code == 3 and "--gguf-file" in result.output
+    result = runner.invoke(app, ["export-and-optimize", str(folder), "--gguf-file", "a.gguf", "-o", str(out),
+                                 "--seq-length", "16"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["source"]["gguf_file"] == "a.gguf"
+    assert set(manifest["model"]["source_quantization"]["type_counts"]) == {"F32", "Q8_0"}
+    # The streamed reference (transformers' modules on tpugraph's dequantized weights) agrees too.
+    report = verify(out, prompt_length=4, new_tokens=4, stream_reference=True)
+    assert report.passed and report.reference == "streamed"
