@@ -56,6 +56,12 @@ class FamilySpec:
     # Sliding-window attention: which layers, and the config attribute of the window.
     sliding_layers: str = SLIDING_NONE
     sliding_window_attr: str = "sliding_window"
+    # Rewrites of the decoder layer the exporter applies (export/family_layers.py): static-shape equivalents
+    # of what transformers does in a way the ONNX exporter or tpu-mlir cannot take.
+    layer_rewrites: tuple[str, ...] = ()
+    # Parameters transformers fuses on load, each with the checkpoint keys (under a layer) it is made of;
+    # "{e}" numbers the experts (stacked), the sources of one expert are concatenated (export/fused_weights.py).
+    fused_weights: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
     quirks: tuple[str, ...] = field(default_factory=tuple)
@@ -130,13 +136,18 @@ class FamilySpec:
                 "sliding_window": self.sliding_layers, "quirks": list(self.quirks)}
 
 
+# Qwen MoE checkpoints: one gate/up/down matrix per expert; transformers fuses them into 3-D parameters.
+QWEN_EXPERTS = (("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")),
+                ("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj.weight",)))
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
-        model_types=("llama",),
-        architectures=("LlamaForCausalLM",),
+        # transformers maps internlm3 onto LlamaForCausalLM (InternLM3's own checkpoints name InternLM3ForCausalLM).
+        model_types=("llama", "internlm3"),
+        architectures=("LlamaForCausalLM", "InternLM3ForCausalLM"),
         min_transformers="4.45",
-        quirks=("Llama 2/3.x", "GQA", "rope scaling (llama3, linear, yarn)", "optional explicit head_dim",
+        quirks=("Llama 2/3.x", "InternLM3 (native in transformers, as Llama)", "GQA", "rope scaling (llama3, linear, yarn)", "optional explicit head_dim",
                 "optional attention/MLP bias"),
     ),
     FamilySpec(
@@ -308,6 +319,83 @@ FAMILIES: tuple[FamilySpec, ...] = (
         sliding_layers=SLIDING_BY_LAYER_TYPE,
         quirks=("EXAONE 4.0", "q/k RMSNorm", "norms after attention and MLP",
                 "sliding-window layers with rotary, global layers without (NoPE)"),
+    ),
+    # The 2026 families (issue #14).
+    FamilySpec(
+        name="glm",
+        model_types=("glm",),
+        architectures=("GlmForCausalLM",),
+        min_transformers="5.0",
+        layer_rewrites=("interleaved_rotary",),
+        quirks=("GLM-4 (2024, glm-4-9b)", "interleaved partial rotary (static Gather rewrite)", "q/k/v bias"),
+    ),
+    FamilySpec(
+        name="glm4",
+        model_types=("glm4",),
+        architectures=("Glm4ForCausalLM",),
+        min_transformers="5.0",
+        layer_rewrites=("interleaved_rotary",),
+        quirks=("GLM-4-0414", "interleaved partial rotary (static Gather rewrite)", "norms after attention and MLP",
+                "fused gate_up projection"),
+    ),
+    FamilySpec(
+        name="ernie4_5",
+        model_types=("ernie4_5",),
+        architectures=("Ernie4_5ForCausalLM",),
+        min_transformers="5.0",
+        layer_rewrites=("interleaved_rotary",),
+        quirks=("ERNIE 4.5 dense (0.3B)", "interleaved rotary (static Gather rewrite)", "optional bias everywhere"),
+    ),
+    FamilySpec(
+        name="seed_oss",
+        model_types=("seed_oss",),
+        architectures=("SeedOssForCausalLM",),
+        min_transformers="5.0",
+        quirks=("Seed-OSS 36B", "q/k/v bias, o bias optional", "GQA"),
+    ),
+    FamilySpec(
+        name="hunyuan_v1_dense",
+        model_types=("hunyuan_v1_dense",),
+        architectures=("HunYuanDenseV1ForCausalLM",),
+        min_transformers="5.0",
+        quirks=("Hunyuan dense (0.5B-7B)", "q/k RMSNorm after rotary", "dynamic-alpha rope baked for SEQ"),
+    ),
+    FamilySpec(
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        architectures=("Qwen2MoeForCausalLM",),
+        min_transformers="5.0",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        layer_rewrites=("sparse_moe",),
+        fused_weights=QWEN_EXPERTS,
+        quirks=("Qwen1.5-MoE / Qwen2-57B-A14B", "top-k experts (static: gathered for decode, all weighted for "
+                "prefill)", "sigmoid-gated shared expert", "q/k/v bias", "optional dense layers"),
+    ),
+    FamilySpec(
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        architectures=("Qwen3MoeForCausalLM",),
+        min_transformers="5.0",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        layer_rewrites=("sparse_moe",),
+        fused_weights=QWEN_EXPERTS,
+        quirks=("Qwen3-30B-A3B / 235B-A22B", "top-k experts (static: gathered for decode, all weighted for "
+                "prefill)", "q/k RMSNorm", "optional dense layers"),
+    ),
+    FamilySpec(
+        name="mixtral",
+        model_types=("mixtral",),
+        architectures=("MixtralForCausalLM",),
+        min_transformers="5.0",
+        sliding_layers=SLIDING_ALL,
+        layer_rewrites=("sparse_moe",),
+        fused_weights=(("mlp.gate.weight", ("block_sparse_moe.gate.weight",)),
+                       ("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1.weight",
+                                                     "block_sparse_moe.experts.{e}.w3.weight")),
+                       ("mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2.weight",))),
+        embeddings="untied",
+        quirks=("Mixtral 8x7B / 8x22B", "top-2 of 8 experts (static: gathered for decode, all weighted for "
+                "prefill)", "optional sliding window"),
     ),
 )
 

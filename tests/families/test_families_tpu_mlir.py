@@ -1,0 +1,38 @@
+"""The real compiler on the new families (issue #14): model_transform + F16 model_deploy, with the tools'
+own numerical compares, of a representative prefill and decode block of each family's tiny export.
+
+Marked tpu_mlir and slow (each segment is about 20-45 s of tool start-up and compares); skipped with the
+reason when the toolchain is absent. One family per distinct pattern compiles both block kinds; families
+whose blocks differ from one already compiled only in weights and declarative sizes compile the decode block.
+"""
+
+from __future__ import annotations
+
+import pytest
+from family_harness import TINY, assert_compiled, compile_segments_of, tpu_mlir_toolchain
+
+pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
+
+BOTH = ("block_0", "block_cache_0")
+DECODE = ("block_cache_0",)
+
+CASES = {
+    "glm4": (dict(head_dim=16), BOTH),  # the interleaved-rotary Gather rewrite, partial rotary
+    "ernie4_5": (dict(head_dim=16, use_bias=True), DECODE),  # the same rewrite on every lane, biases
+    "hunyuan_v1_dense": (dict(head_dim=16), DECODE),  # q/k RMSNorm after rotary
+    "seed_oss": (dict(head_dim=16, attention_out_bias=True), DECODE),
+}
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    return tpu_mlir_toolchain()
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_family_blocks_compile_f16_with_compares(toolchain, make_model, tmp_path, family):
+    config, segments = CASES[family]
+    folder = make_model(family, **{**TINY, **config})
+    report = compile_segments_of(folder, tmp_path / "out", toolchain, segments)
+    assert [r.segment for r in report.results] == list(segments)
+    assert_compiled(report)
