@@ -21,6 +21,14 @@ CASES = {
     "ernie4_5": (dict(head_dim=16, use_bias=True), DECODE),  # the same rewrite on every lane, biases
     "hunyuan_v1_dense": (dict(head_dim=16), DECODE),  # q/k RMSNorm after rotary
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), DECODE),
+    # mixture of experts: TopK routing; decode Gathers the k experts' matrices, prefill runs every expert
+    "qwen2_moe": (dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+                       num_experts_per_tok=2), BOTH),
+    "qwen3_moe": (dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16), DECODE),
+    "mixtral": (dict(num_local_experts=4, num_experts_per_tok=2), DECODE),
+    # biased experts, clamped SwiGLU, attention sinks, sliding window 4 < SEQ (masked in the block)
+    "gpt_oss": (dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4,
+                     swiglu_limit=1.0), BOTH),
 }
 
 

@@ -20,6 +20,12 @@ VARIANTS = {
     "mixtral": [dict(num_local_experts=4, num_experts_per_tok=2),
                 dict(num_local_experts=3, num_experts_per_tok=2, intermediate_size=40, vocab_size=251,
                      sliding_window=4, tie_word_embeddings=True)],
+    # router bias, biased experts, clamped SwiGLU, attention sinks; sliding window 4 < SEQ: masked in the block
+    "gpt_oss": [dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4,
+                     swiglu_limit=1.0),
+                dict(intermediate_size=24, num_local_experts=5, num_experts_per_tok=3, head_dim=16, vocab_size=251,
+                     num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                     sliding_window=6, tie_word_embeddings=True)],
 }
 CASES = [(family, i) for family, configs in VARIANTS.items() for i in range(len(configs))]
 
@@ -104,3 +110,24 @@ def test_moe_block_with_a_missing_expert_is_one_clear_line(make_model, tmp_path)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"experts\.0\.up_proj\.weight' is missing .*mlp\.experts\.gate_up_proj"):
         export_and_optimize(str(folder), tmp_path / "out", ExportOptions(seq_length=16, passes=[]))
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_static_gpt_oss_experts_equal_transformers_loop(tokens):
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from tpugraph.export.family_layers import gpt_oss_experts_all, gpt_oss_experts_gathered
+
+    config = AutoConfig.for_model("gpt_oss", hidden_size=16, intermediate_size=8, num_local_experts=5,
+                                  num_experts_per_tok=2, swiglu_limit=0.7)
+    torch.manual_seed(tokens)
+    mlp = GptOssMLP(config)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(tokens, 16)
+    _, scores, index = mlp.router(x)
+    want = mlp.experts(x, index, scores)
+    torch.testing.assert_close(gpt_oss_experts_all(mlp.experts, x, index, scores), want, rtol=1e-5, atol=1e-5)
+    if tokens == 1:
+        torch.testing.assert_close(gpt_oss_experts_gathered(mlp.experts, x, index, scores), want, rtol=1e-5, atol=1e-5)

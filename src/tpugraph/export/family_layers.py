@@ -9,6 +9,7 @@ structure it was written for and refuses (ModelError) otherwise, rather than exp
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from typing import Any, Callable
@@ -111,24 +112,29 @@ def moe_experts_all(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch
     gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     act = experts.act_fn(gate) * up * routing.unsqueeze(-1)  # [T, E, I]
     down = experts.down_proj.transpose(1, 2).reshape(n_experts * inter, hidden_dim)  # [E*I, H]
-    return act.reshape(tokens, n_experts * inter) @ down
+    # 3-D on purpose: onnxsim fuses a 2-D MatMul and a following Add of an activation (Qwen2-MoE's shared
+    # expert) into Gemm(C=activation), which tpu-mlir 1.30 converts as a per-column bias (cosine 0.84).
+    return (act.reshape(1, tokens, n_experts * inter) @ down).reshape(tokens, hidden_dim)
 
 
 def moe_experts_gathered(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """One token: gather the k chosen experts' matrices by the router's indices and run only those.
 
-    Gather(weights, indices) -> [k, 2I, H] and [k, H, I], two batched MatMuls over k, a sum over k.
-    The gathered matrices are data to the MatMuls, so a weight-only quantizer leaves them in float.
+    Gather(weights, indices) -> [k, 2I, H] and [k, H, I]; the token is the left operand of two batched
+    MatMuls over k (row vectors out: [k, 1, 2I] and [k, 1, H]; a column-vector [k, 2I, 1] form costs
+    tpu-mlir strided stores), then a sum over k. The gathered matrices are data to the MatMuls, so a
+    weight-only quantizer leaves them in float.
     """
     hidden_dim = hidden.shape[-1]
     inter = experts.gate_up_proj.shape[1] // 2
     index = top_k_index.reshape(-1)  # [k]
     k = index.shape[0]
-    gate_up = experts.gate_up_proj.index_select(0, index) @ hidden.reshape(hidden_dim, 1)  # [k, 2I, 1]
-    gate, up = gate_up[:, :inter], gate_up[:, inter:]
-    act = experts.act_fn(gate) * up * top_k_weights.reshape(k, 1, 1).to(hidden.dtype)  # [k, I, 1]
-    out = experts.down_proj.index_select(0, index) @ act  # [k, H, 1]
+    token = hidden.reshape(1, 1, hidden_dim)
+    gate_up = token @ experts.gate_up_proj.index_select(0, index).transpose(1, 2)  # [k, 1, 2I]
+    gate, up = gate_up[..., :inter], gate_up[..., inter:]
+    act = experts.act_fn(gate) * up * top_k_weights.reshape(k, 1, 1).to(hidden.dtype)  # [k, 1, I]
+    out = act @ experts.down_proj.index_select(0, index).transpose(1, 2)  # [k, 1, H]
     return out.sum(dim=0).reshape(1, hidden_dim)
 
 
@@ -157,9 +163,70 @@ def _rewrite_sparse_moe(layer: nn.Module, config: Any, decode: str = "gather") -
     experts.forward = types.MethodType(_static_experts_forward, experts)
 
 
+# -- gpt-oss experts: x @ W layout, biases, interleaved gate/up lanes, clamped SwiGLU --------------------
+
+
+def _gpt_oss_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """GptOssExperts._apply_gate on [..., 2I] with gate/up in even/odd lanes, as a reshape to pairs."""
+    pairs = gate_up.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2, 2)
+    gate, up = pairs[..., 0], pairs[..., 1]
+    gate = torch.minimum(gate, torch.tensor(experts.limit, dtype=gate.dtype))
+    up = up.clamp(min=-experts.limit, max=experts.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * experts.alpha))
+
+
+def gpt_oss_experts_all(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by the routing (0 outside the top k); biases weighted alike."""
+    tokens, hidden_dim = hidden.shape
+    n_experts, _, two_i = experts.gate_up_proj.shape
+    inter = two_i // 2
+    experts_ids = torch.arange(n_experts, dtype=top_k_index.dtype)
+    onehot = (top_k_index.unsqueeze(-1) == experts_ids).to(hidden.dtype)
+    routing = (onehot * top_k_weights.to(hidden.dtype).unsqueeze(-1)).sum(dim=1)  # [T, E]
+    gate_up = hidden @ experts.gate_up_proj.transpose(0, 1).reshape(hidden_dim, n_experts * two_i)
+    gate_up = gate_up.reshape(tokens, n_experts, two_i) + experts.gate_up_proj_bias
+    act = _gpt_oss_gate(experts, gate_up) * routing.unsqueeze(-1)  # [T, E, I]
+    out = act.reshape(1, tokens, n_experts * inter) @ experts.down_proj.reshape(n_experts * inter, hidden_dim)
+    return out.reshape(tokens, hidden_dim) + routing @ experts.down_proj_bias
+
+
+def gpt_oss_experts_gathered(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """One token through the k gathered experts (weights and biases gathered by the router's indices)."""
+    hidden_dim = hidden.shape[-1]
+    index = top_k_index.reshape(-1)
+    k = index.shape[0]
+    token = hidden.reshape(1, 1, hidden_dim)
+    gate_up = token @ experts.gate_up_proj.index_select(0, index) \
+        + experts.gate_up_proj_bias.index_select(0, index).unsqueeze(1)  # [k, 1, 2I]
+    act = _gpt_oss_gate(experts, gate_up)  # [k, 1, I]
+    out = act @ experts.down_proj.index_select(0, index) + experts.down_proj_bias.index_select(0, index).unsqueeze(1)
+    return (out * top_k_weights.reshape(k, 1, 1).to(hidden.dtype)).sum(dim=0).reshape(1, hidden_dim)
+
+
+def _gpt_oss_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
+    if hidden_states.shape[0] == 1:
+        return gpt_oss_experts_gathered(self, hidden_states, router_indices, routing_weights)
+    return gpt_oss_experts_all(self, hidden_states, router_indices, routing_weights)
+
+
+def _rewrite_gpt_oss_moe(layer: nn.Module, config: Any) -> None:
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias", "alpha", "limit")
+    if experts is None or not all(hasattr(experts, n) for n in names) or experts.gate_up_proj.dim() != 3 \
+            or experts.down_proj.shape[1] * 2 != experts.gate_up_proj.shape[2]:
+        raise ModelError(f"{type(experts).__name__}: the gpt-oss experts rewrite expects gate_up_proj [E, H, 2I] "
+                         "with interleaved gate/up lanes, down_proj [E, I, H] and their biases; this one differs")
+    experts.forward = types.MethodType(_gpt_oss_experts_forward, experts)
+
+
 REWRITES: dict[str, Callable[[nn.Module, Any], None]] = {
+    "gpt_oss_moe": _rewrite_gpt_oss_moe,
     "interleaved_rotary": _rewrite_interleaved_rotary,
     "sparse_moe": _rewrite_sparse_moe,
+    # every expert at decode too (exact, E/k times the work, weights stay 2-D MatMul weights)
+    "sparse_moe_all": functools.partial(_rewrite_sparse_moe, decode="all"),
 }
 
 
