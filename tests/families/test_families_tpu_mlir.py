@@ -21,6 +21,19 @@ CASES = {
     "ernie4_5": (dict(head_dim=16, use_bias=True), DECODE),  # the same rewrite on every lane, biases
     "hunyuan_v1_dense": (dict(head_dim=16), DECODE),  # q/k RMSNorm after rotary
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), DECODE),
+    # dense decoders that needed only declarations: their decode block, quirks on
+    "olmo": (dict(clip_qkv=0.3), DECODE),
+    "arcee": (dict(head_dim=16), DECODE),
+    "nemotron": (dict(head_dim=16), DECODE),
+    "jais2": (dict(head_dim=16), DECODE),
+    "ministral3": (dict(head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                          original_max_position_embeddings=8,
+                                                          llama_4_scaling_beta=0.5)), DECODE),
+    "cwm": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), DECODE),
+    "hyperclovax": (dict(head_dim=16, embedding_multiplier=3.0, logits_scaling=0.25, residual_multiplier=0.5,
+                         attention_multiplier=0.1), DECODE),
+    "granite_swa": (dict(residual_multiplier=0.3, attention_multiplier=0.05, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"]), DECODE),
     # mixture of experts: TopK routing; decode Gathers the k experts' matrices, prefill runs every expert
     "qwen2_moe": (dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
                        num_experts_per_tok=2), BOTH),

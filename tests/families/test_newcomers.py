@@ -24,6 +24,24 @@ VARIANTS = {
                  dict(head_dim=16, tie_word_embeddings=True, **ODD)],
     "hunyuan_v1_dense": [dict(head_dim=16, tie_word_embeddings=False, attention_bias=True),
                          dict(head_dim=16, tie_word_embeddings=True, **ODD)],
+    # dense decoders that needed only declarations: each quirk set to a value that shows in the numbers
+    "olmo": [dict(clip_qkv=0.3, tie_word_embeddings=False), dict(tie_word_embeddings=True, **ODD)],
+    "arcee": [dict(head_dim=16, tie_word_embeddings=False), dict(head_dim=16, tie_word_embeddings=True, **ODD)],
+    "nemotron": [dict(head_dim=16, tie_word_embeddings=False), dict(head_dim=16, tie_word_embeddings=True, **ODD)],
+    "jais2": [dict(head_dim=16, tie_word_embeddings=False), dict(head_dim=16, tie_word_embeddings=True, **ODD)],
+    "ministral3": [dict(head_dim=16, sliding_window=4, tie_word_embeddings=False,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=8, llama_4_scaling_beta=0.5)),
+                   dict(head_dim=16, tie_word_embeddings=True, **ODD)],
+    "cwm": [dict(head_dim=16, sliding_window=4, layer_types=["full_attention", "sliding_attention"]),
+            dict(head_dim=16, tie_word_embeddings=True, sliding_window=5,
+                 layer_types=["full_attention", "sliding_attention", "sliding_attention"], **ODD)],
+    "hyperclovax": [dict(head_dim=16, embedding_multiplier=3.0, logits_scaling=0.25, residual_multiplier=0.5,
+                         attention_multiplier=0.1, tie_word_embeddings=False),
+                    dict(head_dim=16, embedding_multiplier=0.5, logits_scaling=2.0, tie_word_embeddings=True, **ODD)],
+    "granite_swa": [dict(embedding_multiplier=6.0, logits_scaling=4.0, residual_multiplier=0.3, attention_multiplier=0.05,
+                         sliding_window=4, layer_types=["full_attention", "sliding_attention"],
+                         tie_word_embeddings=True)],
 }
 
 CASES = [(family, i) for family, configs in VARIANTS.items() for i in range(len(configs))]
