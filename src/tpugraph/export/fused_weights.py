@@ -20,7 +20,8 @@ _EXPERT = "{e}"
 
 
 class FusedWeights:
-    """``keys / __contains__ / get / shape_and_dtype`` of a WeightStore, plus the declared fused keys."""
+    """``keys / __contains__ / get / shape_and_dtype`` of a WeightStore, with the declared fused keys listed
+    in place of the checkpoint keys they are made of."""
 
     def __init__(self, store, fusions: tuple[tuple[str, tuple[str, ...]], ...], layers_path: str):
         self.store = store
@@ -46,7 +47,10 @@ class FusedWeights:
                     sources = [prefix + t for t in templates]
                 if sources:
                     self._sources[prefix + target] = (sources, stacked, len(templates))
-        self._keys = keys + [k for k in self._sources if k not in set(keys)]
+        # The checkpoint as transformers sees it: the fused keys instead of the tensors they are made of
+        # (which stay readable by name), so a layer's parameter list is its module's.
+        consumed = {k for sources, _, _ in self._sources.values() for k in sources}
+        self._keys = [k for k in keys if k not in consumed] + [k for k in self._sources if k not in set(keys)]
 
     @property
     def fused_keys(self) -> list[str]:
