@@ -92,7 +92,8 @@ def compile_segments_of(model_dir: Path, out: Path, venv: Path, segments=("block
     manifest.segments = [manifest.segment(name) for name in segments]
     manifest.write(out)
     try:
-        return compile_segments(out, venv, CompileOptions(chip="bm1684x", quantize=quantize))
+        # the two blocks at once: each tool run is mostly one core
+        return compile_segments(out, venv, CompileOptions(chip="bm1684x", quantize=quantize), jobs=min(2, len(segments)))
     except SegmentCompileError as err:
         table = format_table(err.report.results) if err.report else ""
         pytest.fail(f"{err}\n{table}")
