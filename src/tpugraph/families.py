@@ -56,6 +56,12 @@ class FamilySpec:
     # Sliding-window attention: which layers, and the config attribute of the window.
     sliding_layers: str = SLIDING_NONE
     sliding_window_attr: str = "sliding_window"
+    # Rewrites of the decoder layer the exporter applies (export/family_layers.py): static-shape equivalents
+    # of what transformers does in a way the ONNX exporter or tpu-mlir cannot take.
+    layer_rewrites: tuple[str, ...] = ()
+    # Parameters transformers fuses on load, each with the checkpoint keys (under a layer) it is made of;
+    # "{e}" numbers the experts (stacked), the sources of one expert are concatenated (export/fused_weights.py).
+    fused_weights: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
     quirks: tuple[str, ...] = field(default_factory=tuple)
@@ -130,13 +136,18 @@ class FamilySpec:
                 "sliding_window": self.sliding_layers, "quirks": list(self.quirks)}
 
 
+# Qwen MoE checkpoints: one gate/up/down matrix per expert; transformers fuses them into 3-D parameters.
+QWEN_EXPERTS = (("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")),
+                ("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj.weight",)))
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
-        model_types=("llama",),
-        architectures=("LlamaForCausalLM",),
+        # transformers maps internlm3 onto LlamaForCausalLM (InternLM3's own checkpoints name InternLM3ForCausalLM).
+        model_types=("llama", "internlm3"),
+        architectures=("LlamaForCausalLM", "InternLM3ForCausalLM"),
         min_transformers="4.45",
-        quirks=("Llama 2/3.x", "GQA", "rope scaling (llama3, linear, yarn)", "optional explicit head_dim",
+        quirks=("Llama 2/3.x", "InternLM3 (native in transformers, as Llama)", "GQA", "rope scaling (llama3, linear, yarn)", "optional explicit head_dim",
                 "optional attention/MLP bias"),
     ),
     FamilySpec(
@@ -309,7 +320,178 @@ FAMILIES: tuple[FamilySpec, ...] = (
         quirks=("EXAONE 4.0", "q/k RMSNorm", "norms after attention and MLP",
                 "sliding-window layers with rotary, global layers without (NoPE)"),
     ),
+    # The 2026 families (issue #14).
+    FamilySpec(
+        name="glm",
+        model_types=("glm",),
+        architectures=("GlmForCausalLM",),
+        min_transformers="5.24",
+        layer_rewrites=("interleaved_rotary",),
+        quirks=("GLM-4 (2024, glm-4-9b)", "interleaved partial rotary (static Gather rewrite)", "q/k/v bias"),
+    ),
+    FamilySpec(
+        name="glm4",
+        model_types=("glm4",),
+        architectures=("Glm4ForCausalLM",),
+        min_transformers="5.24",
+        layer_rewrites=("interleaved_rotary",),
+        quirks=("GLM-4-0414", "interleaved partial rotary (static Gather rewrite)", "norms after attention and MLP",
+                "fused gate_up projection"),
+    ),
+    FamilySpec(
+        name="ernie4_5",
+        model_types=("ernie4_5",),
+        architectures=("Ernie4_5ForCausalLM",),
+        min_transformers="5.24",
+        layer_rewrites=("interleaved_rotary",),
+        quirks=("ERNIE 4.5 dense (0.3B)", "interleaved rotary (static Gather rewrite)", "optional bias everywhere"),
+    ),
+    FamilySpec(
+        name="seed_oss",
+        model_types=("seed_oss",),
+        architectures=("SeedOssForCausalLM",),
+        min_transformers="5.24",
+        quirks=("Seed-OSS 36B", "q/k/v bias, o bias optional", "GQA"),
+    ),
+    FamilySpec(
+        name="hunyuan_v1_dense",
+        model_types=("hunyuan_v1_dense",),
+        architectures=("HunYuanDenseV1ForCausalLM",),
+        min_transformers="5.24",
+        quirks=("Hunyuan dense (0.5B-7B)", "q/k RMSNorm after rotary", "explicit head_dim"),
+    ),
+    FamilySpec(
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        architectures=("Qwen2MoeForCausalLM",),
+        min_transformers="5.24",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        layer_rewrites=("sparse_moe",),
+        fused_weights=QWEN_EXPERTS,
+        quirks=("Qwen1.5-MoE / Qwen2-57B-A14B", "top-k experts (static: gathered for decode, all weighted for "
+                "prefill)", "sigmoid-gated shared expert", "q/k/v bias", "optional dense layers"),
+    ),
+    FamilySpec(
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        architectures=("Qwen3MoeForCausalLM",),
+        min_transformers="5.24",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        layer_rewrites=("sparse_moe",),
+        fused_weights=QWEN_EXPERTS,
+        quirks=("Qwen3-30B-A3B / 235B-A22B", "top-k experts (static: gathered for decode, all weighted for "
+                "prefill)", "q/k RMSNorm", "optional dense layers"),
+    ),
+    FamilySpec(
+        name="mixtral",
+        model_types=("mixtral",),
+        architectures=("MixtralForCausalLM",),
+        min_transformers="5.24",
+        sliding_layers=SLIDING_ALL,
+        layer_rewrites=("sparse_moe",),
+        fused_weights=(("mlp.gate.weight", ("block_sparse_moe.gate.weight",)),
+                       ("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1.weight",
+                                                     "block_sparse_moe.experts.{e}.w3.weight")),
+                       ("mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2.weight",))),
+        embeddings="untied",
+        quirks=("Mixtral 8x7B / 8x22B", "top-2 of 8 experts (static: gathered for decode, all weighted for "
+                "prefill)", "optional sliding window"),
+    ),
+    FamilySpec(
+        name="gpt_oss",
+        model_types=("gpt_oss",),
+        architectures=("GptOssForCausalLM",),
+        min_transformers="5.24",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        layer_rewrites=("gpt_oss_moe",),
+        embeddings="untied",
+        quirks=("gpt-oss 20b/120b (dequantized bf16 checkpoints)", "top-k experts with router bias, biased experts, "
+                "clamped SwiGLU (static: gathered for decode, all weighted for prefill)", "attention sinks",
+                "alternating sliding-window layers", "yarn rope"),
+    ),
+    # Dense decoders of transformers 5.24 that differ from the families above only in what the declarations
+    # and transformers' own layer modules already cover.
+    FamilySpec(
+        name="olmo",
+        model_types=("olmo",),
+        architectures=("OlmoForCausalLM",),
+        min_transformers="5.24",
+        quirks=("OLMo 1 (7B, 0424)", "non-parametric LayerNorm", "optional q/k/v clipping (clip_qkv)"),
+    ),
+    FamilySpec(
+        name="arcee",
+        model_types=("arcee",),
+        architectures=("ArceeForCausalLM",),
+        min_transformers="5.24",
+        quirks=("Arcee AFM-4.5B", "ReLU^2 MLP without gate", "yarn rope"),
+    ),
+    FamilySpec(
+        name="nemotron",
+        model_types=("nemotron",),
+        architectures=("NemotronForCausalLM",),
+        min_transformers="5.24",
+        quirks=("Nemotron-4 / Minitron", "LayerNorm1P (1 + w, with bias)", "ReLU^2 MLP without gate", "partial rotary"),
+    ),
+    FamilySpec(
+        name="jais2",
+        model_types=("jais2",),
+        architectures=("Jais2ForCausalLM",),
+        min_transformers="5.24",
+        quirks=("Jais 2", "LayerNorm", "ReLU^2 MLP without gate", "biases everywhere"),
+    ),
+    FamilySpec(
+        name="ministral3",
+        model_types=("ministral3",),
+        architectures=("Ministral3ForCausalLM",),
+        min_transformers="5.24",
+        sliding_layers=SLIDING_ALL,
+        quirks=("Ministral 3 (text)", "yarn rope", "Llama-4 position-dependent query scaling", "optional sliding window"),
+    ),
+    FamilySpec(
+        name="cwm",
+        model_types=("cwm",),
+        architectures=("CwmForCausalLM",),
+        min_transformers="5.24",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("Meta Code World Model", "llama3 rope", "sliding-window layers between full layers"),
+    ),
+    FamilySpec(
+        name="hyperclovax",
+        model_types=("hyperclovax",),
+        architectures=("HyperCLOVAXForCausalLM",),
+        min_transformers="5.24",
+        embedding_multiplier="embedding_multiplier",
+        logits_multiplier_attr="logits_scaling",
+        quirks=("HyperCLOVA X SEED", "muP: embedding/residual/attention multipliers", "logits * logits_scaling"),
+    ),
+    FamilySpec(
+        name="granite_swa",
+        model_types=("granite_swa",),
+        architectures=("GraniteSWAForCausalLM",),
+        min_transformers="5.24",
+        embedding_multiplier="embedding_multiplier",
+        logits_divisor_attr="logits_scaling",
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        quirks=("Granite with sliding-window layers", "embedding/residual/attention multipliers",
+                "logits / logits_scaling"),
+    ),
 )
+
+
+# Architectures tpugraph knows it cannot export yet, and why: refused naming the reason (exit 4), not a
+# silent "unsupported". Each needs segments the contract (CONTRACT.md) and the runtime do not have.
+NOT_YET: dict[str, str] = {
+    "Qwen3_5ForCausalLM": "hybrid gated DeltaNet layers carry a conv state and a recurrent state instead of a KV "
+                          "cache; the contract has no state segments yet",
+    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache) with experts; the contract "
+                             "has no state segments yet",
+    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache); the contract has no state "
+                            "segments yet",
+    "Gemma4ForCausalLM": "per-layer embeddings, KV shared across layers and per-layer-type head dims need block "
+                         "inputs and KV shapes the contract does not have yet",
+    "Lfm2ForCausalLM": "short-convolution layers carry a conv state instead of a KV cache; the contract has no "
+                       "state segments yet",
+}
 
 
 def supported_architectures() -> list[str]:
@@ -332,6 +514,10 @@ def family_for(model_type: str | None, architectures: list[str] | None) -> Famil
         if not architectures and model_type in fam.model_types:
             return fam
     what = ", ".join(architectures) if architectures else f"model_type '{model_type}'"
+    known = [a for a in architectures or [] if a in NOT_YET]
+    if known:
+        raise UnsupportedModelError(f"architecture {known[0]} is not supported yet: {NOT_YET[known[0]]}; "
+                                    f"supported: {', '.join(supported_architectures())}")
     raise UnsupportedModelError(
         f"unsupported architecture {what}; supported: {', '.join(supported_architectures())}"
     )

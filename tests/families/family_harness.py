@@ -57,3 +57,49 @@ def onnx_nodes(path: Path) -> int:
     import onnx
 
     return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+# -- tpu-mlir: the real compiler on a family's representative segments ------------------------------------
+
+TPU_MLIR_SEQ = 16  # the compile time is mostly the tools' start-up; a short window keeps the compares quick
+TPU_MLIR_MIN_COSINE = 0.99  # the tools' own default tolerance for F16
+
+
+def tpu_mlir_toolchain():
+    """The tpu-mlir venv ($TPUGRAPH_TPU_MLIR_VENV or the setup script's default), or skip saying why."""
+    import os
+
+    from tpugraph.compile import default_tpu_mlir_venv
+
+    venv = default_tpu_mlir_venv()
+    if not (venv / "bin" / "model_transform.py").exists():
+        where = "$TPUGRAPH_TPU_MLIR_VENV" if os.environ.get("TPUGRAPH_TPU_MLIR_VENV") else "the default location"
+        pytest.skip(f"tpu-mlir toolchain not found at {venv} ({where}): run scripts/setup_tpu_mlir.sh")
+    return venv
+
+
+def compile_segments_of(model_dir: Path, out: Path, venv: Path, segments=("block_0", "block_cache_0"),
+                        seq: int = TPU_MLIR_SEQ, quantize: str = "f16"):
+    """Export with the default pass chain and realistic test data, keep ``segments`` in the manifest, and
+    run model_transform + model_deploy (with the tools' compares) on each -> CompileReport."""
+    from tpugraph.compile import CompileOptions, SegmentCompileError, compile_segments, format_table
+    from tpugraph.manifest import read_manifest
+    from tpugraph.testdata import write_test_data
+
+    export_and_optimize(str(model_dir), out, ExportOptions(seq_length=seq))
+    write_test_data(out)
+    manifest = read_manifest(out)
+    manifest.segments = [manifest.segment(name) for name in segments]
+    manifest.write(out)
+    try:
+        # the two blocks at once: each tool run is mostly one core
+        return compile_segments(out, venv, CompileOptions(chip="bm1684x", quantize=quantize), jobs=min(2, len(segments)))
+    except SegmentCompileError as err:
+        table = format_table(err.report.results) if err.report else ""
+        pytest.fail(f"{err}\n{table}")
+
+
+def assert_compiled(report) -> None:
+    for r in report.results:
+        assert r.checked and r.transform_ok and r.deploy_ok, (r.segment, report.table())
+        assert r.min_similarity is not None and r.min_similarity >= TPU_MLIR_MIN_COSINE, (r.segment, report.table())

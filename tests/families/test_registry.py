@@ -127,3 +127,12 @@ def test_notes_flag_sequence_dependent_rope():
     (note,) = export_notes(phi3, config, seq=8192)
     assert "longrope" in note and "4096" in note
     assert export_notes(phi3, config, seq=4096) == []  # transformers picks the same factors
+
+
+@pytest.mark.parametrize("arch", ["Qwen3_5ForCausalLM", "Gemma4ForCausalLM", "Lfm2ForCausalLM"])
+def test_known_unsupported_architecture_names_the_reason(arch):
+    with pytest.raises(UnsupportedModelError) as err:
+        family_for(None, [arch])
+    message = str(err.value)
+    assert f"architecture {arch} is not supported yet: " in message and "contract" in message
+    assert "LlamaForCausalLM" in message and "\n" not in message

@@ -20,6 +20,8 @@ from ..contract import MASK_VALUE, SegmentKind, SegmentSpec
 from ..errors import ModelError
 from ..families import FamilySpec
 from ..model_source import WeightStore
+from .family_layers import adapt_layer
+from .fused_weights import with_fused_weights
 from .wrappers import (
     BlockCacheSegment,
     BlockSegment,
@@ -75,7 +77,7 @@ class ModelParts:
         config = copy.deepcopy(config)  # from_config writes dtype and attention choices into it
         self.config = config
         self.family = family
-        self.weights = weights
+        self.weights = with_fused_weights(weights, family)  # fused_weights: MoE experts as transformers holds them
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
         config._attn_implementation = "eager"
@@ -307,6 +309,7 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         if window is not None and seq <= window:
             window = None  # positions never differ by >= window: plain causal attention is exact
         with parts.materialized(f"{fam.layers_path}.{spec.layer}", placeholders_from) as layer:
+            adapt_layer(fam.layer_rewrites, layer, parts.text_config)  # family_layers: static-shape rewrites
             cls = BlockSegment if spec.kind == SegmentKind.BLOCK else BlockCacheSegment
             yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:

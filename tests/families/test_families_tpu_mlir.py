@@ -1,0 +1,59 @@
+"""The real compiler on the new families (issue #14): model_transform + F16 model_deploy, with the tools'
+own numerical compares, of a representative prefill and decode block of each family's tiny export.
+
+Marked tpu_mlir and slow (each segment is about 20-45 s of tool start-up and compares); skipped with the
+reason when the toolchain is absent. One family per distinct pattern compiles both block kinds; families
+whose blocks differ from one already compiled only in weights and declarative sizes compile the decode block.
+"""
+
+from __future__ import annotations
+
+import pytest
+from family_harness import TINY, assert_compiled, compile_segments_of, tpu_mlir_toolchain
+
+pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
+
+BOTH = ("block_0", "block_cache_0")
+DECODE = ("block_cache_0",)
+
+CASES = {
+    "glm4": (dict(head_dim=16), BOTH),  # the interleaved-rotary Gather rewrite, partial rotary
+    "ernie4_5": (dict(head_dim=16, use_bias=True), DECODE),  # the same rewrite on every lane, biases
+    "hunyuan_v1_dense": (dict(head_dim=16), DECODE),  # q/k RMSNorm after rotary
+    "seed_oss": (dict(head_dim=16, attention_out_bias=True), DECODE),
+    # dense decoders that needed only declarations: their decode block, quirks on
+    "olmo": (dict(clip_qkv=0.3), DECODE),
+    "arcee": (dict(head_dim=16), DECODE),
+    "nemotron": (dict(head_dim=16), DECODE),
+    "jais2": (dict(head_dim=16), DECODE),
+    "ministral3": (dict(head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                          original_max_position_embeddings=8,
+                                                          llama_4_scaling_beta=0.5)), DECODE),
+    "cwm": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), DECODE),
+    "hyperclovax": (dict(head_dim=16, embedding_multiplier=3.0, logits_scaling=0.25, residual_multiplier=0.5,
+                         attention_multiplier=0.1), DECODE),
+    "granite_swa": (dict(residual_multiplier=0.3, attention_multiplier=0.05, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"]), DECODE),
+    # mixture of experts: TopK routing; decode Gathers the k experts' matrices, prefill runs every expert
+    "qwen2_moe": (dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+                       num_experts_per_tok=2), BOTH),
+    "qwen3_moe": (dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16), DECODE),
+    "mixtral": (dict(num_local_experts=4, num_experts_per_tok=2), DECODE),
+    # biased experts, clamped SwiGLU, attention sinks, sliding window 4 < SEQ (masked in the block)
+    "gpt_oss": (dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4,
+                     swiglu_limit=1.0), BOTH),
+}
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    return tpu_mlir_toolchain()
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_family_blocks_compile_f16_with_compares(toolchain, make_model, tmp_path, family):
+    config, segments = CASES[family]
+    folder = make_model(family, **{**TINY, **config})
+    report = compile_segments_of(folder, tmp_path / "out", toolchain, segments)
+    assert [r.segment for r in report.results] == list(segments)
+    assert_compiled(report)
