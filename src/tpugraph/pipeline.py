@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +66,13 @@ def tool_versions() -> dict[str, str]:
 
     versions = {"tpugraph": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "onnx": onnx.__version__}
-    try:
-        import onnxsim
+    from .passes import _onnxsim_process
 
-        versions["onnxsim"] = getattr(onnxsim, "__version__", "unknown")
-    except ImportError:
+    try:  # onnxsim is imported by the child process that runs it (passes/_onnxsim_process.py), not here
+        versions["onnxsim"] = _onnxsim_process.version()
+    except _onnxsim_process.OnnxsimChildError as exc:
+        if exc.type_name not in ("ImportError", "ModuleNotFoundError"):
+            raise
         versions["onnxsim"] = "not installed"
     return versions
 
@@ -455,30 +458,31 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     )
     config_json = config.to_dict()
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
-    finisher = Finisher(out_dir, manifest)
-    def make_factory() -> SegmentFactory:
-        factory = SegmentFactory(ModelParts(config, family, weights, options.dtype), chain, options.seq_length,
-                                 options.int_dtype, work, options.weight_swap)
-        factory.on_pass = pass_progress
-        return factory
+    # torch's tracer and transformers warn about what an export does on purpose (legacy exporter, traced
+    # control flow). Filters are set here, by the thread that owns the run, before any other thread starts,
+    # and undone after they all ended: no thread changes them while others run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        finisher = Finisher(out_dir, manifest)
+        def make_factory() -> SegmentFactory:
+            factory = SegmentFactory(ModelParts(config, family, weights, options.dtype), chain, options.seq_length,
+                                     options.int_dtype, work, options.weight_swap)
+            factory.on_pass = pass_progress
+            return factory
 
-    run = _UnitRun(out_dir, previous, finisher, progress, len(specs), make_factory)
-    failing = True
-    # The units' fingerprints (hashes of their weights) are computed ahead, in a thread of their own.
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
-    fingerprints = [hasher.submit(unit_fingerprint, unit.specs, unit.weight_prefixes, unit.data_file, weights,
-                                  config_json, manifest.options, manifest.pass_chain, tools) for unit in units]
-    try:
-        if options.jobs <= 1:
-            for unit, fingerprint in zip(units, fingerprints):
-                run.unit(unit, fingerprint)
-        else:
-            run.in_parallel(units, fingerprints, options.jobs)
-        failing = False
-    finally:
-        hasher.shutdown(wait=True, cancel_futures=True)
-        finisher.close(failing)
-        shutil.rmtree(work, ignore_errors=True)
+        run = _UnitRun(out_dir, previous, finisher, progress, len(specs), make_factory)
+        failing = True
+        # The units' fingerprints (hashes of their weights) are computed ahead, in a thread of their own.
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+        fingerprints = [hasher.submit(unit_fingerprint, unit.specs, unit.weight_prefixes, unit.data_file, weights,
+                                      config_json, manifest.options, manifest.pass_chain, tools) for unit in units]
+        try:
+            _run_units(run, units, fingerprints, options.jobs)
+            failing = False
+        finally:
+            hasher.shutdown(wait=True, cancel_futures=True)
+            finisher.close(failing)
+            shutil.rmtree(work, ignore_errors=True)
     factory = run.factory
     if factory is not None:
         manifest.stats = {"segments_traced": factory.traced, "segments_weight_swapped": factory.swapped}
@@ -495,6 +499,14 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if progress:
         progress("done", len(specs), len(specs))
     return manifest
+
+
+def _run_units(run: "_UnitRun", units: list[WorkUnit], fingerprints: list[Future], jobs: int) -> None:
+    if jobs <= 1:
+        for unit, fingerprint in zip(units, fingerprints):
+            run.unit(unit, fingerprint)
+    else:
+        run.in_parallel(units, fingerprints, jobs)
 
 
 def _resolve_chain(options: ExportOptions):

@@ -7,7 +7,6 @@ import inspect
 import logging
 import tempfile
 import threading
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +14,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from ..contract import MASK_VALUE, SegmentKind, SegmentSpec
 from ..errors import ModelError
@@ -38,28 +39,55 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 NP_TO_TORCH_INT = {"int32": torch.int32, "int64": torch.int64}
 
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with every parameter on the meta device but every buffer real.
+class _BigTensorsOnMeta(TorchFunctionMode):
+    """While active (in the calling thread only: torch function modes are thread-local), tensors that
+    factory functions create with at least ``min_bytes`` are made on the meta device.
 
-    Parameters (the weights) come from the checkpoint later; buffers are what a module computes in
-    its constructor and checkpoints usually lack (rotary inv_freq, Gemma's embed_scale), so they must
-    keep their values. Only the calling thread is affected: the patch is process-wide, and a unit built
-    in parallel assigns real parameters through the same method.
+    Building a model under it puts its weights on meta (no memory) while the small tensors a constructor
+    computes (rotary inv_freq, Gemma's embed_scale: buffers checkpoints usually lack) keep real values.
     """
-    original = nn.Module.register_parameter
-    builder = threading.get_ident()  # other threads (--jobs) keep registering real parameters meanwhile
 
-    def register(module: nn.Module, name: str, param) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta" and threading.get_ident() == builder:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    def __init__(self, min_bytes: int):
+        super().__init__()
+        self.min_bytes = min_bytes
 
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            made = func(*args, **{**kwargs, "device": "meta"})
+            if made.numel() * made.element_size() >= self.min_bytes:
+                return made
+        return func(*args, **kwargs)
+
+
+META_MIN_BYTES = 4096  # tensors this big are made on meta when the skeleton is built
+
+
+def _build_skeleton(config) -> nn.Module:
+    """The model with its big tensors on meta. A buffer that came out on meta (a constructor computed a
+    big one) is built again with a threshold above it, so every buffer is real."""
+    from transformers import AutoModelForCausalLM
+
+    min_bytes = META_MIN_BYTES
+    for _ in range(4):
+        with _BigTensorsOnMeta(min_bytes):
+            # Built in float32 whatever the checkpoint's dtype: buffers (rope, embed scale) then equal
+            # those of the float32 reference model verify compares with.
+            try:
+                skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+            except TypeError:
+                skeleton = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        meta_buffers = [b.numel() * b.element_size() for b in skeleton.buffers() if b.device.type == "meta"]
+        if not meta_buffers:
+            break
+        min_bytes = 2 * max(meta_buffers) + 1
+    else:
+        raise ModelError("cannot build the model's skeleton: some of its buffers stay on the meta device")
+    for module in skeleton.modules():  # parameters on meta, whatever their size (as checkpoints give them)
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                setattr(module, name, nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
+    return skeleton
 
 
 class ModelParts:
@@ -69,7 +97,6 @@ class ModelParts:
 
     def __init__(self, config, family: FamilySpec, weights: WeightStore, dtype: str = "float32"):
         import transformers
-        from transformers import AutoModelForCausalLM
 
         family.check_transformers(transformers.__version__)
         config = copy.deepcopy(config)  # from_config writes dtype and attention choices into it
@@ -79,22 +106,22 @@ class ModelParts:
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
         config._attn_implementation = "eager"
-        with _parameters_on_meta(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Built in float32 whatever the checkpoint's dtype: buffers (rope, embed scale) then equal
-            # those of the float32 reference model verify compares with.
-            try:
-                self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
-                                                                 dtype=torch.float32)
-            except TypeError:
-                self.skeleton = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        self.skeleton = _build_skeleton(config)
         self.skeleton.eval()
-        self.text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self._init_views()
+
+    def _init_views(self) -> None:
+        self.text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         self._rotary_tables: dict[tuple, RotaryTable] = {}
-        # Segment name -> contract inputs its graph does not read (still declared; see export_segment).
-        self.unused_inputs: dict[str, list[str]] = {}
         # data_ptr of a placeholder parameter -> the checkpoint key its values are read from when written
         self._placeholders: dict[int, str] = {}
+
+    def with_weights(self, weights) -> "ModelParts":
+        """The same model (its skeleton is shared, read only) whose weights come from ``weights``."""
+        other = copy.copy(self)
+        other.weights = weights
+        other._init_views()
+        return other
 
     def _submodule(self, path: str) -> nn.Module:
         try:
@@ -402,19 +429,13 @@ class _ParamsAsInputs(nn.Module):
         self.n_inputs = n_inputs
 
     def forward(self, *args):
-        inner = self._inner[0]
+        # torch.func.functional_call, minus its refusal to run under the TorchScript tracer: the same
+        # reparametrisation of ``inner``, a copy this segment's export owns (``ModelParts.materialized``).
+        from torch.nn.utils.stateless import _reparametrize_module
+
         inputs, params = args[: self.n_inputs], args[self.n_inputs:]
-        saved = []
-        for name, value in zip(self.names, params):
-            owner, _, leaf = name.rpartition(".")
-            sub = inner.get_submodule(owner) if owner else inner
-            saved.append((sub, leaf, sub._parameters[leaf]))
-            sub._parameters[leaf] = value
-        try:
-            return inner(*inputs)
-        finally:
-            for sub, leaf, old in saved:
-                sub._parameters[leaf] = old
+        with _reparametrize_module(self._inner[0], dict(zip(self.names, params))):
+            return self._inner[0](*inputs)
 
 
 def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dtype: str,
@@ -441,8 +462,7 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         if params:
             traced = _ParamsAsInputs(module, list(params), len(inputs))
             args = inputs + tuple(p.detach() for p in params.values())
-        with _EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _EXPORT_LOCK, torch.no_grad():
             torch.onnx.export(
                 traced,
                 args,
@@ -457,8 +477,7 @@ def export_segment(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         if params:
             weights = _params_to_weights(model, {k: p.detach() for k, p in params.items()}, set_aside_bytes, parts)
     restored = _restore_unused_inputs(model, spec)
-    if restored and parts is not None:
-        parts.unused_inputs[spec.name] = restored
+    if restored:
         log.info("%s does not read %s; still declared as graph input(s) for the contract", spec.name, ", ".join(restored))
     return model if set_aside_bytes is None else (model, weights)
 

@@ -184,11 +184,10 @@ class SegmentFactory:
         self.work_dir = work_dir
         # numpy has no bfloat16: bf16 graphs are exported layer by layer.
         self.weight_swap = weight_swap and parts.dtype in (torch.float32, torch.float16)
-        self._probe_parts: ModelParts | None = None
         self._templates: dict[tuple, _Template] = {}
         self.swapped = 0
         self.traced = 0
-        self._lock = threading.Lock()  # counters and the probe model, for units built in parallel threads
+        self._lock = threading.Lock()  # counters, for units built in parallel threads
 
     # -- the public step -------------------------------------------------------------------------
     def build(self, spec: SegmentSpec) -> BuiltSegment:
@@ -262,17 +261,6 @@ class SegmentFactory:
         model, weights, more = self._run_chain(model, weights, spec, self._per_layer_chain, before=self._shared_chain)
         return BuiltSegment(spec, model, results + more, weights=weights)
 
-    @property
-    def probe_parts(self) -> ModelParts:
-        with self._lock:
-            return self._make_probe_parts()
-
-    def _make_probe_parts(self) -> ModelParts:
-        if self._probe_parts is None:
-            self._probe_parts = ModelParts(self.parts.config, self.parts.family, ProbeWeights(self.parts.weights),
-                                           self.parts.dtype_name)
-        return self._probe_parts
-
     def _layer_prefix(self, spec: SegmentSpec) -> str:
         return f"{self.parts.family.layers_path}.{spec.layer}."
 
@@ -291,9 +279,10 @@ class SegmentFactory:
         """Trace the layer again from probe weights, learn where each parameter sits in the optimised graph
         (after the shared part of the chain), and keep that as the template only if it reproduces the
         real-weight graph of this layer exactly."""
+        probe_parts = self.parts.with_weights(ProbeWeights(self.parts.weights))  # this template's own probe
         try:
-            probe_model, probe_weights, _ = self._trace_shared(self.probe_parts, spec)
-            sources = weight_swap.discover_sources(probe_model, self._layer_arrays(self.probe_parts, spec),
+            probe_model, probe_weights, _ = self._trace_shared(probe_parts, spec)
+            sources = weight_swap.discover_sources(probe_model, self._layer_arrays(probe_parts, spec),
                                                    probe_weights)
             template = weight_swap.make_template(probe_model, sources, probe_weights)
             del probe_model, probe_weights
@@ -306,6 +295,6 @@ class SegmentFactory:
                      spec.name, exc)
             return _Template(None, real_results, spec.name)
         finally:
-            self.probe_parts.weights.clear()
+            probe_parts.weights.clear()
         log.info("%s: optimised graph reused for the other layers of this structure", spec.name)
         return _Template(template, real_results, spec.name)
