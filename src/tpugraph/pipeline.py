@@ -66,9 +66,9 @@ def tool_versions() -> dict[str, str]:
 
     versions = {"tpugraph": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "onnx": onnx.__version__}
-    from .passes import _onnxsim_process
+    from . import onnxsim_process as _onnxsim_process
 
-    try:  # onnxsim is imported by the child process that runs it (passes/_onnxsim_process.py), not here
+    try:  # onnxsim is imported by the child process that runs it (onnxsim_process.py), not here
         versions["onnxsim"] = _onnxsim_process.version()
     except _onnxsim_process.OnnxsimChildError as exc:
         if exc.type_name not in ("ImportError", "ModuleNotFoundError"):
@@ -422,8 +422,12 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     from .export.factory import SegmentFactory
     from .resume import unit_fingerprint
 
+    from . import onnxsim_process
+
     options = options or ExportOptions()
     options.check()
+    if any(p == "simplify" for p in (options.passes if options.passes is not None else ["simplify"])):
+        onnxsim_process.prestart()
     out_dir = Path(out)
     source: ModelSource = resolve_model(model)
     config, family = load_config(source, options.trust_remote_code)

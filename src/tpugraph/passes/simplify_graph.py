@@ -10,7 +10,8 @@ from typing import Any
 
 import onnx
 
-from . import _graph, _onnxsim_process
+from .. import onnxsim_process as _onnxsim_process
+from . import _graph
 from .base import GraphPass, PassContext, PassFailed
 
 log = logging.getLogger(__name__)

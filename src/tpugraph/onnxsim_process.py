@@ -57,11 +57,11 @@ class OnnxsimProcess:
     """A child process running ``onnxsim.simplify``: one request at a time."""
 
     def __init__(self) -> None:
-        package_root = str(Path(__file__).resolve().parents[2])
+        package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         self._log = tempfile.TemporaryFile(prefix="tpugraph-onnxsim-")  # the child's own stderr, for crashes
-        self._proc = subprocess.Popen([sys.executable, "-m", "tpugraph.passes._onnxsim_process"],
+        self._proc = subprocess.Popen([sys.executable, "-m", "tpugraph.onnxsim_process"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +116,15 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         raise
     _idle.put(child)
     return reply
+
+
+def prestart() -> None:
+    """Start a child now when none was ever started: its import of onnxsim (seconds) then overlaps with
+    the caller's own work instead of delaying the first simplification."""
+    if not _started:
+        child = OnnxsimProcess()
+        _started.append(child)
+        _idle.put(child)
 
 
 def simplify(model_bytes: bytes, kwargs: dict[str, Any]) -> tuple[bytes, bool, str]:
