@@ -47,6 +47,11 @@ class PassError(TpugraphError):
         super().__init__(f"pass '{pass_name}' failed on segment '{segment}' (passes run before it: {ran}): {reason}")
 
 
+class PassFailed(Exception):
+    """Raised inside a graph pass with a reason meant for the user; the pass runner turns it into a
+    PassError naming the pass, the segment and the passes that ran before it."""
+
+
 class VerificationError(TpugraphError):
     """Numerical or token parity failed, or a manifest does not match its files."""
 

@@ -534,7 +534,7 @@ def _apply_renames(entry: SegmentEntry, pass_results) -> None:
     from dataclasses import replace
 
     for result in pass_results:
-        mapping = (getattr(result, "details", None) or {}).get("mapping")
+        mapping = result.mapping
         if not mapping:
             continue
         entry.inputs = [replace(t, name=mapping.get(t.name, t.name)) for t in entry.inputs]

@@ -229,7 +229,6 @@ class SegmentFactory:
         """Run ``chain`` on a graph whose big weights are set aside in ``weights``; returns the same form."""
         if not chain:
             return model, weights, []
-        from ..errors import PassError
         from ..passes import PassContext, run_chain
 
         on_pass = None
@@ -238,12 +237,7 @@ class SegmentFactory:
             on_pass = lambda segment, name, index, _n: report(segment, name, offset + index, total)  # noqa: E731
         ctx = PassContext(segment=spec.name, shapes=spec.shapes(), work_dir=self.work_dir, layer=spec.layer,
                           kind=spec.kind.value, opaque_inputs=frozenset(t.name for t in weights), on_pass=on_pass)
-        try:
-            model, results = run_chain(model, chain, ctx)
-        except PassError as err:
-            if not before:
-                raise
-            raise PassError(err.pass_name, err.segment, [p.name for p in before] + err.before, err.reason) from err
+        model, results = run_chain(model, chain, ctx, ran_before=[p.name for p in before or []])
         return model, weights, results
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):

@@ -11,15 +11,11 @@ from typing import Any, ClassVar, Callable
 
 import onnx
 
-from tpugraph.errors import PassError, UsageError
+from tpugraph.errors import PassError, PassFailed, UsageError
 
 from . import _graph
 
 log = logging.getLogger(__name__)
-
-
-class PassFailed(Exception):
-    """Raised inside a pass with a reason meant for the user; the runner turns it into a PassError."""
 
 
 @dataclass
@@ -53,6 +49,13 @@ class PassResult:
     nodes_after: int
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    # What callers read from a result, typed (also in ``details``, which is what the manifest records):
+    mapping: dict[str, str] | None = None
+    """Old -> new graph I/O names, from a renaming pass (rename_kv_io)."""
+    io_perms: dict[str, dict[str, list[int]]] | None = None
+    """Graph I/O whose axes the pass permuted: name -> {"perm": [...]} (rename_kv_io to another layout)."""
+    max_abs_diff: dict[str, float] | None = None
+    """Per output, the largest difference to the model before the pass (PassContext.check_numerics)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -152,6 +155,9 @@ class GraphPass:
             nodes_after=_graph.count_nodes(out),
             seconds=time.perf_counter() - start,
             details=details,
+            mapping=details.get("mapping") or None,
+            io_perms=_io_perms(details),
+            max_abs_diff=details.get("max_abs_diff"),
         )
         log.info("%s on %s: %s nodes %d -> %d in %.2fs %s", self.name, ctx.segment,
                  "modified" if result.modified else "unchanged", result.nodes_before, result.nodes_after,

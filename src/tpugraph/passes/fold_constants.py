@@ -18,7 +18,7 @@ class FoldConstants(GraphPass):
     name = "fold_constants"
     summary = "Fold constant subgraphs (onnx-graphsurgeon, size-capped, weights never duplicated), clean up, toposort"
     defaults = {"size_threshold": 1 << 24, "fold_shapes": True}
-    in_place = True  # graphsurgeon writes into the tensors of the model it imports (Constant names)
+    in_place = False  # builds a new model (graphsurgeon's export), from a copy of the one it is given
 
     def validate(self) -> None:
         from tpugraph.errors import UsageError
@@ -45,6 +45,7 @@ class FoldConstants(GraphPass):
                         return True
             return False
 
+        model = _graph.copy_model(model)  # graphsurgeon writes into the tensors it imports (Constant names)
         with G_LOGGER.suppress(G_LOGGER.ERROR):
             graph = gs.import_onnx(model)
             graph.toposort()

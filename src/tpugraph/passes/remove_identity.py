@@ -46,10 +46,12 @@ class RemoveIdentity(GraphPass):
             if kind is None:
                 index += 1
                 continue
-            if _bypass(graph, index, source):
+            if _bypass(graph, index, source, produced):
                 counts[kind] += 1
+                for name in node.output:
+                    if produced.get(name) is node:
+                        del produced[name]
                 del graph.node[index]
-                produced = _graph.producers(graph)
             else:
                 counts["kept_at_boundary"] += 1
                 index += 1
@@ -101,8 +103,9 @@ def _known_types(model: onnx.ModelProto) -> dict[str, int]:
     return _graph.elem_types(probe)
 
 
-def _bypass(graph: onnx.GraphProto, index: int, source: str) -> bool:
-    """Make readers of node ``index``'s output read ``source``; False if the graph boundary forbids it."""
+def _bypass(graph: onnx.GraphProto, index: int, source: str, produced: dict[str, onnx.NodeProto]) -> bool:
+    """Make readers of node ``index``'s output read ``source``; False if the graph boundary forbids it.
+    ``produced`` (tensor -> producing node) is kept up to date, so it is built once per pass run."""
     out = graph.node[index].output[0]
     graph_outputs = {o.name for o in graph.output}
     if out not in graph_outputs:
@@ -111,11 +114,13 @@ def _bypass(graph: onnx.GraphProto, index: int, source: str) -> bool:
     # The output name is part of the segment contract: the source tensor takes over the name,
     # which is only possible if a node produces it and it is not itself a boundary tensor.
     boundary = set(_graph.graph_input_names(graph)) | graph_outputs | {t.name for t in graph.initializer}
-    producer = next((i for i, n in enumerate(graph.node) if i != index and source in n.output), None)
-    if source in boundary or producer is None:
+    producer = produced.get(source)
+    if source in boundary or producer is None or producer is graph.node[index]:
         return False
-    outputs = graph.node[producer].output
+    outputs = producer.output
     outputs[list(outputs).index(source)] = out
+    del produced[source]
+    produced[out] = producer
     _graph.replace_uses(graph, source, out)
     for v in graph.value_info:
         if v.name == source:
