@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import logging
 from typing import Any
 
@@ -32,11 +34,13 @@ _LOSSLESS_WIDENING: dict[int, frozenset[int]] = {
 class RemoveIdentity(GraphPass):
     name = "remove_identity"
     summary = "Remove Identity, inference-mode Dropout, no-op Cast and lossless Cast round trips"
-    defaults = {"casts": True}
+    @dataclass(frozen=True)
+    class Options:
+        casts: bool = True
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
         graph = model.graph
-        types = _known_types(model) if self.opt["casts"] else {}
+        types = _known_types(model) if self.opts.casts else {}
         counts = {"identity": 0, "dropout": 0, "cast_noop": 0, "cast_round_trip": 0, "kept_at_boundary": 0}
         produced = _graph.producers(graph)
         index = 0
@@ -73,7 +77,7 @@ class RemoveIdentity(GraphPass):
             if len(node.input) <= 2 and (len(node.output) < 2 or not node.output[1]):
                 return "dropout", src
             return None, ""
-        if node.op_type != "Cast" or not self.opt["casts"]:
+        if node.op_type != "Cast" or not self.opts.casts:
             return None, ""
         to = _attr(node, "to")
         if types.get(src) == to:

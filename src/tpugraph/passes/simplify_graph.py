@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import logging
 import shutil
 import tempfile
@@ -24,24 +26,24 @@ _COUNTS = {"removed_nodes": "onnxsim.removed_nodes.count", "changed_nodes": "onn
 class Simplify(GraphPass):
     name = "simplify"
     summary = "onnxsim: fold constants, fuse and eliminate redundant ops (files + external data above 1.8 GB)"
-    defaults = {
-        "skip_fuse_bn": False,
-        "skipped_optimizers": [],
-        "skip_constant_folding": False,
-        "tensor_size_threshold": "16MB",
-        "large_model_bytes": _graph.LARGE_MODEL_BYTES,
-    }
+    @dataclass(frozen=True)
+    class Options:
+        skip_fuse_bn: bool = False
+        skipped_optimizers: list = field(default_factory=list)
+        skip_constant_folding: bool = False
+        tensor_size_threshold: str = "16MB"
+        large_model_bytes: int = _graph.LARGE_MODEL_BYTES
     in_place = False
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
         kwargs: dict[str, Any] = {
             "check_n": 0,  # tpugraph checks numerics itself (--check, check_numerics, verify)
-            "skip_fuse_bn": bool(self.opt["skip_fuse_bn"]),
-            "skipped_optimizers": list(self.opt["skipped_optimizers"]) or None,
-            "skip_constant_folding": bool(self.opt["skip_constant_folding"]),
-            "tensor_size_threshold": str(self.opt["tensor_size_threshold"]),
+            "skip_fuse_bn": bool(self.opts.skip_fuse_bn),
+            "skipped_optimizers": list(self.opts.skipped_optimizers) or None,
+            "skip_constant_folding": bool(self.opts.skip_constant_folding),
+            "tensor_size_threshold": str(self.opts.tensor_size_threshold),
         }
-        through_file = _graph.model_nbytes(model) > int(self.opt["large_model_bytes"])
+        through_file = _graph.model_nbytes(model) > int(self.opts.large_model_bytes)
         # onnxsim prints notes; it runs in a child process that captures them per call (they go to the log)
         try:
             if through_file:
