@@ -10,9 +10,17 @@ class TpugraphError(Exception):
 
 
 class UsageError(TpugraphError):
-    """Bad options or option combinations."""
+    """Bad options or option combinations.
+
+    ``option`` names the library argument at fault (``seq_length``); the message then says what is wrong
+    with it, and a front end names it its own way (the CLI prints ``--seq-length``)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, option: str | None = None):
+        self.option = option
+        self.problem = message
+        super().__init__(f"{option} {message}" if option else message)
 
 
 class ModelError(TpugraphError):

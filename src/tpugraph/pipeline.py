@@ -35,7 +35,7 @@ class ExportOptions:
     seq_length: int = 512
     int_dtype: str = "int32"
     dtype: str = "float32"
-    passes: list[str] | None = None  # None = the default chain
+    passes: list[str] | None = None  # None = the default chain; names may be comma-separated; ["none"] = no pass
     skip_passes: list[str] = field(default_factory=list)
     pass_options: dict[str, dict] = field(default_factory=dict)  # {"rename_kv_io": {"convention": "optimum"}}
     force: bool = False
@@ -45,18 +45,27 @@ class ExportOptions:
     penalty_head: bool = False  # also export penalty_sample_head.onnx (CONTRACT.md)
     greedy_in_lm_head: bool = False  # lm_head -> (token, m_logits) and no greedy_head.onnx
     jobs: int = 1  # work units (vocabulary, each layer) built in parallel threads
+    naming: str | None = None  # I/O naming convention (llm-tpu, optimum, genie): rename_kv_io's convention
+    with_test_data: bool = False  # also write OUT/test_data/<segment>_input.npz (testdata.write_test_data)
 
     def check(self) -> None:
-        if self.external_data not in EXTERNAL_DATA_MODES:
-            raise UsageError(f"--external-data must be one of {', '.join(EXTERNAL_DATA_MODES)} (got {self.external_data})")
-        if self.seq_length < 1:
-            raise UsageError(f"--seq-length must be >= 1 (got {self.seq_length})")
-        if self.int_dtype not in INT_DTYPES:
-            raise UsageError(f"--int-dtype must be one of {', '.join(INT_DTYPES)} (got {self.int_dtype})")
-        if self.jobs < 1:
-            raise UsageError(f"--jobs must be >= 1 (got {self.jobs})")
-        if self.dtype not in FLOAT_DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)} (got {self.dtype})")
+        """UsageError naming the field at fault (``option``), in the library's terms."""
+        for option, value, allowed in (("external_data", self.external_data, EXTERNAL_DATA_MODES),
+                                       ("int_dtype", self.int_dtype, INT_DTYPES),
+                                       ("dtype", self.dtype, FLOAT_DTYPES),
+                                       ("naming", self.naming, (None, *naming_conventions()))):
+            if value not in allowed:
+                shown = ", ".join(a for a in allowed if a is not None)
+                raise UsageError(f"must be one of {shown} (got {value})", option=option)
+        for option, value in (("seq_length", self.seq_length), ("jobs", self.jobs)):
+            if value < 1:
+                raise UsageError(f"must be >= 1 (got {value})", option=option)
+
+
+def naming_conventions() -> tuple[str, ...]:
+    from .passes.rename_kv_io import CONVENTIONS
+
+    return tuple(CONVENTIONS)
 
 
 def tool_versions() -> dict[str, str]:
@@ -426,16 +435,15 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
 
     options = options or ExportOptions()
     options.check()
-    if any(p == "simplify" for p in (options.passes if options.passes is not None else ["simplify"])):
+    if options.passes is None or any("simplify" in p for p in options.passes):
         onnxsim_process.prestart()
     out_dir = Path(out)
     source: ModelSource = resolve_model(model)
     config, family = load_config(source, options.trust_remote_code)
     facts = model_facts(config, family)
     if facts.max_positions and options.seq_length > facts.max_positions:
-        raise UsageError(
-            f"--seq-length {options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})"
-        )
+        raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
+                         option="seq_length")
     weights = WeightStore(source.path)
     chain = _resolve_chain(options)
     prepare_output_dir(out_dir, options.force)
@@ -500,6 +508,10 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     manifest.complete = True
     manifest.write(out_dir)
     (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
+    if options.with_test_data:
+        from .testdata import write_test_data
+
+        write_test_data(out_dir, manifest)
     if progress:
         progress("done", len(specs), len(specs))
     return manifest
@@ -514,11 +526,17 @@ def _run_units(run: "_UnitRun", units: list[WorkUnit], fingerprints: list[Future
 
 
 def _resolve_chain(options: ExportOptions):
-    if options.passes is not None and not options.passes:
-        return []
+    names = options.passes
+    if names is not None:
+        names = [n.strip() for item in names for n in item.split(",") if n.strip()]
+        if names in ([], ["none"]):
+            return []
     from .passes import resolve_chain
 
-    return resolve_chain(options.passes, options.skip_passes, options.pass_options)
+    pass_options = {name: dict(opts) for name, opts in options.pass_options.items()}
+    if options.naming:
+        pass_options.setdefault("rename_kv_io", {})["convention"] = options.naming
+    return resolve_chain(names, options.skip_passes, pass_options)
 
 
 def _naming(chain) -> str:
