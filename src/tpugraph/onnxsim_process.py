@@ -156,6 +156,9 @@ def _close_all() -> None:
 # -- the child ---------------------------------------------------------------------------------------
 def _serve() -> None:
     import inspect
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes this child
 
     channel_in = os.fdopen(os.dup(0), "rb")
     channel_out = os.fdopen(os.dup(1), "wb")

@@ -339,7 +339,7 @@ class _UnitRun:
             self.progress(name, done, self.total)
 
     def unit(self, unit: WorkUnit, pending_fingerprint: Future) -> None:
-        from .export.exporter import unused_graph_inputs
+        from .export.graph_surgery import unused_graph_inputs
 
         fingerprint = pending_fingerprint.result()
         kept = [self.previous.get(spec.name) for spec in unit.specs]
@@ -427,7 +427,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                         pass_progress: Callable[[str, str, int, int], None] | None = None) -> Manifest:
     """Export MODEL (folder or preset) into OUT: every segment of the contract, passed through the chain,
     then OUT/manifest.json, written last. Segments an earlier run finished with the same inputs are kept."""
-    from .export.exporter import DEFAULT_OPSET, ModelParts, export_notes, unused_inputs_note
+    from .export.exporter import DEFAULT_OPSET
+    from .export.model_parts import ModelParts
+    from .export.notes import export_notes, unused_inputs_note
     from .export.factory import SegmentFactory
     from .resume import unit_fingerprint
 

@@ -64,7 +64,7 @@ def load_streamed(model_dir: Path):
     import torch
     from torch import nn
 
-    from .export.exporter import ModelParts
+    from .export.model_parts import ModelParts
 
     quiet_transformers()
     source = resolve_model(str(model_dir))

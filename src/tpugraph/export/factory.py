@@ -20,7 +20,8 @@ from torch import nn
 from ..contract import SegmentKind, SegmentSpec
 from ..model_source import WeightStore
 from . import weight_swap
-from .exporter import ModelParts, export_segment
+from .exporter import export_segment
+from .model_parts import ModelParts
 from .external_data import LazyWeight
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,8 @@ class SegmentFactory:
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
         # Parameters are traced as graph inputs: the exporter never holds a weight as a constant (its
         # shape inference over a 7B layer's constants alone took 40 s and gigabytes).
-        model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
-                                        set_aside_bytes=HIDE_MIN_BYTES)
+        exported = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir, set_aside_bytes=HIDE_MIN_BYTES)
+        model, weights = exported.model, exported.weights
         weights += hide_weights(model)  # big constants that are not parameters (long rotary tables)
         with self._lock:
             self.traced += 1
