@@ -1,7 +1,7 @@
 """onnxsim in a child process of its own: what it prints is captured per call, never on our stdout.
 
 onnxsim reports through Python's ``print`` (and its C++ core through file descriptors 1 and 2). In this
-process both are shared by every thread, and redirecting them (``contextlib.redirect_stdout``) while
+process both are shared by every thread, and pointing ``sys.stdout`` elsewhere for a call while
 other threads run can leave ``sys.stdout`` pointing at a closed buffer (issue #15). A child process owns
 its descriptors: each call's output is captured there and comes back with the result.
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,9 +185,21 @@ class SegmentFactory:
         # numpy has no bfloat16: bf16 graphs are exported layer by layer.
         self.weight_swap = weight_swap and parts.dtype in (torch.float32, torch.float16)
         self._templates: dict[tuple, _Template] = {}
-        self.swapped = 0
-        self.traced = 0
-        self._lock = threading.Lock()  # counters, for units built in parallel threads
+        # Per segment: how many traces its build took, and whether its weights were swapped in. Each segment
+        # is built by one caller, so these are never written twice for a key (the factory takes no locks:
+        # the scheduler owns threads and the order templates are made and used in).
+        self._traces: dict[str, int] = {}
+        self._swapped: set[str] = set()
+
+    @property
+    def traced(self) -> int:
+        """Traces made so far (a template's probe trace included)."""
+        return sum(self._traces.values())
+
+    @property
+    def swapped(self) -> int:
+        """Segments whose weights were swapped into another layer's optimised graph."""
+        return len(self._swapped)
 
     # -- the public step -------------------------------------------------------------------------
     def build(self, spec: SegmentSpec) -> BuiltSegment:
@@ -205,8 +216,7 @@ class SegmentFactory:
         if known.template is None:
             return self._full(spec)
         model, weights = weight_swap.apply(known.template, known.template.fill(self._layer_arrays(self.parts, spec)))
-        with self._lock:
-            self.swapped += 1
+        self._swapped.add(spec.name)
         model, weights, own_results = self._run_chain(model, weights, spec, self._per_layer_chain,
                                                       before=self._shared_chain)
         return BuiltSegment(spec, model, known.results + own_results, swapped_from=known.source_segment,
@@ -247,8 +257,7 @@ class SegmentFactory:
         exported = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir, set_aside_bytes=HIDE_MIN_BYTES)
         model, weights = exported.model, exported.weights
         weights += hide_weights(model)  # big constants that are not parameters (long rotary tables)
-        with self._lock:
-            self.traced += 1
+        self._traces[spec.name] = self._traces.get(spec.name, 0) + 1
         return self._run_chain(model, weights, spec, self._shared_chain)
 
     def _full(self, spec: SegmentSpec) -> BuiltSegment:
