@@ -43,7 +43,7 @@ def _spec(kind, int_dtype="int32", **flags):
 @pytest.fixture(scope="module")
 def penalty_session():
     spec = _spec(SegmentKind.PENALTY_SAMPLE_HEAD, with_penalty_head=True)
-    model = export_segment(None, spec, SEQ, "int32")
+    model = export_segment(None, spec, SEQ, "int32").model
     return model, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -122,7 +122,7 @@ def test_penalty_sample_head_structure(penalty_session):
 
 def test_penalty_sample_head_int64_tokens():
     spec = _spec(SegmentKind.PENALTY_SAMPLE_HEAD, "int64", with_penalty_head=True)
-    model = export_segment(None, spec, SEQ, "int64")
+    model = export_segment(None, spec, SEQ, "int64").model
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[1].type == "tensor(int64)"
     assert sess.get_outputs()[1].type == "tensor(int64)"
@@ -154,7 +154,7 @@ def test_greedy_in_lm_head_matches_lm_head_plus_greedy_head(make_model, model_ty
     plain = _spec(SegmentKind.LM_HEAD)
     fused = _spec(SegmentKind.LM_HEAD, greedy_in_lm_head=True)
     greedy = _spec(SegmentKind.GREEDY_HEAD)
-    sess = {name: ort.InferenceSession(export_segment(parts, spec, SEQ, "int32").SerializeToString(),
+    sess = {name: ort.InferenceSession(export_segment(parts, spec, SEQ, "int32").model.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
             for name, spec in (("plain", plain), ("fused", fused), ("greedy", greedy))}
     assert [o.name for o in sess["fused"].get_outputs()] == ["token", "m_logits"]

@@ -8,11 +8,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpugraphError
+from .pipeline import EXTERNAL_DATA_MODES, FLOAT_DTYPES, INT_DTYPES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hugging Face causal LMs -> the ONNX segments Sophgo's tpu-mlir and LLM-TPU runtime expect.")
@@ -29,6 +30,21 @@ def _echo(msg: str = "") -> None:
         typer.echo(msg)
 
 
+# Library argument -> the flag that sets it, where the two are not spelled alike.
+FLAG_OF = {"greedy_in_lm_head": "--lm-head-greedy", "passes": "--passes", "skip_passes": "--skip-pass",
+           "pass_options": "--option"}
+
+
+def flag_of(option: str) -> str:
+    return FLAG_OF.get(option, "--" + option.replace("_", "-"))
+
+
+def _cli_text(err: TpugraphError) -> str:
+    """A library error in the CLI's words: a UsageError about an argument names its flag."""
+    option = getattr(err, "option", None)
+    return f"{flag_of(option)} {err.problem}" if option else str(err)
+
+
 def user_errors(fn):
     """Turn a TpugraphError into one line on stderr and its exit code; Ctrl-C into exit 130."""
 
@@ -37,7 +53,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TpugraphError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {_cli_text(err)}", err=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished segments are kept; rerun the same command to finish", err=True)
@@ -104,10 +120,25 @@ def _progress_reporter(enabled: bool, what: str):
         yield rich_progress, pass_progress
 
 
-def _split(values: Optional[list[str]]) -> Optional[list[str]]:
-    if values is None:
-        return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+# Options and arguments several commands take, declared once.
+OutFolder = Annotated[Path, typer.Argument(help="An output folder written by export-and-optimize.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+PassOptions = Annotated[Optional[list[str]], typer.Option(
+    "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum.")]
+_QUANTIZE_HELP = ("Quantization: f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
+                  "the float type, the greedy/sample heads stay F32).")
+Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x or bm1688.")]
+Quantize = Annotated[str, typer.Option("--quantize", help=_QUANTIZE_HELP)]
+QGroupSize = Annotated[Optional[int], typer.Option(
+    "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*).")]
+NumDevice = Annotated[int, typer.Option("--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x).")]
+CompileCheck = Annotated[bool, typer.Option(
+    "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data "
+                               "(export-and-optimize --with-test-data).")]
+
+
+def _choices(values) -> str:
+    return ", ".join(values)
 
 
 @app.command("export-and-optimize")
@@ -117,37 +148,31 @@ def export_and_optimize_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the segments and manifest.json."),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="The .gguf file inside the MODEL folder to export (when it holds several, or config.json too)."),
     seq_length: int = typer.Option(512, "--seq-length", help="Static sequence length SEQ."),
-    int_dtype: str = typer.Option("int32", "--int-dtype", help="Integer input dtype: int32 or int64."),
-    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the exported segments: float32, float16 or bfloat16 (segment inputs/outputs stay float32)."),
+    int_dtype: str = typer.Option("int32", "--int-dtype", help=f"Integer input dtype: {_choices(INT_DTYPES)}."),
+    dtype: str = typer.Option("float32", "--dtype", help=f"Weight dtype of the exported segments: {_choices(FLOAT_DTYPES)} (segment inputs/outputs stay float32)."),
     passes: Optional[list[str]] = typer.Option(None, "--passes", help="Pass chain to run instead of the default (comma-separated; 'none' for no pass)."),
     skip_pass: Optional[list[str]] = typer.Option(None, "--skip-pass", help="Pass(es) to leave out of the chain."),
-    option: Optional[list[str]] = typer.Option(None, "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum."),
+    option: PassOptions = None,
     naming: Optional[str] = typer.Option(None, "--naming", help="I/O naming convention: llm-tpu (default), optimum or genie (shortcut for --option rename_kv_io.convention=...)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not a tpugraph output."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models whose config needs remote code."),
     penalty_head: bool = typer.Option(False, "--penalty-head", help="Also export penalty_sample_head.onnx (repetition penalty, temperature, top-p; top-50 probs and tokens)."),
     lm_head_greedy: bool = typer.Option(False, "--lm-head-greedy", help="Take the greedy top-1 inside lm_head (outputs token, m_logits) and export no greedy_head."),
-    external_data: str = typer.Option("auto", "--external-data", help="Weights in a shared NAME.data file per layer/vocabulary: auto (when over 16 MB), always or never."),
+    external_data: str = typer.Option("auto", "--external-data", help=f"Weights in a shared NAME.data file per layer/vocabulary: {_choices(EXTERNAL_DATA_MODES)} (auto: when over 16 MB)."),
     weight_swap: bool = typer.Option(True, "--weight-swap/--no-weight-swap", help="Reuse one layer's optimised graph for the other layers of the same structure (checked against a full export of that layer)."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Work units (the vocabulary segments, each layer's pair) built in parallel threads; the output is the same whatever the number."),
     with_test_data: bool = typer.Option(False, "--with-test-data", help="Also write OUT/test_data/<segment>_input.npz: realistic inputs (a prompt driven through the segments) for tpu-mlir's numerical compares."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+    json_out: JsonOut = False,
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
     from .passes import parse_pass_options
     from .pipeline import ExportOptions, export_and_optimize
 
-    chain = _split(passes)
-    if chain == ["none"]:
-        chain = []
-    pass_options = parse_pass_options(option)
-    if naming:
-        pass_options.setdefault("rename_kv_io", {})["convention"] = naming
-    opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=chain,
-                         skip_passes=_split(skip_pass) or [], pass_options=pass_options, force=force,
-                         trust_remote_code=trust_remote_code, penalty_head=penalty_head,
+    opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=passes,
+                         skip_passes=skip_pass or [], pass_options=parse_pass_options(option), naming=naming,
+                         force=force, trust_remote_code=trust_remote_code, penalty_head=penalty_head,
                          greedy_in_lm_head=lm_head_greedy, external_data=external_data, weight_swap=weight_swap,
-                         jobs=jobs)
+                         jobs=jobs, with_test_data=with_test_data)
 
     if gguf_file:
         from .model_source import resolve_model
@@ -155,11 +180,7 @@ def export_and_optimize_cmd(
         model = str(resolve_model(model, gguf_file).gguf_path)
     with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
         manifest = export_and_optimize(model, out, opts, progress=progress, pass_progress=passes)
-    test_files: list[str] = []
-    if with_test_data:
-        from .testdata import write_test_data
-
-        test_files = write_test_data(out, manifest)
+    test_files = [e.extra["test_data"]["file"] for e in manifest.segments if "test_data" in e.extra]
     src = manifest.model["source"]
     if json_out:
         typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "random_weights": src["random_weights"],
@@ -177,12 +198,12 @@ def export_and_optimize_cmd(
 @app.command("verify")
 @user_errors
 def verify_cmd(
-    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    out: OutFolder,
     prompt_length: int = typer.Option(8, "--prompt-length", help="Number of prompt tokens (random ids from --seed)."),
     new_tokens: int = typer.Option(8, "--new-tokens", help="Number of tokens to generate."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
     model: Optional[str] = typer.Option(None, "--model", help="Source model folder, if it moved since the export."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    json_out: JsonOut = False,
     stream_reference: Optional[bool] = typer.Option(
         None, "--stream-reference/--full-reference",
         help="Stream the fp32 reference's layer weights from the safetensors (default: when the whole fp32 "
@@ -213,7 +234,7 @@ def verify_cmd(
 
 @manifest_app.command("validate")
 @user_errors
-def manifest_validate_cmd(out: Path = typer.Argument(..., help="An output folder written by export-and-optimize.")) -> None:
+def manifest_validate_cmd(out: OutFolder) -> None:
     """Check that every file of OUT's manifest exists, its hash matches and its I/O shapes equal the manifest."""
     from .manifest import read_manifest, validate
 
@@ -245,8 +266,8 @@ def passes_run_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the result."),
     check: bool = typer.Option(False, "--check", help="Run IN and OUT in onnxruntime on random inputs and compare."),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest max-abs-diff per output that --check accepts."),
-    option: Optional[list[str]] = typer.Option(None, "--option", help="A pass option PASS.KEY=VALUE (repeatable)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    option: PassOptions = None,
+    json_out: JsonOut = False,
 ) -> None:
     """Run some passes on one ONNX file with the same code and options as the full chain (for debugging)."""
     from .passes import parse_pass_options, run_passes_on_file
@@ -269,7 +290,7 @@ def passes_run_cmd(
 @user_errors
 def inspect_cmd(
     path: Path = typer.Argument(..., help="An .onnx file, or an output folder with manifest.json."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    json_out: JsonOut = False,
 ) -> None:
     """Show an ONNX file's I/O, ops, parameters, opset/IR and TPU problems; or the segment table of an OUT folder."""
     from .inspection import inspect_onnx, inspect_output, is_output_folder
@@ -303,10 +324,6 @@ def inspect_cmd(
     _echo("  ops tpu-mlir 1.30 does not support: " + (", ".join(summary.unsupported_ops) or "none"))
 
 
-_QUANTIZE_HELP = ("Quantization: f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
-                  "the float type, the greedy/sample heads stay F32).")
-
-
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: bool):
     from .compile import CompileOptions
 
@@ -316,12 +333,12 @@ def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_
 @app.command("compile-script")
 @user_errors
 def compile_script_cmd(
-    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
-    chip: str = typer.Option("bm1684x", "--chip", help="Target chip: bm1684x or bm1688."),
-    quantize: str = typer.Option("f16", "--quantize", help=_QUANTIZE_HELP),
-    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*)."),
-    num_device: int = typer.Option(1, "--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x)."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data (export-and-optimize --with-test-data)."),
+    out: OutFolder,
+    chip: Chip = "bm1684x",
+    quantize: Quantize = "f16",
+    q_group_size: QGroupSize = None,
+    num_device: NumDevice = 1,
+    check: CompileCheck = True,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
@@ -335,15 +352,15 @@ def compile_script_cmd(
 @app.command("compile")
 @user_errors
 def compile_cmd(
-    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    out: OutFolder,
     tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv made by scripts/setup_tpu_mlir.sh (default: $TPUGRAPH_TPU_MLIR_VENV, else the script's default location)."),
-    chip: str = typer.Option("bm1684x", "--chip", help="Target chip: bm1684x or bm1688."),
-    quantize: str = typer.Option("f16", "--quantize", help=_QUANTIZE_HELP),
-    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*)."),
-    num_device: int = typer.Option(1, "--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x)."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data (export-and-optimize --with-test-data)."),
+    chip: Chip = "bm1684x",
+    quantize: Quantize = "f16",
+    q_group_size: QGroupSize = None,
+    num_device: NumDevice = 1,
+    check: CompileCheck = True,
     jobs: int = typer.Option(1, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    json_out: JsonOut = False,
 ) -> None:
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
     from .compile import SegmentCompileError, compile_segments, format_table
@@ -406,7 +423,7 @@ def quant_fidelity_cmd(
 
 @app.command("families")
 @user_errors
-def families_cmd(json_out: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
+def families_cmd(json_out: JsonOut = False) -> None:
     """List the supported model families: architectures, what each supports, minimum transformers."""
     from .families import FAMILIES
 

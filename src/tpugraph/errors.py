@@ -10,9 +10,17 @@ class TpugraphError(Exception):
 
 
 class UsageError(TpugraphError):
-    """Bad options or option combinations."""
+    """Bad options or option combinations.
+
+    ``option`` names the library argument at fault (``seq_length``); the message then says what is wrong
+    with it, and a front end names it its own way (the CLI prints ``--seq-length``)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, option: str | None = None):
+        self.option = option
+        self.problem = message
+        super().__init__(f"{option} {message}" if option else message)
 
 
 class ModelError(TpugraphError):
@@ -45,6 +53,11 @@ class PassError(TpugraphError):
         self.reason = reason
         ran = ", ".join(before) if before else "none"
         super().__init__(f"pass '{pass_name}' failed on segment '{segment}' (passes run before it: {ran}): {reason}")
+
+
+class PassFailed(Exception):
+    """Raised inside a graph pass with a reason meant for the user; the pass runner turns it into a
+    PassError naming the pass, the segment and the passes that ran before it."""
 
 
 class VerificationError(TpugraphError):

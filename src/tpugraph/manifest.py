@@ -135,11 +135,11 @@ class Manifest:
 def read_manifest(out_dir: Path, name: str = MANIFEST_NAME) -> Manifest:
     path = Path(out_dir) / name
     if not Path(out_dir).is_dir():
-        raise VerificationError(f"'{out_dir}' is not a folder")
+        raise OutputError(f"'{out_dir}' is not a folder")
     if not path.is_file():
-        unfinished = (Path(out_dir) / PARTIAL_NAME).is_file()
-        why = "an unfinished export: rerun it to finish" if unfinished else "not a tpugraph output"
-        raise VerificationError(f"'{out_dir}' has no {name}: {why}")
+        if (Path(out_dir) / PARTIAL_NAME).is_file():
+            raise VerificationError(f"'{out_dir}' has no {name}: an unfinished export: rerun it to finish")
+        raise OutputError(f"'{out_dir}' has no {name}: not a tpugraph output")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

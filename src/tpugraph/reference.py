@@ -92,7 +92,7 @@ def load_streamed(model_dir: Path):
     import torch
     from torch import nn
 
-    from .export.exporter import ModelParts
+    from .export.model_parts import ModelParts
 
     quiet_transformers()
     source = resolve_model(str(model_dir))
@@ -114,25 +114,38 @@ def load_streamed(model_dir: Path):
         key = parts.checkpoint_key(owner_name, leaf)
         if key not in loaded:
             loaded[key] = fp32(key)
-        model.get_submodule(owner_name)._parameters[leaf] = loaded[key]
+        setattr(model.get_submodule(owner_name), leaf, loaded[key])
 
-    def load(layer: nn.Module, path: str) -> list:
-        """Give the layer at ``path`` its weights; returns the meta parameters to put back."""
-        saved = []
-        for name, param in list(layer.named_parameters(remove_duplicate=False)):
-            owner_name, _, leaf = name.rpartition(".")
-            owner = layer.get_submodule(owner_name)
-            saved.append((owner, leaf, param))
-            owner._parameters[leaf] = fp32(parts.checkpoint_key(f"{path}.{owner_name}".rstrip("."), leaf))
-        return saved
-
-    def unload(saved: list) -> None:
-        for owner, leaf, param in saved:
-            owner._parameters[leaf] = param
-
-    for index, layer in enumerate(model.get_submodule(family.layers_path)):
-        state: dict[str, list] = {}
+    layers = model.get_submodule(family.layers_path)
+    for index, layer in enumerate(layers):
         path = f"{family.layers_path}.{index}"
-        layer.register_forward_pre_hook(lambda m, args, path=path, state=state: state.__setitem__("saved", load(m, path)))
-        layer.register_forward_hook(lambda m, args, out, state=state: unload(state.pop("saved")))
+        names = [name for name, _ in layer.named_parameters(remove_duplicate=False)]
+        keys = {name: parts.checkpoint_key(f"{path}.{name.rpartition('.')[0]}".rstrip("."), name.rpartition(".")[2])
+                for name in names}
+        layers[index] = _streamed_layer_class()(layer, lambda keys=keys: {n: fp32(k) for n, k in keys.items()})
     return model.eval()
+
+
+def _streamed_layer_class():
+    from torch import nn
+    from torch.func import functional_call
+
+    class _StreamedLayer(nn.Module):
+        """A decoder layer whose weights are read just for its forward (``functional_call``): the layer
+        itself keeps its meta parameters, nothing is swapped in or out of it."""
+
+        def __init__(self, layer: nn.Module, read_weights):
+            super().__init__()
+            self._layer = [layer]  # not a submodule: its meta parameters are not the model's
+            self._read_weights = read_weights
+
+        def forward(self, *args, **kwargs):
+            return functional_call(self._layer[0], self._read_weights(), args, kwargs, strict=False)
+
+        def __getattr__(self, name: str):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._layer[0], name)  # attributes transformers reads (attention_type...)
+
+    return _StreamedLayer

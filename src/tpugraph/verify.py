@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VerificationError
+from .errors import UsageError, VerificationError
 from .manifest import Manifest, read_manifest, validate
 from .model_source import is_gguf_file, materialize_preset
 from .runtime import SegmentRuntime
@@ -146,8 +146,9 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     seq = int(manifest.options["seq_length"])
     vocab = int(manifest.model["vocab_size"])
     if prompt is None:
-        if prompt_length < 1 or new_tokens < 1:
-            raise VerificationError("--prompt-length and --new-tokens must be >= 1")
+        for option, value in (("prompt_length", prompt_length), ("new_tokens", new_tokens)):
+            if value < 1:
+                raise UsageError(f"must be >= 1 (got {value})", option=option)
         rng = np.random.default_rng(seed)
         prompt = rng.integers(3, vocab, size=prompt_length).tolist()
     if len(prompt) + new_tokens - 1 > seq:

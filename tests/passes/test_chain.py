@@ -183,3 +183,31 @@ def test_shape_work_never_needs_the_weights(tiny_block, monkeypatch):
     assert results[0].details["value_info"] > 50
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in out.graph.initializer)
     assert_same_outputs(model, out)
+
+
+def test_the_pass_contract_imports_no_pass_module():
+    import subprocess
+    import sys
+
+    code = ("import sys, tpugraph.passes.base; "
+            "print(sorted(m for m in sys.modules if m.startswith('tpugraph.passes.') "
+            "and m.rsplit('.', 1)[1] not in ('base', '_graph')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_fold_constants_declares_and_returns_a_new_model():
+    model = parse(SMALL)
+    p = get_pass("fold_constants")
+    assert p.in_place is False
+    before = model.SerializeToString()
+    out, _ = p.execute(model, PassContext(), owned=True)  # even when the caller lets it change ``model``
+    assert out is not model and model.SerializeToString() == before
+
+
+def test_a_result_types_what_callers_read():
+    model = parse(SMALL)
+    _, result = get_pass("fix_static_shapes").run(model, PassContext())
+    assert result.mapping is None and result.io_perms is None and result.max_abs_diff is None
+    _, checked = get_pass("fix_static_shapes").run(model, PassContext(check_numerics=True))
+    assert set(checked.max_abs_diff) == {o.name for o in model.graph.output}

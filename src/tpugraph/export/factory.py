@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ from torch import nn
 from ..contract import SegmentKind, SegmentSpec
 from ..model_source import WeightStore
 from . import weight_swap
-from .exporter import ModelParts, export_segment
+from .exporter import export_segment
+from .model_parts import ModelParts
 from .external_data import LazyWeight
 
 log = logging.getLogger(__name__)
@@ -184,11 +184,22 @@ class SegmentFactory:
         self.work_dir = work_dir
         # numpy has no bfloat16: bf16 graphs are exported layer by layer.
         self.weight_swap = weight_swap and parts.dtype in (torch.float32, torch.float16)
-        self._probe_parts: ModelParts | None = None
         self._templates: dict[tuple, _Template] = {}
-        self.swapped = 0
-        self.traced = 0
-        self._lock = threading.Lock()  # counters and the probe model, for units built in parallel threads
+        # Per segment: how many traces its build took, and whether its weights were swapped in. Each segment
+        # is built by one caller, so these are never written twice for a key (the factory takes no locks:
+        # the scheduler owns threads and the order templates are made and used in).
+        self._traces: dict[str, int] = {}
+        self._swapped: set[str] = set()
+
+    @property
+    def traced(self) -> int:
+        """Traces made so far (a template's probe trace included)."""
+        return sum(self._traces.values())
+
+    @property
+    def swapped(self) -> int:
+        """Segments whose weights were swapped into another layer's optimised graph."""
+        return len(self._swapped)
 
     # -- the public step -------------------------------------------------------------------------
     def build(self, spec: SegmentSpec) -> BuiltSegment:
@@ -205,8 +216,7 @@ class SegmentFactory:
         if known.template is None:
             return self._full(spec)
         model, weights = weight_swap.apply(known.template, known.template.fill(self._layer_arrays(self.parts, spec)))
-        with self._lock:
-            self.swapped += 1
+        self._swapped.add(spec.name)
         model, weights, own_results = self._run_chain(model, weights, spec, self._per_layer_chain,
                                                       before=self._shared_chain)
         return BuiltSegment(spec, model, known.results + own_results, swapped_from=known.source_segment,
@@ -230,7 +240,6 @@ class SegmentFactory:
         """Run ``chain`` on a graph whose big weights are set aside in ``weights``; returns the same form."""
         if not chain:
             return model, weights, []
-        from ..errors import PassError
         from ..passes import PassContext, run_chain
 
         on_pass = None
@@ -239,39 +248,22 @@ class SegmentFactory:
             on_pass = lambda segment, name, index, _n: report(segment, name, offset + index, total)  # noqa: E731
         ctx = PassContext(segment=spec.name, shapes=spec.shapes(), work_dir=self.work_dir, layer=spec.layer,
                           kind=spec.kind.value, opaque_inputs=frozenset(t.name for t in weights), on_pass=on_pass)
-        try:
-            model, results = run_chain(model, chain, ctx)
-        except PassError as err:
-            if not before:
-                raise
-            raise PassError(err.pass_name, err.segment, [p.name for p in before] + err.before, err.reason) from err
+        model, results = run_chain(model, chain, ctx, ran_before=[p.name for p in before or []])
         return model, weights, results
 
     def _trace_shared(self, parts: ModelParts, spec: SegmentSpec):
         # Parameters are traced as graph inputs: the exporter never holds a weight as a constant (its
         # shape inference over a 7B layer's constants alone took 40 s and gigabytes).
-        model, weights = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir,
-                                        set_aside_bytes=HIDE_MIN_BYTES)
+        exported = export_segment(parts, spec, self.seq, self.int_dtype, self.work_dir, set_aside_bytes=HIDE_MIN_BYTES)
+        model, weights = exported.model, exported.weights
         weights += hide_weights(model)  # big constants that are not parameters (long rotary tables)
-        with self._lock:
-            self.traced += 1
+        self._traces[spec.name] = self._traces.get(spec.name, 0) + 1
         return self._run_chain(model, weights, spec, self._shared_chain)
 
     def _full(self, spec: SegmentSpec) -> BuiltSegment:
         model, weights, results = self._trace_shared(self.parts, spec)
         model, weights, more = self._run_chain(model, weights, spec, self._per_layer_chain, before=self._shared_chain)
         return BuiltSegment(spec, model, results + more, weights=weights)
-
-    @property
-    def probe_parts(self) -> ModelParts:
-        with self._lock:
-            return self._make_probe_parts()
-
-    def _make_probe_parts(self) -> ModelParts:
-        if self._probe_parts is None:
-            self._probe_parts = ModelParts(self.parts.config, self.parts.family, ProbeWeights(self.parts.weights),
-                                           self.parts.dtype_name)
-        return self._probe_parts
 
     def _layer_prefix(self, spec: SegmentSpec) -> str:
         return f"{self.parts.family.layers_path}.{spec.layer}."
@@ -291,9 +283,10 @@ class SegmentFactory:
         """Trace the layer again from probe weights, learn where each parameter sits in the optimised graph
         (after the shared part of the chain), and keep that as the template only if it reproduces the
         real-weight graph of this layer exactly."""
+        probe_parts = self.parts.with_weights(ProbeWeights(self.parts.weights))  # this template's own probe
         try:
-            probe_model, probe_weights, _ = self._trace_shared(self.probe_parts, spec)
-            sources = weight_swap.discover_sources(probe_model, self._layer_arrays(self.probe_parts, spec),
+            probe_model, probe_weights, _ = self._trace_shared(probe_parts, spec)
+            sources = weight_swap.discover_sources(probe_model, self._layer_arrays(probe_parts, spec),
                                                    probe_weights)
             template = weight_swap.make_template(probe_model, sources, probe_weights)
             del probe_model, probe_weights
@@ -306,6 +299,6 @@ class SegmentFactory:
                      spec.name, exc)
             return _Template(None, real_results, spec.name)
         finally:
-            self.probe_parts.weights.clear()
+            probe_parts.weights.clear()
         log.info("%s: optimised graph reused for the other layers of this structure", spec.name)
         return _Template(template, real_results, spec.name)

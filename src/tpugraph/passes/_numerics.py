@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from . import _graph
-from .base import PassFailed
+from tpugraph.errors import PassFailed
 
 PermMap = dict[str, dict[str, list[int]]]
 

@@ -5,21 +5,17 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Callable
 
 import onnx
 
-from tpugraph.errors import PassError, UsageError
+from tpugraph.errors import PassError, PassFailed, UsageError
 
 from . import _graph
 
 log = logging.getLogger(__name__)
-
-
-class PassFailed(Exception):
-    """Raised inside a pass with a reason meant for the user; the runner turns it into a PassError."""
 
 
 @dataclass
@@ -53,6 +49,13 @@ class PassResult:
     nodes_after: int
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    # What callers read from a result, typed (also in ``details``, which is what the manifest records):
+    mapping: dict[str, str] | None = None
+    """Old -> new graph I/O names, from a renaming pass (rename_kv_io)."""
+    io_perms: dict[str, dict[str, list[int]]] | None = None
+    """Graph I/O whose axes the pass permuted: name -> {"perm": [...]} (rename_kv_io to another layout)."""
+    max_abs_diff: dict[str, float] | None = None
+    """Per output, the largest difference to the model before the pass (PassContext.check_numerics)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,37 +81,50 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a pass that has none."""
+
+
 class GraphPass:
-    """Base class. Subclasses set ``name``, ``summary``, ``defaults`` and implement ``apply``.
+    """Base class. Subclasses set ``name``, ``summary``, an ``Options`` dataclass (field defaults are the
+    pass's defaults) and implement ``apply``, which reads its configuration from ``self.opts``.
 
     ``apply`` may change the model it is given in place (``in_place = True``, the runner hands it a
-    model it owns) or build a new one (``in_place = False``). It returns the model and the counts
-    that describe the change; ``modified`` is derived from a structural digest, never guessed.
+    model it owns) or build a new one (``in_place = False``: the model it is given is never changed). It
+    returns the model and the counts that describe the change; ``modified`` is derived from a structural
+    digest, never guessed.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type] = NoOptions
+    defaults: ClassVar[dict[str, Any]] = {}  # derived from ``Options`` (for listings and messages)
     in_place: ClassVar[bool] = True
     # The result depends on which layer the segment is (e.g. I/O names carrying the layer index), so one
     # layer's output of this pass cannot be reused for another layer.
     layer_dependent: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "defaults" in vars(cls) and "Options" not in vars(cls):  # a pass written as a dict of defaults
+            cls.Options = make_dataclass(f"{cls.__name__}Options", [
+                (k, Any, field(default_factory=lambda v=v: copy.deepcopy(v))) for k, v in cls.defaults.items()],
+                frozen=True)
+        cls.defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                        for f in fields(cls.Options)}
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             valid = ", ".join(sorted(self.defaults)) or "none"
             raise UsageError(f"pass '{self.name}' has no option {', '.join(map(repr, unknown))} (options: {valid})")
-        self._options: dict[str, Any] = copy.deepcopy({**self.defaults, **options})
+        self.opts = self.Options(**copy.deepcopy(options))
         self.validate()
-
-    @property
-    def opt(self) -> dict[str, Any]:
-        return self._options
 
     def options(self) -> dict[str, Any]:
         """The configured options (defaults included), for the manifest."""
-        return _jsonable(dict(self._options))
+        return _jsonable({f.name: getattr(self.opts, f.name) for f in fields(self.opts)})
 
     def validate(self) -> None:
         """Check option values; raise UsageError on bad ones."""
@@ -117,7 +133,7 @@ class GraphPass:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        changed = {k: v for k, v in self._options.items() if self.defaults.get(k) != v}
+        changed = {k: v for k, v in self.options().items() if self.defaults.get(k) != v}
         args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
         return f"{type(self).__name__}({args})"
 
@@ -152,6 +168,9 @@ class GraphPass:
             nodes_after=_graph.count_nodes(out),
             seconds=time.perf_counter() - start,
             details=details,
+            mapping=details.get("mapping") or None,
+            io_perms=_io_perms(details),
+            max_abs_diff=details.get("max_abs_diff"),
         )
         log.info("%s on %s: %s nodes %d -> %d in %.2fs %s", self.name, ctx.segment,
                  "modified" if result.modified else "unchanged", result.nodes_before, result.nodes_after,

@@ -96,13 +96,15 @@ def parse_pass_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return parsed
 
 
-def run_chain(model: onnx.ModelProto, chain: list[GraphPass],
-              ctx: PassContext) -> tuple[onnx.ModelProto, list[PassResult]]:
+def run_chain(model: onnx.ModelProto, chain: list[GraphPass], ctx: PassContext,
+              ran_before: list[str] | tuple[str, ...] = ()) -> tuple[onnx.ModelProto, list[PassResult]]:
     """Run the passes in order. ``model`` itself is never changed.
 
     At most one copy of the model is made: in-place passes work on a copy the chain owns, passes
     that build a new model hand that one on. A failure raises PassError naming the pass, the
-    segment and the passes that ran before it.
+    segment and the passes that ran before it: ``ran_before`` (passes of the same chain that already
+    ran on this model, e.g. the part of a chain a weight-swap template shares) and those of ``chain``.
+    This is the one place that list is made.
     """
     results: list[PassResult] = []
     current = model
@@ -112,6 +114,7 @@ def run_chain(model: onnx.ModelProto, chain: list[GraphPass],
         try:
             current, result = p.execute(current, ctx, owned=current is not model)
         except PassError as err:
-            raise PassError(p.name, ctx.segment, [r.name for r in results], err.reason) from err.__cause__
+            raise PassError(p.name, ctx.segment, [*ran_before, *(r.name for r in results)],
+                            err.reason) from err.__cause__
         results.append(result)
     return current, results

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import hashlib
 from typing import Any
 
@@ -14,18 +16,20 @@ from .base import GraphPass, PassContext
 class DedupeInitializers(GraphPass):
     name = "dedupe_initializers"
     summary = "Merge initializers with identical dtype, dims and bytes (hash, then byte-exact compare)"
-    defaults = {"max_bytes": None}
+    @dataclass(frozen=True)
+    class Options:
+        max_bytes: Any = None
 
     def validate(self) -> None:
         from tpugraph.errors import UsageError
 
-        limit = self.opt["max_bytes"]
+        limit = self.opts.max_bytes
         if limit is not None and int(limit) < 0:
             raise UsageError("dedupe_initializers: max_bytes must be >= 0 or None (no limit)")
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
         graph = model.graph
-        limit = self.opt["max_bytes"]
+        limit = self.opts.max_bytes
         # overridable initializers (also listed as graph inputs) are inputs of the segment: never merged
         inputs = {v.name for v in graph.input}
         keepers: dict[tuple, list[onnx.TensorProto]] = {}

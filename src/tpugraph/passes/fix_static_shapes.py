@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import logging
 from typing import Any
 
@@ -29,12 +31,15 @@ SHAPE_OPS = frozenset({
 class FixStaticShapes(GraphPass):
     name = "fix_static_shapes"
     summary = "Pin every graph input/output to the segment's static shape, fold shape chains, require static value_info"
-    defaults = {"max_fold_bytes": 1 << 20, "max_rounds": 8}
+    @dataclass(frozen=True)
+    class Options:
+        max_fold_bytes: int = 1 << 20
+        max_rounds: int = 8
 
     def validate(self) -> None:
         from tpugraph.errors import UsageError
 
-        if int(self.opt["max_fold_bytes"]) < 0 or int(self.opt["max_rounds"]) < 1:
+        if int(self.opts.max_fold_bytes) < 0 or int(self.opts.max_rounds) < 1:
             raise UsageError("fix_static_shapes: max_fold_bytes must be >= 0 and max_rounds >= 1")
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -43,11 +48,11 @@ class FixStaticShapes(GraphPass):
         folded: dict[str, int] = {}
         dead = _graph.prune_dead_nodes(graph)
         rounds = 0
-        for rounds in range(1, int(self.opt["max_rounds"]) + 1):
+        for rounds in range(1, int(self.opts.max_rounds) + 1):
             # each round: shapes from inference let Shape nodes fold, folded shape tensors make
             # more shapes inferable (Reshape targets, ConstantOfShape sizes) for the next round
             _infer(model)
-            done = _fold_shape_chains(model, int(self.opt["max_fold_bytes"]))
+            done = _fold_shape_chains(model, int(self.opts.max_fold_bytes))
             if not done:
                 break
             for op, n in done.items():

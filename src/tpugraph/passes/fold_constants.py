@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Any
 
 import numpy as np
@@ -17,20 +19,23 @@ _SHARED_WEIGHT_BYTES = 1 << 16
 class FoldConstants(GraphPass):
     name = "fold_constants"
     summary = "Fold constant subgraphs (onnx-graphsurgeon, size-capped, weights never duplicated), clean up, toposort"
-    defaults = {"size_threshold": 1 << 24, "fold_shapes": True}
-    in_place = True  # graphsurgeon writes into the tensors of the model it imports (Constant names)
+    @dataclass(frozen=True)
+    class Options:
+        size_threshold: int = 1 << 24
+        fold_shapes: bool = True
+    in_place = False  # builds a new model (graphsurgeon's export), from a copy of the one it is given
 
     def validate(self) -> None:
         from tpugraph.errors import UsageError
 
-        if int(self.opt["size_threshold"]) < 0:
+        if int(self.opts.size_threshold) < 0:
             raise UsageError("fold_constants: size_threshold must be >= 0 bytes")
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
         import onnx_graphsurgeon as gs
         from onnx_graphsurgeon.logger import G_LOGGER
 
-        threshold = int(self.opt["size_threshold"])
+        threshold = int(self.opts.size_threshold)
         excluded: set[int] = set()
 
         def exclude(node: "gs.Node") -> bool:
@@ -45,13 +50,14 @@ class FoldConstants(GraphPass):
                         return True
             return False
 
+        model = _graph.copy_model(model)  # graphsurgeon writes into the tensors it imports (Constant names)
         with G_LOGGER.suppress(G_LOGGER.ERROR):
             graph = gs.import_onnx(model)
             graph.toposort()
             lowered = {t.name for n in graph.nodes if n.op == "Constant" for t in n.outputs}
             computed = {name for name, t in graph.tensors().items()
                         if isinstance(t, gs.Variable) and t.inputs and name not in lowered}
-            graph.fold_constants(fold_shapes=bool(self.opt["fold_shapes"]), size_threshold=threshold,
+            graph.fold_constants(fold_shapes=bool(self.opts.fold_shapes), size_threshold=threshold,
                                  should_exclude_node=exclude, partitioning="basic", error_ok=True)
             tensors = graph.tensors()
             folded = sorted(n for n in computed if n in tensors and isinstance(tensors[n], gs.Constant))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -61,21 +63,26 @@ _REDUCE_AXES_INPUT_SINCE_18 = frozenset({
 class MakeTpuCompatible(GraphPass):
     name = "tpu_compat"
     summary = f"Bring the graph to what tpu-mlir {TPU_MLIR_VERSION} loads: opset <= 17, IR <= 9, its op set, fp32 I/O"
-    defaults = {"max_opset": 17, "max_ir_version": 9, "allow_unsupported_ops": False, "allow_non_fp32_io": False}
+    @dataclass(frozen=True)
+    class Options:
+        max_opset: int = 17
+        max_ir_version: int = 9
+        allow_unsupported_ops: bool = False
+        allow_non_fp32_io: bool = False
 
     def validate(self) -> None:
         from tpugraph.errors import UsageError
 
-        if not MIN_TARGET_OPSET <= int(self.opt["max_opset"]) <= 17:
+        if not MIN_TARGET_OPSET <= int(self.opts.max_opset) <= 17:
             raise UsageError(f"tpu_compat: max_opset must be between {MIN_TARGET_OPSET} and 17 "
                              "(tpu-mlir rejects opset-18 Reduce ops)")
-        if not 3 <= int(self.opt["max_ir_version"]) <= 9:
+        if not 3 <= int(self.opts.max_ir_version) <= 9:
             raise UsageError("tpu_compat: max_ir_version must be between 3 and 9 (tpu-mlir pins onnx 1.14)")
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
         details: dict[str, Any] = {}
         opset_before = _graph.default_opset(model)
-        target = int(self.opt["max_opset"])
+        target = int(self.opts.max_opset)
         converted: dict[str, int] = {}
         if opset_before > target:
             converted = _Downgrade(model, opset_before, target).run()
@@ -83,16 +90,16 @@ class MakeTpuCompatible(GraphPass):
             _validate_types(model, target)
         details["opset"] = [opset_before, _graph.default_opset(model)]
         details["converted_ops"] = converted
-        details["ir_version"] = [model.ir_version, _fix_ir_version(model, int(self.opt["max_ir_version"]), details)]
+        details["ir_version"] = [model.ir_version, _fix_ir_version(model, int(self.opts.max_ir_version), details)]
         problems: list[str] = []
         unsupported = _unsupported_ops(model)
         details["unsupported_ops"] = unsupported
-        if unsupported and not self.opt["allow_unsupported_ops"]:
+        if unsupported and not self.opts.allow_unsupported_ops:
             listed = ", ".join(f"{op} x{n}" for op, n in unsupported.items())
             problems.append(f"ops tpu-mlir {TPU_MLIR_VERSION} cannot convert: {listed}")
         bad_io = {k: v for k, v in _non_fp32_io(model.graph).items() if k not in ctx.opaque_inputs}
         details["non_fp32_io"] = bad_io
-        if bad_io and not self.opt["allow_non_fp32_io"]:
+        if bad_io and not self.opts.allow_non_fp32_io:
             problems.append("float I/O must be float32: " + ", ".join(f"{k} is {v}" for k, v in bad_io.items()))
         if problems:
             raise PassFailed("; ".join(problems))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import logging
 from typing import Any
 
@@ -32,11 +34,13 @@ _LOSSLESS_WIDENING: dict[int, frozenset[int]] = {
 class RemoveIdentity(GraphPass):
     name = "remove_identity"
     summary = "Remove Identity, inference-mode Dropout, no-op Cast and lossless Cast round trips"
-    defaults = {"casts": True}
+    @dataclass(frozen=True)
+    class Options:
+        casts: bool = True
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
         graph = model.graph
-        types = _known_types(model) if self.opt["casts"] else {}
+        types = _known_types(model) if self.opts.casts else {}
         counts = {"identity": 0, "dropout": 0, "cast_noop": 0, "cast_round_trip": 0, "kept_at_boundary": 0}
         produced = _graph.producers(graph)
         index = 0
@@ -46,10 +50,12 @@ class RemoveIdentity(GraphPass):
             if kind is None:
                 index += 1
                 continue
-            if _bypass(graph, index, source):
+            if _bypass(graph, index, source, produced):
                 counts[kind] += 1
+                for name in node.output:
+                    if produced.get(name) is node:
+                        del produced[name]
                 del graph.node[index]
-                produced = _graph.producers(graph)
             else:
                 counts["kept_at_boundary"] += 1
                 index += 1
@@ -71,7 +77,7 @@ class RemoveIdentity(GraphPass):
             if len(node.input) <= 2 and (len(node.output) < 2 or not node.output[1]):
                 return "dropout", src
             return None, ""
-        if node.op_type != "Cast" or not self.opt["casts"]:
+        if node.op_type != "Cast" or not self.opts.casts:
             return None, ""
         to = _attr(node, "to")
         if types.get(src) == to:
@@ -101,8 +107,9 @@ def _known_types(model: onnx.ModelProto) -> dict[str, int]:
     return _graph.elem_types(probe)
 
 
-def _bypass(graph: onnx.GraphProto, index: int, source: str) -> bool:
-    """Make readers of node ``index``'s output read ``source``; False if the graph boundary forbids it."""
+def _bypass(graph: onnx.GraphProto, index: int, source: str, produced: dict[str, onnx.NodeProto]) -> bool:
+    """Make readers of node ``index``'s output read ``source``; False if the graph boundary forbids it.
+    ``produced`` (tensor -> producing node) is kept up to date, so it is built once per pass run."""
     out = graph.node[index].output[0]
     graph_outputs = {o.name for o in graph.output}
     if out not in graph_outputs:
@@ -111,11 +118,13 @@ def _bypass(graph: onnx.GraphProto, index: int, source: str) -> bool:
     # The output name is part of the segment contract: the source tensor takes over the name,
     # which is only possible if a node produces it and it is not itself a boundary tensor.
     boundary = set(_graph.graph_input_names(graph)) | graph_outputs | {t.name for t in graph.initializer}
-    producer = next((i for i, n in enumerate(graph.node) if i != index and source in n.output), None)
-    if source in boundary or producer is None:
+    producer = produced.get(source)
+    if source in boundary or producer is None or producer is graph.node[index]:
         return False
-    outputs = graph.node[producer].output
+    outputs = producer.output
     outputs[list(outputs).index(source)] = out
+    del produced[source]
+    produced[out] = producer
     _graph.replace_uses(graph, source, out)
     for v in graph.value_info:
         if v.name == source:

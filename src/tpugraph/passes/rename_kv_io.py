@@ -84,30 +84,35 @@ class RenameKvIo(GraphPass):
     name = "rename_kv_io"
     summary = "Rename segment I/O to a naming convention (llm-tpu, optimum, genie); optional KV layout change"
     layer_dependent = True
-    defaults = {"convention": "llm-tpu", "source": "llm-tpu", "kv_layout": "keep", "source_kv_layout": "native",
-                "strict": False}
+    @dataclass(frozen=True)
+    class Options:
+        convention: str = "llm-tpu"
+        source: str = "llm-tpu"
+        kv_layout: str = "keep"
+        source_kv_layout: str = "native"
+        strict: bool = False
 
     def validate(self) -> None:
         from tpugraph.errors import UsageError
 
         for key in ("convention", "source"):
-            if self.opt[key] not in CONVENTIONS:
-                raise UsageError(f"rename_kv_io: unknown {key} '{self.opt[key]}' "
+            if getattr(self.opts, key) not in CONVENTIONS:
+                raise UsageError(f"rename_kv_io: unknown {key} '{getattr(self.opts, key)}' "
                                  f"(conventions: {', '.join(CONVENTIONS)})")
         layouts = ", ".join(["keep", "native", *KV_LAYOUTS])
-        if self.opt["kv_layout"] not in ("keep", "native", *KV_LAYOUTS):
-            raise UsageError(f"rename_kv_io: unknown kv_layout '{self.opt['kv_layout']}' (layouts: {layouts})")
-        if self.opt["source_kv_layout"] not in ("native", *KV_LAYOUTS):
-            raise UsageError(f"rename_kv_io: unknown source_kv_layout '{self.opt['source_kv_layout']}'")
+        if self.opts.kv_layout not in ("keep", "native", *KV_LAYOUTS):
+            raise UsageError(f"rename_kv_io: unknown kv_layout '{self.opts.kv_layout}' (layouts: {layouts})")
+        if self.opts.source_kv_layout not in ("native", *KV_LAYOUTS):
+            raise UsageError(f"rename_kv_io: unknown source_kv_layout '{self.opts.source_kv_layout}'")
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
-        src, dst = CONVENTIONS[self.opt["source"]], CONVENTIONS[self.opt["convention"]]
-        src_layout = src.native_kv_layout if self.opt["source_kv_layout"] == "native" else self.opt["source_kv_layout"]
-        dst_layout = {"keep": src_layout, "native": dst.native_kv_layout}.get(self.opt["kv_layout"],
-                                                                              self.opt["kv_layout"])
+        src, dst = CONVENTIONS[self.opts.source], CONVENTIONS[self.opts.convention]
+        src_layout = src.native_kv_layout if self.opts.source_kv_layout == "native" else self.opts.source_kv_layout
+        dst_layout = {"keep": src_layout, "native": dst.native_kv_layout}.get(self.opts.kv_layout,
+                                                                              self.opts.kv_layout)
         graph = model.graph
         plan, unmapped = _plan(graph, src, dst, ctx.layer)
-        if unmapped and self.opt["strict"]:
+        if unmapped and self.opts.strict:
             raise PassFailed(f"graph I/O {', '.join(unmapped)} is not part of the '{src.name}' convention")
         if src_layout != dst_layout:
             for r in plan:

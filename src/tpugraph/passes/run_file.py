@@ -138,7 +138,7 @@ def _as_list(names: list[str] | str) -> list[str]:
 def _merged_io_perms(results: list[PassResult]) -> dict[str, dict[str, list[int]]] | None:
     merged: dict[str, dict[str, list[int]]] = {"inputs": {}, "outputs": {}}
     for r in results:
-        perms = r.details.get("io_perms")
+        perms = r.io_perms
         if isinstance(perms, dict):
             for side in ("inputs", "outputs"):
                 merged[side].update(perms.get(side, {}))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import io
+from dataclasses import dataclass, field
+
 import logging
 import shutil
 import tempfile
@@ -13,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from .. import onnxsim_process as _onnxsim_process
 from . import _graph
 from .base import GraphPass, PassContext, PassFailed
 
@@ -26,37 +26,35 @@ _COUNTS = {"removed_nodes": "onnxsim.removed_nodes.count", "changed_nodes": "onn
 class Simplify(GraphPass):
     name = "simplify"
     summary = "onnxsim: fold constants, fuse and eliminate redundant ops (files + external data above 1.8 GB)"
-    defaults = {
-        "skip_fuse_bn": False,
-        "skipped_optimizers": [],
-        "skip_constant_folding": False,
-        "tensor_size_threshold": "16MB",
-        "large_model_bytes": _graph.LARGE_MODEL_BYTES,
-    }
+    @dataclass(frozen=True)
+    class Options:
+        skip_fuse_bn: bool = False
+        skipped_optimizers: list = field(default_factory=list)
+        skip_constant_folding: bool = False
+        tensor_size_threshold: str = "16MB"
+        large_model_bytes: int = _graph.LARGE_MODEL_BYTES
     in_place = False
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
-        import onnxsim
-
         kwargs: dict[str, Any] = {
             "check_n": 0,  # tpugraph checks numerics itself (--check, check_numerics, verify)
-            "skip_fuse_bn": bool(self.opt["skip_fuse_bn"]),
-            "skipped_optimizers": list(self.opt["skipped_optimizers"]) or None,
-            "skip_constant_folding": bool(self.opt["skip_constant_folding"]),
-            "tensor_size_threshold": str(self.opt["tensor_size_threshold"]),
+            "skip_fuse_bn": bool(self.opts.skip_fuse_bn),
+            "skipped_optimizers": list(self.opts.skipped_optimizers) or None,
+            "skip_constant_folding": bool(self.opts.skip_constant_folding),
+            "tensor_size_threshold": str(self.opts.tensor_size_threshold),
         }
-        accepted = inspect.signature(onnxsim.simplify).parameters
-        if "certify" in accepted:  # newer onnxsim tries a z3 proof by default: not wanted here
-            kwargs["certify"] = False
-        through_file = _graph.model_nbytes(model) > int(self.opt["large_model_bytes"])
-        chatter = io.StringIO()  # onnxsim prints notes to stdout; they belong in the log
-        with contextlib.redirect_stdout(chatter):
+        through_file = _graph.model_nbytes(model) > int(self.opts.large_model_bytes)
+        # onnxsim prints notes; it runs in a child process that captures them per call (they go to the log)
+        try:
             if through_file:
-                out, ok = _simplify_via_file(model, ctx.work_dir, kwargs)
+                out, ok, printed = _simplify_via_file(model, ctx.work_dir, kwargs)
             else:
-                out, ok = onnxsim.simplify(model, **kwargs)
-        if chatter.getvalue().strip():
-            log.info("onnxsim on %s: %s", ctx.segment, " ".join(chatter.getvalue().split()))
+                data, ok, printed = _onnxsim_process.simplify(model.SerializeToString(), kwargs)
+                out = onnx.load_from_string(data)
+        except _onnxsim_process.OnnxsimChildError as exc:
+            raise PassFailed(str(exc)) from None
+        if printed.strip():
+            log.info("onnxsim on %s: %s", ctx.segment, " ".join(printed.split()))
         if not ok:
             raise PassFailed("onnxsim reported that the simplified model is not valid")
         details: dict[str, Any] = {"via_file": through_file}
@@ -73,10 +71,8 @@ class Simplify(GraphPass):
 
 
 def _simplify_via_file(model: onnx.ModelProto, work_dir: Path | None,
-                       kwargs: dict[str, Any]) -> tuple[onnx.ModelProto, bool]:
+                       kwargs: dict[str, Any]) -> tuple[onnx.ModelProto, bool, str]:
     """Never serialise a >2 GB protobuf: write the model with external data and let onnxsim read the path."""
-    import onnxsim
-
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="simplify-", dir=work_dir))
@@ -85,8 +81,8 @@ def _simplify_via_file(model: onnx.ModelProto, work_dir: Path | None,
         dst.parent.mkdir()
         _graph.save_external(model, src)
         log.info("simplify: large model, going through %s", tmp)
-        _, ok = onnxsim.simplify(str(src), output_path=str(dst), **kwargs)
+        ok, printed = _onnxsim_process.simplify_file(str(src), str(dst), kwargs)
         out = onnx.load_model(dst, load_external_data=True)
-        return out, ok
+        return out, ok, printed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
