@@ -182,28 +182,62 @@ def verify_cmd(
         None, "--stream-reference/--full-reference",
         help="Stream the fp32 reference's layer weights from the safetensors (default: when the whole fp32 "
              "model would take over half the available memory, e.g. 7B on 24 GB)."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
+    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv for --bmodel (default: $TPUGRAPH_TPU_MLIR_VENV, else scripts/setup_tpu_mlir.sh's location)."),
 ) -> None:
-    """Drive OUT's segments like the TPU runtime and compare tokens and logits with transformers' greedy generate."""
+    """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
+    tokens and logits with transformers' greedy generate."""
     from .verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
-                    stream_reference=stream_reference)
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
         _echo(f"prompt ({len(report.prompt)} tokens): {report.prompt}")
-        _echo(f"{'step':>4}  {'hf':>7}  {'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
+        _echo(f"{'step':>4}  {'hf':>7}  {'bmodel' if bmodel else 'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
         for s in report.steps:
             _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  "
                   f"{s.rel_diff:>9.2e}  {('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
         min_cos, max_rel = report.thresholds
         _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {min_cos}); "
-              f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} weights on {report.backend}"
+              f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} on {report.backend}"
               + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
               + ("; reference layers streamed" if report.reference == "streamed" else ""))
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text (tokenized with OUT's own tokenizer)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn with the model's chat template."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens (or at EOS, or when the window is full)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (works without a tokenizer)."),
+    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv (default: $TPUGRAPH_TPU_MLIR_VENV, else scripts/setup_tpu_mlir.sh's location)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming text."),
+) -> None:
+    """Generate text from OUT the way the TPU runtime drives the nets (greedy), streaming tokens as they come."""
+    from .generation import parse_ids, run_prompt
+
+    stream = None if json_out or _state["verbosity"] < 0 else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
+                        chat=chat, max_new_tokens=max_new_tokens, backend=backend, bmodel=bmodel, venv=tpu_mlir,
+                        on_text=stream)
+    if json_out:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    if result.text is None and _state["verbosity"] < 0:
+        typer.echo(" ".join(map(str, result.tokens)))
+    _echo("")
+    rate = f"{result.decode_tokens_per_second:.2f} tokens/s" if result.decode_tokens_per_second else "-"
+    typer.echo(f"[{len(result.tokens)} tokens, stop: {result.stop}; prefill {result.prefill_seconds:.2f}s "
+               f"({len(result.prompt_ids)} prompt tokens), decode {rate}; {result.backend}]", err=True)
 
 
 @manifest_app.command("validate")

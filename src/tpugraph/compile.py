@@ -13,66 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .compile_options import (CHIPS, DEFAULT_Q_GROUP_SIZE, HEAD_KINDS, IO_ALONE_KINDS, NUM_DEVICES, QUANT_INPUT_KINDS, QUANT_OUTPUT_KINDS, QUANTIZE_MODES, CompileOptions)  # noqa: F401 (re-exported)
 from .errors import CompileError, UsageError
 from .manifest import Manifest, SegmentEntry, read_manifest
+from .toolchain import TOOLS, check_toolchain, default_tpu_mlir_venv, tool_environment  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-CHIPS = ("bm1684x", "bm1688")
-QUANTIZE_MODES = ("f16", "bf16", "w8bf16", "w4bf16", "w8f16", "w4f16")
-NUM_DEVICES = (1, 2, 4, 8)
-DEFAULT_Q_GROUP_SIZE = 64  # LLM-TPU's choice for the 4-bit modes
-TOOLS = ("model_transform.py", "model_deploy.py", "model_tool")
 OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" in the script, the real path here
-
-# Quantization of each segment kind. The embedding is a lookup table: weight-only modes do not apply, it
-# keeps the activation float type of the mode. The heads are tiny and need exact arithmetic: F32.
-HEAD_KINDS = ("greedy_head", "penalty_sample_head")
-# --quant_input / --quant_output strip the f32<->f16 casts at a net's edges, so the runtime moves the
-# activations between nets in the quantized type: every net that receives an activation from another net
-# strips its input cast, every net whose output goes on to another net strips its output cast. lm_head
-# keeps an f32 output because the heads (F32) take its logits. On int inputs and on the F32 heads there is
-# no cast to strip: the flag changes nothing there (checked with tpu-mlir 1.30.2) and is kept as CONTRACT.md
-# lists it.
-QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache", "lm_head", *HEAD_KINDS)
-QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache")
-# The decode blocks read their KV history from buffers the runtime keeps across steps.
-IO_ALONE_KINDS = ("block_cache",)
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    chip: str = "bm1684x"
-    quantize: str = "f16"
-    q_group_size: int | None = None  # None: 64 for the 4-bit modes, per-channel otherwise
-    num_device: int = 1
-    check: bool = True  # run the tools' numerical compares where the segment has test data
-
-    def check_options(self) -> "CompileOptions":
-        """Validate and normalise (lowercase names, the default group size); raises UsageError."""
-        chip, quantize = self.chip.lower(), self.quantize.lower()
-        if chip not in CHIPS:
-            raise UsageError(f"--chip must be one of {', '.join(CHIPS)} (got '{self.chip}')")
-        if quantize not in QUANTIZE_MODES:
-            raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)} (got '{self.quantize}')")
-        group = self.q_group_size
-        if group is not None:
-            if not quantize.startswith("w"):
-                raise UsageError(f"--q-group-size applies to the weight-only modes (w8*/w4*), not to {quantize}")
-            if group < 1:
-                raise UsageError(f"--q-group-size must be a positive number (got {group})")
-        elif quantize.startswith("w4"):
-            group = DEFAULT_Q_GROUP_SIZE
-        if self.num_device not in NUM_DEVICES:
-            raise UsageError(f"--num-device must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
-        if chip == "bm1688" and self.num_device != 1:
-            raise UsageError("--num-device > 1 needs bm1684x: bm1688 is a single-chip SoC")
-        return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
-                              check=self.check)
-
-    @property
-    def tag(self) -> str:
-        return f"{self.quantize}_{self.chip}_{self.num_device}dev"
 
 
 @dataclass(frozen=True)
@@ -373,33 +321,6 @@ def failure_reason(text: str) -> str:
         if _REASON.search(line) and "[Success]" not in line:
             return line[:500]
     return lines[-1][:500] if lines else "no output"
-
-
-def tool_environment(venv: Path) -> dict[str, str]:
-    """The environment the tools run in: the tpu-mlir venv first on PATH, none of tpugraph's Python settings."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env["VIRTUAL_ENV"] = str(venv)
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", str(min(4, os.cpu_count() or 1)))
-    return env
-
-
-def default_tpu_mlir_venv() -> Path:
-    """$TPUGRAPH_TPU_MLIR_VENV, else where scripts/setup_tpu_mlir.sh puts the venv by default."""
-    configured = os.environ.get("TPUGRAPH_TPU_MLIR_VENV")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpugraph" / "tpu-mlir-venv"
-
-
-def check_toolchain(venv: str | Path | None = None) -> Path:
-    """The tpu-mlir venv to use (default: default_tpu_mlir_venv()), or a UsageError saying how to make one."""
-    venv = Path(venv if venv is not None else default_tpu_mlir_venv()).expanduser().resolve()
-    missing = [t for t in TOOLS if not (venv / "bin" / t).exists()]
-    if missing:
-        raise UsageError(f"'{venv}' is not a tpu-mlir venv (no {', '.join(missing)} in its bin/): "
-                         "create one with scripts/setup_tpu_mlir.sh")
-    return venv
 
 
 def _run_step(step: Step, out_dir: Path, env: dict[str, str]) -> tuple[int, str, Path]:
