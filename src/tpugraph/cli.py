@@ -336,10 +336,22 @@ _QUANTIZE_HELP = ("Quantization: f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (bloc
                   "the float type, the greedy/sample heads stay F32).")
 
 
-def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: bool):
+def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
+                     no_check: bool):
     from .compile import CompileOptions
+    from .errors import UsageError
 
-    return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device, check=check)
+    try:
+        return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
+                              check="none" if no_check else check).check_options()
+    except UsageError as err:  # the library names what is wrong; the command line names its flag
+        flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
+                "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
+                "check": "--check"}
+        for words, name in flag.items():
+            if str(err).startswith(words + " "):
+                raise UsageError(f"{name}: {err}") from None
+        raise
 
 
 @app.command("compile-script")
@@ -350,13 +362,14 @@ def compile_script_cmd(
     quantize: str = typer.Option("f16", "--quantize", help=_QUANTIZE_HELP),
     q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*)."),
     num_device: int = typer.Option(1, "--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x)."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data (export-and-optimize --with-test-data)."),
+    check: str = typer.Option("representative", "--check", help="representative: tpu-mlir's numerical compares on one segment of each distinct structure (those with test data: export-and-optimize --with-test-data), then an end-to-end greedy check of the bmodel on the cmodel (verify --bmodel, a few tokens); all: the compares on every segment."),
+    no_check: bool = typer.Option(False, "--no-check", help="No numerical check at all."),
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
     from .compile import write_compile_script
 
-    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check), script)
+    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check), script)
     _echo(f"wrote {path}")
     _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
 
@@ -370,7 +383,8 @@ def compile_cmd(
     quantize: str = typer.Option("f16", "--quantize", help=_QUANTIZE_HELP),
     q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*)."),
     num_device: int = typer.Option(1, "--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x)."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data (export-and-optimize --with-test-data)."),
+    check: str = typer.Option("representative", "--check", help="representative: tpu-mlir's numerical compares on one segment of each distinct structure (those with test data: export-and-optimize --with-test-data), then an end-to-end greedy check of the bmodel on the cmodel (verify --bmodel, a few tokens); all: the compares on every segment."),
+    no_check: bool = typer.Option(False, "--no-check", help="No numerical check at all."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -382,7 +396,7 @@ def compile_cmd(
             typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
 
     try:
-        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check),
+        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check),
                                   progress=progress, jobs=jobs)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
@@ -393,10 +407,18 @@ def compile_cmd(
         return
     _echo(report.table())
     unchecked = [r.segment for r in report.results if not r.checked]
-    if unchecked:
-        _echo(f"note: no test data for {', '.join(unchecked)}: compiled without numerical compares "
-              "(export with --with-test-data)")
+    if unchecked and report.plan.options.check != "none":
+        reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"
+                  if report.plan.options.check == "representative" else "no test data (export with --with-test-data)")
+        _echo(f"note: compiled without the tools' compares: {', '.join(unchecked)} ({reason})")
+    e2e = report.end_to_end
+    if e2e is not None:
+        _echo(f"end to end on the cmodel: {len(e2e.steps)} greedy tokens {'equal' if e2e.tokens_equal else 'DIFFER'} "
+              f"(transformers {e2e.hf_tokens}, bmodel {e2e.onnx_tokens}), min logits cosine {e2e.min_cosine:.6f} "
+              f"({report.end_to_end_seconds:.0f}s): {'PASS' if e2e.passed else 'FAIL'}")
     _echo(f"wrote {report.bmodel} ({report.seconds:.0f}s)")
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command("families")

@@ -24,6 +24,7 @@ QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache", "lm
 QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache")
 # The decode blocks read their KV history from buffers the runtime keeps across steps.
 IO_ALONE_KINDS = ("block_cache",)
+CHECK_MODES = ("representative", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -32,29 +33,34 @@ class CompileOptions:
     quantize: str = "f16"
     q_group_size: int | None = None  # None: 64 for the 4-bit modes, per-channel otherwise
     num_device: int = 1
-    check: bool = True  # run the tools' numerical compares where the segment has test data
+    # representative: the tools' compares on one segment per distinct structure (with test data), then an
+    # end-to-end greedy check of the combined bmodel on the cmodel; all: the compares on every segment; none.
+    check: str = "representative"
 
     def check_options(self) -> "CompileOptions":
         """Validate and normalise (lowercase names, the default group size); raises UsageError."""
         chip, quantize = self.chip.lower(), self.quantize.lower()
         if chip not in CHIPS:
-            raise UsageError(f"--chip must be one of {', '.join(CHIPS)} (got '{self.chip}')")
+            raise UsageError(f"chip must be one of {', '.join(CHIPS)} (got '{self.chip}')")
         if quantize not in QUANTIZE_MODES:
-            raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)} (got '{self.quantize}')")
+            raise UsageError(f"quantization must be one of {', '.join(QUANTIZE_MODES)} (got '{self.quantize}')")
         group = self.q_group_size
         if group is not None:
             if not quantize.startswith("w"):
-                raise UsageError(f"--q-group-size applies to the weight-only modes (w8*/w4*), not to {quantize}")
+                raise UsageError(f"a group size applies to the weight-only modes (w8*/w4*), not to {quantize}")
             if group < 1:
-                raise UsageError(f"--q-group-size must be a positive number (got {group})")
+                raise UsageError(f"the group size must be a positive number (got {group})")
         elif quantize.startswith("w4"):
             group = DEFAULT_Q_GROUP_SIZE
         if self.num_device not in NUM_DEVICES:
-            raise UsageError(f"--num-device must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
+            raise UsageError(f"the device count must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
         if chip == "bm1688" and self.num_device != 1:
-            raise UsageError("--num-device > 1 needs bm1684x: bm1688 is a single-chip SoC")
+            raise UsageError("a device count > 1 needs bm1684x: bm1688 is a single-chip SoC")
+        check = {True: "representative", False: "none"}.get(self.check, self.check)  # type: ignore[arg-type]
+        if check not in CHECK_MODES:
+            raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
-                              check=self.check)
+                              check=check)
 
     @property
     def tag(self) -> str:

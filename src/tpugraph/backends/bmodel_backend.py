@@ -34,6 +34,9 @@ class BmodelBackend:
         if not self.bmodel.is_file():
             raise UsageError(f"bmodel '{bmodel}' does not exist (compile OUT first: tpugraph compile OUT)")
         self.venv = check_toolchain(venv)
+        if not (self.venv / "bin" / "python").is_file():
+            raise UsageError(f"the tpu-mlir venv '{self.venv}' has no bin/python to run the bmodel driver with: "
+                             "recreate it with scripts/setup_tpu_mlir.sh")
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen([str(self.venv / "bin" / "python"), str(DRIVER), str(self.bmodel)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
