@@ -38,13 +38,21 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["f16", "bf16"])
 def compiled(request, exported, toolchain):
-    report = compile_segments(exported, toolchain, CompileOptions(quantize=request.param, check=False), jobs=2)
-    return request.param, report.bmodel
+    """F16 with compile's default check (no test data here: the end-to-end verify --bmodel of 3 tokens only),
+    BF16 unchecked and verified by the test itself."""
+    check = "representative" if request.param == "f16" else "none"
+    report = compile_segments(exported, toolchain, CompileOptions(quantize=request.param, check=check), jobs=2)
+    return request.param, report
 
 
 def test_verify_bmodel_passes_token_for_token(compiled, exported, toolchain):
-    mode, bmodel = compiled
-    report = verify(exported, prompt=PROMPT, new_tokens=3, bmodel=bmodel, tpu_mlir=toolchain)
+    mode, compile_report = compiled
+    if mode == "f16":  # compile's default check ran it
+        report = compile_report.end_to_end
+        assert report is not None and compile_report.passed and len(report.prompt) == 4
+    else:
+        assert compile_report.end_to_end is None
+        report = verify(exported, prompt=PROMPT, new_tokens=3, bmodel=compile_report.bmodel, tpu_mlir=toolchain)
     assert report.dtype == f"bmodel-{mode}" and report.backend.startswith("bmodel on the cmodel")
     assert not report.teacher_forced and report.tokens_equal and len(report.hf_tokens) == 3
     assert report.passed, report.to_json()
@@ -52,7 +60,7 @@ def test_verify_bmodel_passes_token_for_token(compiled, exported, toolchain):
 
 
 def test_run_backend_bmodel_streams_the_onnx_tokens(compiled, exported, toolchain):
-    _, bmodel = compiled
+    bmodel = compiled[1].bmodel
     onnx = run_prompt(exported, prompt_ids=PROMPT, max_new_tokens=2)
     r = runner.invoke(app, ["run", str(exported), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
                             "2", "--backend", "bmodel", "--bmodel", str(bmodel), "--tpu-mlir", str(toolchain)])
@@ -62,7 +70,7 @@ def test_run_backend_bmodel_streams_the_onnx_tokens(compiled, exported, toolchai
 
 
 def test_a_bmodel_of_another_output_is_refused(compiled, toolchain, tmp_path):
-    _, bmodel = compiled
+    bmodel = compiled[1].bmodel
     other = tmp_path / "other"
     export_and_optimize("tiny-llama", other, ExportOptions(seq_length=8))
     with pytest.raises(VerificationError, match="was not compiled from this output: net embedding has input shapes"):

@@ -500,6 +500,10 @@ def test_cli_compile_script(with_data, tmp_path):
     assert bad.exit_code == 2 and "error: --quantize: quantization must be one of" in bad.output
     bad = runner.invoke(app, ["compile-script", str(out), "--quantize", "f16", "--q-group-size", "64"])
     assert bad.exit_code == 2 and "error: --q-group-size: a group size applies to the weight-only modes" in bad.output
+    bad = runner.invoke(app, ["compile-script", str(out), "--check", "some"])
+    assert bad.exit_code == 2 and "error: --check: check must be one of representative, all, none" in bad.output
+    unchecked = runner.invoke(app, ["compile-script", str(out), "--no-check", "-o", str(tmp_path / "s.sh")])
+    assert unchecked.exit_code == 0 and "--test_input" not in (tmp_path / "s.sh").read_text()
 
 
 def test_cli_compile(with_data, tmp_path):

@@ -24,6 +24,9 @@ class Step:
     cwd: str
     produces: str  # the file the step must leave behind (relative to cwd unless it starts with OUT_VAR)
     checked: bool = False  # runs the tool's numerical compare
+    # transform of a layer whose graph is another segment's with other weights: the runner may derive its
+    # output from that segment's (mlir_reuse) instead of running the tool; the script always runs the tool
+    reuse_from: str = ""
 
     def output_path(self, out_dir: Path) -> Path:
         if self.produces.startswith(OUT_VAR):
@@ -125,7 +128,9 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         if test_input:
             transform += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_result", f"{name}_top_outputs.npz"]
             deploy += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_reference", f"{name}_top_outputs.npz"]
-        steps.append(Step(name, "transform", tuple(transform), cwd, f"{name}.mlir", checked=bool(test_input)))
+        reuse = "" if test_input else str(entry.extra.get("graph_reused_from") or "")
+        steps.append(Step(name, "transform", tuple(transform), cwd, f"{name}.mlir", checked=bool(test_input),
+                          reuse_from=reuse))
         steps.append(Step(name, "deploy", tuple(deploy), cwd, f"{name}.bmodel", checked=bool(test_input)))
     bmodel = bmodel_name(manifest, options)
     combine = ["model_tool", "--combine", *(f"{s.name}/{s.name}.bmodel" for s in manifest.segments),

@@ -37,6 +37,7 @@ class CompileReport:
     seconds: float = 0.0
     end_to_end: object | None = None  # verify.VerifyReport of the combined bmodel (check mode representative)
     end_to_end_seconds: float = 0.0
+    transforms_derived: list[str] = field(default_factory=list)  # layers whose MLIR came from their template's
 
     @property
     def passed(self) -> bool:
@@ -51,7 +52,8 @@ class CompileReport:
                 "seconds": round(self.seconds, 2), "options": self.plan.options.__dict__,
                 "segments": [r.to_json() for r in self.results],
                 "end_to_end": self.end_to_end.to_json() if self.end_to_end is not None else None,
-                "end_to_end_seconds": round(self.end_to_end_seconds, 2)}
+                "end_to_end_seconds": round(self.end_to_end_seconds, 2),
+                "transforms_derived": self.transforms_derived}
 
 
 def format_table(results: list[SegmentCompileResult]) -> str:

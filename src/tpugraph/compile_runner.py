@@ -49,14 +49,92 @@ class _Failure:
     log_path: Path
 
 
+class TransformReuse:
+    """Which layers may take their transform output from their template's (mlir_reuse), shared by the workers.
+
+    Per structure (template segment), the first layer reusing it is the prover: it runs model_transform for real
+    and its output is compared with the derived one; the later layers derive only once that proof holds, else
+    they run the tool too. Each wait also ends when the compile is stopping."""
+
+    def __init__(self, steps: list[Step], files: dict[str, str], stop: threading.Event):
+        self.files = files  # segment -> its ONNX file, relative to OUT
+        self.stop = stop
+        self.transformed = {s.segment: threading.Event() for s in steps if s.action == "transform"}
+        self.prover: dict[str, str] = {}
+        for s in steps:
+            if s.action == "transform" and s.reuse_from:
+                self.prover.setdefault(s.reuse_from, s.segment)
+        self.proven = {template: threading.Event() for template in self.prover}
+        self.holds: dict[str, bool] = {}
+        self.lock = threading.Lock()
+        self.derived: list[str] = []
+
+    def _wait(self, event: threading.Event) -> bool:
+        while not event.wait(0.2):
+            if self.stop.is_set():
+                return False
+        return True
+
+    def _derive(self, step: Step, out_dir: Path, into: Path) -> bool:
+        from .mlir_reuse import derive_transform
+
+        template = step.reuse_from
+        template_dir = out_dir / Path(step.cwd).parent / template
+        return derive_transform(template, template_dir, out_dir / self.files[template], step.segment, into,
+                                out_dir / self.files[step.segment])
+
+    def try_derive(self, step: Step, out_dir: Path) -> bool:
+        """For a non-prover layer: True when its output was derived (the tool need not run)."""
+        template = step.reuse_from
+        if not template or self.prover.get(template) == step.segment:
+            return False
+        if not self._wait(self.transformed[template]) or not self._wait(self.proven[template]):
+            return False
+        if not self.holds.get(template) or not self._derive(step, out_dir, out_dir / step.cwd):
+            return False
+        with self.lock:
+            self.derived.append(step.segment)
+        return True
+
+    def after_tool(self, step: Step, ok: bool, out_dir: Path) -> None:
+        """After model_transform ran for real: release the waiters; a prover checks the derivation."""
+        from .mlir_reuse import same_output
+
+        template = step.reuse_from
+        try:
+            if ok and template and self.prover.get(template) == step.segment and self._wait(self.transformed[template]):
+                derived = out_dir / step.cwd / "derived"
+                holds = self._derive(step, out_dir, derived) and same_output(out_dir / step.cwd, derived, step.segment)
+                self.holds[template] = holds
+                log.info("transform reuse for the layers of %s: %s", template,
+                         "proven on " + step.segment if holds else f"NOT equal on {step.segment}: each runs the tool")
+        finally:
+            self.transformed[step.segment].set()
+            if template and self.prover.get(template) == step.segment:
+                self.proven[template].set()
+
+    def release(self, step: Step) -> None:
+        """A step that ended without after_tool (derived, or failed before): never leave a waiter hanging."""
+        self.transformed[step.segment].set()
+        if step.reuse_from and self.prover.get(step.reuse_from) == step.segment:
+            self.proven[step.reuse_from].set()
+
+
 def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, env: dict[str, str],
-               result: SegmentCompileResult | None, progress: ProgressFn | None) -> _Failure | None:
+               result: SegmentCompileResult | None, progress: ProgressFn | None,
+               reuse: TransformReuse | None = None) -> _Failure | None:
     """Run one segment's steps (or the combine) in order; the first failure ends them."""
     for offset, step in enumerate(steps):
         if progress:
             progress(step.segment, step.action, first_index + offset, total)
         t0 = time.perf_counter()
-        rc, text, log_path = run_step(step, out_dir, env)
+        if step.action == "transform" and reuse is not None and reuse.try_derive(step, out_dir):
+            rc, text, log_path = 0, "derived from the transform of " + step.reuse_from, out_dir / step.cwd
+            reuse.release(step)
+        else:
+            rc, text, log_path = run_step(step, out_dir, env)
+            if step.action == "transform" and reuse is not None:
+                reuse.after_tool(step, rc == 0, out_dir)
         elapsed = time.perf_counter() - t0
         ok = rc == 0
         if result is not None:
@@ -114,19 +192,24 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
     failures: list[_Failure | None] = [None] * len(groups)
     started = [False] * len(groups)
     stop = threading.Event()  # set by the first failing segment; every worker reads it before starting one
+    reuse = TransformReuse(plan.steps, {s.name: s.file for s in manifest.segments}, stop)
 
     def run_group(i: int) -> None:
-        if stop.is_set():
-            return
-        started[i] = True
         first, steps = groups[i]
-        failures[i] = _run_steps(steps, first, total, out_dir, env, results[i], progress)
-        if failures[i] is not None:
-            stop.set()
+        try:
+            if stop.is_set():
+                return
+            started[i] = True
+            failures[i] = _run_steps(steps, first, total, out_dir, env, results[i], progress, reuse)
+            if failures[i] is not None:
+                stop.set()
+        finally:
+            reuse.release(steps[0])
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(run_group, range(len(groups))))
     report.results = [r for r, ran in zip(results, started) if ran]
+    report.transforms_derived = sorted(reuse.derived)
     failure = next((f for f in failures if f is not None), None)
     if failure is None:
         failure = _run_steps([plan.steps[-1]], total - 1, total, out_dir, env, None, progress)
