@@ -142,7 +142,8 @@ def test_numerical_checks_only_with_test_data(exported, with_data):
     without = plan_compile(exported, CompileOptions())
     assert not any(s.checked for s in without.steps)
     assert not any("--test_input" in s.argv for s in without.steps)
-    plan = plan_compile(with_data, CompileOptions())
+    plan = plan_compile(with_data, CompileOptions(check="all"))
+    assert plan.command.endswith("--check all") and not plan.end_to_end
     for seg in plan.segments:
         t, d = _transform_argv(plan, seg), _deploy_argv(plan, seg)
         assert _value(t, "--test_input") == f"{{OUT}}/{segment_npz(seg)}"
@@ -151,16 +152,33 @@ def test_numerical_checks_only_with_test_data(exported, with_data):
         assert _value(d, "--test_reference") == f"{seg}_top_outputs.npz"
     unchecked = plan_compile(with_data, CompileOptions(check=False))
     assert not any("--test_input" in s.argv for s in unchecked.steps)
-    assert unchecked.command.endswith("--no-check")
+    assert unchecked.command.endswith("--no-check") and not unchecked.end_to_end
+
+
+def test_default_check_compares_one_segment_per_structure_then_end_to_end(with_data):
+    """Weight-swapped layers share their first layer's graph: the tools compare that one only."""
+    manifest = read_manifest(with_data)
+    assert manifest.segment("block_1").extra["graph_reused_from"] == "block_0"
+    plan = plan_compile(with_data, CompileOptions())
+    assert plan.options.check == "representative" and plan.end_to_end
+    compared = {s.segment for s in plan.steps if s.checked}
+    assert compared == {"embedding", "embedding_cache", "block_0", "block_cache_0", "lm_head", "greedy_head"}
+    assert "--test_input" not in _transform_argv(plan, "block_1")
+    # each step names the file it produces (no re-parsing of its argv)
+    deploy = next(s for s in plan.steps if s.segment == "block_1" and s.action == "deploy")
+    assert deploy.produces == "block_1.bmodel"
+    assert deploy.output_path(with_data) == with_data / plan.work_dir / "block_1" / "block_1.bmodel"
+    assert plan.steps[-1].output_path(with_data) == with_data / plan.bmodel
 
 
 @pytest.mark.parametrize("options, message", [
-    (CompileOptions(chip="bm1686"), "--chip must be one of bm1684x, bm1688"),
-    (CompileOptions(quantize="int8"), "--quantize must be one of f16, bf16, w8bf16"),
-    (CompileOptions(quantize="f16", q_group_size=64), "--q-group-size applies to the weight-only modes"),
-    (CompileOptions(quantize="w4f16", q_group_size=0), "--q-group-size must be a positive number"),
-    (CompileOptions(num_device=3), "--num-device must be one of 1, 2, 4, 8"),
-    (CompileOptions(chip="bm1688", num_device=2), "--num-device > 1 needs bm1684x"),
+    (CompileOptions(chip="bm1686"), "chip must be one of bm1684x, bm1688"),
+    (CompileOptions(quantize="int8"), "quantization must be one of f16, bf16, w8bf16"),
+    (CompileOptions(quantize="f16", q_group_size=64), "a group size applies to the weight-only modes"),
+    (CompileOptions(quantize="w4f16", q_group_size=0), "the group size must be a positive number"),
+    (CompileOptions(num_device=3), "the device count must be one of 1, 2, 4, 8"),
+    (CompileOptions(chip="bm1688", num_device=2), "a device count > 1 needs bm1684x"),
+    (CompileOptions(check="some"), "check must be one of representative, all, none"),
 ])
 def test_bad_options(exported, options, message):
     with pytest.raises(UsageError, match=message.replace("+", r"\+")):
@@ -312,7 +330,7 @@ def test_compile_runs_the_plan_and_reports(with_data, tmp_path):
     shutil.copytree(with_data, out)
     venv = _fake_venv(tmp_path)
     seen = []
-    report = compile_segments(out, venv, CompileOptions("bm1684x", "f16"),
+    report = compile_segments(out, venv, CompileOptions("bm1684x", "f16", check="all"),
                               progress=lambda seg, action, i, n: seen.append((seg, action)))
     manifest = read_manifest(out)
     assert report.passed and report.bmodel == out.resolve() / "llama_f16_seq16_bm1684x_1dev.bmodel"
@@ -354,7 +372,7 @@ def test_compile_stops_at_the_rejected_segment(with_data, tmp_path):
 def test_compile_in_parallel(with_data, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(with_data, out)
-    report = compile_segments(out, _fake_venv(tmp_path), CompileOptions(), jobs=2)
+    report = compile_segments(out, _fake_venv(tmp_path), CompileOptions(check="all"), jobs=2)
     assert report.passed and report.bmodel.is_file()
     assert [r.segment for r in report.results] == [s.name for s in read_manifest(out).segments]
     failing = _fake_venv(tmp_path / "failing", fail_segment="block_0", fail_tool="model_deploy.py")
@@ -363,7 +381,7 @@ def test_compile_in_parallel(with_data, tmp_path):
     assert info.value.segment == "block_0" and info.value.action == "deploy"
     ran = [r.segment for r in info.value.report.results]
     assert ran[:3] == ["embedding", "embedding_cache", "block_0"] and "lm_head" not in ran
-    with pytest.raises(UsageError, match="--jobs"):
+    with pytest.raises(UsageError, match="jobs must be >= 1"):
         compile_segments(out, failing, CompileOptions(), jobs=0)
 
 
@@ -479,9 +497,13 @@ def test_cli_compile_script(with_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "compile_w4bf16_bm1688_1dev.sh").is_file() and "wrote" in result.output
     bad = runner.invoke(app, ["compile-script", str(out), "--quantize", "int8"])
-    assert bad.exit_code == 2 and "--quantize must be one of" in bad.output
+    assert bad.exit_code == 2 and "error: --quantize: quantization must be one of" in bad.output
     bad = runner.invoke(app, ["compile-script", str(out), "--quantize", "f16", "--q-group-size", "64"])
-    assert bad.exit_code == 2 and "--q-group-size applies to the weight-only modes" in bad.output
+    assert bad.exit_code == 2 and "error: --q-group-size: a group size applies to the weight-only modes" in bad.output
+    bad = runner.invoke(app, ["compile-script", str(out), "--check", "some"])
+    assert bad.exit_code == 2 and "error: --check: check must be one of representative, all, none" in bad.output
+    unchecked = runner.invoke(app, ["compile-script", str(out), "--no-check", "-o", str(tmp_path / "s.sh")])
+    assert unchecked.exit_code == 0 and "--test_input" not in (tmp_path / "s.sh").read_text()
 
 
 def test_cli_compile(with_data, tmp_path):
@@ -489,9 +511,12 @@ def test_cli_compile(with_data, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(with_data, out)
     venv = _fake_venv(tmp_path)
-    result = runner.invoke(app, ["compile", str(out), "--tpu-mlir", str(venv)])
+    result = runner.invoke(app, ["compile", str(out), "--tpu-mlir", str(venv), "--check", "all"])
     assert result.exit_code == 0, result.output
     assert "block_cache_0" in result.output and "0.998000" in result.output
+    # the default check ends with verify --bmodel, which needs the venv's Python: the stand-in venv has none
+    result = runner.invoke(app, ["compile", str(out), "--tpu-mlir", str(venv)])
+    assert result.exit_code == 2 and "has no bin/python" in result.output and "Traceback" not in result.output
     assert (out / "llama_f16_seq16_bm1684x_1dev.bmodel").is_file()
     failing = _fake_venv(tmp_path / "failing", fail_segment="lm_head", fail_tool="model_deploy.py")
     result = runner.invoke(app, ["compile", str(out), "--tpu-mlir", str(failing)])
@@ -511,5 +536,5 @@ def test_cli_export_with_test_data(tmp_path):
     for seg in manifest.segments:
         assert (out / segment_npz(seg.name)).is_file()
         assert seg.extra["test_data"]["file"] == segment_npz(seg.name)
-    plan = plan_compile(out)
+    plan = plan_compile(out, CompileOptions(check="all"))
     assert all(s.checked for s in plan.steps if s.action != "combine")

@@ -56,7 +56,7 @@ def test_segments_loaded_per_run_give_the_same_generation(exported):
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert streamed._sessions == {} and len(kept._sessions) > 0
+    assert streamed.backend._sessions == {} and len(kept.backend._sessions) > 0
 
 
 def test_should_stream_follows_the_memory_available(exported, monkeypatch):

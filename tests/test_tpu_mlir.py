@@ -58,7 +58,7 @@ def compiled(toolchain, tmp_path_factory):
     export_and_optimize("tiny-llama", out, ExportOptions(seq_length=SEQ))
     write_test_data(out)
     try:
-        report = compile_segments(out, toolchain, CompileOptions(chip="bm1684x", quantize="f16"), jobs=2)
+        report = compile_segments(out, toolchain, CompileOptions(chip="bm1684x", quantize="f16", check="all"), jobs=2)
     except SegmentCompileError as err:
         table = format_table(err.report.results) if err.report else ""
         pytest.fail(f"{err}\n{table}")

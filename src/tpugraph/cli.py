@@ -132,9 +132,11 @@ Quantize = Annotated[str, typer.Option("--quantize", help=_QUANTIZE_HELP)]
 QGroupSize = Annotated[Optional[int], typer.Option(
     "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*).")]
 NumDevice = Annotated[int, typer.Option("--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x).")]
-CompileCheck = Annotated[bool, typer.Option(
-    "--check/--no-check", help="Run tpu-mlir's numerical compares on the segments that have test data "
-                               "(export-and-optimize --with-test-data).")]
+CompileCheck = Annotated[str, typer.Option(
+    "--check", help="representative: tpu-mlir's numerical compares on one segment of each distinct structure "
+    "(those with test data: export-and-optimize --with-test-data), then an end-to-end greedy check of the bmodel on "
+    "the cmodel (verify --bmodel, a few tokens); all: the compares on every segment.")]
+NoCheck = Annotated[bool, typer.Option("--no-check", help="No numerical check at all.")]
 
 
 def _choices(values) -> str:
@@ -208,28 +210,62 @@ def verify_cmd(
         None, "--stream-reference/--full-reference",
         help="Stream the fp32 reference's layer weights from the safetensors (default: when the whole fp32 "
              "model would take over half the available memory, e.g. 7B on 24 GB)."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
+    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv for --bmodel (default: $TPUGRAPH_TPU_MLIR_VENV, else scripts/setup_tpu_mlir.sh's location)."),
 ) -> None:
-    """Drive OUT's segments like the TPU runtime and compare tokens and logits with transformers' greedy generate."""
+    """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
+    tokens and logits with transformers' greedy generate."""
     from .verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
-                    stream_reference=stream_reference)
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
         _echo(f"prompt ({len(report.prompt)} tokens): {report.prompt}")
-        _echo(f"{'step':>4}  {'hf':>7}  {'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
+        _echo(f"{'step':>4}  {'hf':>7}  {'bmodel' if bmodel else 'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
         for s in report.steps:
             _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  "
                   f"{s.rel_diff:>9.2e}  {('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
         min_cos, max_rel = report.thresholds
         _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {min_cos}); "
-              f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} weights on {report.backend}"
+              f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} on {report.backend}"
               + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
               + ("; reference layers streamed" if report.reference == "streamed" else ""))
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text (tokenized with OUT's own tokenizer)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn with the model's chat template."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens (or at EOS, or when the window is full)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (works without a tokenizer)."),
+    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv (default: $TPUGRAPH_TPU_MLIR_VENV, else scripts/setup_tpu_mlir.sh's location)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming text."),
+) -> None:
+    """Generate text from OUT the way the TPU runtime drives the nets (greedy), streaming tokens as they come."""
+    from .generation import parse_ids, run_prompt
+
+    stream = None if json_out or _state["verbosity"] < 0 else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
+                        chat=chat, max_new_tokens=max_new_tokens, backend=backend, bmodel=bmodel, venv=tpu_mlir,
+                        on_text=stream)
+    if json_out:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    if result.text is None and _state["verbosity"] < 0:
+        typer.echo(" ".join(map(str, result.tokens)))
+    _echo("")
+    rate = f"{result.decode_tokens_per_second:.2f} tokens/s" if result.decode_tokens_per_second else "-"
+    typer.echo(f"[{len(result.tokens)} tokens, stop: {result.stop}; prefill {result.prefill_seconds:.2f}s "
+               f"({len(result.prompt_ids)} prompt tokens), decode {rate}; {result.backend}]", err=True)
 
 
 @manifest_app.command("validate")
@@ -324,10 +360,22 @@ def inspect_cmd(
     _echo("  ops tpu-mlir 1.30 does not support: " + (", ".join(summary.unsupported_ops) or "none"))
 
 
-def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: bool):
+def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
+                     no_check: bool):
     from .compile import CompileOptions
+    from .errors import UsageError
 
-    return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device, check=check)
+    try:
+        return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
+                              check="none" if no_check else check).check_options()
+    except UsageError as err:  # the library names what is wrong; the command line names its flag
+        flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
+                "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
+                "check": "--check"}
+        for words, name in flag.items():
+            if str(err).startswith(words + " "):
+                raise UsageError(f"{name}: {err}") from None
+        raise
 
 
 @app.command("compile-script")
@@ -338,13 +386,14 @@ def compile_script_cmd(
     quantize: Quantize = "f16",
     q_group_size: QGroupSize = None,
     num_device: NumDevice = 1,
-    check: CompileCheck = True,
+    check: CompileCheck = "representative",
+    no_check: NoCheck = False,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
     from .compile import write_compile_script
 
-    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check), script)
+    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check), script)
     _echo(f"wrote {path}")
     _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
 
@@ -358,7 +407,8 @@ def compile_cmd(
     quantize: Quantize = "f16",
     q_group_size: QGroupSize = None,
     num_device: NumDevice = 1,
-    check: CompileCheck = True,
+    check: CompileCheck = "representative",
+    no_check: NoCheck = False,
     jobs: int = typer.Option(1, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks)."),
     json_out: JsonOut = False,
 ) -> None:
@@ -370,7 +420,7 @@ def compile_cmd(
             typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
 
     try:
-        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check),
+        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check),
                                   progress=progress, jobs=jobs)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
@@ -381,10 +431,18 @@ def compile_cmd(
         return
     _echo(report.table())
     unchecked = [r.segment for r in report.results if not r.checked]
-    if unchecked:
-        _echo(f"note: no test data for {', '.join(unchecked)}: compiled without numerical compares "
-              "(export with --with-test-data)")
+    if unchecked and report.plan.options.check != "none":
+        reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"
+                  if report.plan.options.check == "representative" else "no test data (export with --with-test-data)")
+        _echo(f"note: compiled without the tools' compares: {', '.join(unchecked)} ({reason})")
+    e2e = report.end_to_end
+    if e2e is not None:
+        _echo(f"end to end on the cmodel: {len(e2e.steps)} greedy tokens {'equal' if e2e.tokens_equal else 'DIFFER'} "
+              f"(transformers {e2e.hf_tokens}, bmodel {e2e.onnx_tokens}), min logits cosine {e2e.min_cosine:.6f} "
+              f"({report.end_to_end_seconds:.0f}s): {'PASS' if e2e.passed else 'FAIL'}")
     _echo(f"wrote {report.bmodel} ({report.seconds:.0f}s)")
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command("quant-fidelity")

@@ -114,6 +114,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     from .export.notes import export_notes, unused_inputs_note
     from .export.factory import SegmentFactory
     from .resume import unit_fingerprint
+    from .tokenizer_files import copy_tokenizer
 
     from . import onnxsim_process
 
@@ -186,6 +187,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         [unused_inputs_note(unused)] if unused else [])
     for note in manifest.notes:
         log.info("note: %s", note)
+    manifest.model["tokenizer"] = copy_tokenizer(source, out_dir)  # tpugraph run's own tokenizer
     manifest.complete = True
     manifest.write(out_dir)
     (out_dir / PARTIAL_NAME).unlink(missing_ok=True)

@@ -1,104 +1,56 @@
-"""Drive exported segments in onnxruntime exactly as the TPU runtime does (CONTRACT.md, greedy decoding)."""
+"""Drive segments exactly as the TPU runtime does (CONTRACT.md, greedy decoding), on any SegmentBackend."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .backends import SegmentBackend
 from .contract import decode_inputs, prefill_inputs
-from .manifest import Manifest, SegmentEntry, read_manifest
-
-
-# Weight dtypes onnxruntime's CPU provider has no kernels for: those segments run on onnx's reference
-# evaluator instead (pure numpy, slow: meant for verifying tiny models, not for real ones).
-REFERENCE_DTYPES = ("bfloat16",)
-
-
-@dataclass(frozen=True)
-class _Named:
-    name: str
-
-
-class _ReferenceSession:
-    """The slice of onnxruntime's InferenceSession the driver uses, backed by onnx.reference."""
-
-    def __init__(self, path: str):
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-
-        self._model = onnx.load(path)
-        self._evaluator = ReferenceEvaluator(self._model)
-        inits = {i.name for i in self._model.graph.initializer}
-        self._inputs = [_Named(v.name) for v in self._model.graph.input if v.name not in inits]
-
-    def get_inputs(self):
-        return self._inputs
-
-    def run(self, output_names, feeds):
-        return self._evaluator.run(output_names, feeds)
+from .manifest import Manifest, read_manifest
 
 
 @dataclass
 class GenerationTrace:
     tokens: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)  # one [V] array per generated token
+    prefill_seconds: float = 0.0  # prompt in, first token out
+    decode_seconds: float = 0.0  # every later token
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        later = len(self.tokens) - 1
+        return later / self.decode_seconds if later > 0 and self.decode_seconds > 0 else None
+
+
+TokenFn = Callable[[int], None]
 
 
 class SegmentRuntime:
-    """Loads the segments of an OUT folder and runs prefill + decode, feeding inputs by position."""
+    """Runs prefill + decode over OUT's nets, feeding inputs by position, on a backend (default: onnxruntime)."""
 
-    def __init__(self, out_dir: Path, manifest: Manifest | None = None, keep_bytes: int | None = None):
-        """``keep_bytes``: how many bytes of segment files (with their data) may stay loaded between runs;
-        past that a segment is loaded for each run and dropped after (a 7B model's 64 layer segments
-        hold 52 GB). Default: half the memory available."""
-        import onnxruntime as ort
-
-        from .reference import available_memory
-
+    def __init__(self, out_dir: Path, manifest: Manifest | None = None, keep_bytes: int | None = None,
+                 backend: SegmentBackend | None = None):
+        """``keep_bytes``: for the default onnxruntime backend, see OnnxBackend."""
         self.out_dir = Path(out_dir)
         self.manifest = manifest or read_manifest(self.out_dir)
-        self.keep_bytes = available_memory() // 2 if keep_bytes is None else keep_bytes
-        self._kept_bytes = 0
+        if backend is None:
+            from .backends.onnxruntime_backend import OnnxBackend
+
+            backend = OnnxBackend(self.out_dir, self.manifest, keep_bytes)
+        self.backend = backend
         self.seq = int(self.manifest.options["seq_length"])
         self.layers = int(self.manifest.model["num_layers"])
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self._ort, self._opts = ort, opts
-        self._sessions: dict[str, object] = {}
-        self.backend = "onnx-reference" if self.manifest.options.get("dtype") in REFERENCE_DTYPES else "onnxruntime"
         # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
         self.greedy_in_lm_head = len(self.manifest.segment("lm_head").outputs) == 2
 
-    def _session(self, name: str):
-        if name in self._sessions:
-            return self._sessions[name]
-        entry = self.manifest.segment(name)
-        path = str(self.out_dir / entry.file)
-        if self.backend == "onnx-reference":
-            session = _ReferenceSession(path)
-        else:
-            session = self._ort.InferenceSession(path, self._opts, providers=["CPUExecutionProvider"])
-        size = self._segment_bytes(entry)
-        if self._kept_bytes + size <= self.keep_bytes:
-            self._sessions[name] = session
-            self._kept_bytes += size
-        return session
-
-    def _segment_bytes(self, entry: SegmentEntry) -> int:
-        """The segment's file, plus its share of data files: a shared data file counts whole for each."""
-        files = [entry.file] + [e["file"] for e in entry.external_data]
-        return sum((self.out_dir / f).stat().st_size for f in files if (self.out_dir / f).is_file())
-
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
-        """Run segment ``name`` with ``arrays`` in the contract's input order, cast to the declared dtypes."""
-        entry: SegmentEntry = self.manifest.segment(name)
-        sess = self._session(name)
-        feeds = {}
-        for declared, spec, arr in zip(sess.get_inputs(), entry.inputs, arrays, strict=True):
-            feeds[declared.name] = np.asarray(arr).astype(spec.dtype, copy=False)
-        return sess.run(None, feeds)
+        """Run segment ``name`` with ``arrays`` in the contract's input order."""
+        return self.backend.run(name, *arrays)
 
     def next_token(self, hidden_last: np.ndarray) -> tuple[int, np.ndarray]:
         if self.greedy_in_lm_head:
@@ -114,7 +66,7 @@ class SegmentRuntime:
         history = []
         for i in range(self.layers):
             hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
-            history.append((k.copy(), v.copy()))
+            history.append((np.array(k, copy=True), np.array(v, copy=True)))
         return hidden[0, len(prompt) - 1], history
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
@@ -128,21 +80,34 @@ class SegmentRuntime:
         return hidden[0, 0]
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
-                 forced: list[int] | None = None) -> GenerationTrace:
+                 forced: list[int] | None = None, on_token: TokenFn | None = None) -> GenerationTrace:
         """Greedy generation; with ``forced``, step i feeds forced[i] back instead of its own top-1
-        (teacher forcing: the logits of every step are then comparable with another run's)."""
+        (teacher forcing: the logits of every step are then comparable with another run's). ``on_token`` is
+        called with each token as soon as it is known (streaming)."""
         if not 1 <= len(prompt) <= self.seq:
             raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
         trace = GenerationTrace()
+        t0 = time.perf_counter()
         hidden, history = self.prefill(prompt)
         n = len(prompt)
         while True:
             token, logits = self.next_token(hidden)
+            now = time.perf_counter()
+            if trace.tokens:
+                trace.decode_seconds += now - t0
+            else:
+                trace.prefill_seconds = now - t0
             trace.tokens.append(token)
             trace.logits.append(logits)
+            if on_token:
+                on_token(token)
             fed = token if forced is None else forced[len(trace.tokens) - 1]
             if (len(trace.tokens) >= max_new_tokens or (eos_ids and fed in eos_ids) or n >= self.seq
                     or (forced is not None and len(trace.tokens) >= len(forced))):
                 return trace
+            t0 = time.perf_counter()
             hidden = self.decode(fed, n, history)
             n += 1
+
+    def close(self) -> None:
+        self.backend.close()

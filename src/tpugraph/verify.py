@@ -19,7 +19,15 @@ MIN_COSINE = 0.9999  # per-step logits, fp32 export vs fp32 reference
 MAX_REL_DIFF = 1e-3  # max |diff| / (max logit - min logit)
 # (min cosine, max rel diff) per weight dtype of the export, always against the float32 reference:
 # float16 keeps ~11 significant bits and bfloat16 ~8, so their logits sit that much further off.
-THRESHOLDS = {"float32": (MIN_COSINE, MAX_REL_DIFF), "float16": (0.999, 1e-2), "bfloat16": (0.995, 5e-2)}
+THRESHOLDS = {"float32": (MIN_COSINE, MAX_REL_DIFF), "float16": (0.999, 1e-2), "bfloat16": (0.995, 5e-2),
+              # A compiled bmodel on the cmodel: activations too are in the float type between and inside nets.
+              "bmodel-f16": (0.999, 2e-2), "bmodel-bf16": (0.99, 6e-2),
+              # Weight-only int8/int4 of the blocks and lm_head: the tokens are fed back (teacher forcing) and
+              # the report shows how far the logits move; these bounds are what such a model must still reach.
+              "bmodel-w8f16": (0.99, 0.1), "bmodel-w8bf16": (0.98, 0.15),
+              "bmodel-w4f16": (0.95, 0.25), "bmodel-w4bf16": (0.95, 0.25)}
+# Modes whose greedy tokens must equal transformers' token for token (no teacher forcing).
+FREE_RUNNING = ("float32", "bmodel-f16", "bmodel-bf16")
 
 
 @dataclass
@@ -130,11 +138,27 @@ def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int, eos: set[int]
     return tokens, logits
 
 
+def bmodel_mode(bmodel: Path, activation_dtype: str) -> str:
+    """The quantization a bmodel was compiled with: from tpugraph's file name (``..._{mode}_seq...``), else
+    from the float type its blocks exchange."""
+    import re
+
+    from .compile_options import QUANTIZE_MODES
+
+    match = re.search(r"_(" + "|".join(QUANTIZE_MODES) + r")_seq\d+", bmodel.name)
+    if match:
+        return match.group(1)
+    return {"bf16": "bf16", "f16": "f16"}.get(activation_dtype, "f16")
+
+
 def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, seed: int = 0,
            model_path: str | None = None, prompt: list[int] | None = None,
-           stream_reference: bool | None = None) -> VerifyReport:
+           stream_reference: bool | None = None, bmodel: str | Path | None = None,
+           tpu_mlir: str | Path | None = None) -> VerifyReport:
     """``stream_reference``: stream the reference's layer weights (None: when the fp32 model would take
-    over half the memory available). The segments are likewise kept loaded only while they fit."""
+    over half the memory available). The segments are likewise kept loaded only while they fit.
+    ``bmodel``: the system under test is that combined bmodel on tpu-mlir's cmodel (venv ``tpu_mlir``),
+    checked first against OUT's manifest, instead of OUT's ONNX segments."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest.complete:
@@ -156,18 +180,34 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
             f"prompt length {len(prompt)} + {new_tokens} new tokens does not fit SEQ={seq}"
         )
     eos = _eos_ids(manifest.model.get("eos_token_id"))
+    backend = None
+    if bmodel is not None:  # load and check the bmodel before the (slow) reference runs
+        from .backends.bmodel_backend import BmodelBackend
+
+        backend = BmodelBackend(bmodel, manifest, tpu_mlir)
+        dtype = "bmodel-" + bmodel_mode(backend.bmodel, backend.activation_dtype)
+    else:
+        dtype = str(manifest.options.get("dtype", "float32"))
+    try:
+        return _compare(out_dir, manifest, prompt, new_tokens, eos, model_path, stream_reference, dtype, backend)
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: int, eos: set[int],
+             model_path: str | None, stream_reference: bool | None, dtype: str, backend) -> VerifyReport:
     source = _source_folder(manifest, model_path)
     if stream_reference is None:
         from .reference import should_stream
 
         stream_reference = should_stream(source)
     hf_tokens, hf_logits = hf_greedy(source, prompt, new_tokens, eos, stream_reference)
-    dtype = str(manifest.options.get("dtype", "float32"))
-    forced = hf_tokens if dtype != "float32" else None
-    runtime = SegmentRuntime(out_dir, manifest)
+    forced = hf_tokens if dtype not in FREE_RUNNING else None
+    runtime = SegmentRuntime(out_dir, manifest, backend=backend)
     trace = runtime.generate(prompt, new_tokens, eos, forced=forced)
     report = VerifyReport(prompt=prompt, hf_tokens=hf_tokens, onnx_tokens=trace.tokens, dtype=dtype,
-                          backend=runtime.backend, teacher_forced=forced is not None,
+                          backend=runtime.backend.name, teacher_forced=forced is not None,
                           reference="streamed" if stream_reference else "whole")
     min_cos, max_rel = report.thresholds
     for step, (ref, got) in enumerate(zip(hf_logits, trace.logits)):

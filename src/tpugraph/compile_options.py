@@ -1,0 +1,69 @@
+"""What a compile may be asked for: chips, quantization modes, devices, and the validation of a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+CHIPS = ("bm1684x", "bm1688")
+QUANTIZE_MODES = ("f16", "bf16", "w8bf16", "w4bf16", "w8f16", "w4f16")
+NUM_DEVICES = (1, 2, 4, 8)
+DEFAULT_Q_GROUP_SIZE = 64  # LLM-TPU's choice for the 4-bit modes
+
+# Quantization of each segment kind. The embedding is a lookup table: weight-only modes do not apply, it
+# keeps the activation float type of the mode. The heads are tiny and need exact arithmetic: F32.
+HEAD_KINDS = ("greedy_head", "penalty_sample_head")
+# --quant_input / --quant_output strip the f32<->f16 casts at a net's edges, so the runtime moves the
+# activations between nets in the quantized type: every net that receives an activation from another net
+# strips its input cast, every net whose output goes on to another net strips its output cast. lm_head
+# keeps an f32 output because the heads (F32) take its logits. On int inputs and on the F32 heads there is
+# no cast to strip: the flag changes nothing there (checked with tpu-mlir 1.30.2) and is kept as CONTRACT.md
+# lists it.
+QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache", "lm_head", *HEAD_KINDS)
+QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache")
+# The decode blocks read their KV history from buffers the runtime keeps across steps.
+IO_ALONE_KINDS = ("block_cache",)
+CHECK_MODES = ("representative", "all", "none")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    chip: str = "bm1684x"
+    quantize: str = "f16"
+    q_group_size: int | None = None  # None: 64 for the 4-bit modes, per-channel otherwise
+    num_device: int = 1
+    # representative: the tools' compares on one segment per distinct structure (with test data), then an
+    # end-to-end greedy check of the combined bmodel on the cmodel; all: the compares on every segment; none.
+    check: str = "representative"
+
+    def check_options(self) -> "CompileOptions":
+        """Validate and normalise (lowercase names, the default group size); raises UsageError."""
+        chip, quantize = self.chip.lower(), self.quantize.lower()
+        if chip not in CHIPS:
+            raise UsageError(f"chip must be one of {', '.join(CHIPS)} (got '{self.chip}')")
+        if quantize not in QUANTIZE_MODES:
+            raise UsageError(f"quantization must be one of {', '.join(QUANTIZE_MODES)} (got '{self.quantize}')")
+        group = self.q_group_size
+        if group is not None:
+            if not quantize.startswith("w"):
+                raise UsageError(f"a group size applies to the weight-only modes (w8*/w4*), not to {quantize}")
+            if group < 1:
+                raise UsageError(f"the group size must be a positive number (got {group})")
+        elif quantize.startswith("w4"):
+            group = DEFAULT_Q_GROUP_SIZE
+        if self.num_device not in NUM_DEVICES:
+            raise UsageError(f"the device count must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
+        if chip == "bm1688" and self.num_device != 1:
+            raise UsageError("a device count > 1 needs bm1684x: bm1688 is a single-chip SoC")
+        check = {True: "representative", False: "none"}.get(self.check, self.check)  # type: ignore[arg-type]
+        if check not in CHECK_MODES:
+            raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
+        return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
+                              check=check)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.quantize}_{self.chip}_{self.num_device}dev"
+
+

@@ -1,0 +1,149 @@
+"""Manifest + CompileOptions -> the ordered tool runs (model_transform, model_deploy, model_tool --combine)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compile_options import (DEFAULT_Q_GROUP_SIZE, HEAD_KINDS, IO_ALONE_KINDS, QUANT_INPUT_KINDS,
+                              QUANT_OUTPUT_KINDS, CompileOptions)
+from .errors import UsageError
+from .manifest import Manifest, SegmentEntry, read_manifest
+
+OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" in the script, the real path here
+
+
+@dataclass(frozen=True)
+class Step:
+    """One tool run: ``argv`` and ``produces`` may start with OUT_VAR; ``cwd`` is relative to OUT."""
+
+    segment: str  # "" for the combine step
+    action: str  # transform | deploy | combine
+    argv: tuple[str, ...]
+    cwd: str
+    produces: str  # the file the step must leave behind (relative to cwd unless it starts with OUT_VAR)
+    checked: bool = False  # runs the tool's numerical compare
+    # transform of a layer whose graph is another segment's with other weights: the runner may derive its
+    # output from that segment's (mlir_reuse) instead of running the tool; the script always runs the tool
+    reuse_from: str = ""
+
+    def output_path(self, out_dir: Path) -> Path:
+        if self.produces.startswith(OUT_VAR):
+            return Path(self.produces.replace(OUT_VAR, str(out_dir), 1))
+        return out_dir / self.cwd / self.produces
+
+
+@dataclass
+class CompilePlan:
+    options: CompileOptions
+    work_dir: str  # relative to OUT
+    bmodel: str  # file name, written into OUT
+    steps: list[Step]
+    segments: list[str]
+    command: str  # how to regenerate the script
+
+    @property
+    def script_name(self) -> str:
+        return f"compile_{self.options.tag}.sh"
+
+    @property
+    def end_to_end(self) -> bool:
+        """Whether the combined bmodel gets a greedy end-to-end check on the cmodel after the combine."""
+        return self.options.check == "representative"
+
+
+def bmodel_name(manifest: Manifest, options: CompileOptions) -> str:
+    """`{model_type}_{quantize}_seq{SEQ}_{chip}_{N}dev.bmodel`, lowercase (LLM-TPU's naming plus the chip)."""
+    model_type = str(manifest.model.get("model_type") or manifest.model.get("family") or "model")
+    model_type = re.sub(r"[^a-z0-9.-]+", "-", model_type.lower()).strip("-") or "model"
+    seq = int(manifest.options["seq_length"])
+    return f"{model_type}_{options.quantize}_seq{seq}_{options.chip}_{options.num_device}dev.bmodel".lower()
+
+
+def _float_mode(quantize: str) -> str:
+    return "bf16" if quantize.endswith("bf16") else "f16"
+
+
+def deploy_flags(kind: str, options: CompileOptions) -> list[str]:
+    """model_deploy.py's quantization, device and I/O flags for one segment kind."""
+    flags: list[str] = []
+    if kind not in HEAD_KINDS:  # the heads: no --quantize, i.e. F32
+        quantize = _float_mode(options.quantize) if kind.startswith("embedding") else options.quantize
+        flags += ["--quantize", quantize.upper()]
+        if quantize.startswith("w") and options.q_group_size:
+            flags += ["--q_group_size", str(options.q_group_size)]
+    flags += ["--chip", options.chip]
+    # tpu-mlir 1.30.2's device-parallel pass aborts on F32 nets ("Not supported quantization mode"), so the
+    # heads stay single-device nets, as in LLM-TPU's multi-device scripts; model_tool combines both kinds.
+    if options.num_device > 1 and kind not in HEAD_KINDS:
+        flags += ["--num_device", str(options.num_device)]
+    if kind in QUANT_INPUT_KINDS:
+        flags.append("--quant_input")
+    if kind in QUANT_OUTPUT_KINDS:
+        flags.append("--quant_output")
+    if kind in IO_ALONE_KINDS:
+        flags += ["--addr_mode", "io_alone"]
+    return flags
+
+
+def _test_input(out_dir: Path, entry: SegmentEntry) -> str | None:
+    """The segment's test-data npz (relative to OUT) when the manifest notes one and it exists."""
+    info = entry.extra.get("test_data")
+    rel = info.get("file") if isinstance(info, dict) else info
+    if rel and (out_dir / rel).is_file():
+        return str(rel)
+    return None
+
+
+def representatives(manifest: Manifest) -> set[str]:
+    """One segment per distinct graph structure: every segment whose graph was not reused from another
+    (weight swapping notes ``graph_reused_from``), i.e. the vocabulary segments, the heads and the first layer
+    of each layer structure."""
+    return {e.name for e in manifest.segments if not e.extra.get("graph_reused_from")}
+
+
+def plan_compile(out: str | Path, options: CompileOptions | None = None,
+                 manifest: Manifest | None = None) -> CompilePlan:
+    """Every tool run that compiles OUT's segments and combines them, in order. Deterministic for an OUT."""
+    out_dir = Path(out)
+    options = (options or CompileOptions()).check_options()
+    manifest = manifest or read_manifest(out_dir)
+    if not manifest.complete:
+        raise UsageError(f"{out_dir}/manifest.json is marked incomplete: finish the export first")
+    if not manifest.segments:
+        raise UsageError(f"{out_dir}/manifest.json lists no segments")
+    work = f"compile/{options.tag}"
+    compared = {"all": {e.name for e in manifest.segments}, "representative": representatives(manifest),
+                "none": set()}[options.check]
+    steps: list[Step] = []
+    for entry in manifest.segments:
+        name = entry.name
+        cwd = f"{work}/{name}"
+        test_input = _test_input(out_dir, entry) if name in compared else None
+        transform = ["model_transform.py", "--model_name", name, "--model_def", f"{OUT_VAR}/{entry.file}",
+                     "--mlir", f"{name}.mlir"]
+        deploy = ["model_deploy.py", "--mlir", f"{name}.mlir", *deploy_flags(entry.kind, options),
+                  "--model", f"{name}.bmodel"]
+        if test_input:
+            transform += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_result", f"{name}_top_outputs.npz"]
+            deploy += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_reference", f"{name}_top_outputs.npz"]
+        reuse = "" if test_input else str(entry.extra.get("graph_reused_from") or "")
+        steps.append(Step(name, "transform", tuple(transform), cwd, f"{name}.mlir", checked=bool(test_input),
+                          reuse_from=reuse))
+        steps.append(Step(name, "deploy", tuple(deploy), cwd, f"{name}.bmodel", checked=bool(test_input)))
+    bmodel = bmodel_name(manifest, options)
+    combine = ["model_tool", "--combine", *(f"{s.name}/{s.name}.bmodel" for s in manifest.segments),
+               "-o", f"{OUT_VAR}/{bmodel}"]
+    steps.append(Step("", "combine", tuple(combine), work, f"{OUT_VAR}/{bmodel}"))
+    command = f"tpugraph compile-script OUT --chip {options.chip} --quantize {options.quantize}"
+    if options.q_group_size and options.q_group_size != DEFAULT_Q_GROUP_SIZE:
+        command += f" --q-group-size {options.q_group_size}"
+    if options.num_device != 1:
+        command += f" --num-device {options.num_device}"
+    if options.check == "none":
+        command += " --no-check"
+    elif options.check == "all":
+        command += " --check all"
+    return CompilePlan(options=options, work_dir=work, bmodel=bmodel, steps=steps,
+                       segments=[s.name for s in manifest.segments], command=command)

@@ -1,0 +1,233 @@
+"""Run a CompilePlan here: the tools as subprocesses (segments in parallel threads), then the combine, then the
+end-to-end check of the combined bmodel that the check mode asks for."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .compile_options import CompileOptions
+from .compile_plan import OUT_VAR, Step, plan_compile
+from .compile_report import CompileReport, SegmentCompileError, SegmentCompileResult
+from .compile_script import save_script
+from .errors import UsageError
+from .manifest import read_manifest
+from .tool_logs import failure_reason, log_tail, parse_min_cosine
+from .toolchain import check_toolchain, tool_environment
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, str, int, int], None]
+END_TO_END_PROMPT = 4  # tokens of the end-to-end check's random prompt
+END_TO_END_TOKENS = 3  # greedy tokens it compares (each is a full decode step on the cmodel)
+
+
+def run_step(step: Step, out_dir: Path, env: dict[str, str]) -> tuple[int, str, Path]:
+    """One tool run in its folder; its output goes to ``<action>.log`` there. (return code, output, log path)"""
+    cwd = out_dir / step.cwd
+    cwd.mkdir(parents=True, exist_ok=True)
+    argv = [a.replace(OUT_VAR, str(out_dir), 1) if a.startswith(OUT_VAR) else a for a in step.argv]
+    argv[0] = str(Path(env["VIRTUAL_ENV"]) / "bin" / argv[0])
+    log_path = cwd / f"{step.action}.log"
+    log.debug("running %s in %s", " ".join(argv), cwd)
+    with open(log_path, "w") as fh:
+        proc = subprocess.run(argv, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return proc.returncode, log_path.read_text(errors="replace"), log_path
+
+
+@dataclass
+class _Failure:
+    step: Step
+    reason: str
+    tail: str
+    log_path: Path
+
+
+class TransformReuse:
+    """Which layers may take their transform output from their template's (mlir_reuse), shared by the workers.
+
+    Per structure (template segment), the first layer reusing it is the prover: it runs model_transform for real
+    and its output is compared with the derived one; the later layers derive only once that proof holds, else
+    they run the tool too. Each wait also ends when the compile is stopping."""
+
+    def __init__(self, steps: list[Step], files: dict[str, str], stop: threading.Event):
+        self.files = files  # segment -> its ONNX file, relative to OUT
+        self.stop = stop
+        self.transformed = {s.segment: threading.Event() for s in steps if s.action == "transform"}
+        self.prover: dict[str, str] = {}
+        for s in steps:
+            if s.action == "transform" and s.reuse_from:
+                self.prover.setdefault(s.reuse_from, s.segment)
+        self.proven = {template: threading.Event() for template in self.prover}
+        self.holds: dict[str, bool] = {}
+        self.lock = threading.Lock()
+        self.derived: list[str] = []
+
+    def _wait(self, event: threading.Event) -> bool:
+        while not event.wait(0.2):
+            if self.stop.is_set():
+                return False
+        return True
+
+    def _derive(self, step: Step, out_dir: Path, into: Path) -> bool:
+        from .mlir_reuse import derive_transform
+
+        template = step.reuse_from
+        template_dir = out_dir / Path(step.cwd).parent / template
+        return derive_transform(template, template_dir, out_dir / self.files[template], step.segment, into,
+                                out_dir / self.files[step.segment])
+
+    def try_derive(self, step: Step, out_dir: Path) -> bool:
+        """For a non-prover layer: True when its output was derived (the tool need not run)."""
+        template = step.reuse_from
+        if not template or self.prover.get(template) == step.segment:
+            return False
+        if not self._wait(self.transformed[template]) or not self._wait(self.proven[template]):
+            return False
+        if not self.holds.get(template) or not self._derive(step, out_dir, out_dir / step.cwd):
+            return False
+        with self.lock:
+            self.derived.append(step.segment)
+        return True
+
+    def after_tool(self, step: Step, ok: bool, out_dir: Path) -> None:
+        """After model_transform ran for real: release the waiters; a prover checks the derivation."""
+        from .mlir_reuse import same_output
+
+        template = step.reuse_from
+        try:
+            if ok and template and self.prover.get(template) == step.segment and self._wait(self.transformed[template]):
+                derived = out_dir / step.cwd / "derived"
+                holds = self._derive(step, out_dir, derived) and same_output(out_dir / step.cwd, derived, step.segment)
+                self.holds[template] = holds
+                log.info("transform reuse for the layers of %s: %s", template,
+                         "proven on " + step.segment if holds else f"NOT equal on {step.segment}: each runs the tool")
+        finally:
+            self.transformed[step.segment].set()
+            if template and self.prover.get(template) == step.segment:
+                self.proven[template].set()
+
+    def release(self, step: Step) -> None:
+        """A step that ended without after_tool (derived, or failed before): never leave a waiter hanging."""
+        self.transformed[step.segment].set()
+        if step.reuse_from and self.prover.get(step.reuse_from) == step.segment:
+            self.proven[step.reuse_from].set()
+
+
+def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, env: dict[str, str],
+               result: SegmentCompileResult | None, progress: ProgressFn | None,
+               reuse: TransformReuse | None = None) -> _Failure | None:
+    """Run one segment's steps (or the combine) in order; the first failure ends them."""
+    for offset, step in enumerate(steps):
+        if progress:
+            progress(step.segment, step.action, first_index + offset, total)
+        t0 = time.perf_counter()
+        if step.action == "transform" and reuse is not None and reuse.try_derive(step, out_dir):
+            rc, text, log_path = 0, "derived from the transform of " + step.reuse_from, out_dir / step.cwd
+            reuse.release(step)
+        else:
+            rc, text, log_path = run_step(step, out_dir, env)
+            if step.action == "transform" and reuse is not None:
+                reuse.after_tool(step, rc == 0, out_dir)
+        elapsed = time.perf_counter() - t0
+        ok = rc == 0
+        if result is not None:
+            result.seconds += elapsed
+            similarity = parse_min_cosine(text) if step.checked else None
+            if step.action == "transform":
+                result.transform_ok, result.transform_similarity = ok, similarity
+            else:
+                result.deploy_ok, result.deploy_similarity = ok, similarity
+        output = step.output_path(out_dir)
+        if ok and not output.is_file():
+            ok, text = False, text + f"\n{step.argv[0]} exited 0 but wrote no {output.name}"
+        log.info("%s %s: %s (%.1fs)", step.segment or "all", step.action, "ok" if ok else "FAILED", elapsed)
+        if not ok:
+            reason = failure_reason(text)
+            if "GLIBC_" in text:
+                reason += (" (the tpu-mlir venv lacks the glibc workaround: run "
+                           f"scripts/setup_tpu_mlir.sh '' {env['VIRTUAL_ENV']})")
+            return _Failure(step, reason, log_tail(text), log_path)
+    return None
+
+
+def compile_segments(out: str | Path, venv: str | Path | None = None, options: CompileOptions | None = None,
+                     progress: ProgressFn | None = None, jobs: int = 1) -> CompileReport:
+    """Run the compile plan of OUT with the tpu-mlir in VENV (default_tpu_mlir_venv() when None): transform +
+    deploy each segment, then combine. ``jobs`` segments compile at once (each tool is mostly one core).
+    Check mode ``representative`` then runs verify --bmodel for a few tokens (CompileReport.end_to_end).
+
+    Stops at the first failing tool (with jobs > 1: lets the running segments finish, starts no other) with a
+    SegmentCompileError that names the segment and quotes the tool. Writes the plan's script into OUT too,
+    so what ran can be rerun by hand.
+    """
+    if jobs < 1:
+        raise UsageError(f"jobs must be >= 1 (got {jobs})")
+    out_dir = Path(out).resolve()
+    venv = check_toolchain(venv)
+    manifest = read_manifest(out_dir)
+    plan = plan_compile(out_dir, options, manifest)
+    save_script(plan, manifest, out_dir / plan.script_name)
+    env = tool_environment(venv)
+    kinds = {s.name: s.kind for s in manifest.segments}
+    total = len(plan.steps)
+    report = CompileReport(plan=plan)
+    t_start = time.perf_counter()
+
+    # the plan's steps grouped by segment, in order, with the index of each group's first step
+    groups: list[tuple[int, list[Step]]] = []
+    for index, step in enumerate(plan.steps[:-1]):
+        if groups and groups[-1][1][0].segment == step.segment:
+            groups[-1][1].append(step)
+        else:
+            groups.append((index, [step]))
+    results = [SegmentCompileResult(steps[0].segment, kinds[steps[0].segment], checked=steps[0].checked)
+               for _, steps in groups]
+    failures: list[_Failure | None] = [None] * len(groups)
+    started = [False] * len(groups)
+    stop = threading.Event()  # set by the first failing segment; every worker reads it before starting one
+    reuse = TransformReuse(plan.steps, {s.name: s.file for s in manifest.segments}, stop)
+
+    def run_group(i: int) -> None:
+        first, steps = groups[i]
+        try:
+            if stop.is_set():
+                return
+            started[i] = True
+            failures[i] = _run_steps(steps, first, total, out_dir, env, results[i], progress, reuse)
+            if failures[i] is not None:
+                stop.set()
+        finally:
+            reuse.release(steps[0])
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run_group, range(len(groups))))
+    report.results = [r for r, ran in zip(results, started) if ran]
+    report.transforms_derived = sorted(reuse.derived)
+    failure = next((f for f in failures if f is not None), None)
+    if failure is None:
+        failure = _run_steps([plan.steps[-1]], total - 1, total, out_dir, env, None, progress)
+    report.seconds = time.perf_counter() - t_start
+    if failure is not None:
+        raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,
+                                  failure.log_path, report)
+    report.bmodel = out_dir / plan.bmodel
+    if plan.end_to_end:
+        from .verify import verify
+
+        if progress:
+            progress("", "end-to-end check", total, total)
+        t0 = time.perf_counter()
+        report.end_to_end = verify(out_dir, prompt_length=END_TO_END_PROMPT, new_tokens=END_TO_END_TOKENS,
+                                   bmodel=report.bmodel, tpu_mlir=venv)
+        report.end_to_end_seconds = time.perf_counter() - t0
+        report.seconds = time.perf_counter() - t_start
+    if progress:
+        progress("", "done", total, total)
+    return report

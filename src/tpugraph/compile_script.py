@@ -1,0 +1,102 @@
+"""A CompilePlan -> a self-contained bash script that lives in OUT (rendering, and writing it atomically)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+from . import __version__
+from .compile_options import CompileOptions
+from .compile_plan import OUT_VAR, CompilePlan, plan_compile
+from .errors import OutputError
+from .manifest import Manifest, read_manifest
+from .toolchain import TOOLS
+
+
+def _shell_word(arg: str) -> str:
+    if arg.startswith(OUT_VAR):
+        rest = arg[len(OUT_VAR):]
+        return '"$OUT"' + (shlex.quote(rest) if rest else "")
+    return shlex.quote(arg)
+
+
+def _shell_command(argv: tuple[str, ...]) -> str:
+    """One command, an option and its value per line."""
+    lines = [_shell_word(argv[0])]
+    i = 1
+    while i < len(argv):
+        word = _shell_word(argv[i])
+        if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            word += " " + _shell_word(argv[i + 1])
+            i += 1
+        lines.append(word)
+        i += 1
+    return " \\\n    ".join(lines)
+
+
+def render_script(plan: CompilePlan, manifest: Manifest) -> str:
+    """The plan as a self-contained bash script that lives in OUT (paths relative to its own folder)."""
+    m = manifest.model
+    opts = plan.options
+    checked = sum(1 for s in plan.steps if s.action == "transform" and s.checked)
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Compile the segments of this tpugraph output into {plan.bmodel} with tpu-mlir.",
+        f"# Written by tpugraph {__version__}; regenerate with: {plan.command}",
+        f"# Model: {m.get('architecture', '?')} ({m.get('model_type', '?')}), {m.get('num_layers', '?')} layers, "
+        f"SEQ {manifest.options.get('seq_length')}; chip {opts.chip}, {opts.quantize}"
+        + (f" (group {opts.q_group_size})" if opts.q_group_size else "") + f", {opts.num_device} device(s).",
+        f"# Numerical checks: {checked} of {len(plan.segments)} segments compared by the tools (check mode "
+        f"{opts.check}; test data from tpugraph export-and-optimize --with-test-data).",
+        "# Needs tpu-mlir 1.30 on PATH: source \"$(scripts/setup_tpu_mlir.sh)/bin/activate\" in the tpugraph repo.",
+        "# Usage: bash SCRIPT [OUT]   (OUT defaults to the script's own folder)",
+        "set -euo pipefail",
+        'OUT="$(cd "${1:-$(dirname "${BASH_SOURCE[0]}")}" && pwd)"',
+        f"WORK=\"$OUT/{plan.work_dir}\"",
+        "for tool in " + " ".join(TOOLS) + "; do",
+        '    command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is not on PATH: activate the tpu-mlir venv '
+        '(scripts/setup_tpu_mlir.sh)" >&2; exit 1; }',
+        "done",
+    ]
+    current = None
+    for step in plan.steps:
+        if step.segment != current:
+            current = step.segment
+            lines.append("")
+            if step.action == "combine":
+                lines.append("# All nets into one bmodel; the runtime finds them by name.")
+                lines.append('cd "$WORK"')
+            else:
+                lines.append(f"# {step.segment}")
+                lines.append(f'mkdir -p "$WORK/{step.segment}" && cd "$WORK/{step.segment}"')
+        lines.append(_shell_command(step.argv))
+    lines += ["", f'echo "wrote $OUT/{plan.bmodel}"']
+    if plan.end_to_end:
+        lines.append(f'echo "check it end to end: tpugraph verify \\"$OUT\\" --bmodel \\"$OUT/{plan.bmodel}\\""')
+    lines.append("")
+    return "\n".join(lines)
+
+
+def save_script(plan: CompilePlan, manifest: Manifest, target: Path) -> Path:
+    """Write the rendered script to ``target`` atomically (a temporary name, then a rename), executable."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(render_script(plan, manifest))
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return target
+
+
+def write_compile_script(out: str | Path, options: CompileOptions | None = None,
+                         path: str | Path | None = None) -> Path:
+    """Write the compile script (default OUT/compile_<quantize>_<chip>_<N>dev.sh) and return its path.
+
+    The script compiles the OUT it is given as its argument, else the folder it lies in."""
+    out_dir = Path(out)
+    manifest = read_manifest(out_dir)
+    plan = plan_compile(out_dir, options, manifest)
+    return save_script(plan, manifest, Path(path) if path else out_dir / plan.script_name)

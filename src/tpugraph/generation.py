@@ -1,0 +1,163 @@
+"""Text in, text out: OUT's tokenizer and chat template around the runtime's greedy loop (tpugraph run)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UsageError, VerificationError
+from .manifest import Manifest, read_manifest
+from .runtime import SegmentRuntime
+from .tokenizer_files import TOKENIZER_DIR
+
+log = logging.getLogger(__name__)
+
+TextFn = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    prompt_ids: list[int]
+    tokens: list[int]
+    text: str | None  # None without a tokenizer (--prompt-ids)
+    backend: str
+    stop: str  # eos | max-new-tokens | window-full
+    prefill_seconds: float
+    decode_tokens_per_second: float | None
+    eos_ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_tokenizer(out_dir: Path, manifest: Manifest):
+    """OUT's copy of the source model's tokenizer, or a UsageError naming what is missing."""
+    record = manifest.model.get("tokenizer")
+    if not record:
+        raise UsageError(f"'{out_dir}' has no tokenizer (exported by a tpugraph that did not copy it): "
+                         "re-export it, or give token ids with --prompt-ids 1,2,3")
+    if not record.get("files"):
+        raise UsageError(f"'{out_dir}' has no tokenizer: {record.get('missing', 'the source model had none')}; "
+                         "give token ids with --prompt-ids 1,2,3")
+    folder = out_dir / record.get("dir", TOKENIZER_DIR)
+    lost = [f for f in record["files"] if not (folder / f).is_file()]
+    if lost:
+        raise UsageError(f"tokenizer file(s) {', '.join(lost)} missing from {folder}: re-export, or use --prompt-ids")
+    from transformers import AutoTokenizer
+
+    from .model_source import quiet_transformers
+
+    quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # transformers' own message says which file or class it could not use
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"transformers cannot load the tokenizer in {folder}: {first}") from None
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if not chat:
+        return [int(t) for t in tokenizer(text)["input_ids"]]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("--chat needs a chat template, and this model's tokenizer has none: drop --chat")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def stop_ids(out_dir: Path, manifest: Manifest, tokenizer=None) -> set[int]:
+    """EOS of the config, of the copied generation_config.json (a chat model's end of turn) and the tokenizer's."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if value is None:
+            return
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            ids.add(int(v))
+
+    add(manifest.model.get("eos_token_id"))
+    record = manifest.model.get("tokenizer") or {}
+    gen = out_dir / record.get("dir", TOKENIZER_DIR) / "generation_config.json"
+    if "generation_config.json" in record.get("files", []) and gen.is_file():
+        add(json.loads(gen.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return ids
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--prompt-ids must be comma-separated integers (got '{text}')") from None
+    if not ids:
+        raise UsageError("--prompt-ids is empty")
+    return ids
+
+
+def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
+               max_new_tokens: int = 64, backend: str = "onnx", bmodel: str | Path | None = None,
+               venv: str | Path | None = None, on_text: TextFn | None = None) -> RunResult:
+    """Generate greedily from OUT with the chosen backend; ``on_text`` gets each new piece of text as it comes."""
+    from .backends.choice import open_backend
+
+    out_dir = Path(out)
+    manifest = read_manifest(out_dir)
+    if not manifest.complete:
+        raise VerificationError(f"'{out_dir}' is an unfinished export (manifest marked incomplete); rerun the export")
+    if (prompt is None) == (prompt_ids is None):
+        raise UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    tokenizer = None
+    if prompt is not None:
+        tokenizer = load_tokenizer(out_dir, manifest)
+        ids = encode_prompt(tokenizer, prompt, chat)
+    else:
+        if chat:
+            raise UsageError("--chat applies to --prompt TEXT, not to --prompt-ids")
+        ids = list(prompt_ids)
+    seq = int(manifest.options["seq_length"])
+    vocab = int(manifest.model["vocab_size"])
+    if len(ids) > seq:
+        raise UsageError(f"the prompt is {len(ids)} tokens, longer than this output's SEQ={seq} "
+                         "(export with a larger --seq-length)")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise UsageError(f"token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
+    eos = stop_ids(out_dir, manifest, tokenizer)
+    engine = open_backend(backend, out_dir, manifest, bmodel, venv)
+    runtime = SegmentRuntime(out_dir, manifest, backend=engine)
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        if on_text is None:
+            return
+        if tokenizer is None:
+            on_text(f"{token} ")
+            return
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole UTF-8 character
+            on_text(text[len(shown):])
+            shown = text
+
+    tokens: list[int] = []
+    try:
+        trace = runtime.generate(ids, max_new_tokens, eos, on_token=stream)
+    finally:
+        runtime.close()
+    last = trace.tokens[-1]
+    stop = "eos" if last in eos else ("max-new-tokens" if len(trace.tokens) >= max_new_tokens else "window-full")
+    text = tokenizer.decode(trace.tokens, skip_special_tokens=True) if tokenizer is not None else None
+    if on_text and text is not None and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return RunResult(prompt_ids=ids, tokens=trace.tokens, text=text, backend=engine.name, stop=stop,
+                     prefill_seconds=trace.prefill_seconds,
+                     decode_tokens_per_second=trace.decode_tokens_per_second, eos_ids=sorted(eos))
