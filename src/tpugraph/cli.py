@@ -125,8 +125,9 @@ OutFolder = Annotated[Path, typer.Argument(help="An output folder written by exp
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 PassOptions = Annotated[Optional[list[str]], typer.Option(
     "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum.")]
-_QUANTIZE_HELP = ("Quantization: f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
-                  "the float type, the greedy/sample heads stay F32).")
+_QUANTIZE_HELP = ("Quantization: auto, f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
+                  "the float type, the greedy/sample heads stay F32). auto (default): for a quantized source (GPTQ, AWQ, "
+                  "GGUF...) the weight-only mode, group size and symmetry that keep its integers best; f16 otherwise.")
 Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x or bm1688.")]
 Quantize = Annotated[str, typer.Option("--quantize", help=_QUANTIZE_HELP)]
 QGroupSize = Annotated[Optional[int], typer.Option(
@@ -383,7 +384,7 @@ def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_
 def compile_script_cmd(
     out: OutFolder,
     chip: Chip = "bm1684x",
-    quantize: Quantize = "f16",
+    quantize: Quantize = "auto",
     q_group_size: QGroupSize = None,
     num_device: NumDevice = 1,
     check: CompileCheck = "representative",
@@ -404,7 +405,7 @@ def compile_cmd(
     out: OutFolder,
     tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv made by scripts/setup_tpu_mlir.sh (default: $TPUGRAPH_TPU_MLIR_VENV, else the script's default location)."),
     chip: Chip = "bm1684x",
-    quantize: Quantize = "f16",
+    quantize: Quantize = "auto",
     q_group_size: QGroupSize = None,
     num_device: NumDevice = 1,
     check: CompileCheck = "representative",
@@ -429,6 +430,8 @@ def compile_cmd(
     if json_out:
         typer.echo(json.dumps(report.to_json()))
         return
+    if report.plan.quant_choice is not None:
+        _echo(f"quantize auto: {report.plan.quant_choice.summary()}")
     _echo(report.table())
     unchecked = [r.segment for r in report.results if not r.checked]
     if unchecked and report.plan.options.check != "none":

@@ -8,6 +8,9 @@ from .errors import UsageError
 
 CHIPS = ("bm1684x", "bm1688")
 QUANTIZE_MODES = ("f16", "bf16", "w8bf16", "w4bf16", "w8f16", "w4f16")
+# auto: the weight-only mode matching a quantized source (quant_fidelity.choose_compile_mode), else f16.
+AUTO = "auto"
+DEFAULT_FLOAT_MODE = "f16"
 NUM_DEVICES = (1, 2, 4, 8)
 DEFAULT_Q_GROUP_SIZE = 64  # LLM-TPU's choice for the 4-bit modes
 
@@ -30,8 +33,9 @@ CHECK_MODES = ("representative", "all", "none")
 @dataclass(frozen=True)
 class CompileOptions:
     chip: str = "bm1684x"
-    quantize: str = "f16"
+    quantize: str = AUTO  # resolved against OUT's manifest by resolve_auto before planning
     q_group_size: int | None = None  # None: 64 for the 4-bit modes, per-channel otherwise
+    q_symmetric: bool = False  # model_deploy --q_symmetric (chosen by auto for checkpoints it fits better)
     num_device: int = 1
     # representative: the tools' compares on one segment per distinct structure (with test data), then an
     # end-to-end greedy check of the combined bmodel on the cmodel; all: the compares on every segment; none.
@@ -42,16 +46,16 @@ class CompileOptions:
         chip, quantize = self.chip.lower(), self.quantize.lower()
         if chip not in CHIPS:
             raise UsageError(f"chip must be one of {', '.join(CHIPS)} (got '{self.chip}')")
-        if quantize not in QUANTIZE_MODES:
-            raise UsageError(f"quantization must be one of {', '.join(QUANTIZE_MODES)} (got '{self.quantize}')")
+        if quantize not in QUANTIZE_MODES + (AUTO,):
+            raise UsageError(f"quantization must be one of {', '.join(QUANTIZE_MODES + (AUTO,))} (got '{self.quantize}')")
         group = self.q_group_size
         if group is not None:
-            if not quantize.startswith("w"):
+            if not quantize.startswith("w") and quantize != AUTO:
                 raise UsageError(f"a group size applies to the weight-only modes (w8*/w4*), not to {quantize}")
             if group < 1:
                 raise UsageError(f"the group size must be a positive number (got {group})")
         elif quantize.startswith("w4"):
-            group = DEFAULT_Q_GROUP_SIZE
+            group = DEFAULT_Q_GROUP_SIZE  # auto keeps None: the checkpoint's own group size is chosen later
         if self.num_device not in NUM_DEVICES:
             raise UsageError(f"the device count must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
         if chip == "bm1688" and self.num_device != 1:
@@ -60,10 +64,27 @@ class CompileOptions:
         if check not in CHECK_MODES:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
-                              check=check)
+                              check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"))
 
     @property
     def tag(self) -> str:
         return f"{self.quantize}_{self.chip}_{self.num_device}dev"
 
 
+
+
+def resolve_auto(options: CompileOptions, out_dir, manifest):
+    """``quantize='auto'``: the weight-only mode, group size and symmetry that keep a quantized source's integers
+    best (with the measured fidelity), or the default float mode for a float source. Returns the options with
+    a concrete mode and the quant_fidelity.CompileChoice (None for a float source or an explicit mode)."""
+    from dataclasses import replace
+
+    if options.quantize.lower() != AUTO:
+        return options, None
+    if not manifest.model.get("source_quantization"):
+        return replace(options, quantize=DEFAULT_FLOAT_MODE), None
+    from .quant_fidelity import choose_compile_mode
+
+    choice = choose_compile_mode(out_dir)
+    group = options.q_group_size if options.q_group_size is not None else (choice.q_group_size or None)
+    return replace(options, quantize=choice.quantize, q_group_size=group, q_symmetric=choice.q_symmetric), choice
