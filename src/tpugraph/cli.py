@@ -123,6 +123,9 @@ def _progress_reporter(enabled: bool, what: str):
 # Options and arguments several commands take, declared once.
 OutFolder = Annotated[Path, typer.Argument(help="An output folder written by export-and-optimize.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+TpuMlirVenv = Annotated[Optional[Path], typer.Option(
+    "--tpu-mlir", help="The tpu-mlir venv made by scripts/setup_tpu_mlir.sh (default: $TPUGRAPH_TPU_MLIR_VENV, "
+                       "else the script's default location).")]
 PassOptions = Annotated[Optional[list[str]], typer.Option(
     "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum.")]
 _QUANTIZE_HELP = ("Quantization: auto, f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
@@ -212,7 +215,7 @@ def verify_cmd(
         help="Stream the fp32 reference's layer weights from the safetensors (default: when the whole fp32 "
              "model would take over half the available memory, e.g. 7B on 24 GB)."),
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
-    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv for --bmodel (default: $TPUGRAPH_TPU_MLIR_VENV, else scripts/setup_tpu_mlir.sh's location)."),
+    tpu_mlir: TpuMlirVenv = None,
 ) -> None:
     """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
     tokens and logits with transformers' greedy generate."""
@@ -241,15 +244,15 @@ def verify_cmd(
 @app.command("run")
 @user_errors
 def run_cmd(
-    out: Path = typer.Argument(..., help="An output folder written by export-and-optimize."),
+    out: OutFolder,
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text (tokenized with OUT's own tokenizer)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn with the model's chat template."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens (or at EOS, or when the window is full)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (works without a tokenizer)."),
     backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
-    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv (default: $TPUGRAPH_TPU_MLIR_VENV, else scripts/setup_tpu_mlir.sh's location)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming text."),
+    tpu_mlir: TpuMlirVenv = None,
+    json_out: JsonOut = False,
 ) -> None:
     """Generate text from OUT the way the TPU runtime drives the nets (greedy), streaming tokens as they come."""
     from .generation import parse_ids, run_prompt
@@ -403,7 +406,7 @@ def compile_script_cmd(
 @user_errors
 def compile_cmd(
     out: OutFolder,
-    tpu_mlir: Optional[Path] = typer.Option(None, "--tpu-mlir", help="The tpu-mlir venv made by scripts/setup_tpu_mlir.sh (default: $TPUGRAPH_TPU_MLIR_VENV, else the script's default location)."),
+    tpu_mlir: TpuMlirVenv = None,
     chip: Chip = "bm1684x",
     quantize: Quantize = "auto",
     q_group_size: QGroupSize = None,
@@ -455,7 +458,7 @@ def quant_fidelity_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="The source model, if it moved since the export."),
     layers: int = typer.Option(4, "--layers", help="Decoder layers to measure, spread over the model (0: all)."),
     half: str = typer.Option("f16", "--half", help="Half type of the deploy's scales: f16 or bf16."),
-    json_out: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+    json_out: JsonOut = False,
 ) -> None:
     """The W4/W8 compile mode that keeps a quantized source's integers best (bits, group size, asymmetric or
     --q_symmetric), with the share of groups tpu-mlir's re-quantization reproduces exactly and its extra
@@ -491,9 +494,10 @@ def families_cmd(json_out: JsonOut = False) -> None:
     if json_out:
         typer.echo(json.dumps([fam.to_json() for fam in FAMILIES]))
         return
-    _echo(f"{'family':<11} {'architectures':<22} {'transformers':<13} {'embeddings':<11} supports")
+    width = max([len("family")] + [len(fam.name) for fam in FAMILIES])
+    _echo(f"{'family':<{width}} {'architectures':<22} {'transformers':<13} {'embeddings':<11} supports")
     for fam in FAMILIES:
-        _echo(f"{fam.name:<11} {', '.join(fam.architectures):<22} {'>=' + fam.min_transformers:<13} "
+        _echo(f"{fam.name:<{width}} {', '.join(fam.architectures):<22} {'>=' + fam.min_transformers:<13} "
               f"{fam.embeddings:<11} {fam.describe()}")
 
 
