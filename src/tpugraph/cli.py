@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -60,6 +61,10 @@ def user_errors(fn):
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except typer.Exit:
             raise
+        except BrokenPipeError:  # the reader went away (`tpugraph families | head`): not an error of ours
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout must not fail again
+            raise typer.Exit(0) from None
         except Exception as exc:  # a bug, not a user error: still one line unless asked for more
             if _state["verbosity"] >= 2:
                 raise
