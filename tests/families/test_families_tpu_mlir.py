@@ -8,6 +8,8 @@ whose blocks differ from one already compiled only in weights and declarative si
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from family_harness import TINY, assert_compiled, compile_segments_of, tpu_mlir_toolchain
 
@@ -45,6 +47,12 @@ CASES = {
 }
 
 
+# One family per distinct graph pattern compiles on every run (CI's time budget); the families whose blocks
+# differ from those only declaratively compile when TPUGRAPH_ALL_FAMILY_COMPILES=1 (each passed when added).
+PATTERN_REPRESENTATIVES = ("glm4", "hunyuan_v1_dense", "qwen2_moe", "gpt_oss")
+ALL_FAMILY_COMPILES = os.environ.get("TPUGRAPH_ALL_FAMILY_COMPILES") == "1"
+
+
 @pytest.fixture(scope="module")
 def toolchain():
     return tpu_mlir_toolchain()
@@ -52,6 +60,9 @@ def toolchain():
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_family_blocks_compile_f16_with_compares(toolchain, make_model, tmp_path, family):
+    if family not in PATTERN_REPRESENTATIVES and not ALL_FAMILY_COMPILES:
+        pytest.skip(f"{family}'s blocks differ from {', '.join(PATTERN_REPRESENTATIVES)}'s only declaratively; "
+                    "set TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile it too (about 30 s each)")
     config, segments = CASES[family]
     folder = make_model(family, **{**TINY, **config})
     report = compile_segments_of(folder, tmp_path / "out", toolchain, segments)
