@@ -36,7 +36,8 @@ def copy_tokenizer(model: "ModelSource | Path", out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     present = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     if not any(name in present for name in ESSENTIAL):
-        return {"files": [], "missing": f"{source} has none of {', '.join(ESSENTIAL)}"}
+        # no path in the record: a manifest must not depend on where its source sat (the manifest names it)
+        return {"files": [], "missing": f"the source model has none of {', '.join(ESSENTIAL)}"}
     target = out_dir / TOKENIZER_DIR
     try:
         target.mkdir(exist_ok=True)
