@@ -53,9 +53,14 @@ def copy_tokenizer(model: "ModelSource | Path", out_dir: Path) -> dict:
 
 
 def _save_gguf_tokenizer(model, out_dir: Path) -> dict:
+    from .errors import ModelError
     from .model_source import load_tokenizer
 
-    tokenizer = load_tokenizer(model)
+    try:
+        tokenizer = load_tokenizer(model)
+    except ModelError as err:  # a .gguf without tokenizer metadata still exports; run then names what is missing
+        log.info("%s", err)
+        return {"files": [], "missing": "the .gguf file has no usable tokenizer metadata"}
     target = out_dir / TOKENIZER_DIR
     stage = out_dir / f".tpugraph-stage-tokenizer-{os.getpid()}"
     try:
