@@ -392,8 +392,8 @@ def test_compile_in_parallel(with_data, tmp_path):
     assert info.value.segment == "block_0" and info.value.action == "deploy"
     ran = [r.segment for r in info.value.report.results]
     assert ran[:3] == ["embedding", "embedding_cache", "block_0"] and "lm_head" not in ran
-    with pytest.raises(UsageError, match="jobs must be >= 1"):
-        compile_segments(out, failing, CompileOptions(), jobs=0)
+    with pytest.raises(UsageError, match="jobs must be >= 0"):  # 0 is "as many as llm_convert runs"
+        compile_segments(out, failing, CompileOptions(), jobs=-1)
 
 
 def test_a_tool_that_exits_0_without_its_output_fails(with_data, tmp_path):

@@ -423,7 +423,7 @@ def compile_cmd(
     check: CompileCheck = "representative",
     no_check: NoCheck = False,
     no_fuse: NoFuse = False,
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks)."),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
     json_out: JsonOut = False,
 ) -> None:
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
@@ -451,6 +451,10 @@ def compile_cmd(
         reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"
                   if report.plan.options.check == "representative" else "no test data (export with --with-test-data)")
         _echo(f"note: compiled without the tools' compares: {', '.join(unchecked)} ({reason})")
+    if report.transforms_derived or report.deploys_derived:
+        _echo(f"reused: {len(report.transforms_derived)} layers' MLIR from their template layer's, "
+              f"{len(report.deploys_derived)} layers' bmodel written from a proven deploy of the same net"
+              + "".join(f"; {note}" for note in report.deploy_reuse_notes))
     e2e = report.end_to_end
     if e2e is not None:
         _echo(f"end to end on the cmodel: {len(e2e.steps)} greedy tokens {'equal' if e2e.tokens_equal else 'DIFFER'} "
