@@ -267,9 +267,21 @@ class Fuser:
                 with InsertionPoint(anchor.operation):
                     return top.ConcatOp(_tensor([b, s, h, d]), parts, axis=1, only_merge=True,
                                         loc=_loc(cat.operation.location, "_shd")).output
+        for user in self._users(value):
+            # the same permute exists (a K/V output, say): reuse it and so keep its name, which is an output's
+            if g.name(user) == "top.Permute" and g.ints(user, "order") == [0, 2, 1, 3]:
+                if self._position(user) > self._position(anchor):
+                    user.operation.move_before(anchor.operation)  # its operand is defined before the anchor
+                return user.result
         with InsertionPoint(anchor.operation):
             return top.PermuteOp(_tensor([b, s, h, d]), value, order=[0, 2, 1, 3],
                                  loc=_loc(anchor.operation.location, f"_shd{self.counts['attention']}_{h}")).output
+
+    def _position(self, op) -> int:
+        for i, other in enumerate(self.g.block.operations):
+            if other.operation == op.operation:
+                return i
+        raise ValueError("op not in the block")
 
     def attention(self, softmax) -> bool:
         import mlir.dialects.top as top
