@@ -241,6 +241,10 @@ def verify_cmd(
               f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} on {report.backend}"
               + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
               + ("; reference layers streamed" if report.reference == "streamed" else ""))
+        if report.mask_check is not None:
+            m = report.mask_check
+            _echo(f"mask {m['pattern']} (read as {m['value']:.4g}) instead of -10000: tokens {m['tokens']} "
+                  f"{'equal' if report.mask_check_ok else 'DIFFER'}")
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
         raise typer.Exit(1)

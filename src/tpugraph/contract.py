@@ -132,7 +132,22 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     return specs
 
 
-def prefill_inputs(prompt: list[int], seq: int):
+# The mask value as LLM-TPU's demos write it: a raw 16-bit pattern (CONTRACT.md, second table).
+MASK_PATTERNS = {"f16": 0xF0E2, "bf16": 0xC61C}
+
+
+def mask_value_as_read(pattern: int, net_dtype: str) -> float:
+    """The value a net whose float inputs are ``net_dtype`` (f32, f16, bf16) reads from the 16-bit ``pattern``.
+
+    An F32 net gets the F16 value itself (the runtimes convert); 0xF0E2 read as BF16 is about -5.5e29."""
+    import numpy as np
+
+    if net_dtype == "bf16":
+        return float(np.array([pattern << 16], dtype=np.uint32).view(np.float32)[0])
+    return float(np.array([pattern], dtype=np.uint16).view(np.float16)[0])
+
+
+def prefill_inputs(prompt: list[int], seq: int, mask_value: float = MASK_VALUE):
     """input_ids, position_ids, attention_mask of the prefill step, as the runtime builds them."""
     import numpy as np
 
@@ -141,19 +156,19 @@ def prefill_inputs(prompt: list[int], seq: int):
     ids[0, :n] = prompt
     pos = np.zeros((1, seq), dtype=np.int64)
     pos[0, :n] = np.arange(n)
-    mask = np.full((1, 1, seq, seq), MASK_VALUE, dtype=np.float32)
+    mask = np.full((1, 1, seq, seq), mask_value, dtype=np.float32)
     for r in range(n):
         mask[0, 0, r, : r + 1] = 0.0
     return ids, pos, mask
 
 
-def decode_inputs(token: int, n: int, seq: int):
+def decode_inputs(token: int, n: int, seq: int, mask_value: float = MASK_VALUE):
     """input_ids, position_ids, attention_mask of the decode step for the token at index ``n``."""
     import numpy as np
 
     ids = np.array([[token]], dtype=np.int64)
     pos = np.array([[n]], dtype=np.int64)
-    mask = np.full((1, 1, 1, seq + 1), MASK_VALUE, dtype=np.float32)
+    mask = np.full((1, 1, 1, seq + 1), mask_value, dtype=np.float32)
     mask[0, 0, 0, :n] = 0.0
     mask[0, 0, 0, seq] = 0.0
     return ids, pos, mask

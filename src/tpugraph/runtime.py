@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from .backends import SegmentBackend
-from .contract import decode_inputs, prefill_inputs
+from .contract import MASK_VALUE, decode_inputs, prefill_inputs
 from .manifest import Manifest, read_manifest
 
 
@@ -34,8 +34,9 @@ class SegmentRuntime:
     """Runs prefill + decode over OUT's nets, feeding inputs by position, on a backend (default: onnxruntime)."""
 
     def __init__(self, out_dir: Path, manifest: Manifest | None = None, keep_bytes: int | None = None,
-                 backend: SegmentBackend | None = None):
-        """``keep_bytes``: for the default onnxruntime backend, see OnnxBackend."""
+                 backend: SegmentBackend | None = None, mask_value: float = MASK_VALUE):
+        """``keep_bytes``: for the default onnxruntime backend, see OnnxBackend. ``mask_value``: what the
+        masks hold where a position is masked (a runtime's raw 16-bit pattern as the net reads it)."""
         self.out_dir = Path(out_dir)
         self.manifest = manifest or read_manifest(self.out_dir)
         if backend is None:
@@ -43,6 +44,7 @@ class SegmentRuntime:
 
             backend = OnnxBackend(self.out_dir, self.manifest, keep_bytes)
         self.backend = backend
+        self.mask_value = mask_value
         self.seq = int(self.manifest.options["seq_length"])
         self.layers = int(self.manifest.model["num_layers"])
         # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
@@ -61,7 +63,7 @@ class SegmentRuntime:
         return int(np.asarray(token).reshape(-1)[0]), np.asarray(logits, dtype=np.float32).reshape(-1)
 
     def prefill(self, prompt: list[int]):
-        ids, pos, mask = prefill_inputs(prompt, self.seq)
+        ids, pos, mask = prefill_inputs(prompt, self.seq, self.mask_value)
         (hidden,) = self.run("embedding", ids)
         history = []
         for i in range(self.layers):
@@ -70,7 +72,7 @@ class SegmentRuntime:
         return hidden[0, len(prompt) - 1], history
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
-        ids, pos, mask = decode_inputs(token, n, self.seq)
+        ids, pos, mask = decode_inputs(token, n, self.seq, self.mask_value)
         (hidden,) = self.run("embedding_cache", ids)
         for i in range(self.layers):
             hk, hv = history[i]

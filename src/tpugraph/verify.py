@@ -62,6 +62,13 @@ class VerifyReport:
     # not send the two generations apart and every step's logits stay comparable.
     teacher_forced: bool = False
     reference: str = "whole"  # or "streamed": the fp32 reference's layer weights read per forward
+    # A bmodel is also driven with the other mask encoding a runtime writes (see ``other_mask_value``):
+    # {"pattern", "value", "tokens"}; its tokens must equal ``onnx_tokens``.
+    mask_check: dict | None = None
+
+    @property
+    def mask_check_ok(self) -> bool:
+        return self.mask_check is None or self.mask_check["tokens"] == self.onnx_tokens
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -86,7 +93,7 @@ class VerifyReport:
     @property
     def passed(self) -> bool:
         same_tokens = self.tokens_equal or (self.teacher_forced and len(self.hf_tokens) == len(self.onnx_tokens))
-        return same_tokens and bool(self.steps) and all(s.ok for s in self.steps)
+        return same_tokens and bool(self.steps) and all(s.ok for s in self.steps) and self.mask_check_ok
 
     def to_json(self) -> dict:
         return {
@@ -95,7 +102,7 @@ class VerifyReport:
             "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff,
             "thresholds": {"min_cosine": self.thresholds[0], "max_rel_diff": self.thresholds[1]},
             "dtype": self.dtype, "backend": self.backend, "teacher_forced": self.teacher_forced,
-            "reference": self.reference,
+            "reference": self.reference, "mask_check": self.mask_check,
             "steps": [s.__dict__ | {"ok": s.ok} for s in self.steps],
         }
 
@@ -149,6 +156,16 @@ def bmodel_mode(bmodel: Path, activation_dtype: str) -> str:
     if match:
         return match.group(1)
     return {"bf16": "bf16", "f16": "f16"}.get(activation_dtype, "f16")
+
+
+def other_mask_value(net_dtype: str) -> tuple[str, float]:
+    """The mask encoding a bmodel must take besides -10000 (as its float type holds it): for BF16 nets the F16
+    pattern 0xF0E2 that LLM-TPU's Llama3 demo writes whatever the net (read as BF16: about -5.5e29); for F16
+    and F32 nets the lowest finite F16 value, 0xFBFF."""
+    from .contract import MASK_PATTERNS, mask_value_as_read
+
+    pattern = MASK_PATTERNS["f16"] if net_dtype == "bf16" else 0xFBFF
+    return f"0x{pattern:04X}", mask_value_as_read(pattern, net_dtype)
 
 
 def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, seed: int = 0,
@@ -222,4 +239,11 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
                     and (ref[hf_token] - ref[onnx_token]) / span <= max_rel)
         report.steps.append(StepReport(step, hf_token, trace.tokens[step], cos, diff, diff / span,
                                        min_cos, max_rel, near_tie))
+    if dtype.startswith("bmodel-"):
+        pattern, value = other_mask_value(backend.activation_dtype)
+        other = SegmentRuntime(out_dir, manifest, backend=backend, mask_value=value)
+        again = other.generate(prompt, new_tokens, eos, forced=forced)
+        report.mask_check = {"pattern": pattern, "value": value, "tokens": again.tokens}
+        if again.tokens != trace.tokens:
+            log.warning("mask %s (%g) gives tokens %s, mask -10000 %s", pattern, value, again.tokens, trace.tokens)
     return report

@@ -120,10 +120,22 @@ class _LayerSegment(nn.Module):
         self.cache_kwarg = _layer_cache_kwarg(layer)
 
 
+def clamp_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask with every value below the contract's MASK_VALUE raised to it (one Clip node).
+
+    Runtimes write "masked" as a raw 16-bit pattern that depends on the demo: 0xF0E2 (-10000 in F16) read
+    by a BF16 net is about -5.5e29, the lowest finite value of the float type is possible too. Past -10000
+    exp() is 0 in every float type anyway, and from here on no intermediate can overflow: the block's
+    result is the same for any mask value from MASK_VALUE down to the float type's lowest.
+    """
+    return torch.clamp(attention_mask, min=MASK_VALUE)
+
+
 class BlockSegment(_LayerSegment):
     """Prefill: (input_states, position_ids, attention_mask) -> (hidden_states, past_k, past_v)."""
 
     def forward(self, input_states, position_ids, attention_mask):
+        attention_mask = clamp_mask(attention_mask)
         if self.window is not None:
             attention_mask = _apply_window(attention_mask, position_ids, position_ids, self.window)
         cache = _CaptureKV()
@@ -141,6 +153,7 @@ class BlockCacheSegment(_LayerSegment):
     """
 
     def forward(self, input_states, position_ids, attention_mask, history_k, history_v):
+        attention_mask = clamp_mask(attention_mask)
         if self.window is not None:
             slots = torch.arange(history_k.shape[1], dtype=position_ids.dtype)[None]
             key_pos = torch.cat([slots, position_ids], dim=1)
