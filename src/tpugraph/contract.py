@@ -18,6 +18,10 @@ class SegmentKind(str, Enum):
     LM_HEAD = "lm_head"
     GREEDY_HEAD = "greedy_head"
     PENALTY_SAMPLE_HEAD = "penalty_sample_head"
+    SAMPLE_HEAD = "sample_head"
+
+
+SAMPLE_HEADS = ("current", "legacy")  # sample_head (CONTRACT.md second table) | penalty_sample_head (first)
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,15 @@ class ContractDims:
     sample_top_k: int = 50
 
 
-def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False) -> list[SegmentSpec]:
+def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False,
+                  sample_head: str | None = None, lm_head_topk: bool = False,
+                  embedding_disk: bool = False) -> list[SegmentSpec]:
     """Every segment of the default output, in the order the runtime first uses them.
+
+    ``sample_head``: "current" adds ``sample_head`` (CONTRACT.md, second table), "legacy" the first table's
+    ``penalty_sample_head`` (as ``with_penalty_head`` does). ``lm_head_topk``: the current runtime's top-k
+    lm_head, ``token`` [1,1] int its only output, and no ``greedy_head``. ``embedding_disk``: no embedding
+    nets (the runtime gathers rows of the vocabulary matrix on the host).
 
     ``greedy_in_lm_head``: the seed recipe's variant, one net fewer. ``lm_head`` takes the top-1 itself
     and outputs ``token`` [1,1] int first and ``m_logits`` [1,V] second (a runtime reading output 0 as
@@ -94,7 +105,7 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     kv_hist = (1, d.seq, d.kv_heads, d.head_dim)
     kv_one = (1, 1, d.kv_heads, d.head_dim)
     T = TensorSpec
-    specs = [
+    specs = [] if embedding_disk else [
         SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
                     (T("input_ids", (1, d.seq), i),), (T("input_embed", (1, d.seq, d.hidden), f),)),
         SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
@@ -113,7 +124,10 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
              T("attention_mask", (1, 1, 1, d.seq + 1), f), T("history_k", kv_hist, f), T("history_v", kv_hist, f)),
             (T("hidden_states", (1, 1, d.hidden), f), T("past_k", kv_one, f), T("past_v", kv_one, f)),
         ))
-    if greedy_in_lm_head:
+    if lm_head_topk:
+        specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
+                                 (T("token", (1, 1), i),)))
+    elif greedy_in_lm_head:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
                                  (T("token", (1, 1), i), T("m_logits", (1, d.vocab), f))))
     else:
@@ -121,7 +135,15 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
                                  (T("hidden_states", (1, d.hidden), f),), (T("m_logits", (1, d.vocab), f),)))
         specs.append(SegmentSpec("greedy_head", SegmentKind.GREEDY_HEAD, None,
                                  (T("m_logits", (1, d.vocab), f),), (T("token", (1, 1), i),)))
-    if with_penalty_head:
+    if sample_head == "current":
+        k = d.sample_top_k
+        specs.append(SegmentSpec(
+            "sample_head", SegmentKind.SAMPLE_HEAD, None,
+            (T("m_logits", (1, d.vocab), f), T("input_ids", (1, d.seq), i), T("penalty", (1,), f),
+             T("temperature", (1,), f), T("top_k", (1,), i), T("top_p", (1,), f)),
+            (T("probs", (1, k), f), T("token_idx", (1, k), i)),
+        ))
+    if with_penalty_head or sample_head == "legacy":
         k = d.sample_top_k
         specs.append(SegmentSpec(
             "penalty_sample_head", SegmentKind.PENALTY_SAMPLE_HEAD, None,

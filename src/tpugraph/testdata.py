@@ -18,6 +18,7 @@ TEST_DATA_DIR = "test_data"
 DEFAULT_SEED = 0
 # Typical sampling parameters of a chat demo, in the contract's input order (top_p, temperature, penalty).
 SAMPLE_PARAMS = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}
+SAMPLE_TOP_K = 40
 
 
 def segment_npz(segment: str) -> str:
@@ -91,6 +92,12 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
         elif entry.kind == "penalty_sample_head" and logits is not None:
             ids = rt.recorded["embedding"][0]
             arrays = (logits.reshape(1, -1), ids, *(np.array([v], np.float32) for v in SAMPLE_PARAMS.values()))
+        elif entry.kind == "sample_head" and logits is not None:
+            ids = rt.recorded["embedding"][0]
+            p = SAMPLE_PARAMS
+            arrays = (logits.reshape(1, -1), ids, np.array([p["penalty"]], np.float32),
+                      np.array([p["temperature"]], np.float32), np.array([SAMPLE_TOP_K], np.int32),
+                      np.array([p["top_p"]], np.float32))
         else:
             raise UsageError(f"no realistic inputs for segment '{entry.name}' (kind {entry.kind}): "
                              "the runtime driver does not run it")
