@@ -244,7 +244,8 @@ def verify_cmd(
         _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {min_cos}); "
               f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} on {report.backend}"
               + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
-              + ("; reference layers streamed" if report.reference == "streamed" else ""))
+              + ("; reference layers streamed" if report.reference == "streamed" else "")
+              + ("" if report.logits_compared else "; tokens only: the top-k lm_head returns no logits"))
         if report.mask_check is not None:
             m = report.mask_check
             _echo(f"mask {m['pattern']} (read as {m['value']:.4g}) instead of -10000: tokens {m['tokens']} "
@@ -467,6 +468,8 @@ def compile_cmd(
               f"(transformers {e2e.hf_tokens}, bmodel {e2e.onnx_tokens}), min logits cosine {e2e.min_cosine:.6f} "
               f"({report.end_to_end_seconds:.0f}s): {'PASS' if e2e.passed else 'FAIL'}")
     _echo(f"wrote {report.bmodel} ({report.seconds:.0f}s)")
+    if report.embedding_table:
+        _echo(f"wrote {report.embedding_table} (the vocabulary rows the host gathers: --embedding-disk)")
     if not report.passed:
         raise typer.Exit(1)
 

@@ -38,6 +38,7 @@ class CompileReport:
     end_to_end: object | None = None  # verify.VerifyReport of the combined bmodel (check mode representative)
     end_to_end_seconds: float = 0.0
     transforms_derived: list[str] = field(default_factory=list)  # layers whose MLIR came from their template's
+    embedding_table: Path | None = None  # --embedding-disk: embedding.bin written beside the bmodel
 
     @property
     def passed(self) -> bool:
@@ -53,6 +54,7 @@ class CompileReport:
                 "segments": [r.to_json() for r in self.results],
                 "end_to_end": self.end_to_end.to_json() if self.end_to_end is not None else None,
                 "end_to_end_seconds": round(self.end_to_end_seconds, 2),
+                "embedding_table": str(self.embedding_table) if self.embedding_table else None,
                 "transforms_derived": self.transforms_derived}
 
 

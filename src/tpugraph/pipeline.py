@@ -203,6 +203,10 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         [unused_inputs_note(unused)] if unused else [])
     for note in manifest.notes:
         log.info("note: %s", note)
+    if options.embedding_disk:  # the rows the host gathers instead of running embedding nets
+        from .embedding_table import write_table
+
+        manifest.conventions["embedding_disk"] = write_table(ModelParts(config, family, weights, options.dtype), out_dir)
     manifest.model["tokenizer"] = copy_tokenizer(source, out_dir)  # tpugraph run's own tokenizer
     manifest.complete = True
     manifest.write(out_dir)

@@ -51,6 +51,14 @@ class SegmentRuntime:
         self.mask_value = mask_value
         self.seq = int(self.manifest.options["seq_length"])
         self.layers = int(self.manifest.model["num_layers"])
+        # --embedding-disk: no embedding nets, the host gathers rows of the vocabulary table the backend names
+        self.table = None
+        if "embedding" not in {s.name for s in self.manifest.segments}:
+            from .embedding_table import EmbeddingTable
+
+            table_of = getattr(backend, "embedding_table", None)
+            self.table = table_of(self.out_dir, self.manifest) if table_of else \
+                EmbeddingTable.of_output(self.out_dir, self.manifest)
         lm_outputs = self.manifest.segment("lm_head").outputs
         # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
         self.greedy_in_lm_head = len(lm_outputs) == 2
@@ -74,6 +82,13 @@ class SegmentRuntime:
         """Run segment ``name`` with ``arrays`` in the contract's input order."""
         return self.backend.run(name, *arrays)
 
+    def embed(self, net: str, ids: np.ndarray) -> np.ndarray:
+        """The embedding net's output, or (--embedding-disk) the same rows gathered from the table."""
+        if self.table is not None:
+            return self.table.gather(ids)
+        (hidden,) = self.run(net, ids)
+        return hidden
+
     def next_token(self, hidden_last: np.ndarray, context: list[int] | None = None) -> tuple[int, np.ndarray | None]:
         """The next token and the logits it came from (None for a top-k lm_head, which has none).
         ``context``: the tokens so far (prompt and generated), for a sample head's repetition penalty."""
@@ -95,7 +110,7 @@ class SegmentRuntime:
 
     def prefill(self, prompt: list[int]):
         ids, pos, mask = prefill_inputs(prompt, self.seq, self.mask_value)
-        (hidden,) = self.run("embedding", ids)
+        hidden = self.embed("embedding", ids)
         history = []
         for i in range(self.layers):
             hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
@@ -104,7 +119,7 @@ class SegmentRuntime:
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
         ids, pos, mask = decode_inputs(token, n, self.seq, self.mask_value)
-        (hidden,) = self.run("embedding_cache", ids)
+        hidden = self.embed("embedding_cache", ids)
         for i in range(self.layers):
             hk, hv = history[i]
             hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, hk, hv)

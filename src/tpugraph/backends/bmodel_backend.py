@@ -77,6 +77,17 @@ class BmodelBackend:
         _, outputs = self._request({"op": "run", "net": net}, feeds, what=f"run net {net} of {self.bmodel.name}")
         return outputs
 
+    def embedding_table(self, out_dir: Path, manifest: Manifest):
+        """--embedding-disk: embedding.bin beside the bmodel (compile wrote it in the blocks' float type),
+        checked against OUT's float32 rows."""
+        from ..embedding_table import COMPILED_NAME, EmbeddingTable
+
+        reference = EmbeddingTable.of_output(out_dir, manifest)
+        float_type = self.activation_dtype if self.activation_dtype in ("f16", "bf16") else "f16"
+        table = EmbeddingTable(self.bmodel.parent / COMPILED_NAME, reference.vocab, reference.hidden, float_type)
+        table.check_matches(reference)
+        return table
+
     @property
     def activation_dtype(self) -> str:
         """The float type the blocks exchange (f16 or bf16; f32 when uncompressed)."""
