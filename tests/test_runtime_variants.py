@@ -122,3 +122,21 @@ def test_bmodel_of_the_variant_on_the_cmodel(variant):
     result = verify(variant, prompt=PROMPT, new_tokens=3, bmodel=report.bmodel, tpu_mlir=venv)
     assert result.passed and result.tokens_equal, result.to_json()
     assert result.mask_check["pattern"] == "0xF0E2" and result.mask_check["tokens"] == result.onnx_tokens
+
+
+def test_compile_script_writes_the_same_table(variant, tmp_path):
+    """The script's own conversion (run here with this Python's numpy) gives compile's embedding.bin bytes."""
+    import re
+    import subprocess
+    import sys
+
+    from tpugraph.compile import CompileOptions, write_compile_script
+
+    script = write_compile_script(variant, CompileOptions(quantize="bf16", check="none"), tmp_path / "c.sh").read_text()
+    body = re.search(r"<<'PY'\n(.*?)\nPY\n", script, re.S).group(1)
+    assert f'"$OUT/{TABLE_NAME}" "$OUT/{COMPILED_NAME}" bf16' in script
+    (tmp_path / "t.py").write_text(body)
+    subprocess.run([sys.executable, str(tmp_path / "t.py"), str(variant / TABLE_NAME), str(tmp_path / "a.bin"), "bf16"],
+                   check=True)
+    write_compiled(variant, "bf16", tmp_path / "b.bin")
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
