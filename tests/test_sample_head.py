@@ -191,5 +191,14 @@ def test_sample_head_compiles_with_tpu_mlir_and_matches_on_the_cmodel(sampled_ou
             want_probs, want_tokens = sample_reference(logits, ids, penalty, temperature, top_k, top_p)
             np.testing.assert_array_equal(np.asarray(tokens).reshape(1, -1), want_tokens)
             np.testing.assert_allclose(np.asarray(probs).reshape(1, -1), want_probs, atol=1e-5, rtol=0)
+        # compiled --dynamic: the runtime may hand it fewer recent tokens (forward_dynamic at [1, 6])
+        logits = (rng.standard_normal((1, manifest.model["vocab_size"])) * 3).astype(np.float32)
+        recent = np.argsort(-logits)[:, :6]  # the best tokens seen: the penalty re-ranks them
+        probs, tokens = backend.run("sample_head", logits, recent, np.array([1.5], np.float32),
+                                    np.array([0.8], np.float32), np.array([30], np.int32),
+                                    np.array([0.9], np.float32), dynamic=True)
+        want_probs, want_tokens = sample_reference(logits, recent, 1.5, 0.8, 30, 0.9)
+        np.testing.assert_array_equal(np.asarray(tokens).reshape(1, -1), want_tokens)
+        np.testing.assert_allclose(np.asarray(probs).reshape(1, -1), want_probs, atol=1e-5, rtol=0)
     finally:
         backend.close()

@@ -68,13 +68,15 @@ class BmodelBackend:
             raise UsageError(f"cannot {what} on the cmodel: {reply['error']}")
         return reply, outputs
 
-    def run(self, net: str, *arrays: np.ndarray) -> list[np.ndarray]:
+    def run(self, net: str, *arrays: np.ndarray, dynamic: bool = False) -> list[np.ndarray]:
+        """Run ``net``; with ``dynamic`` the arrays may be smaller than its shapes (a net compiled --dynamic)."""
         info = self.nets[net]
         feeds = []
         for spec, arr in zip(info.inputs, arrays, strict=True):
             arr = np.asarray(arr)
             feeds.append(arr.astype(np.int32) if arr.dtype.kind in "iu" else arr.astype(np.float32))
-        _, outputs = self._request({"op": "run", "net": net}, feeds, what=f"run net {net} of {self.bmodel.name}")
+        header = {"op": "run", "net": net, **({"dynamic": True} if dynamic else {})}
+        _, outputs = self._request(header, feeds, what=f"run net {net} of {self.bmodel.name}")
         return outputs
 
     def embedding_table(self, out_dir: Path, manifest: Manifest):
