@@ -238,11 +238,14 @@ def verify_cmd(
         _echo(f"prompt ({len(report.prompt)} tokens): {report.prompt}")
         _echo(f"{'step':>4}  {'hf':>7}  {'bmodel' if bmodel else 'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
         for s in report.steps:
-            _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  "
-                  f"{s.rel_diff:>9.2e}  {('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
+            numbers = (f"{s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  {s.rel_diff:>9.2e}" if s.logits_compared
+                       else f"{'-':>10}  {'-':>10}  {'-':>9}")
+            _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {numbers}  "
+                  f"{('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
         min_cos, max_rel = report.thresholds
-        _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {min_cos}); "
-              f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} on {report.backend}"
+        logits = (f"min cosine {report.min_cosine:.7f} (>= {min_cos}); max rel diff {report.max_rel_diff:.2e} "
+                  f"(<= {max_rel}); " if report.logits_compared else "")
+        _echo(f"tokens equal: {report.tokens_equal}; {logits}{report.dtype} on {report.backend}"
               + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
               + ("; reference layers streamed" if report.reference == "streamed" else "")
               + ("" if report.logits_compared else "; tokens only: the top-k lm_head returns no logits"))
