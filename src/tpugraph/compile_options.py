@@ -16,7 +16,7 @@ DEFAULT_Q_GROUP_SIZE = 64  # LLM-TPU's choice for the 4-bit modes
 
 # Quantization of each segment kind. The embedding is a lookup table: weight-only modes do not apply, it
 # keeps the activation float type of the mode. The heads are tiny and need exact arithmetic: F32.
-HEAD_KINDS = ("greedy_head", "penalty_sample_head")
+HEAD_KINDS = ("greedy_head", "penalty_sample_head", "sample_head")
 # --quant_input / --quant_output strip the f32<->f16 casts at a net's edges, so the runtime moves the
 # activations between nets in the quantized type: every net that receives an activation from another net
 # strips its input cast, every net whose output goes on to another net strips its output cast. lm_head
@@ -26,7 +26,10 @@ HEAD_KINDS = ("greedy_head", "penalty_sample_head")
 QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache", "lm_head", *HEAD_KINDS)
 QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache")
 # The decode blocks read their KV history from buffers the runtime keeps across steps.
-IO_ALONE_KINDS = ("block_cache",)
+# sample_head as llm_convert deploys it (CONTRACT.md, second table): io_alone and --dynamic, since the
+# runtime may hand it fewer recent tokens than SEQ for the repetition penalty.
+IO_ALONE_KINDS = ("block_cache", "sample_head")
+DYNAMIC_KINDS = ("sample_head",)
 CHECK_MODES = ("representative", "all", "none")
 
 

@@ -18,6 +18,10 @@ class SegmentKind(str, Enum):
     LM_HEAD = "lm_head"
     GREEDY_HEAD = "greedy_head"
     PENALTY_SAMPLE_HEAD = "penalty_sample_head"
+    SAMPLE_HEAD = "sample_head"
+
+
+SAMPLE_HEADS = ("current", "legacy")  # sample_head (CONTRACT.md second table) | penalty_sample_head (first)
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,15 @@ class ContractDims:
     sample_top_k: int = 50
 
 
-def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False) -> list[SegmentSpec]:
+def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False,
+                  sample_head: str | None = None, lm_head_topk: bool = False,
+                  embedding_disk: bool = False) -> list[SegmentSpec]:
     """Every segment of the default output, in the order the runtime first uses them.
+
+    ``sample_head``: "current" adds ``sample_head`` (CONTRACT.md, second table), "legacy" the first table's
+    ``penalty_sample_head`` (as ``with_penalty_head`` does). ``lm_head_topk``: the current runtime's top-k
+    lm_head, ``token`` [1,1] int its only output, and no ``greedy_head``. ``embedding_disk``: no embedding
+    nets (the runtime gathers rows of the vocabulary matrix on the host).
 
     ``greedy_in_lm_head``: the seed recipe's variant, one net fewer. ``lm_head`` takes the top-1 itself
     and outputs ``token`` [1,1] int first and ``m_logits`` [1,V] second (a runtime reading output 0 as
@@ -94,7 +105,7 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     kv_hist = (1, d.seq, d.kv_heads, d.head_dim)
     kv_one = (1, 1, d.kv_heads, d.head_dim)
     T = TensorSpec
-    specs = [
+    specs = [] if embedding_disk else [
         SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
                     (T("input_ids", (1, d.seq), i),), (T("input_embed", (1, d.seq, d.hidden), f),)),
         SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
@@ -113,7 +124,10 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
              T("attention_mask", (1, 1, 1, d.seq + 1), f), T("history_k", kv_hist, f), T("history_v", kv_hist, f)),
             (T("hidden_states", (1, 1, d.hidden), f), T("past_k", kv_one, f), T("past_v", kv_one, f)),
         ))
-    if greedy_in_lm_head:
+    if lm_head_topk:
+        specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
+                                 (T("token", (1, 1), i),)))
+    elif greedy_in_lm_head:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
                                  (T("token", (1, 1), i), T("m_logits", (1, d.vocab), f))))
     else:
@@ -121,7 +135,15 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
                                  (T("hidden_states", (1, d.hidden), f),), (T("m_logits", (1, d.vocab), f),)))
         specs.append(SegmentSpec("greedy_head", SegmentKind.GREEDY_HEAD, None,
                                  (T("m_logits", (1, d.vocab), f),), (T("token", (1, 1), i),)))
-    if with_penalty_head:
+    if sample_head == "current":
+        k = d.sample_top_k
+        specs.append(SegmentSpec(
+            "sample_head", SegmentKind.SAMPLE_HEAD, None,
+            (T("m_logits", (1, d.vocab), f), T("input_ids", (1, d.seq), i), T("penalty", (1,), f),
+             T("temperature", (1,), f), T("top_k", (1,), i), T("top_p", (1,), f)),
+            (T("probs", (1, k), f), T("token_idx", (1, k), i)),
+        ))
+    if with_penalty_head or sample_head == "legacy":
         k = d.sample_top_k
         specs.append(SegmentSpec(
             "penalty_sample_head", SegmentKind.PENALTY_SAMPLE_HEAD, None,
@@ -132,7 +154,22 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     return specs
 
 
-def prefill_inputs(prompt: list[int], seq: int):
+# The mask value as LLM-TPU's demos write it: a raw 16-bit pattern (CONTRACT.md, second table).
+MASK_PATTERNS = {"f16": 0xF0E2, "bf16": 0xC61C}
+
+
+def mask_value_as_read(pattern: int, net_dtype: str) -> float:
+    """The value a net whose float inputs are ``net_dtype`` (f32, f16, bf16) reads from the 16-bit ``pattern``.
+
+    An F32 net gets the F16 value itself (the runtimes convert); 0xF0E2 read as BF16 is about -5.5e29."""
+    import numpy as np
+
+    if net_dtype == "bf16":
+        return float(np.array([pattern << 16], dtype=np.uint32).view(np.float32)[0])
+    return float(np.array([pattern], dtype=np.uint16).view(np.float16)[0])
+
+
+def prefill_inputs(prompt: list[int], seq: int, mask_value: float = MASK_VALUE):
     """input_ids, position_ids, attention_mask of the prefill step, as the runtime builds them."""
     import numpy as np
 
@@ -141,19 +178,19 @@ def prefill_inputs(prompt: list[int], seq: int):
     ids[0, :n] = prompt
     pos = np.zeros((1, seq), dtype=np.int64)
     pos[0, :n] = np.arange(n)
-    mask = np.full((1, 1, seq, seq), MASK_VALUE, dtype=np.float32)
+    mask = np.full((1, 1, seq, seq), mask_value, dtype=np.float32)
     for r in range(n):
         mask[0, 0, r, : r + 1] = 0.0
     return ids, pos, mask
 
 
-def decode_inputs(token: int, n: int, seq: int):
+def decode_inputs(token: int, n: int, seq: int, mask_value: float = MASK_VALUE):
     """input_ids, position_ids, attention_mask of the decode step for the token at index ``n``."""
     import numpy as np
 
     ids = np.array([[token]], dtype=np.int64)
     pos = np.array([[n]], dtype=np.int64)
-    mask = np.full((1, 1, 1, seq + 1), MASK_VALUE, dtype=np.float32)
+    mask = np.full((1, 1, 1, seq + 1), mask_value, dtype=np.float32)
     mask[0, 0, 0, :n] = 0.0
     mask[0, 0, 0, seq] = 0.0
     return ids, pos, mask

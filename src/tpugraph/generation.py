@@ -11,6 +11,7 @@ from typing import Callable
 from .errors import UsageError, VerificationError
 from .manifest import Manifest, read_manifest
 from .runtime import SegmentRuntime
+from .sampling import SamplingParams, sample_head_of
 from .tokenizer_files import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class RunResult:
     prefill_seconds: float
     decode_tokens_per_second: float | None
     eos_ids: list[int] = field(default_factory=list)
+    sampling: dict | None = None  # temperature, top_p, top_k, penalty, seed, head; None: greedy
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -102,8 +104,10 @@ def parse_ids(text: str) -> list[int]:
 
 def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
                max_new_tokens: int = 64, backend: str = "onnx", bmodel: str | Path | None = None,
-               venv: str | Path | None = None, on_text: TextFn | None = None) -> RunResult:
-    """Generate greedily from OUT with the chosen backend; ``on_text`` gets each new piece of text as it comes."""
+               venv: str | Path | None = None, on_text: TextFn | None = None,
+               sampling: SamplingParams | None = None) -> RunResult:
+    """Generate from OUT with the chosen backend, greedily or (``sampling``) drawing from OUT's sample head;
+    ``on_text`` gets each new piece of text as it comes."""
     from .backends.choice import open_backend
 
     out_dir = Path(out)
@@ -131,8 +135,14 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
     if bad:
         raise UsageError(f"token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
     eos = stop_ids(out_dir, manifest, tokenizer)
+    if sampling is not None:  # refuse before a backend starts: an output without a sample head is one line
+        sample_head_of({s.name for s in manifest.segments}, out_dir)
     engine = open_backend(backend, out_dir, manifest, bmodel, venv)
-    runtime = SegmentRuntime(out_dir, manifest, backend=engine)
+    try:
+        runtime = SegmentRuntime(out_dir, manifest, backend=engine, sampling=sampling)
+    except BaseException:
+        engine.close()
+        raise
     shown = ""
 
     def stream(token: int) -> None:
@@ -160,4 +170,7 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
         on_text(text[len(shown):])
     return RunResult(prompt_ids=ids, tokens=trace.tokens, text=text, backend=engine.name, stop=stop,
                      prefill_seconds=trace.prefill_seconds,
-                     decode_tokens_per_second=trace.decode_tokens_per_second, eos_ids=sorted(eos))
+                     decode_tokens_per_second=trace.decode_tokens_per_second, eos_ids=sorted(eos),
+                     sampling=None if sampling is None else {
+                         "head": runtime.sample_net, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "top_k": sampling.top_k, "penalty": sampling.penalty, "seed": sampling.seed})

@@ -14,7 +14,7 @@ from . import __version__
 from .committer import LARGE_MODEL_BYTES, Committer, UnitWriter  # noqa: F401 - re-exported
 from .manifest import MANIFEST_NAME, PARTIAL_NAME, Manifest
 from .plan import EXTERNAL_MIN_BYTES, WorkUnit, plan_units, previous_entries  # noqa: F401 - re-exported
-from .contract import KV_LAYOUT, MASK_VALUE, ContractDims, segment_specs
+from .contract import KV_LAYOUT, MASK_VALUE, SAMPLE_HEADS, ContractDims, segment_specs
 from .errors import OutputError, UsageError
 from .model_source import ModelSource, load_config, model_facts, open_weights, resolve_model
 from .scheduler import ProgressFn, Scheduler
@@ -40,6 +40,10 @@ class ExportOptions:
     weight_swap: bool = True  # reuse one layer's optimised graph for the other layers of the same structure
     penalty_head: bool = False  # also export penalty_sample_head.onnx (CONTRACT.md)
     greedy_in_lm_head: bool = False  # lm_head -> (token, m_logits) and no greedy_head.onnx
+    # The current LLM-TPU runtime's nets (CONTRACT.md, second table):
+    sample_head: str | None = None  # current: sample_head.onnx; legacy: penalty_sample_head.onnx
+    lm_head_topk: bool = False  # lm_head -> token [1,1] only, no greedy_head.onnx
+    embedding_disk: bool = False  # no embedding nets: OUT/embedding.f32.bin, the rows the host gathers
     jobs: int = 1  # work units (vocabulary, each layer) built in parallel threads
     naming: str | None = None  # I/O naming convention (llm-tpu, optimum, genie): rename_kv_io's convention
     with_test_data: bool = False  # also write OUT/test_data/<segment>_input.npz (testdata.write_test_data)
@@ -56,6 +60,15 @@ class ExportOptions:
         for option, value in (("seq_length", self.seq_length), ("jobs", self.jobs)):
             if value < 1:
                 raise UsageError(f"must be >= 1 (got {value})", option=option)
+        if self.sample_head not in (None, *SAMPLE_HEADS):
+            raise UsageError(f"must be one of {', '.join(SAMPLE_HEADS)} (got {self.sample_head})", option="sample_head")
+        if self.lm_head_topk and (self.sample_head or self.penalty_head):
+            raise UsageError("cannot go with a sampling head: the top-k lm_head outputs the greedy token, "
+                             "no logits to sample from (LLM-TPU builds it only without --do_sample)",
+                             option="lm_head_topk")
+        if self.lm_head_topk and self.greedy_in_lm_head:
+            raise UsageError("and --lm-head-greedy are two layouts of the same lm_head: choose one",
+                             option="lm_head_topk")
 
 
 def naming_conventions() -> tuple[str, ...]:
@@ -139,7 +152,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
                         int_dtype=options.int_dtype)
-    specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head)
+    specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
+                          sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
+                          embedding_disk=options.embedding_disk)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
@@ -151,7 +166,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                      "batch": 1},
         options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype,
                  "external_data": options.external_data, "penalty_head": options.penalty_head,
-                 "greedy_in_lm_head": options.greedy_in_lm_head},
+                 "greedy_in_lm_head": options.greedy_in_lm_head, "sample_head": options.sample_head,
+                 "lm_head_topk": options.lm_head_topk, "embedding_disk": options.embedding_disk},
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
     )
     config_json = config.to_dict()
@@ -187,6 +203,10 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         [unused_inputs_note(unused)] if unused else [])
     for note in manifest.notes:
         log.info("note: %s", note)
+    if options.embedding_disk:  # the rows the host gathers instead of running embedding nets
+        from .embedding_table import write_table
+
+        manifest.conventions["embedding_disk"] = write_table(ModelParts(config, family, weights, options.dtype), out_dir)
     manifest.model["tokenizer"] = copy_tokenizer(source, out_dir)  # tpugraph run's own tokenizer
     manifest.complete = True
     manifest.write(out_dir)

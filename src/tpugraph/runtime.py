@@ -10,14 +10,16 @@ from typing import Callable
 import numpy as np
 
 from .backends import SegmentBackend
-from .contract import decode_inputs, prefill_inputs
+from .contract import MASK_VALUE, decode_inputs, prefill_inputs
+from .errors import UsageError
 from .manifest import Manifest, read_manifest
+from .sampling import SamplingParams, draw, head_inputs, sample_head_of
 
 
 @dataclass
 class GenerationTrace:
     tokens: list[int] = field(default_factory=list)
-    logits: list[np.ndarray] = field(default_factory=list)  # one [V] array per generated token
+    logits: list[np.ndarray | None] = field(default_factory=list)  # one [V] array per token (None: top-k lm_head)
     prefill_seconds: float = 0.0  # prompt in, first token out
     decode_seconds: float = 0.0  # every later token
 
@@ -34,8 +36,11 @@ class SegmentRuntime:
     """Runs prefill + decode over OUT's nets, feeding inputs by position, on a backend (default: onnxruntime)."""
 
     def __init__(self, out_dir: Path, manifest: Manifest | None = None, keep_bytes: int | None = None,
-                 backend: SegmentBackend | None = None):
-        """``keep_bytes``: for the default onnxruntime backend, see OnnxBackend."""
+                 backend: SegmentBackend | None = None, mask_value: float = MASK_VALUE,
+                 sampling: SamplingParams | None = None):
+        """``keep_bytes``: for the default onnxruntime backend, see OnnxBackend. ``mask_value``: what the
+        masks hold where a position is masked (a runtime's raw 16-bit pattern as the net reads it). ``sampling``:
+        draw each token from the output's sample head (sample_head or penalty_sample_head) instead of greedy."""
         self.out_dir = Path(out_dir)
         self.manifest = manifest or read_manifest(self.out_dir)
         if backend is None:
@@ -43,16 +48,59 @@ class SegmentRuntime:
 
             backend = OnnxBackend(self.out_dir, self.manifest, keep_bytes)
         self.backend = backend
+        self.mask_value = mask_value
         self.seq = int(self.manifest.options["seq_length"])
         self.layers = int(self.manifest.model["num_layers"])
+        # --embedding-disk: no embedding nets, the host gathers rows of the vocabulary table the backend names
+        self.table = None
+        if "embedding" not in {s.name for s in self.manifest.segments}:
+            from .embedding_table import EmbeddingTable
+
+            table_of = getattr(backend, "embedding_table", None)
+            self.table = table_of(self.out_dir, self.manifest) if table_of else \
+                EmbeddingTable.of_output(self.out_dir, self.manifest)
+        lm_outputs = self.manifest.segment("lm_head").outputs
         # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
-        self.greedy_in_lm_head = len(self.manifest.segment("lm_head").outputs) == 2
+        self.greedy_in_lm_head = len(lm_outputs) == 2
+        # The current runtime's top-k lm_head: the token [1,1] is its only output (no logits at all).
+        self.token_lm_head = len(lm_outputs) == 1 and tuple(lm_outputs[0].shape) == (1, 1)
+        self.sampling = sampling
+        self.sample_net = None
+        if sampling is not None:
+            names = {s.name for s in self.manifest.segments}
+            self.sample_net = sample_head_of(names, self.out_dir)
+            if self.token_lm_head:
+                raise UsageError("this output's lm_head returns the greedy token only (--lm-head-topk): "
+                                 "nothing to sample from")
+            k = int(self.manifest.segment(self.sample_net).outputs[0].shape[-1])
+            if self.sample_net == "penalty_sample_head" and sampling.top_k != k:
+                raise UsageError(f"penalty_sample_head (--sample-head legacy) has no top_k input, it always keeps "
+                                 f"{k}: re-export with --sample-head for top-k", option="top_k")
+            sampling.check(k)
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run segment ``name`` with ``arrays`` in the contract's input order."""
         return self.backend.run(name, *arrays)
 
-    def next_token(self, hidden_last: np.ndarray) -> tuple[int, np.ndarray]:
+    def embed(self, net: str, ids: np.ndarray) -> np.ndarray:
+        """The embedding net's output, or (--embedding-disk) the same rows gathered from the table."""
+        if self.table is not None:
+            return self.table.gather(ids)
+        (hidden,) = self.run(net, ids)
+        return hidden
+
+    def next_token(self, hidden_last: np.ndarray, context: list[int] | None = None) -> tuple[int, np.ndarray | None]:
+        """The next token and the logits it came from (None for a top-k lm_head, which has none).
+        ``context``: the tokens so far (prompt and generated), for a sample head's repetition penalty."""
+        if self.token_lm_head:
+            (token,) = self.run("lm_head", hidden_last.reshape(1, -1))
+            return int(np.asarray(token).reshape(-1)[0]), None
+        if self.sampling is not None:
+            out = self.run("lm_head", hidden_last.reshape(1, -1))
+            logits = np.asarray(out[-1], dtype=np.float32)  # (m_logits) or (token, m_logits)
+            probs, tokens = self.run(self.sample_net,
+                                     *head_inputs(self.sample_net, logits, context or [], self.seq, self.sampling))
+            return draw(probs, tokens, self.sampling.rng), logits.reshape(-1)
         if self.greedy_in_lm_head:
             token, logits = self.run("lm_head", hidden_last.reshape(1, -1))
         else:
@@ -61,8 +109,8 @@ class SegmentRuntime:
         return int(np.asarray(token).reshape(-1)[0]), np.asarray(logits, dtype=np.float32).reshape(-1)
 
     def prefill(self, prompt: list[int]):
-        ids, pos, mask = prefill_inputs(prompt, self.seq)
-        (hidden,) = self.run("embedding", ids)
+        ids, pos, mask = prefill_inputs(prompt, self.seq, self.mask_value)
+        hidden = self.embed("embedding", ids)
         history = []
         for i in range(self.layers):
             hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
@@ -70,8 +118,8 @@ class SegmentRuntime:
         return hidden[0, len(prompt) - 1], history
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
-        ids, pos, mask = decode_inputs(token, n, self.seq)
-        (hidden,) = self.run("embedding_cache", ids)
+        ids, pos, mask = decode_inputs(token, n, self.seq, self.mask_value)
+        hidden = self.embed("embedding_cache", ids)
         for i in range(self.layers):
             hk, hv = history[i]
             hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, hk, hv)
@@ -91,7 +139,7 @@ class SegmentRuntime:
         hidden, history = self.prefill(prompt)
         n = len(prompt)
         while True:
-            token, logits = self.next_token(hidden)
+            token, logits = self.next_token(hidden, prompt + trace.tokens)
             now = time.perf_counter()
             if trace.tokens:
                 trace.decode_seconds += now - t0

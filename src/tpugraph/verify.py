@@ -43,10 +43,14 @@ class StepReport:
     # Reduced precision only: the ONNX top-1 differs, but transformers' own logits put it within the
     # dtype's error of transformers' top-1 (a near-tie), so either token is a faithful greedy choice.
     near_tie: bool = False
+    # False for a top-k lm_head (--lm-head-topk), which returns the token only: the step is its token alone.
+    logits_compared: bool = True
 
     @property
     def ok(self) -> bool:
         same = self.hf_token == self.onnx_token or self.near_tie
+        if not self.logits_compared:
+            return self.hf_token == self.onnx_token
         return same and self.cosine >= self.min_cosine and self.rel_diff <= self.max_rel_diff
 
 
@@ -62,6 +66,13 @@ class VerifyReport:
     # not send the two generations apart and every step's logits stay comparable.
     teacher_forced: bool = False
     reference: str = "whole"  # or "streamed": the fp32 reference's layer weights read per forward
+    # A bmodel is also driven with the other mask encoding a runtime writes (see ``other_mask_value``):
+    # {"pattern", "value", "tokens"}; its tokens must equal ``onnx_tokens``.
+    mask_check: dict | None = None
+
+    @property
+    def mask_check_ok(self) -> bool:
+        return self.mask_check is None or self.mask_check["tokens"] == self.onnx_tokens
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -72,21 +83,25 @@ class VerifyReport:
         return self.hf_tokens == self.onnx_tokens
 
     @property
+    def logits_compared(self) -> bool:
+        return all(s.logits_compared for s in self.steps)
+
+    @property
     def min_cosine(self) -> float:
-        return min((s.cosine for s in self.steps), default=float("nan"))
+        return min((s.cosine for s in self.steps if s.logits_compared), default=float("nan"))
 
     @property
     def max_rel_diff(self) -> float:
-        return max((s.rel_diff for s in self.steps), default=float("nan"))
+        return max((s.rel_diff for s in self.steps if s.logits_compared), default=float("nan"))
 
     @property
     def max_abs_diff(self) -> float:
-        return max((s.max_abs_diff for s in self.steps), default=float("nan"))
+        return max((s.max_abs_diff for s in self.steps if s.logits_compared), default=float("nan"))
 
     @property
     def passed(self) -> bool:
         same_tokens = self.tokens_equal or (self.teacher_forced and len(self.hf_tokens) == len(self.onnx_tokens))
-        return same_tokens and bool(self.steps) and all(s.ok for s in self.steps)
+        return same_tokens and bool(self.steps) and all(s.ok for s in self.steps) and self.mask_check_ok
 
     def to_json(self) -> dict:
         return {
@@ -95,7 +110,7 @@ class VerifyReport:
             "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff,
             "thresholds": {"min_cosine": self.thresholds[0], "max_rel_diff": self.thresholds[1]},
             "dtype": self.dtype, "backend": self.backend, "teacher_forced": self.teacher_forced,
-            "reference": self.reference,
+            "reference": self.reference, "mask_check": self.mask_check, "logits_compared": self.logits_compared,
             "steps": [s.__dict__ | {"ok": s.ok} for s in self.steps],
         }
 
@@ -151,14 +166,25 @@ def bmodel_mode(bmodel: Path, activation_dtype: str) -> str:
     return {"bf16": "bf16", "f16": "f16"}.get(activation_dtype, "f16")
 
 
+def other_mask_value(net_dtype: str) -> tuple[str, float]:
+    """The mask encoding a bmodel must take besides -10000 (as its float type holds it): for BF16 nets the F16
+    pattern 0xF0E2 that LLM-TPU's Llama3 demo writes whatever the net (read as BF16: about -5.5e29); for F16
+    and F32 nets the lowest finite F16 value, 0xFBFF."""
+    from .contract import MASK_PATTERNS, mask_value_as_read
+
+    pattern = MASK_PATTERNS["f16"] if net_dtype == "bf16" else 0xFBFF
+    return f"0x{pattern:04X}", mask_value_as_read(pattern, net_dtype)
+
+
 def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, seed: int = 0,
            model_path: str | None = None, prompt: list[int] | None = None,
            stream_reference: bool | None = None, bmodel: str | Path | None = None,
-           tpu_mlir: str | Path | None = None) -> VerifyReport:
+           tpu_mlir: str | Path | None = None, mask_check: bool = True) -> VerifyReport:
     """``stream_reference``: stream the reference's layer weights (None: when the fp32 model would take
     over half the memory available). The segments are likewise kept loaded only while they fit.
     ``bmodel``: the system under test is that combined bmodel on tpu-mlir's cmodel (venv ``tpu_mlir``),
-    checked first against OUT's manifest, instead of OUT's ONNX segments."""
+    checked first against OUT's manifest, instead of OUT's ONNX segments; with ``mask_check`` the bmodel is
+    driven a second time with the other mask encoding (``other_mask_value``) and must give the same tokens."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest.complete:
@@ -189,14 +215,16 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     else:
         dtype = str(manifest.options.get("dtype", "float32"))
     try:
-        return _compare(out_dir, manifest, prompt, new_tokens, eos, model_path, stream_reference, dtype, backend)
+        return _compare(out_dir, manifest, prompt, new_tokens, eos, model_path, stream_reference, dtype, backend,
+                        mask_check)
     finally:
         if backend is not None:
             backend.close()
 
 
 def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: int, eos: set[int],
-             model_path: str | None, stream_reference: bool | None, dtype: str, backend) -> VerifyReport:
+             model_path: str | None, stream_reference: bool | None, dtype: str, backend,
+             mask_check: bool = True) -> VerifyReport:
     source = _source_folder(manifest, model_path)
     if stream_reference is None:
         from .reference import should_stream
@@ -211,6 +239,12 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
                           reference="streamed" if stream_reference else "whole")
     min_cos, max_rel = report.thresholds
     for step, (ref, got) in enumerate(zip(hf_logits, trace.logits)):
+        if got is None:  # a top-k lm_head: tokens only (their greedy choice must be transformers')
+            hf_token = hf_tokens[step] if step < len(hf_tokens) else -1
+            nan = float("nan")
+            report.steps.append(StepReport(step, hf_token, trace.tokens[step], nan, nan, nan, min_cos, max_rel,
+                                           logits_compared=False))
+            continue
         ref = ref.astype(np.float64)
         got = got.astype(np.float64)
         cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
@@ -222,4 +256,11 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
                     and (ref[hf_token] - ref[onnx_token]) / span <= max_rel)
         report.steps.append(StepReport(step, hf_token, trace.tokens[step], cos, diff, diff / span,
                                        min_cos, max_rel, near_tie))
+    if mask_check and dtype.startswith("bmodel-"):
+        pattern, value = other_mask_value(backend.activation_dtype)
+        other = SegmentRuntime(out_dir, manifest, backend=backend, mask_value=value)
+        again = other.generate(prompt, new_tokens, eos, forced=forced)
+        report.mask_check = {"pattern": pattern, "value": value, "tokens": again.tokens}
+        if again.tokens != trace.tokens:
+            log.warning("mask %s (%g) gives tokens %s, mask -10000 %s", pattern, value, again.tokens, trace.tokens)
     return report

@@ -28,6 +28,7 @@ from .wrappers import (
     GreedyHeadSegment,
     LmHeadSegment,
     PenaltySampleHeadSegment,
+    SampleHeadSegment,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def _example_inputs(spec: SegmentSpec, seq: int) -> tuple[torch.Tensor, ...]:
             x = torch.zeros(t.shape, dtype=torch.float32)
             if t.shape[-1] == t.shape[-2]:
                 x = torch.triu(torch.full(t.shape, MASK_VALUE), diagonal=1)
+        elif t.name == "top_k":
+            x = torch.full(t.shape, SAMPLING_EXAMPLES["top_k"], dtype=NP_TO_TORCH_INT[t.dtype])
         elif t.name in SAMPLING_EXAMPLES:
             x = torch.full(t.shape, SAMPLING_EXAMPLES[t.name], dtype=torch.float32)
         else:
@@ -59,7 +62,7 @@ def _example_inputs(spec: SegmentSpec, seq: int) -> tuple[torch.Tensor, ...]:
     return tuple(tensors)
 
 
-SAMPLING_EXAMPLES = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}
+SAMPLING_EXAMPLES = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1, "top_k": 40}
 
 
 def _with_float_boundary(module: nn.Module, parts: ModelParts) -> nn.Module:
@@ -81,6 +84,9 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     if spec.kind == SegmentKind.PENALTY_SAMPLE_HEAD:
         yield PenaltySampleHeadSegment(top_k=spec.outputs[0].shape[-1], int_dtype=torch_int)
         return
+    if spec.kind == SegmentKind.SAMPLE_HEAD:
+        yield SampleHeadSegment(top_k=spec.outputs[0].shape[-1], int_dtype=torch_int)
+        return
     if parts is None:
         raise ModelError(f"segment '{spec.name}' needs the model's weights")
     fam = parts.family
@@ -98,10 +104,12 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
             yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:
         greedy = any(t.name == "token" for t in spec.outputs)
+        token_only = len(spec.outputs) == 1 and greedy
         with parts.materialized(fam.norm_path, placeholders_from) as norm, \
                 parts.materialized(fam.lm_head_path, placeholders_from) as head:
             yield _with_float_boundary(
-                LmHeadSegment(norm, head, parts.final_softcap(), parts.logits_scale(), greedy, torch_int), parts)
+                LmHeadSegment(norm, head, parts.final_softcap(), parts.logits_scale(), greedy, torch_int,
+                              token_only), parts)
     else:
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
 
