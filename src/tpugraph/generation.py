@@ -130,6 +130,9 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise UsageError(f"token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
+    from .conversation import check_conversation
+
+    check_conversation(manifest, len(ids), 1)
     eos = stop_ids(out_dir, manifest, tokenizer)
     engine = open_backend(backend, out_dir, manifest, bmodel, venv)
     runtime = SegmentRuntime(out_dir, manifest, backend=engine)
