@@ -286,6 +286,50 @@ def run_cmd(
                f"({len(result.prompt_ids)} prompt tokens), decode {rate}; {result.backend}]", err=True)
 
 
+@app.command("chat")
+@user_errors
+def chat_cmd(
+    out: OutFolder,
+    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    tpu_mlir: TpuMlirVenv = None,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply (it also stops at EOS and when the window is full)."),
+) -> None:
+    """Chat with OUT turn by turn (its tokenizer's chat template). The conversation stays in the KV cache: with
+    --history-kv each turn prefills only its new tokens. /reset starts over, /exit (or end of input) quits."""
+    from .chat import ChatSession, ConversationFull
+
+    session = ChatSession(out, backend=backend, bmodel=bmodel, venv=tpu_mlir, max_new_tokens=max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {out} (SEQ={session.seq}); /reset starts over, /exit quits", err=True)
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                session.reset()
+                typer.echo("[conversation reset]", err=True)
+                continue
+            try:
+                reply = session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            except ConversationFull as full:
+                typer.echo(f"sorry: {full}", err=True)
+                continue
+            typer.echo("")
+            typer.echo(f"[{len(reply.tokens)} tokens, stop: {reply.stop}; conversation {reply.conversation_tokens} of "
+                       f"{session.seq} tokens, {reply.prefilled} prefilled this turn; {reply.seconds:.2f}s]", err=True)
+    finally:
+        session.close()
+
+
 @manifest_app.command("validate")
 @user_errors
 def manifest_validate_cmd(out: OutFolder) -> None:
