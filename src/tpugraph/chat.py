@@ -64,10 +64,7 @@ class ChatSession:
             self.conversation.messages.pop()
             raise ConversationFull(f"the conversation would take {len(ids)} tokens and the window holds SEQ={self.seq}: "
                                    "/reset to start a new one")
-        reused = 0
-        if self.runtime.history_kv:
-            while reused < min(self.cache.length, len(ids) - 1) and self.cache.tokens[reused] == ids[reused]:
-                reused += 1
+        reused = self.runtime.reusable_prefix(self.cache, ids)
         stream = TextStream(self.tokenizer, on_text)
         t0 = time.perf_counter()
         try:

@@ -51,6 +51,11 @@ class Conversation:
     def add_user_turn(self, text: str | None = None) -> None:
         raise NotImplementedError
 
+    def longest(self, turns: int, new_tokens: int) -> int | None:
+        """The most tokens ``turns`` turns of ``new_tokens`` replies can take (the last reply's final token
+        never enters the window), when known before they are generated."""
+        return None
+
     @staticmethod
     def for_verify(out_dir: Path, manifest: Manifest, prompt: list[int], seed: int = 0,
                    chat: bool = True) -> "Conversation":
@@ -83,6 +88,9 @@ class IdsConversation(Conversation):
 
     def add_user_turn(self, text: str | None = None) -> None:
         self.ids += self.rng.integers(3, self.vocab, size=self.turn_length).tolist()
+
+    def longest(self, turns: int, new_tokens: int) -> int | None:
+        return len(self.ids) + (turns - 1) * self.turn_length + turns * new_tokens - 1
 
 
 class ChatConversation(Conversation):

@@ -129,6 +129,17 @@ class SegmentRuntime:
             hv[0, h: h + n] = v[0, :n]
         return hidden[0, n - 1]
 
+    def reusable_prefix(self, cache: KvCache, prompt: list[int]) -> int:
+        """How many leading tokens of ``prompt`` the cache already holds and ``generate`` reuses: the common
+        prefix, short of the prompt's last token (whose hidden state is needed). Without block_kv_i none: a new
+        turn re-prefills the whole conversation, as single-turn runtimes do."""
+        if not self.history_kv:
+            return 0
+        keep, limit = 0, min(cache.length, len(prompt) - 1)
+        while keep < limit and cache.tokens[keep] == prompt[keep]:
+            keep += 1
+        return keep
+
     def feed(self, cache: KvCache, tokens: list[int]) -> np.ndarray:
         """Prefill ``tokens`` after what ``cache`` holds: an empty cache starts with ``block_i`` on the first L
         tokens, every further chunk of at most L goes through ``block_kv_i``. Returns the last token's hidden."""
@@ -172,11 +183,7 @@ class SegmentRuntime:
         if not 1 <= len(prompt) <= self.seq:
             raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
         cache = KvCache() if cache is None else cache
-        keep = 0
-        # Without block_kv_i a new turn re-prefills the whole conversation (as single-turn runtimes do).
-        limit = min(cache.length, len(prompt) - 1) if self.history_kv else 0  # at least one token is prefilled: its hidden state is needed
-        while keep < limit and cache.tokens[keep] == prompt[keep]:
-            keep += 1
+        keep = self.reusable_prefix(cache, prompt)
         self.check_prompt(len(prompt) - keep, keep)
         del cache.tokens[keep:]
         trace = GenerationTrace()

@@ -230,15 +230,20 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
              seed: int = 0) -> VerifyReport:
     from .conversation import Conversation, KvCache
 
+    runtime = SegmentRuntime(out_dir, manifest, backend=backend)
+    # One turn keeps verify's random-id prompt; a conversation uses OUT's chat template when it has one.
+    conversation = Conversation.for_verify(out_dir, manifest, prompt, seed, chat=turns > 1)
+    longest = conversation.longest(turns, new_tokens)
+    if longest is not None and longest > runtime.seq:
+        raise VerificationError(f"{turns} turns of {len(prompt)} prompt + {new_tokens} new tokens take up to {longest} "
+                                f"tokens and do not fit SEQ={runtime.seq}; use fewer --turns, --prompt-length or "
+                                "--new-tokens")
     source = _source_folder(manifest, model_path)
     if stream_reference is None:
         from .reference import should_stream
 
         stream_reference = should_stream(source)
     reference = reference_model(source, stream_reference) if turns > 1 else source  # loaded once per conversation
-    runtime = SegmentRuntime(out_dir, manifest, backend=backend)
-    # One turn keeps verify's random-id prompt; a conversation uses OUT's chat template when it has one.
-    conversation = Conversation.for_verify(out_dir, manifest, prompt, seed, chat=turns > 1)
     cache = KvCache()
     report = VerifyReport(prompt=prompt, hf_tokens=[], onnx_tokens=[], dtype=dtype, backend=runtime.backend.name,
                           teacher_forced=dtype not in FREE_RUNNING,
@@ -250,7 +255,7 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
                                     f"does not fit SEQ={runtime.seq}; use fewer --turns or --new-tokens")
         hf_tokens, hf_logits = hf_greedy(reference, ids, new_tokens, eos, stream_reference)
         forced = hf_tokens if report.teacher_forced else None
-        reused = _common_prefix(cache.tokens, ids) if runtime.history_kv else 0
+        reused = runtime.reusable_prefix(cache, ids)
         try:
             trace = runtime.generate(ids, new_tokens, eos, forced=forced, cache=cache)
         except PrefillUnsupported as exc:
@@ -267,13 +272,6 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
     if turns == 1:
         report.turns = []
     return report
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b) - 1) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _compare_steps(report: VerifyReport, turn: int, hf_tokens: list[int], hf_logits, trace, forced) -> None:
