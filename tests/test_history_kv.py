@@ -197,3 +197,16 @@ def test_sliding_window_layers_stay_exact_across_chunks_and_turns(tmp_path):
     wide = hf_greedy(build_model_dir(tmp_path / "wide", "mistral", sliding_window=None, **TINY_LLAMA),
                      report.prompt, 1, set())[1][0]
     assert np.abs(narrow - wide).max() > 1e-2
+
+
+def test_test_data_covers_block_kv_with_a_real_history(tmp_path):
+    out = tmp_path / "out"
+    manifest = export_and_optimize("tiny-llama", out, ExportOptions(seq_length=32, max_input_length=8,
+                                                                     history_kv=True, with_test_data=True))
+    for entry in manifest.segments:
+        data = np.load(out / entry.extra["test_data"]["file"])
+        assert [data[t.name].shape for t in entry.inputs] == [t.shape for t in entry.inputs], entry.name
+    kv = np.load(out / "test_data" / "block_kv_0_input.npz")
+    assert kv["position_ids"].tolist() == [list(range(8, 16))]  # a chunk of L on a history of L tokens
+    assert np.abs(kv["history_k"][0, :8]).sum() > 0 and np.all(kv["history_k"][0, 8:] == 0)
+    assert read_manifest(out).segment("block_0").extra["test_data"]["prefill_tokens"] == 8
