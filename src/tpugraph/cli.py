@@ -179,6 +179,8 @@ def export_and_optimize_cmd(
     weight_swap: bool = typer.Option(True, "--weight-swap/--no-weight-swap", help="Reuse one layer's optimised graph for the other layers of the same structure (checked against a full export of that layer)."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Work units (the vocabulary segments, each layer's pair) built in parallel threads; the output is the same whatever the number."),
     with_test_data: bool = typer.Option(False, "--with-test-data", help="Also write OUT/test_data/<segment>_input.npz: realistic inputs (a prompt driven through the segments) for tpu-mlir's numerical compares."),
+    max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="L: tokens the prefill nets (embedding, block_i, block_kv_i) take, 1..SEQ (default SEQ); the decode nets keep SEQ. LLM-TPU's runtime reads L from embedding's input."),
+    history_kv: bool = typer.Option(False, "--history-kv", help="Also export block_kv_i per layer: a prefill of up to L new tokens on top of the KV history (multi-turn chat keeps the cache between turns; a prompt longer than L is fed in chunks of L)."),
     json_out: JsonOut = False,
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
@@ -190,7 +192,8 @@ def export_and_optimize_cmd(
                          force=force, trust_remote_code=trust_remote_code, penalty_head=penalty_head,
                          greedy_in_lm_head=lm_head_greedy, sample_head=sample_head, lm_head_topk=lm_head_topk,
                          embedding_disk=embedding_disk, external_data=external_data, weight_swap=weight_swap,
-                         jobs=jobs, with_test_data=with_test_data)
+                         jobs=jobs, with_test_data=with_test_data, max_input_length=max_input_length,
+                         history_kv=history_kv)
 
     if gguf_file:
         from .model_source import resolve_model
@@ -228,19 +231,25 @@ def verify_cmd(
              "model would take over half the available memory, e.g. 7B on 24 GB)."),
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
     tpu_mlir: TpuMlirVenv = None,
+    turns: int = typer.Option(1, "--turns", help="Verify a conversation of this many turns (OUT's chat template when its tokenizer has one, else the prompt, each reply and a new random prompt): each turn is compared with transformers on the whole conversation so far, while the runtime keeps the KV cache and prefills only the new tokens (block_kv_i, --history-kv)."),
 ) -> None:
     """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
     tokens and logits with transformers' greedy generate."""
     from .verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
-                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir)
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
         _echo(f"prompt ({len(report.prompt)} tokens): {report.prompt}")
         _echo(f"{'step':>4}  {'hf':>7}  {'bmodel' if bmodel else 'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
+        turn_of = {t.turn: t for t in report.turns}
         for s in report.steps:
+            if s.step == 0 and s.turn in turn_of:
+                t = turn_of[s.turn]
+                _echo(f"turn {t.turn}: conversation of {t.prompt_tokens} tokens, {t.new_tokens} prefilled "
+                      f"({t.prompt_tokens - t.new_tokens} from the KV cache)")
             numbers = (f"{s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  {s.rel_diff:>9.2e}" if s.logits_compared
                        else f"{'-':>10}  {'-':>10}  {'-':>9}")
             _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {numbers}  "
@@ -297,6 +306,50 @@ def run_cmd(
     rate = f"{result.decode_tokens_per_second:.2f} tokens/s" if result.decode_tokens_per_second else "-"
     typer.echo(f"[{len(result.tokens)} tokens, stop: {result.stop}; prefill {result.prefill_seconds:.2f}s "
                f"({len(result.prompt_ids)} prompt tokens), decode {rate}; {result.backend}]", err=True)
+
+
+@app.command("chat")
+@user_errors
+def chat_cmd(
+    out: OutFolder,
+    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    tpu_mlir: TpuMlirVenv = None,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply (it also stops at EOS and when the window is full)."),
+) -> None:
+    """Chat with OUT turn by turn (its tokenizer's chat template). The conversation stays in the KV cache: with
+    --history-kv each turn prefills only its new tokens. /reset starts over, /exit (or end of input) quits."""
+    from .chat import ChatSession, ConversationFull
+
+    session = ChatSession(out, backend=backend, bmodel=bmodel, venv=tpu_mlir, max_new_tokens=max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {out} (SEQ={session.seq}); /reset starts over, /exit quits", err=True)
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                session.reset()
+                typer.echo("[conversation reset]", err=True)
+                continue
+            try:
+                reply = session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            except ConversationFull as full:
+                typer.echo(f"sorry: {full}", err=True)
+                continue
+            typer.echo("")
+            typer.echo(f"[{len(reply.tokens)} tokens, stop: {reply.stop}; conversation {reply.conversation_tokens} of "
+                       f"{session.seq} tokens, {reply.prefilled} prefilled this turn; {reply.seconds:.2f}s]", err=True)
+    finally:
+        session.close()
 
 
 @manifest_app.command("validate")

@@ -23,8 +23,8 @@ HEAD_KINDS = ("greedy_head", "penalty_sample_head", "sample_head")
 # keeps an f32 output because the heads (F32) take its logits. On int inputs and on the F32 heads there is
 # no cast to strip: the flag changes nothing there (checked with tpu-mlir 1.30.2) and is kept as CONTRACT.md
 # lists it.
-QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache", "lm_head", *HEAD_KINDS)
-QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache")
+QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache", "lm_head", *HEAD_KINDS)
+QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache")
 # The decode blocks read their KV history from buffers the runtime keeps across steps.
 # sample_head as llm_convert deploys it (CONTRACT.md, second table): io_alone and --dynamic, since the
 # runtime may hand it fewer recent tokens than SEQ for the repetition penalty.

@@ -14,6 +14,7 @@ class SegmentKind(str, Enum):
     EMBEDDING = "embedding"
     EMBEDDING_CACHE = "embedding_cache"
     BLOCK = "block"
+    BLOCK_KV = "block_kv"
     BLOCK_CACHE = "block_cache"
     LM_HEAD = "lm_head"
     GREEDY_HEAD = "greedy_head"
@@ -84,17 +85,26 @@ class ContractDims:
     int_dtype: str = "int32"
     float_dtype: str = "float32"
     sample_top_k: int = 50
+    max_input: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
+
+    @property
+    def input_length(self) -> int:
+        return self.seq if self.max_input is None else self.max_input
 
 
 def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False,
                   sample_head: str | None = None, lm_head_topk: bool = False,
-                  embedding_disk: bool = False) -> list[SegmentSpec]:
+                  embedding_disk: bool = False, history_kv: bool = False) -> list[SegmentSpec]:
     """Every segment of the default output, in the order the runtime first uses them.
 
     ``sample_head``: "current" adds ``sample_head`` (CONTRACT.md, second table), "legacy" the first table's
     ``penalty_sample_head`` (as ``with_penalty_head`` does). ``lm_head_topk``: the current runtime's top-k
     lm_head, ``token`` [1,1] int its only output, and no ``greedy_head``. ``embedding_disk``: no embedding
     nets (the runtime gathers rows of the vocabulary matrix on the host).
+
+    The prefill nets (``embedding``, ``block_i``, ``block_kv_i``) take L = ``d.input_length`` tokens (SEQ by
+    default); the decode nets keep SEQ. ``history_kv`` adds ``block_kv_i`` (CONTRACT.md, second table): a
+    prefill of up to L new tokens on top of the KV history, for multi-turn chat and chunked prefill.
 
     ``greedy_in_lm_head``: the seed recipe's variant, one net fewer. ``lm_head`` takes the top-1 itself
     and outputs ``token`` [1,1] int first and ``m_logits`` [1,V] second (a runtime reading output 0 as
@@ -104,20 +114,30 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     f, i = d.float_dtype, d.int_dtype
     kv_hist = (1, d.seq, d.kv_heads, d.head_dim)
     kv_one = (1, 1, d.kv_heads, d.head_dim)
+    n = d.input_length
+    kv_new = (1, n, d.kv_heads, d.head_dim)
     T = TensorSpec
     specs = [] if embedding_disk else [
         SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
-                    (T("input_ids", (1, d.seq), i),), (T("input_embed", (1, d.seq, d.hidden), f),)),
+                    (T("input_ids", (1, n), i),), (T("input_embed", (1, n, d.hidden), f),)),
         SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
                     (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f),)),
     ]
     for layer in range(d.layers):
         specs.append(SegmentSpec(
             f"block_{layer}", SegmentKind.BLOCK, layer,
-            (T("input_states", (1, d.seq, d.hidden), f), T("position_ids", (1, d.seq), i),
-             T("attention_mask", (1, 1, d.seq, d.seq), f)),
-            (T("hidden_states", (1, d.seq, d.hidden), f), T("past_k", kv_hist, f), T("past_v", kv_hist, f)),
+            (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
+             T("attention_mask", (1, 1, n, n), f)),
+            (T("hidden_states", (1, n, d.hidden), f), T("past_k", kv_new, f), T("past_v", kv_new, f)),
         ))
+        if history_kv:
+            specs.append(SegmentSpec(
+                f"block_kv_{layer}", SegmentKind.BLOCK_KV, layer,
+                (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
+                 T("attention_mask", (1, 1, n, d.seq + n), f), T("history_k", kv_hist, f),
+                 T("history_v", kv_hist, f)),
+                (T("hidden_states", (1, n, d.hidden), f), T("past_k", kv_new, f), T("past_v", kv_new, f)),
+            ))
         specs.append(SegmentSpec(
             f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
             (T("input_states", (1, 1, d.hidden), f), T("position_ids", (1, 1), i),
@@ -170,7 +190,9 @@ def mask_value_as_read(pattern: int, net_dtype: str) -> float:
 
 
 def prefill_inputs(prompt: list[int], seq: int, mask_value: float = MASK_VALUE):
-    """input_ids, position_ids, attention_mask of the prefill step, as the runtime builds them."""
+    """input_ids, position_ids, attention_mask of the prefill step, as the runtime builds them.
+
+    ``seq`` is the prefill nets' input length (L, which is SEQ unless --max-input-length set it)."""
     import numpy as np
 
     n = len(prompt)
@@ -193,4 +215,28 @@ def decode_inputs(token: int, n: int, seq: int, mask_value: float = MASK_VALUE):
     mask = np.full((1, 1, 1, seq + 1), mask_value, dtype=np.float32)
     mask[0, 0, 0, :n] = 0.0
     mask[0, 0, 0, seq] = 0.0
+    return ids, pos, mask
+
+
+def history_prefill_inputs(chunk: list[int], history: int, length: int, seq: int, mask_value: float = MASK_VALUE):
+    """input_ids, position_ids, attention_mask of a ``block_kv_i`` prefill (CONTRACT.md, second table): the
+    ``n = len(chunk)`` new tokens at positions ``history..history+n-1`` on top of ``history`` cached tokens.
+
+    Mask row r < n sees history columns c < ``history`` and new-token columns SEQ + j for j <= r; rows past
+    n see nothing new but are harmless (their outputs are garbage by contract)."""
+    import numpy as np
+
+    n = len(chunk)
+    if not 1 <= n <= length:
+        raise ValueError(f"a history prefill takes 1..{length} tokens (got {n})")
+    if history + n > seq:
+        raise ValueError(f"{history} cached + {n} new tokens exceed SEQ={seq}")
+    ids = np.zeros((1, length), dtype=np.int64)
+    ids[0, :n] = chunk
+    pos = np.zeros((1, length), dtype=np.int64)
+    pos[0, :n] = np.arange(history, history + n)
+    mask = np.full((1, 1, length, seq + length), mask_value, dtype=np.float32)
+    for r in range(n):
+        mask[0, 0, r, :history] = 0.0
+        mask[0, 0, r, seq: seq + r + 1] = 0.0
     return ids, pos, mask

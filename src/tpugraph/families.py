@@ -65,6 +65,16 @@ class FamilySpec:
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
     quirks: tuple[str, ...] = field(default_factory=tuple)
+    # Why a prefill on top of a KV history (--history-kv: block_kv_i, multi-turn chat, chunked prefill)
+    # cannot be exact for this family, or "" when it can. It can whenever a layer's only state is its KV
+    # cache and its attention reads that cache through the mask and position ids alone, which is the case of
+    # every registered family (sliding windows are applied from the absolute positions of both sides).
+    no_history_kv: str = ""
+
+    def check_history_kv(self) -> None:
+        """Refuse --history-kv for a family whose layers cannot prefill on top of a KV history, saying why."""
+        if self.no_history_kv:
+            raise UnsupportedModelError(f"--history-kv is not possible for family '{self.name}': {self.no_history_kv}")
 
     def describe(self) -> str:
         return ", ".join(self.quirks) if self.quirks else "standard pre-norm decoder"

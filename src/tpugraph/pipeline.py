@@ -47,6 +47,8 @@ class ExportOptions:
     jobs: int = 1  # work units (vocabulary, each layer) built in parallel threads
     naming: str | None = None  # I/O naming convention (llm-tpu, optimum, genie): rename_kv_io's convention
     with_test_data: bool = False  # also write OUT/test_data/<segment>_input.npz (testdata.write_test_data)
+    max_input_length: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
+    history_kv: bool = False  # also export block_kv_i: prefill on top of the KV history (multi-turn, chunks)
 
     def check(self) -> None:
         """UsageError naming the field at fault (``option``), in the library's terms."""
@@ -69,6 +71,19 @@ class ExportOptions:
         if self.lm_head_topk and self.greedy_in_lm_head:
             raise UsageError("and --lm-head-greedy are two layouts of the same lm_head: choose one",
                              option="lm_head_topk")
+        if self.max_input_length is not None and not 1 <= self.max_input_length <= self.seq_length:
+            raise UsageError(f"must be within 1..SEQ={self.seq_length}: the prefill nets take at most the "
+                             f"decode window (got {self.max_input_length})", option="max_input_length")
+
+    def runtime_options(self) -> dict:
+        """The manifest's record of the runtime options, only where they differ from the default (so the
+        manifest of a default export stays what it was)."""
+        extra: dict = {}
+        if self.max_input_length is not None and self.max_input_length != self.seq_length:
+            extra["max_input_length"] = self.max_input_length
+        if self.history_kv:
+            extra["history_kv"] = True
+        return extra
 
 
 def naming_conventions() -> tuple[str, ...]:
@@ -149,12 +164,14 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     # From here on OUT is being changed: no manifest.json until every segment is done again.
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
+    if options.history_kv:
+        family.check_history_kv()
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
-                        int_dtype=options.int_dtype)
+                        int_dtype=options.int_dtype, max_input=options.max_input_length)
     specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
                           sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
-                          embedding_disk=options.embedding_disk)
+                          embedding_disk=options.embedding_disk, history_kv=options.history_kv)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
@@ -167,7 +184,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype,
                  "external_data": options.external_data, "penalty_head": options.penalty_head,
                  "greedy_in_lm_head": options.greedy_in_lm_head, "sample_head": options.sample_head,
-                 "lm_head_topk": options.lm_head_topk, "embedding_disk": options.embedding_disk},
+                 "lm_head_topk": options.lm_head_topk, "embedding_disk": options.embedding_disk,
+                 **options.runtime_options()},
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
     )
     config_json = config.to_dict()

@@ -17,7 +17,7 @@ def segment_weight_prefixes(family: FamilySpec, spec: SegmentSpec) -> list[str]:
     """Checkpoint key prefixes of the weights a segment is made of."""
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
         return [f"{family.embed_path}."]
-    if spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE):
+    if spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE):
         return [f"{family.layers_path}.{spec.layer}."]
     if spec.kind == SegmentKind.LM_HEAD:
         # A tied head reads the embedding matrix: include it either way, it is what the head is made of.

@@ -10,10 +10,33 @@ from typing import Callable
 import numpy as np
 
 from .backends import SegmentBackend
-from .contract import MASK_VALUE, decode_inputs, prefill_inputs
+from .contract import MASK_VALUE, decode_inputs, history_prefill_inputs, prefill_inputs
 from .errors import UsageError
 from .manifest import Manifest, read_manifest
 from .sampling import SamplingParams, draw, head_inputs, sample_head_of
+
+
+class PrefillUnsupported(ValueError):
+    """The output's nets cannot take this prefill (a prompt longer than L, or new tokens on a history,
+    without block_kv_i)."""
+
+
+@dataclass
+class KvCache:
+    """The runtime's per-layer history buffers ([1, SEQ, KVH, D] each) and the token ids their first
+    ``length`` rows hold. Rows past ``length`` are garbage by contract (masked), so dropping tokens from the
+    end is just a smaller ``length``: a new turn whose ids share a prefix with ``tokens`` reuses those rows."""
+
+    layers: list = field(default_factory=list)  # [(k, v)] per layer
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.layers = []
+        self.tokens = []
 
 
 @dataclass
@@ -77,6 +100,22 @@ class SegmentRuntime:
                 raise UsageError(f"penalty_sample_head (--sample-head legacy) has no top_k input, it always keeps "
                                  f"{k}: re-export with --sample-head for top-k", option="top_k")
             sampling.check(k)
+        # L, the prefill nets' input length, as the LLM-TPU runtime reads it: from embedding's input (block_0's
+        # with --embedding-disk).
+        first = "embedding" if self.table is None else "block_0"
+        self.input_length = int(self.manifest.segment(first).inputs[0].shape[1])
+        self.history_kv = any(s.kind == "block_kv" for s in self.manifest.segments)
+
+    def check_prompt(self, n: int, cached: int = 0) -> None:
+        """PrefillUnsupported when ``n`` tokens (after ``cached`` ones) cannot be prefilled by these nets."""
+        if self.history_kv:
+            return
+        if cached:
+            raise PrefillUnsupported("new tokens on top of a KV history need block_kv_i: export with --history-kv")
+        if n > self.input_length:
+            raise PrefillUnsupported(f"a prompt of {n} tokens is longer than the prefill nets' "
+                                     f"{self.input_length} (--max-input-length): export with --history-kv to feed it "
+                                     "in chunks")
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run segment ``name`` with ``arrays`` in the contract's input order."""
@@ -109,13 +148,67 @@ class SegmentRuntime:
         return int(np.asarray(token).reshape(-1)[0]), np.asarray(logits, dtype=np.float32).reshape(-1)
 
     def prefill(self, prompt: list[int]):
-        ids, pos, mask = prefill_inputs(prompt, self.seq, self.mask_value)
+        """The first chunk of a prompt (at most L tokens) through ``block_i``: (hidden of its last token,
+        [(k, v)] per layer as SEQ-row history buffers: the block's L rows, garbage past the prompt included)."""
+        ids, pos, mask = prefill_inputs(prompt, self.input_length, self.mask_value)
         hidden = self.embed("embedding", ids)
         history = []
         for i in range(self.layers):
             hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
-            history.append((np.array(k, copy=True), np.array(v, copy=True)))
+            history.append((self._history_buffer(k), self._history_buffer(v)))
         return hidden[0, len(prompt) - 1], history
+
+    def _history_buffer(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.shape[1] == self.seq:
+            return np.array(rows, copy=True)
+        buffer = np.zeros((rows.shape[0], self.seq, *rows.shape[2:]), dtype=rows.dtype)
+        buffer[:, : rows.shape[1]] = rows
+        return buffer
+
+    def prefill_on_history(self, chunk: list[int], h: int, history) -> np.ndarray:
+        """Up to L new tokens on top of ``h`` cached ones through ``block_kv_i``; their keys/values are written
+        into the history buffers at rows h..h+n-1. Returns the hidden state of the chunk's last token."""
+        ids, pos, mask = history_prefill_inputs(chunk, h, self.input_length, self.seq, self.mask_value)
+        hidden = self.embed("embedding", ids)
+        n = len(chunk)
+        for i in range(self.layers):
+            hk, hv = history[i]
+            hidden, k, v = self.run(f"block_kv_{i}", hidden, pos, mask, hk, hv)
+            hk[0, h: h + n] = k[0, :n]
+            hv[0, h: h + n] = v[0, :n]
+        return hidden[0, n - 1]
+
+    def reusable_prefix(self, cache: KvCache, prompt: list[int]) -> int:
+        """How many leading tokens of ``prompt`` the cache already holds and ``generate`` reuses: the common
+        prefix, short of the prompt's last token (whose hidden state is needed). Without block_kv_i none: a new
+        turn re-prefills the whole conversation, as single-turn runtimes do."""
+        if not self.history_kv:
+            return 0
+        keep, limit = 0, min(cache.length, len(prompt) - 1)
+        while keep < limit and cache.tokens[keep] == prompt[keep]:
+            keep += 1
+        return keep
+
+    def feed(self, cache: KvCache, tokens: list[int]) -> np.ndarray:
+        """Prefill ``tokens`` after what ``cache`` holds: an empty cache starts with ``block_i`` on the first L
+        tokens, every further chunk of at most L goes through ``block_kv_i``. Returns the last token's hidden."""
+        if not tokens:
+            raise ValueError("nothing to prefill")
+        if cache.length + len(tokens) > self.seq:
+            raise ValueError(f"{cache.length} cached + {len(tokens)} new tokens exceed SEQ={self.seq}")
+        self.check_prompt(len(tokens), cache.length)
+        L = self.input_length
+        start = 0
+        if cache.length == 0:
+            hidden, cache.layers = self.prefill(tokens[:L])
+            cache.tokens = list(tokens[:L])
+            start = L
+        for at in range(start, len(tokens), L):
+            chunk = tokens[at: at + L]
+            hidden = self.prefill_on_history(chunk, cache.length, cache.layers)
+            cache.tokens.extend(chunk)
+        return hidden
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
         ids, pos, mask = decode_inputs(token, n, self.seq, self.mask_value)
@@ -128,15 +221,25 @@ class SegmentRuntime:
         return hidden[0, 0]
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
-                 forced: list[int] | None = None, on_token: TokenFn | None = None) -> GenerationTrace:
+                 forced: list[int] | None = None, on_token: TokenFn | None = None,
+                 cache: KvCache | None = None) -> GenerationTrace:
         """Greedy generation; with ``forced``, step i feeds forced[i] back instead of its own top-1
         (teacher forcing: the logits of every step are then comparable with another run's). ``on_token`` is
-        called with each token as soon as it is known (streaming)."""
+        called with each token as soon as it is known (streaming).
+
+        ``cache``: a conversation's KV cache, kept across calls (multi-turn). ``prompt`` is then the whole
+        conversation so far: the rows of its longest common prefix with what the cache holds are reused and
+        only the rest is prefilled (on the history, with block_kv_i); the generated tokens fed back stay in it."""
         if not 1 <= len(prompt) <= self.seq:
             raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
+        cache = KvCache() if cache is None else cache
+        keep = self.reusable_prefix(cache, prompt)
+        self.check_prompt(len(prompt) - keep, keep)
+        del cache.tokens[keep:]
         trace = GenerationTrace()
         t0 = time.perf_counter()
-        hidden, history = self.prefill(prompt)
+        hidden = self.feed(cache, list(prompt[keep:]))
+        history = cache.layers
         n = len(prompt)
         while True:
             token, logits = self.next_token(hidden, prompt + trace.tokens)
@@ -155,6 +258,7 @@ class SegmentRuntime:
                 return trace
             t0 = time.perf_counter()
             hidden = self.decode(fed, n, history)
+            cache.tokens.append(fed)
             n += 1
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import OutputError, UsageError
 from .manifest import Manifest, SegmentEntry, read_manifest
 from .contract import prefill_inputs
-from .runtime import SegmentRuntime
+from .runtime import KvCache, SegmentRuntime
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,21 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
     names = {s.name for s in manifest.segments}
     # next_token: lm_head and greedy_head, or an lm_head that takes the top-1 itself
     heads = "lm_head" in names and ("greedy_head" in names or rt.greedy_in_lm_head or rt.token_lm_head)
-    hidden, _ = rt.prefill(prompt)  # records embedding, block_i
+    length = rt.input_length  # L: the prefill nets' tokens (SEQ unless --max-input-length)
+    hidden, _ = rt.prefill(prompt[:length])  # records embedding, block_i
     logits = rt.next_token(hidden)[1] if heads else None  # records lm_head, greedy_head
+    if rt.history_kv:
+        # block_kv_i: a chunk of (up to) L new tokens on a history of L tokens (SEQ / 2 when L = SEQ).
+        h = length if length < seq else seq // 2
+        _, history = rt.prefill(prompt[:h])
+        rt.prefill_on_history(prompt[h: h + length], h, history)  # records block_kv_i
     if "embedding_cache" in names or rt.table is not None:  # (--embedding-disk: rows gathered on the host)
-        hidden, history = rt.prefill(prompt[:n])  # the same segments again: already recorded
+        if decode_position is None and not rt.history_kv:
+            n = min(n, length)  # the prompt must fit one prefill
+        cache = KvCache()
+        hidden = rt.feed(cache, prompt[:n])  # the same segments again: already recorded
         token = rt.next_token(hidden)[0] if heads else prompt[n]
-        rt.decode(token, n, history)  # records embedding_cache, block_cache_i
+        rt.decode(token, n, cache.layers)  # records embedding_cache, block_cache_i
 
     inputs: dict[str, dict[str, np.ndarray]] = {}
     for entry in manifest.segments:
@@ -104,7 +113,7 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
             raise UsageError(f"no realistic inputs for segment '{entry.name}' (kind {entry.kind}): "
                              "the runtime driver does not run it")
         inputs[entry.name] = _named(entry, arrays)
-    return inputs, {"prefill_tokens": seq, "decode_position": n, "seed": seed}
+    return inputs, {"prefill_tokens": length, "decode_position": n, "seed": seed}
 
 
 def _named(entry: SegmentEntry, arrays: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from .model_parts import TORCH_DTYPES, ModelParts, _parameters_on_meta  # noqa: 
 from .notes import export_notes, unused_inputs_note  # noqa: F401 - re-exported
 from .wrappers import (
     BlockCacheSegment,
+    BlockKvSegment,
     BlockSegment,
     EmbeddingSegment,
     FloatBoundary,
@@ -93,14 +94,15 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
         with parts.materialized(fam.embed_path, placeholders_from) as embed:
             yield _with_float_boundary(EmbeddingSegment(embed, parts.embed_scale(embed)), parts)
-    elif spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE):
+    elif spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE):
         rotary = parts.rotary_table(seq, spec.layer)
         window = parts.sliding_window(spec.layer)
         if window is not None and seq <= window:
             window = None  # positions never differ by >= window: plain causal attention is exact
         with parts.materialized(f"{fam.layers_path}.{spec.layer}", placeholders_from) as layer:
             adapt_layer(fam.layer_rewrites, layer, parts.text_config)  # family_layers: static-shape rewrites
-            cls = BlockSegment if spec.kind == SegmentKind.BLOCK else BlockCacheSegment
+            cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
+                   SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
             yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:
         greedy = any(t.name == "token" for t in spec.outputs)

@@ -164,6 +164,14 @@ class BlockCacheSegment(_LayerSegment):
         return hidden, cache.new_k.transpose(1, 2), cache.new_v.transpose(1, 2)
 
 
+class BlockKvSegment(BlockCacheSegment):
+    """Prefill on top of a history (``block_kv_i``, CONTRACT.md second table): (input_states [1,L,H],
+    position_ids [1,L], attention_mask [1,1,L,SEQ+L], history_k, history_v) -> (hidden_states [1,L,H],
+    past_k [1,L,KVH,D], past_v): the decode block's computation over L new tokens instead of one, attending
+    over the SEQ history slots followed by the new tokens themselves; only the new keys/values come out.
+    """
+
+
 class _LinearTransB(torch.autograd.Function):
     """x @ W.T (+ b), exported as one Gemm(transB=1) on W as stored, not MatMul on a transposed copy."""
 
