@@ -138,12 +138,12 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
 
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
-                        int_dtype=options.int_dtype)
+                        int_dtype=options.int_dtype, **_state_dims(config, family))
     specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model={**facts.to_json(), "source": source.to_json(),
+        model={**facts.to_json(), **_state_facts(dims), "source": source.to_json(),
                **({"source_quantization": weights.quantization} if weights.quantization else {})},
         tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
@@ -198,6 +198,23 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if progress:
         progress("done", len(specs), len(specs))
     return manifest
+
+
+def _state_dims(config, family) -> dict:
+    """ContractDims fields of a hybrid model's state layers (none for the others)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = family.state_layers(text)
+    if not layers:
+        return {}
+    return {"state_layers": layers, "state_shapes": tuple(family.state_shapes(text).items())}
+
+
+def _state_facts(dims: ContractDims) -> dict:
+    """The manifest's record of the state layers (what the runtime feeds them); absent without them."""
+    if not dims.state_layers:
+        return {}
+    return {"state_layers": list(dims.state_layers),
+            "state_shapes": {name: list(shape) for name, shape in dims.state_shapes}}
 
 
 def _resolve_chain(options: ExportOptions):

@@ -47,6 +47,8 @@ class SegmentRuntime:
         self.layers = int(self.manifest.model["num_layers"])
         # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
         self.greedy_in_lm_head = len(self.manifest.segment("lm_head").outputs) == 2
+        # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
+        self.state_layers = set(self.manifest.model.get("state_layers", ()))
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run segment ``name`` with ``arrays`` in the contract's input order."""
@@ -65,7 +67,10 @@ class SegmentRuntime:
         (hidden,) = self.run("embedding", ids)
         history = []
         for i in range(self.layers):
-            hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
+            if i in self.state_layers:  # from a zero state; the mask's diagonal tells the prompt rows
+                hidden, k, v = self.run(f"block_{i}", hidden, mask)
+            else:
+                hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
             history.append((np.array(k, copy=True), np.array(v, copy=True)))
         return hidden[0, len(prompt) - 1], history
 
@@ -74,6 +79,11 @@ class SegmentRuntime:
         (hidden,) = self.run("embedding_cache", ids)
         for i in range(self.layers):
             hk, hv = history[i]
+            if i in self.state_layers:  # the next states replace the buffers' contents (same addresses)
+                hidden, conv, recurrent = self.run(f"block_cache_{i}", hidden, hk, hv)
+                hk[...] = conv
+                hv[...] = recurrent
+                continue
             hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, hk, hv)
             hk[0, n] = k[0, 0]
             hv[0, n] = v[0, 0]
