@@ -34,7 +34,7 @@ CHUNK = 64  # transformers' chunk size; a shorter SEQ is one chunk of SEQ positi
 
 def unit_lower_inverse(strict_lower: torch.Tensor) -> torch.Tensor:
     """(I + A)^-1 for A strictly lower triangular [..., C, C], as a finite product of MatMuls."""
-    c = strict_lower.shape[-1]
+    c = int(strict_lower.shape[-1])
     eye = torch.eye(c, dtype=strict_lower.dtype)
     result = eye - strict_lower  # sum over j < 2
     power, covered = strict_lower @ strict_lower, 2
@@ -50,8 +50,16 @@ def _expand_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """repeat_interleave(n_rep, dim=2) of [B, S, H, D] as expand + reshape (static)."""
     if n_rep == 1:
         return x
-    b, s, h, d = x.shape
-    return x[:, :, :, None, :].expand(b, s, h, n_rep, d).reshape(b, s, h * n_rep, d)
+    b, s, h, d = (int(n) for n in x.shape)
+    # Concat, not expand: the exporter writes expand's shape as a computed Where, which ONNX shape inference
+    # cannot follow (the segment's outputs would lose their static shapes).
+    return torch.cat([x.unsqueeze(3)] * n_rep, dim=3).reshape(b, s, h * n_rep, d)
+
+
+def _append_zeros(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
+    shape = [int(n) for n in x.shape]
+    shape[dim] = count
+    return torch.cat([x, torch.zeros(shape, dtype=x.dtype)], dim=dim)
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -65,19 +73,19 @@ def chunk_gated_delta_rule_static(query, key, value, g, beta, chunk: int = CHUNK
     [1, Hv, Dk, Dv]). Positions with g = 0 and beta = 0 change nothing in the state.
     """
     dtype = query.dtype
-    seq = query.shape[1]
-    n_rep = value.shape[2] // key.shape[2]
+    seq = int(query.shape[1])
+    n_rep = int(value.shape[2]) // int(key.shape[2])
     query, key = _expand_heads(query, n_rep), _expand_heads(key, n_rep)
     query, key, value, beta, g = [x.transpose(1, 2).float() for x in (query, key, value, beta, g)]
     query, key = _l2norm(query), _l2norm(key)
     query = query * (query.shape[-1] ** -0.5)
     chunk = min(chunk, seq)
     pad = (chunk - seq % chunk) % chunk
-    if pad:
-        query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
-        beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
+    if pad:  # zeros appended along the sequence (a Concat of constants: static, unlike the exporter's Pad)
+        query, key, value = (_append_zeros(x, pad, 2) for x in (query, key, value))
+        beta, g = (_append_zeros(x, pad, 2) for x in (beta, g))
     n_chunks = (seq + pad) // chunk
-    heads, dk, dv = value.shape[1], key.shape[-1], value.shape[-1]
+    heads, dk, dv = int(value.shape[1]), int(key.shape[-1]), int(value.shape[-1])
     v_beta = value * beta.unsqueeze(-1)
     k_beta = key * beta.unsqueeze(-1)
     query, key, k_beta, v_beta = (x.reshape(1, heads, n_chunks, chunk, x.shape[-1]) for x in (query, key, k_beta, v_beta))
@@ -115,7 +123,7 @@ def recurrent_gated_delta_step(query, key, value, g, beta, state):
     """One token of transformers' ``torch_recurrent_gated_delta_rule``: q/k [1,1,Hk,Dk], v [1,1,Hv,Dv],
     g/beta [1,1,Hv], state [1,Hv,Dk,Dv] -> (out [1,1,Hv,Dv], new state)."""
     dtype = query.dtype
-    n_rep = value.shape[2] // key.shape[2]
+    n_rep = int(value.shape[2]) // int(key.shape[2])
     query, key = _expand_heads(query, n_rep), _expand_heads(key, n_rep)
     query, key, value, beta, g = [x.transpose(1, 2).float() for x in (query, key, value, beta, g)]  # [1,H,1,.]
     query, key = _l2norm(query), _l2norm(key)
@@ -145,15 +153,16 @@ def _gated_deltanet_forward(self, hidden_states, cache=None, attention_mask=None
     """Qwen3_5GatedDeltaNet.forward with static shapes; states through ``cache`` (a StateCapture)."""
     if not isinstance(cache, StateCapture):
         raise ModelError("the static gated-DeltaNet layer runs only inside tpugraph's state segments")
-    batch, seq, _ = hidden_states.shape
+    # Python ints, not traced shape values: every Reshape of the segment gets a constant shape.
+    batch, seq = int(hidden_states.shape[0]), int(hidden_states.shape[1])
     mixed = self.in_proj_qkv(hidden_states).transpose(1, 2)  # [1, C, S]
     z = self.in_proj_z(hidden_states).reshape(batch, seq, -1, self.head_v_dim)
     b = self.in_proj_b(hidden_states)
     a = self.in_proj_a(hidden_states)
     weight = self.conv1d.weight.squeeze(1)  # [C, K]
-    k_size = weight.shape[-1]
+    k_size = int(weight.shape[-1])
     if cache.conv_state is None:  # prefill from an empty state
-        conv = F.conv1d(mixed, weight.unsqueeze(1), self.conv1d.bias, padding=k_size - 1, groups=mixed.shape[1])
+        conv = F.conv1d(mixed, weight.unsqueeze(1), self.conv1d.bias, padding=k_size - 1, groups=int(mixed.shape[1]))
         conv = conv[:, :, :seq]
         n = cache.valid.sum()
         # one-hot [S, K]: column j picks position n - K + j (none when negative: zero left padding)
@@ -206,7 +215,7 @@ def _prompt_rows(attention_mask: torch.Tensor) -> torch.Tensor:
 
     relu(1 + diagonal): the mask value (-10000 in F32/F16, -9984 in BF16) gives 0, an unmasked 0 gives 1."""
     square = attention_mask[0, 0]
-    diagonal = (square * torch.eye(square.shape[-1], dtype=square.dtype)).sum(dim=-1)
+    diagonal = (square * torch.eye(int(square.shape[-1]), dtype=square.dtype)).sum(dim=-1)
     return torch.relu(1.0 + diagonal)
 
 
