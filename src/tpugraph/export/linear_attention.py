@@ -76,47 +76,54 @@ def chunk_gated_delta_rule_static(query, key, value, g, beta, chunk: int = CHUNK
     seq = int(query.shape[1])
     n_rep = int(value.shape[2]) // int(key.shape[2])
     query, key = _expand_heads(query, n_rep), _expand_heads(key, n_rep)
-    query, key, value, beta, g = [x.transpose(1, 2).float() for x in (query, key, value, beta, g)]
+    heads, dk, dv = int(value.shape[2]), int(key.shape[-1]), int(value.shape[-1])
+    # Batch 1 dropped: [H, S, D]. Every tensor stays within 4-D ([H, N, C, D]); tpu-mlir 1.30 computes 5-D
+    # batched MatMuls wrongly (its own transform compare fails on them).
+    query, key, value = (x.reshape(seq, heads, -1).transpose(0, 1).float() for x in (query, key, value))
+    beta, g = (x.reshape(seq, heads).transpose(0, 1).float() for x in (beta, g))  # [H, S]
     query, key = _l2norm(query), _l2norm(key)
-    query = query * (query.shape[-1] ** -0.5)
+    query = query * (dk ** -0.5)
     chunk = min(chunk, seq)
     pad = (chunk - seq % chunk) % chunk
     if pad:  # zeros appended along the sequence (a Concat of constants: static, unlike the exporter's Pad)
-        query, key, value = (_append_zeros(x, pad, 2) for x in (query, key, value))
-        beta, g = (_append_zeros(x, pad, 2) for x in (beta, g))
+        query, key, value = (_append_zeros(x, pad, 1) for x in (query, key, value))
+        beta, g = (_append_zeros(x, pad, 1) for x in (beta, g))
     n_chunks = (seq + pad) // chunk
-    heads, dk, dv = int(value.shape[1]), int(key.shape[-1]), int(value.shape[-1])
     v_beta = value * beta.unsqueeze(-1)
     k_beta = key * beta.unsqueeze(-1)
-    query, key, k_beta, v_beta = (x.reshape(1, heads, n_chunks, chunk, x.shape[-1]) for x in (query, key, k_beta, v_beta))
-    g = g.reshape(1, heads, n_chunks, chunk)
+    query, key, k_beta, v_beta = (x.reshape(heads, n_chunks, chunk, x.shape[-1]) for x in (query, key, k_beta, v_beta))
+    g = g.reshape(heads, n_chunks, 1, chunk)
     # Constant masks (Mul, not Trilu/Where/-inf, so that every op is one tpu-mlir converts exactly).
     lower = torch.ones(chunk, chunk).tril()  # j <= i
     strict = torch.ones(chunk, chunk).tril(-1)  # j < i
-    cum = g @ lower.t()  # cumulative sum inside the chunk, as a MatMul: cum[i] = sum_{j <= i} g[j]
-    pairwise = torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)) * lower) * lower  # exp(cum_i - cum_j), j <= i
+    cum = g @ lower.t()  # [H, N, 1, C], the cumulative sum inside the chunk as a MatMul: sum_{j <= i} g[j]
+    cum_col = cum.transpose(-1, -2)  # [H, N, C, 1]
+    pairwise = torch.exp((cum_col - cum) * lower) * lower  # exp(cum_i - cum_j) for j <= i, else 0
     ut = (k_beta @ key.transpose(-1, -2)) * pairwise
     attn = (query @ key.transpose(-1, -2)) * pairwise
     inverse = unit_lower_inverse(ut * strict)
     new_values = inverse @ v_beta
-    k_cumdecay = inverse @ (k_beta * torch.exp(cum).unsqueeze(-1))
-    query = query * torch.exp(cum).unsqueeze(-1)
-    last = cum[..., -1:]
-    key = key * torch.exp(last - cum).unsqueeze(-1)
-    chunk_decay = torch.exp(last).unsqueeze(-1)  # [1, H, N, 1, 1]
+    k_cumdecay = inverse @ (k_beta * torch.exp(cum_col))
+    query = query * torch.exp(cum_col)
+    last = cum_col[:, :, chunk - 1:, :]  # [H, N, 1, 1]
+    key = key * torch.exp(last - cum_col)
+    chunk_decay = torch.exp(last)
     state = None
     outs = []
     for i in range(n_chunks):
         if state is None:  # zero initial state: the terms that read it vanish
-            v_new = new_values[:, :, i]
-            outs.append(attn[:, :, i] @ v_new)
-            state = key[:, :, i].transpose(-1, -2) @ v_new
+            v_new = new_values[:, i]
+            outs.append(attn[:, i] @ v_new)
+            state = key[:, i].transpose(-1, -2) @ v_new  # [H, Dk, Dv]
         else:
-            v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state
-            outs.append(query[:, :, i] @ state + attn[:, :, i] @ v_new)
-            state = state * chunk_decay[:, :, i] + key[:, :, i].transpose(-1, -2) @ v_new
-    out = torch.cat(outs, dim=2)[:, :, :seq] if n_chunks > 1 or pad else outs[0]
-    return out.transpose(1, 2).to(dtype), state.reshape(1, heads, dk, dv)
+            v_new = new_values[:, i] - k_cumdecay[:, i] @ state
+            outs.append(query[:, i] @ state + attn[:, i] @ v_new)
+            state = state * chunk_decay[:, i] + key[:, i].transpose(-1, -2) @ v_new
+    out = torch.cat(outs, dim=1) if n_chunks > 1 else outs[0]  # [H, S + pad, Dv]
+    if pad:
+        out = out[:, :seq]
+    out = out.transpose(0, 1).reshape(1, seq, heads, dv)
+    return out.to(dtype), state.reshape(1, heads, dk, dv)
 
 
 def recurrent_gated_delta_step(query, key, value, g, beta, state):
