@@ -62,6 +62,9 @@ class FamilySpec:
     # Parameters transformers fuses on load, each with the checkpoint keys (under a layer) it is made of;
     # "{e}" numbers the experts (stacked), the sources of one expert are concatenated (export/fused_weights.py).
     fused_weights: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Export options this family's segments cannot honour: (ExportOptions field, the values it can take, why).
+    # Any other value is refused with one line (exit 2) before anything is written.
+    refused_options: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
     # Layers that carry a state instead of a KV cache (export/linear_attention.py): the config.layer_types value
@@ -91,6 +94,13 @@ class FamilySpec:
     def layer_type(self, text_config: Any, layer: int) -> str | None:
         types = getattr(text_config, "layer_types", None)
         return types[layer] if types else None
+
+    def refused_option(self, options: Any) -> tuple[str, str] | None:
+        """(option, reason) of the first export option set in ``options`` that this family refuses."""
+        for option, allowed, why in self.refused_options:
+            if getattr(options, option, allowed[0]) not in allowed:
+                return option, why
+        return None
 
     def state_layers(self, text_config: Any) -> tuple[int, ...]:
         """Indices of the layers whose segments carry a state instead of a KV cache."""
@@ -439,10 +449,17 @@ FAMILIES: tuple[FamilySpec, ...] = (
         layer_rewrites=("gated_deltanet",),
         state_layer_type="linear_attention",
         state_kind="gated_deltanet",
+        refused_options=(
+            ("naming", (None, "llm-tpu"), "the conv and recurrent state inputs/outputs of its linear-attention "
+                                          "layers have names only in the llm-tpu convention"),
+            ("history_kv", (False, None), "its linear-attention layers would need a prefill that starts from "
+                                          "their conv and recurrent state, which tpugraph does not export yet"),
+        ),
         quirks=("Qwen3.5 (text)", "hybrid: gated DeltaNet linear attention with conv + recurrent state segments "
                 "(static chunked delta rule), every full_attention_interval-th layer gated full attention",
                 "q_proj gives query and sigmoid output gate", "q/k RMSNorm (1 + w)", "partial rotary (mrope, text "
-                "positions)", "GQA"),
+                "positions)", "GQA", "delta rule kept within 4-D tensors (tpu-mlir 1.30 miscomputes 5-D batched "
+                "MatMul)", "--naming llm-tpu only"),
     ),
     # Dense decoders of transformers 5.24 that differ from the families above only in what the declarations
     # and transformers' own layer modules already cover.

@@ -126,6 +126,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     source: ModelSource = resolve_model(model)
     config, family = load_config(source, options.trust_remote_code)
     facts = model_facts(config, family)
+    refused = family.refused_option(options)
+    if refused:
+        raise UsageError(f"cannot be used with family {family.name}: {refused[1]}", option=refused[0])
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")

@@ -95,3 +95,40 @@ def test_unit_lower_inverse_is_the_inverse(size):
     a = torch.randn(size, size, generator=torch.Generator().manual_seed(size)).tril(-1) * 0.3
     eye = torch.eye(size)
     np.testing.assert_allclose((unit_lower_inverse(a) @ (eye + a)).numpy(), eye.numpy(), atol=1e-5)
+
+
+def test_options_the_state_segments_cannot_honour_are_refused(make_model, tmp_path):
+    """One error line, exit 2, nothing written: the state I/O have llm-tpu names only; a prefill on top of a
+    history (--history-kv, where the runtime options provide it) would need the states as prefill inputs."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from tpugraph.cli import app
+    from tpugraph.families import family_by_name
+
+    folder = make_model("qwen3_5_text", **{**TINY, **VARIANTS["untied"]})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export-and-optimize", str(folder), "-o", str(out), "--naming", "optimum"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--naming" in errors[0] and "qwen3_5_text" in errors[0], result.output
+    assert "Traceback" not in result.output and not out.exists()
+    family = family_by_name("qwen3_5_text")
+    assert family.refused_option(SimpleNamespace(history_kv=True))[0] == "history_kv"
+    assert family.refused_option(SimpleNamespace(history_kv=False, naming="llm-tpu")) is None
+
+
+def test_families_lists_qwen3_5_with_its_quirks():
+    import json
+
+    from typer.testing import CliRunner
+
+    from tpugraph.cli import app
+
+    result = CliRunner().invoke(app, ["families", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = [f for f in json.loads(result.output) if f["name"] == "qwen3_5_text"]
+    assert row["architectures"] == ["Qwen3_5ForCausalLM"]
+    quirks = " ".join(row["quirks"])
+    assert "gated DeltaNet" in quirks and "recurrent state" in quirks and "partial rotary" in quirks

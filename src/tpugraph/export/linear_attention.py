@@ -169,8 +169,12 @@ def _gated_deltanet_forward(self, hidden_states, cache=None, attention_mask=None
     weight = self.conv1d.weight.squeeze(1)  # [C, K]
     k_size = int(weight.shape[-1])
     if cache.conv_state is None:  # prefill from an empty state
-        conv = F.conv1d(mixed, weight.unsqueeze(1), self.conv1d.bias, padding=k_size - 1, groups=int(mixed.shape[1]))
-        conv = conv[:, :, :seq]
+        # ONNX Conv has no bfloat16 kernel type: with --dtype bfloat16 the conv runs in float32.
+        wide = torch.float32 if mixed.dtype == torch.bfloat16 else mixed.dtype
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(wide)
+        conv = F.conv1d(mixed.to(wide), weight.unsqueeze(1).to(wide), bias, padding=k_size - 1,
+                        groups=int(mixed.shape[1]))
+        conv = conv[:, :, :seq].to(mixed.dtype)
         n = cache.valid.sum()
         # one-hot [S, K]: column j picks position n - K + j (none when negative: zero left padding)
         positions = torch.arange(seq, dtype=mixed.dtype).unsqueeze(-1)
