@@ -533,10 +533,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
 # Architectures tpugraph knows it cannot export yet, and why: refused naming the reason (exit 4), not a
 # silent "unsupported". Each needs segments the contract (CONTRACT.md) and the runtime do not have.
 NOT_YET: dict[str, str] = {
-    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache) with experts; the contract "
-                             "has no state segments yet",
-    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache); the contract has no state "
-                            "segments yet",
+    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
+                             "segments (family qwen3_5_text) are not combined with experts yet",
+    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
+                            "segments (family qwen3_5_text) are not combined with experts yet",
     "Gemma4ForCausalLM": "per-layer embeddings, KV shared across layers and per-layer-type head dims need block "
                          "inputs and KV shapes the contract does not have yet",
     "Lfm2ForCausalLM": "short-convolution layers carry a conv state instead of a KV cache; the contract has no "
