@@ -454,6 +454,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
                                           "layers have names only in the llm-tpu convention"),
             ("history_kv", (False, None), "its linear-attention layers would need a prefill that starts from "
                                           "their conv and recurrent state, which tpugraph does not export yet"),
+            ("max_input_length", (None,), "a prompt fed in chunks would need its linear-attention layers to "
+                                          "prefill from their conv and recurrent state, which tpugraph does not "
+                                          "export yet (the prefill takes the whole window, SEQ)"),
         ),
         quirks=("Qwen3.5 (text)", "hybrid: gated DeltaNet linear attention with conv + recurrent state segments "
                 "(static chunked delta rule), every full_attention_interval-th layer gated full attention",

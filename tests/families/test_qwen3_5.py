@@ -116,6 +116,7 @@ def test_options_the_state_segments_cannot_honour_are_refused(make_model, tmp_pa
     assert "Traceback" not in result.output and not out.exists()
     family = family_by_name("qwen3_5_text")
     assert family.refused_option(SimpleNamespace(history_kv=True))[0] == "history_kv"
+    assert family.refused_option(SimpleNamespace(max_input_length=16))[0] == "max_input_length"
     assert family.refused_option(SimpleNamespace(history_kv=False, naming="llm-tpu")) is None
 
 
