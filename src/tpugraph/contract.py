@@ -90,6 +90,10 @@ class ContractDims:
     @property
     def input_length(self) -> int:
         return self.seq if self.max_input is None else self.max_input
+    # Layers that carry a state instead of a KV cache (hybrid models, export/linear_attention.py), and the
+    # shapes of their states by input name (e.g. conv_state, recurrent_state). Empty for the other models.
+    state_layers: tuple[int, ...] = ()
+    state_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False,
@@ -123,7 +127,23 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
         SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
                     (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f),)),
     ]
+    states = tuple(T(name, shape, f) for name, shape in d.state_shapes)
+    next_states = tuple(T(f"next_{t.name}", t.shape, f) for t in states)
     for layer in range(d.layers):
+        if layer in d.state_layers:
+            # README "State segments": the prefill starts from a zero state and reads only the mask's diagonal
+            # (which rows are prompt tokens); the decode step takes the states and returns the next ones.
+            specs.append(SegmentSpec(
+                f"block_{layer}", SegmentKind.BLOCK, layer,
+                (T("input_states", (1, d.seq, d.hidden), f), T("attention_mask", (1, 1, d.seq, d.seq), f)),
+                (T("hidden_states", (1, d.seq, d.hidden), f), *next_states),
+            ))
+            specs.append(SegmentSpec(
+                f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
+                (T("input_states", (1, 1, d.hidden), f), *states),
+                (T("hidden_states", (1, 1, d.hidden), f), *next_states),
+            ))
+            continue
         specs.append(SegmentSpec(
             f"block_{layer}", SegmentKind.BLOCK, layer,
             (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),

@@ -62,8 +62,15 @@ class FamilySpec:
     # Parameters transformers fuses on load, each with the checkpoint keys (under a layer) it is made of;
     # "{e}" numbers the experts (stacked), the sources of one expert are concatenated (export/fused_weights.py).
     fused_weights: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Export options this family's segments cannot honour: (ExportOptions field, the values it can take, why).
+    # Any other value is refused with one line (exit 2) before anything is written.
+    refused_options: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
+    # Layers that carry a state instead of a KV cache (export/linear_attention.py): the config.layer_types value
+    # of such layers, and the kind of state ("gated_deltanet": conv state + recurrent state).
+    state_layer_type: str | None = None
+    state_kind: str | None = None
     quirks: tuple[str, ...] = field(default_factory=tuple)
     # Why a prefill on top of a KV history (--history-kv: block_kv_i, multi-turn chat, chunked prefill)
     # cannot be exact for this family, or "" when it can. It can whenever a layer's only state is its KV
@@ -97,6 +104,31 @@ class FamilySpec:
     def layer_type(self, text_config: Any, layer: int) -> str | None:
         types = getattr(text_config, "layer_types", None)
         return types[layer] if types else None
+
+    def refused_option(self, options: Any) -> tuple[str, str] | None:
+        """(option, reason) of the first export option set in ``options`` that this family refuses."""
+        for option, allowed, why in self.refused_options:
+            if getattr(options, option, allowed[0]) not in allowed:
+                return option, why
+        return None
+
+    def state_layers(self, text_config: Any) -> tuple[int, ...]:
+        """Indices of the layers whose segments carry a state instead of a KV cache."""
+        if self.state_layer_type is None:
+            return ()
+        types = getattr(text_config, "layer_types", None) or []
+        return tuple(i for i, t in enumerate(types) if t == self.state_layer_type)
+
+    def state_shapes(self, text_config: Any) -> dict[str, tuple[int, ...]]:
+        """Shapes of a state layer's states, by input name; empty for a family without state layers."""
+        if self.state_kind != "gated_deltanet":
+            return {}
+        c = text_config
+        key_dim = int(c.linear_num_key_heads) * int(c.linear_key_head_dim)
+        value_dim = int(c.linear_num_value_heads) * int(c.linear_value_head_dim)
+        return {"conv_state": (1, 2 * key_dim + value_dim, int(c.linear_conv_kernel_dim)),
+                "recurrent_state": (1, int(c.linear_num_value_heads), int(c.linear_key_head_dim),
+                                    int(c.linear_value_head_dim))}
 
     def rotary_call_kwargs(self, text_config: Any, layer: int) -> dict[str, Any]:
         """Extra keyword arguments of the rotary module's forward for ``layer``."""
@@ -419,6 +451,29 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 "clamped SwiGLU (static: gathered for decode, all weighted for prefill)", "attention sinks",
                 "alternating sliding-window layers", "yarn rope"),
     ),
+    FamilySpec(
+        name="qwen3_5_text",
+        model_types=("qwen3_5_text",),
+        architectures=("Qwen3_5ForCausalLM",),
+        min_transformers="5.24",
+        layer_rewrites=("gated_deltanet",),
+        state_layer_type="linear_attention",
+        state_kind="gated_deltanet",
+        refused_options=(
+            ("naming", (None, "llm-tpu"), "the conv and recurrent state inputs/outputs of its linear-attention "
+                                          "layers have names only in the llm-tpu convention"),
+            ("history_kv", (False, None), "its linear-attention layers would need a prefill that starts from "
+                                          "their conv and recurrent state, which tpugraph does not export yet"),
+            ("max_input_length", (None,), "a prompt fed in chunks would need its linear-attention layers to "
+                                          "prefill from their conv and recurrent state, which tpugraph does not "
+                                          "export yet (the prefill takes the whole window, SEQ)"),
+        ),
+        quirks=("Qwen3.5 (text)", "hybrid: gated DeltaNet linear attention with conv + recurrent state segments "
+                "(static chunked delta rule), every full_attention_interval-th layer gated full attention",
+                "q_proj gives query and sigmoid output gate", "q/k RMSNorm (1 + w)", "partial rotary (mrope, text "
+                "positions)", "GQA", "delta rule kept within 4-D tensors (tpu-mlir 1.30 miscomputes 5-D batched "
+                "MatMul)", "--naming llm-tpu only"),
+    ),
     # Dense decoders of transformers 5.24 that differ from the families above only in what the declarations
     # and transformers' own layer modules already cover.
     FamilySpec(
@@ -491,12 +546,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
 # Architectures tpugraph knows it cannot export yet, and why: refused naming the reason (exit 4), not a
 # silent "unsupported". Each needs segments the contract (CONTRACT.md) and the runtime do not have.
 NOT_YET: dict[str, str] = {
-    "Qwen3_5ForCausalLM": "hybrid gated DeltaNet layers carry a conv state and a recurrent state instead of a KV "
-                          "cache; the contract has no state segments yet",
-    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache) with experts; the contract "
-                             "has no state segments yet",
-    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache); the contract has no state "
-                            "segments yet",
+    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
+                             "segments (family qwen3_5_text) are not combined with experts yet",
+    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
+                            "segments (family qwen3_5_text) are not combined with experts yet",
     "Gemma4ForCausalLM": "per-layer embeddings, KV shared across layers and per-layer-type head dims need block "
                          "inputs and KV shapes the contract does not have yet",
     "Lfm2ForCausalLM": "short-convolution layers carry a conv state instead of a KV cache; the contract has no "

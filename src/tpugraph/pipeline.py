@@ -154,6 +154,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     source: ModelSource = resolve_model(model)
     config, family = load_config(source, options.trust_remote_code)
     facts = model_facts(config, family)
+    refused = family.refused_option(options)
+    if refused:
+        raise UsageError(f"cannot be used with family {family.name}: {refused[1]}", option=refused[0])
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")
@@ -168,14 +171,14 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         family.check_history_kv()
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
-                        int_dtype=options.int_dtype, max_input=options.max_input_length)
+                        int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family))
     specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
                           sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
                           embedding_disk=options.embedding_disk, history_kv=options.history_kv)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model={**facts.to_json(), "source": source.to_json(),
+        model={**facts.to_json(), **_state_facts(dims), "source": source.to_json(),
                **({"source_quantization": weights.quantization} if weights.quantization else {})},
         tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
@@ -236,6 +239,23 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if progress:
         progress("done", len(specs), len(specs))
     return manifest
+
+
+def _state_dims(config, family) -> dict:
+    """ContractDims fields of a hybrid model's state layers (none for the others)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = family.state_layers(text)
+    if not layers:
+        return {}
+    return {"state_layers": layers, "state_shapes": tuple(family.state_shapes(text).items())}
+
+
+def _state_facts(dims: ContractDims) -> dict:
+    """The manifest's record of the state layers (what the runtime feeds them); absent without them."""
+    if not dims.state_layers:
+        return {}
+    return {"state_layers": list(dims.state_layers),
+            "state_shapes": {name: list(shape) for name, shape in dims.state_shapes}}
 
 
 def _resolve_chain(options: ExportOptions):

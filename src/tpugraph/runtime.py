@@ -116,6 +116,8 @@ class SegmentRuntime:
             raise PrefillUnsupported(f"a prompt of {n} tokens is longer than the prefill nets' "
                                      f"{self.input_length} (--max-input-length): export with --history-kv to feed it "
                                      "in chunks")
+        # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
+        self.state_layers = set(self.manifest.model.get("state_layers", ()))
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run segment ``name`` with ``arrays`` in the contract's input order."""
@@ -154,8 +156,12 @@ class SegmentRuntime:
         hidden = self.embed("embedding", ids)
         history = []
         for i in range(self.layers):
-            hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
-            history.append((self._history_buffer(k), self._history_buffer(v)))
+            if i in self.state_layers:  # from a zero state; the mask's diagonal tells the prompt rows
+                hidden, k, v = self.run(f"block_{i}", hidden, mask)
+                history.append((np.array(k, copy=True), np.array(v, copy=True)))
+            else:
+                hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
+                history.append((self._history_buffer(k), self._history_buffer(v)))
         return hidden[0, len(prompt) - 1], history
 
     def _history_buffer(self, rows: np.ndarray) -> np.ndarray:
@@ -215,6 +221,11 @@ class SegmentRuntime:
         hidden = self.embed("embedding_cache", ids)
         for i in range(self.layers):
             hk, hv = history[i]
+            if i in self.state_layers:  # the next states replace the buffers' contents (same addresses)
+                hidden, conv, recurrent = self.run(f"block_cache_{i}", hidden, hk, hv)
+                hk[...] = conv
+                hv[...] = recurrent
+                continue
             hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, hk, hv)
             hk[0, n] = k[0, 0]
             hv[0, n] = v[0, 0]

@@ -68,3 +68,19 @@ def test_family_blocks_compile_f16_with_compares(toolchain, make_model, tmp_path
     report = compile_segments_of(folder, tmp_path / "out", toolchain, segments)
     assert [r.segment for r in report.results] == list(segments)
     assert_compiled(report)
+
+
+# Qwen3.5 (hybrid): every segment kind, at a SEQ of two 64-chunks (80, padded to 128) so that the linear
+# prefill's second chunk reads the state the first one left: the linear-attention prefill (static chunked
+# delta rule, conv state picked by a one-hot MatMul) and decode (one conv and delta-rule step, states in and
+# out), and the gated full-attention prefill and decode (sigmoid output gate, q/k norm, partial rotary).
+QWEN3_5 = dict(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+               linear_value_head_dim=12, linear_conv_kernel_dim=4, full_attention_interval=2)
+
+
+def test_qwen3_5_every_segment_kind_compiles_f16_with_compares(toolchain, make_model, tmp_path):
+    folder = make_model("qwen3_5_text", **{**TINY, **QWEN3_5})
+    segments = ("block_0", "block_cache_0", "block_1", "block_cache_1")  # layer 0 linear, layer 1 full
+    report = compile_segments_of(folder, tmp_path / "out", toolchain, segments, seq=80)
+    assert [r.segment for r in report.results] == list(segments)
+    assert_compiled(report)

@@ -101,6 +101,13 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
             window = None  # positions never differ by >= window: plain causal attention is exact
         with parts.materialized(f"{fam.layers_path}.{spec.layer}", placeholders_from) as layer:
             adapt_layer(fam.layer_rewrites, layer, parts.text_config)  # family_layers: static-shape rewrites
+            if spec.layer in fam.state_layers(parts.text_config):  # a state instead of a KV cache
+                from .linear_attention import StateBlockCacheSegment, StateBlockSegment
+                from .wrappers import _layer_cache_kwarg
+
+                cls = StateBlockSegment if spec.kind == SegmentKind.BLOCK else StateBlockCacheSegment
+                yield _with_float_boundary(cls(layer, _layer_cache_kwarg(layer)), parts)
+                return
             cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
                    SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
             yield _with_float_boundary(cls(layer, rotary, window), parts)
