@@ -126,6 +126,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     source: ModelSource = resolve_model(model)
     config, family = load_config(source, options.trust_remote_code)
     facts = model_facts(config, family)
+    refused = family.refused_option(options)
+    if refused:
+        raise UsageError(f"cannot be used with family {family.name}: {refused[1]}", option=refused[0])
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")
@@ -138,12 +141,12 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
 
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
-                        int_dtype=options.int_dtype)
+                        int_dtype=options.int_dtype, **layer_dims(config, family))
     specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model={**facts.to_json(), "source": source.to_json(),
+        model={**facts.to_json(), **layer_records(dims), "source": source.to_json(),
                **({"source_quantization": weights.quantization} if weights.quantization else {})},
         tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
@@ -198,6 +201,30 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if progress:
         progress("done", len(specs), len(specs))
     return manifest
+
+
+def layer_dims(config, family) -> dict:
+    """ContractDims fields of a family whose layers differ (per-layer KV shapes, shared KV, per-layer
+    embeddings); empty for every other family."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(text.num_hidden_layers)
+    dims: dict = {}
+    if family.per_layer_attention:
+        dims["layer_kv"] = tuple(family.layer_kv_shape(text, i) for i in range(layers))
+    sources = family.kv_sources(text)
+    if any(s is not None for s in sources):
+        dims["kv_from"] = tuple(sources)
+    if family.per_layer_embedding is not None and family.per_layer_embedding.width(text):
+        dims["per_layer"] = family.per_layer_embedding.width(text)
+    return dims
+
+
+def layer_records(dims: ContractDims) -> dict:
+    """The manifest's model records of per-layer facts the runtime drives by: ``layers_kv`` (each layer's KV
+    heads, head dim and the layer whose KV it reuses) and ``per_layer_embedding`` (P). Only when present."""
+    if not (dims.layer_kv or dims.kv_from or dims.per_layer):
+        return {}
+    return {"layers_kv": dims.layer_records(), "per_layer_embedding": dims.per_layer}
 
 
 def _resolve_chain(options: ExportOptions):

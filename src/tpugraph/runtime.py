@@ -47,6 +47,15 @@ class SegmentRuntime:
         self.layers = int(self.manifest.model["num_layers"])
         # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
         self.greedy_in_lm_head = len(self.manifest.segment("lm_head").outputs) == 2
+        # Gemma 4 (README "Gemma 4"): the layer whose KV each layer reuses, and per-layer embeddings.
+        self.kv_from = [r.get("kv_from") for r in self.manifest.model.get("layers_kv") or []] or [None] * self.layers
+        self.per_layer = bool(self.manifest.model.get("per_layer_embedding"))
+
+    def _extra(self, embedded: list[np.ndarray], layer: int) -> list[np.ndarray]:
+        """A block's per-layer embedding inputs: its slice of per_layer_embeds, and the token embedding."""
+        if not self.per_layer:
+            return []
+        return [np.ascontiguousarray(embedded[1][:, :, layer]), embedded[0]]
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run segment ``name`` with ``arrays`` in the contract's input order."""
@@ -62,19 +71,35 @@ class SegmentRuntime:
 
     def prefill(self, prompt: list[int]):
         ids, pos, mask = prefill_inputs(prompt, self.seq)
-        (hidden,) = self.run("embedding", ids)
+        embedded = self.run("embedding", ids)
+        hidden = embedded[0]
         history = []
         for i in range(self.layers):
-            hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
+            src = self.kv_from[i]
+            if src is not None:  # shared KV: the owner layer's keys/values in, none out, no history of its own
+                (hidden,) = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i), *history[src])
+                history.append(None)
+                continue
+            hidden, k, v = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i))
             history.append((np.array(k, copy=True), np.array(v, copy=True)))
         return hidden[0, len(prompt) - 1], history
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
         ids, pos, mask = decode_inputs(token, n, self.seq)
-        (hidden,) = self.run("embedding_cache", ids)
+        embedded = self.run("embedding_cache", ids)
+        hidden = embedded[0]
+        new: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for i in range(self.layers):
+            src = self.kv_from[i]
+            if src is not None:  # shared KV: the owner's history with its new row appended, [1, SEQ+1, KVH, D]
+                hk, hv = history[src]
+                k, v = new[src]
+                shared = (np.concatenate([hk, k], axis=1), np.concatenate([hv, v], axis=1))
+                (hidden,) = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), *shared)
+                continue
             hk, hv = history[i]
-            hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, hk, hv)
+            hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), hk, hv)
+            new[i] = (np.array(k, copy=True), np.array(v, copy=True))
             hk[0, n] = k[0, 0]
             hv[0, n] = v[0, 0]
         return hidden[0, 0]
