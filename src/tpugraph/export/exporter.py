@@ -16,6 +16,7 @@ from torch import nn
 
 from ..contract import MASK_VALUE, SegmentKind, SegmentSpec
 from ..errors import ModelError
+from ..families import KV_SHARING_NONE
 from .family_layers import adapt_layer
 from .graph_surgery import params_to_weights, restore_unused_inputs, unused_graph_inputs  # noqa: F401
 from .model_parts import TORCH_DTYPES, ModelParts, _parameters_on_meta  # noqa: F401 - re-exported
@@ -104,7 +105,8 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
         with parts.materialized(f"{fam.layers_path}.{spec.layer}", placeholders_from) as layer:
             adapt_layer(fam.layer_rewrites, layer, parts.text_config)  # family_layers: static-shape rewrites
             names = {t.name for t in spec.inputs}
-            if names & {"per_layer_embeds", "shared_k"}:  # per_layer_inputs: Gemma 4's extra block inputs
+            if fam.per_layer_embedding is not None or fam.kv_sharing != KV_SHARING_NONE:
+                # per_layer_inputs: Gemma 4's extra block inputs (its layers take the shared-KV store either way)
                 cls = ExtraInputsBlockSegment if spec.kind == SegmentKind.BLOCK else ExtraInputsBlockCacheSegment
                 yield _with_float_boundary(cls(layer, rotary, window, fam, parts.skeleton,
                                                fam.layer_type(parts.text_config, spec.layer),
