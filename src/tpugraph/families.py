@@ -505,8 +505,17 @@ FAMILIES: tuple[FamilySpec, ...] = (
             input_scale_attr="model.per_layer_input_scale"),
         kv_sharing=KV_SHARING_BY_MODES,
         per_layer_attention=True,
+        # (history_kv, max_input_length: issue 12's prefill on a KV history and shorter prefill nets, whose
+        # blocks do not take the shared KV and per-layer embeddings yet; embedding_disk: the host would have
+        # to gather the per-layer table too. Fields that do not exist in ExportOptions are never refused.)
         refused_options=(("naming", (None, "llm-tpu"), "the shared-KV and per-layer-embedding inputs of its blocks have names "
-                                                      "only in the llm-tpu convention"),),
+                                                      "only in the llm-tpu convention"),
+                         ("history_kv", (False,), "its block_kv nets would need the shared-KV and per-layer-embedding "
+                                                  "inputs, which they do not take yet"),
+                         ("max_input_length", (None,), "prefill nets shorter than SEQ would need the shared-KV and "
+                                                       "per-layer-embedding inputs at that length, not made yet"),
+                         ("embedding_disk", (False,), "the per-layer embeddings are gathered by the embedding nets; "
+                                                      "the host-side gather does not read that table yet")),
         refused_configs=(("enable_moe_block", "the mixture-of-experts Gemma 4 (26B-A4B) runs a dense MLP and "
                                               "routed experts side by side; only dense checkpoints are exported"),),
         embeddings="tied",

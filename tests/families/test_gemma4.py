@@ -163,3 +163,19 @@ def test_moe_checkpoint_is_refused_with_the_reason(tmp_path):
     with pytest.raises(UnsupportedModelError) as err:
         load_config(resolve_model(str(folder)))
     assert "enable_moe_block" in str(err.value) and err.value.exit_code == 4
+
+
+def test_runtime_options_its_blocks_cannot_take_are_refused():
+    """Options of other export modes (a prefill on a KV history, shorter prefill nets, the host gathering the
+    embedding) are refused by name when set; an ExportOptions without such a field never is."""
+    from types import SimpleNamespace
+
+    from tpugraph.families import family_by_name
+
+    fam = family_by_name("gemma4_text")
+    assert fam.refused_option(ExportOptions()) is None
+    for option, value in (("history_kv", True), ("max_input_length", 8), ("embedding_disk", True),
+                          ("naming", "optimum")):
+        refused = fam.refused_option(SimpleNamespace(**{option: value}))
+        assert refused is not None and refused[0] == option and refused[1]
+    assert fam.refused_option(SimpleNamespace(naming="llm-tpu", history_kv=False)) is None
