@@ -174,7 +174,7 @@ class FamilySpec:
         if self.kv_sharing == KV_SHARING_NONE:
             return [None] * layers
         modes = list(getattr(text_config, self.kv_sharing))
-        types = self.layer_type(text_config, 0) and list(text_config.layer_types)
+        types = getattr(text_config, "layer_types", None)
         sources: list[int | None] = []
         for i, mode in enumerate(modes):
             if mode != "reuse":
