@@ -94,6 +94,23 @@ class ContractDims:
     # shapes of their states by input name (e.g. conv_state, recurrent_state). Empty for the other models.
     state_layers: tuple[int, ...] = ()
     state_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Per layer (KVH, D) when layers differ (Gemma 4: sliding and full layers); empty = (kv_heads, head_dim).
+    layer_kv: tuple[tuple[int, int], ...] = ()
+    # Per layer: the earlier layer whose KV it attends over (shared KV), or None; empty = none shared.
+    kv_from: tuple[int | None, ...] = ()
+    # Width P of the per-layer embeddings (Gemma 4), 0 = none.
+    per_layer: int = 0
+
+    def kv_shape(self, layer: int) -> tuple[int, int]:
+        return self.layer_kv[layer] if self.layer_kv else (self.kv_heads, self.head_dim)
+
+    def kv_source(self, layer: int) -> int | None:
+        return self.kv_from[layer] if self.kv_from else None
+
+    def layer_records(self) -> list[dict[str, Any]]:
+        """The manifest's per-layer KV record (model.layers_kv): what the runtime allocates and feeds."""
+        return [{"layer": i, "kv_heads": self.kv_shape(i)[0], "head_dim": self.kv_shape(i)[1],
+                 "kv_from": self.kv_source(i)} for i in range(self.layers)]
 
 
 def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False,
@@ -116,20 +133,28 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     no ``greedy_head``.
     """
     f, i = d.float_dtype, d.int_dtype
-    kv_hist = (1, d.seq, d.kv_heads, d.head_dim)
-    kv_one = (1, 1, d.kv_heads, d.head_dim)
     n = d.input_length
-    kv_new = (1, n, d.kv_heads, d.head_dim)
     T = TensorSpec
+
+    def per_layer_out(s: int) -> tuple[TensorSpec, ...]:
+        return (T("per_layer_embeds", (1, s, d.layers, d.per_layer), f),) if d.per_layer else ()
+
+    def per_layer_in(s: int) -> tuple[TensorSpec, ...]:
+        return ((T("per_layer_embeds", (1, s, d.per_layer), f), T("inputs_embeds", (1, s, d.hidden), f))
+                if d.per_layer else ())
+
     specs = [] if embedding_disk else [
         SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
-                    (T("input_ids", (1, n), i),), (T("input_embed", (1, n, d.hidden), f),)),
+                    (T("input_ids", (1, n), i),), (T("input_embed", (1, n, d.hidden), f), *per_layer_out(n))),
         SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
-                    (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f),)),
+                    (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f), *per_layer_out(1))),
     ]
     states = tuple(T(name, shape, f) for name, shape in d.state_shapes)
     next_states = tuple(T(f"next_{t.name}", t.shape, f) for t in states)
     for layer in range(d.layers):
+        kv_hist = (1, d.seq, *d.kv_shape(layer))
+        kv_one = (1, 1, *d.kv_shape(layer))
+        kv_new = (1, n, *d.kv_shape(layer))
         if layer in d.state_layers:
             # README "State segments": the prefill starts from a zero state and reads only the mask's diagonal
             # (which rows are prompt tokens); the decode step takes the states and returns the next ones.
@@ -144,11 +169,19 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
                 (T("hidden_states", (1, 1, d.hidden), f), *next_states),
             ))
             continue
+        if d.kv_source(layer) is None:
+            prefill_kv_in, prefill_kv_out = (), (T("past_k", kv_new, f), T("past_v", kv_new, f))
+            decode_kv_in = (T("history_k", kv_hist, f), T("history_v", kv_hist, f))
+            decode_kv_out = (T("past_k", kv_one, f), T("past_v", kv_one, f))
+        else:  # shared KV (CONTRACT: tpu-mlir's Gemma 4 blocks): the owner layer's K/V in, no K/V out
+            kv_all = (1, d.seq + 1, *d.kv_shape(layer))
+            prefill_kv_in, prefill_kv_out = (T("shared_k", kv_new, f), T("shared_v", kv_new, f)), ()
+            decode_kv_in, decode_kv_out = (T("shared_k", kv_all, f), T("shared_v", kv_all, f)), ()
         specs.append(SegmentSpec(
             f"block_{layer}", SegmentKind.BLOCK, layer,
             (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
-             T("attention_mask", (1, 1, n, n), f)),
-            (T("hidden_states", (1, n, d.hidden), f), T("past_k", kv_new, f), T("past_v", kv_new, f)),
+             T("attention_mask", (1, 1, n, n), f), *per_layer_in(n), *prefill_kv_in),
+            (T("hidden_states", (1, n, d.hidden), f), *prefill_kv_out),
         ))
         if history_kv:
             specs.append(SegmentSpec(
@@ -161,8 +194,8 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
         specs.append(SegmentSpec(
             f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
             (T("input_states", (1, 1, d.hidden), f), T("position_ids", (1, 1), i),
-             T("attention_mask", (1, 1, 1, d.seq + 1), f), T("history_k", kv_hist, f), T("history_v", kv_hist, f)),
-            (T("hidden_states", (1, 1, d.hidden), f), T("past_k", kv_one, f), T("past_v", kv_one, f)),
+             T("attention_mask", (1, 1, 1, d.seq + 1), f), *per_layer_in(1), *decode_kv_in),
+            (T("hidden_states", (1, 1, d.hidden), f), *decode_kv_out),
         ))
     if lm_head_topk:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),

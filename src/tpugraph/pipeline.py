@@ -171,14 +171,15 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         family.check_history_kv()
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
-                        int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family))
+                        int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family),
+                        **layer_dims(config, family))
     specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
                           sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
                           embedding_disk=options.embedding_disk, history_kv=options.history_kv)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model={**facts.to_json(), **_state_facts(dims), "source": source.to_json(),
+        model={**facts.to_json(), **_state_facts(dims), **layer_records(dims), "source": source.to_json(),
                **({"source_quantization": weights.quantization} if weights.quantization else {})},
         tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
@@ -256,6 +257,30 @@ def _state_facts(dims: ContractDims) -> dict:
         return {}
     return {"state_layers": list(dims.state_layers),
             "state_shapes": {name: list(shape) for name, shape in dims.state_shapes}}
+
+
+def layer_dims(config, family) -> dict:
+    """ContractDims fields of a family whose layers differ (per-layer KV shapes, shared KV, per-layer
+    embeddings); empty for every other family."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(text.num_hidden_layers)
+    dims: dict = {}
+    if family.per_layer_attention:
+        dims["layer_kv"] = tuple(family.layer_kv_shape(text, i) for i in range(layers))
+    sources = family.kv_sources(text)
+    if any(s is not None for s in sources):
+        dims["kv_from"] = tuple(sources)
+    if family.per_layer_embedding is not None and family.per_layer_embedding.width(text):
+        dims["per_layer"] = family.per_layer_embedding.width(text)
+    return dims
+
+
+def layer_records(dims: ContractDims) -> dict:
+    """The manifest's model records of per-layer facts the runtime drives by: ``layers_kv`` (each layer's KV
+    heads, head dim and the layer whose KV it reuses) and ``per_layer_embedding`` (P). Only when present."""
+    if not (dims.layer_kv or dims.kv_from or dims.per_layer):
+        return {}
+    return {"layers_kv": dims.layer_records(), "per_layer_embedding": dims.per_layer}
 
 
 def _resolve_chain(options: ExportOptions):

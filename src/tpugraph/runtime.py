@@ -105,6 +105,17 @@ class SegmentRuntime:
         first = "embedding" if self.table is None else "block_0"
         self.input_length = int(self.manifest.segment(first).inputs[0].shape[1])
         self.history_kv = any(s.kind == "block_kv" for s in self.manifest.segments)
+        # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
+        self.state_layers = set(self.manifest.model.get("state_layers", ()))
+        # Gemma 4 (README "Gemma 4"): the layer whose KV each layer reuses, and per-layer embeddings.
+        self.kv_from = [r.get("kv_from") for r in self.manifest.model.get("layers_kv") or []] or [None] * self.layers
+        self.per_layer = bool(self.manifest.model.get("per_layer_embedding"))
+
+    def _extra(self, embedded: list[np.ndarray], layer: int) -> list[np.ndarray]:
+        """A block's per-layer embedding inputs: its slice of per_layer_embeds, and the token embedding."""
+        if not self.per_layer:
+            return []
+        return [np.ascontiguousarray(embedded[1][:, :, layer]), embedded[0]]
 
     def check_prompt(self, n: int, cached: int = 0) -> None:
         """PrefillUnsupported when ``n`` tokens (after ``cached`` ones) cannot be prefilled by these nets."""
@@ -116,19 +127,17 @@ class SegmentRuntime:
             raise PrefillUnsupported(f"a prompt of {n} tokens is longer than the prefill nets' "
                                      f"{self.input_length} (--max-input-length): export with --history-kv to feed it "
                                      "in chunks")
-        # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
-        self.state_layers = set(self.manifest.model.get("state_layers", ()))
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run segment ``name`` with ``arrays`` in the contract's input order."""
         return self.backend.run(name, *arrays)
 
-    def embed(self, net: str, ids: np.ndarray) -> np.ndarray:
-        """The embedding net's output, or (--embedding-disk) the same rows gathered from the table."""
+    def embed(self, net: str, ids: np.ndarray) -> list[np.ndarray]:
+        """The embedding net's outputs (the token embedding first; Gemma 4's per-layer embeddings second), or
+        (--embedding-disk) the same rows gathered from the table."""
         if self.table is not None:
-            return self.table.gather(ids)
-        (hidden,) = self.run(net, ids)
-        return hidden
+            return [self.table.gather(ids)]
+        return list(self.run(net, ids))
 
     def next_token(self, hidden_last: np.ndarray, context: list[int] | None = None) -> tuple[int, np.ndarray | None]:
         """The next token and the logits it came from (None for a top-k lm_head, which has none).
@@ -153,14 +162,19 @@ class SegmentRuntime:
         """The first chunk of a prompt (at most L tokens) through ``block_i``: (hidden of its last token,
         [(k, v)] per layer as SEQ-row history buffers: the block's L rows, garbage past the prompt included)."""
         ids, pos, mask = prefill_inputs(prompt, self.input_length, self.mask_value)
-        hidden = self.embed("embedding", ids)
+        embedded = self.embed("embedding", ids)
+        hidden = embedded[0]
         history = []
         for i in range(self.layers):
-            if i in self.state_layers:  # from a zero state; the mask's diagonal tells the prompt rows
+            src = self.kv_from[i]
+            if src is not None:  # shared KV: the owner layer's keys/values in, none out, no history of its own
+                (hidden,) = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i), *history[src])
+                history.append(None)
+            elif i in self.state_layers:  # from a zero state; the mask's diagonal tells the prompt rows
                 hidden, k, v = self.run(f"block_{i}", hidden, mask)
                 history.append((np.array(k, copy=True), np.array(v, copy=True)))
             else:
-                hidden, k, v = self.run(f"block_{i}", hidden, pos, mask)
+                hidden, k, v = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i))
                 history.append((self._history_buffer(k), self._history_buffer(v)))
         return hidden[0, len(prompt) - 1], history
 
@@ -176,7 +190,7 @@ class SegmentRuntime:
         """Up to L new tokens on top of ``h`` cached ones through ``block_kv_i``; their keys/values are written
         into the history buffers at rows h..h+n-1. Returns the hidden state of the chunk's last token."""
         ids, pos, mask = history_prefill_inputs(chunk, h, self.input_length, self.seq, self.mask_value)
-        hidden = self.embed("embedding", ids)
+        hidden = self.embed("embedding", ids)[0]
         n = len(chunk)
         for i in range(self.layers):
             hk, hv = history[i]
@@ -218,15 +232,25 @@ class SegmentRuntime:
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
         ids, pos, mask = decode_inputs(token, n, self.seq, self.mask_value)
-        hidden = self.embed("embedding_cache", ids)
+        embedded = self.embed("embedding_cache", ids)
+        hidden = embedded[0]
+        new: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for i in range(self.layers):
+            src = self.kv_from[i]
+            if src is not None:  # shared KV: the owner's history with its new row appended, [1, SEQ+1, KVH, D]
+                hk, hv = history[src]
+                k, v = new[src]
+                shared = (np.concatenate([hk, k], axis=1), np.concatenate([hv, v], axis=1))
+                (hidden,) = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), *shared)
+                continue
             hk, hv = history[i]
             if i in self.state_layers:  # the next states replace the buffers' contents (same addresses)
                 hidden, conv, recurrent = self.run(f"block_cache_{i}", hidden, hk, hv)
                 hk[...] = conv
                 hv[...] = recurrent
                 continue
-            hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, hk, hv)
+            hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), hk, hv)
+            new[i] = (np.array(k, copy=True), np.array(v, copy=True))
             hk[0, n] = k[0, 0]
             hv[0, n] = v[0, 0]
         return hidden[0, 0]

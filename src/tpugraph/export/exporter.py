@@ -16,9 +16,11 @@ from torch import nn
 
 from ..contract import MASK_VALUE, SegmentKind, SegmentSpec
 from ..errors import ModelError
+from ..families import KV_SHARING_NONE
 from .family_layers import adapt_layer
 from .graph_surgery import params_to_weights, restore_unused_inputs, unused_graph_inputs  # noqa: F401
 from .model_parts import TORCH_DTYPES, ModelParts, _parameters_on_meta  # noqa: F401 - re-exported
+from .per_layer_inputs import ExtraInputsBlockCacheSegment, ExtraInputsBlockSegment, PerLayerEmbeddingSegment
 from .notes import export_notes, unused_inputs_note  # noqa: F401 - re-exported
 from .wrappers import (
     BlockCacheSegment,
@@ -91,7 +93,15 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     if parts is None:
         raise ModelError(f"segment '{spec.name}' needs the model's weights")
     fam = parts.family
-    if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
+    if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) and len(spec.outputs) == 2:
+        # Per-layer embeddings (Gemma 4): the second table is gathered by the same segment.
+        ple = fam.per_layer_embedding
+        with parts.materialized(fam.embed_path, placeholders_from) as embed, \
+                parts.materialized(ple.table_path, placeholders_from) as table:
+            shape = spec.outputs[1].shape
+            yield _with_float_boundary(
+                PerLayerEmbeddingSegment(embed, table, parts.embed_scale(embed), shape[2], shape[3]), parts)
+    elif spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
         with parts.materialized(fam.embed_path, placeholders_from) as embed:
             yield _with_float_boundary(EmbeddingSegment(embed, parts.embed_scale(embed)), parts)
     elif spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE):
@@ -108,9 +118,17 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
                 cls = StateBlockSegment if spec.kind == SegmentKind.BLOCK else StateBlockCacheSegment
                 yield _with_float_boundary(cls(layer, _layer_cache_kwarg(layer)), parts)
                 return
-            cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
-                   SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
-            yield _with_float_boundary(cls(layer, rotary, window), parts)
+            names = {t.name for t in spec.inputs}
+            if fam.per_layer_embedding is not None or fam.kv_sharing != KV_SHARING_NONE:
+                # per_layer_inputs: Gemma 4's extra block inputs (its layers take the shared-KV store either way)
+                cls = ExtraInputsBlockSegment if spec.kind == SegmentKind.BLOCK else ExtraInputsBlockCacheSegment
+                yield _with_float_boundary(cls(layer, rotary, window, fam, parts.skeleton,
+                                               fam.layer_type(parts.text_config, spec.layer),
+                                               "per_layer_embeds" in names, "shared_k" in names), parts)
+            else:
+                cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
+                       SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
+                yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:
         greedy = any(t.name == "token" for t in spec.outputs)
         token_only = len(spec.outputs) == 1 and greedy
