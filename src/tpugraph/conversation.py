@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import UsageError
 from .manifest import Manifest
-from .runtime import KvCache, PrefillUnsupported  # noqa: F401 - re-exported
+from .runtime import KvCache, PrefillUnsupported, prefill_length  # noqa: F401 - re-exported
 
 # The user turns of a verified chat conversation (verify --turns with a chat template), cycled.
 VERIFY_USER_TURNS = ("What is the capital of France?", "And the capital of Italy?",
@@ -19,7 +19,7 @@ VERIFY_USER_TURNS = ("What is the capital of France?", "And the capital of Italy
 def runtime_facts(manifest: Manifest) -> tuple[int, int, bool]:
     """(SEQ, L, has block_kv_i) of an output, from its manifest."""
     seq = int(manifest.options["seq_length"])
-    length = int(manifest.segment("embedding").inputs[0].shape[1])
+    length = prefill_length(manifest)
     return seq, length, any(s.kind == "block_kv" for s in manifest.segments)
 
 

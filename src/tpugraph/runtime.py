@@ -16,6 +16,13 @@ from .manifest import Manifest, read_manifest
 from .sampling import SamplingParams, draw, head_inputs, sample_head_of
 
 
+def prefill_length(manifest: Manifest) -> int:
+    """L, the prefill nets' input length, as the LLM-TPU runtime reads it: from embedding's input (block_0's
+    with --embedding-disk, which has no embedding net)."""
+    first = "embedding" if any(s.name == "embedding" for s in manifest.segments) else "block_0"
+    return int(manifest.segment(first).inputs[0].shape[1])
+
+
 class PrefillUnsupported(ValueError):
     """The output's nets cannot take this prefill (a prompt longer than L, or new tokens on a history,
     without block_kv_i)."""
@@ -100,10 +107,7 @@ class SegmentRuntime:
                 raise UsageError(f"penalty_sample_head (--sample-head legacy) has no top_k input, it always keeps "
                                  f"{k}: re-export with --sample-head for top-k", option="top_k")
             sampling.check(k)
-        # L, the prefill nets' input length, as the LLM-TPU runtime reads it: from embedding's input (block_0's
-        # with --embedding-disk).
-        first = "embedding" if self.table is None else "block_0"
-        self.input_length = int(self.manifest.segment(first).inputs[0].shape[1])
+        self.input_length = prefill_length(self.manifest)
         self.history_kv = any(s.kind == "block_kv" for s in self.manifest.segments)
         # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
         self.state_layers = set(self.manifest.model.get("state_layers", ()))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..families import FamilySpec
-from .wrappers import RotaryTable, _apply_window, _CaptureKV, _layer_cache_kwarg
+from .wrappers import RotaryTable, _apply_window, _CaptureKV, _layer_cache_kwarg, clamp_mask
 
 PROJECTION = "ple_model_projection"  # names of the per-layer modules added to each decoder layer
 NORM = "ple_projection_norm"
@@ -165,6 +165,7 @@ class ExtraInputsBlockSegment(_ExtraInputsLayer):
     shared_v]) -> (hidden_states[, past_k, past_v])."""
 
     def forward(self, input_states, position_ids, attention_mask, *extra):
+        attention_mask = clamp_mask(attention_mask)  # any mask value a runtime writes (wrappers.clamp_mask)
         if self.window is not None:
             attention_mask = _apply_window(attention_mask, position_ids, position_ids, self.window)
         kwargs, rest = self._split(extra)
@@ -182,6 +183,7 @@ class ExtraInputsBlockCacheSegment(_ExtraInputsLayer):
     history_v | shared_k, shared_v [1, SEQ+1, KVH, D]) -> (hidden_states[, past_k, past_v])."""
 
     def forward(self, input_states, position_ids, attention_mask, *extra):
+        attention_mask = clamp_mask(attention_mask)  # any mask value a runtime writes (wrappers.clamp_mask)
         kwargs, (first_k, first_v) = self._split(extra)
         if self.window is not None:
             slots = torch.arange(attention_mask.shape[-1] - 1, dtype=position_ids.dtype)[None]
