@@ -57,6 +57,10 @@ def test_verify_bmodel_passes_token_for_token(compiled, exported, toolchain):
     assert not report.teacher_forced and report.tokens_equal and len(report.hf_tokens) == 3
     assert report.passed, report.to_json()
     assert report.min_cosine >= report.thresholds[0]
+    if mode == "bf16":  # issue #12 item 7: verify --bmodel drives the F16 pattern 0xF0E2 (as BF16: about -5.5e29)
+        assert report.mask_check["pattern"] == "0xF0E2" and report.mask_check["tokens"] == report.onnx_tokens
+    else:  # compile's own end-to-end check leaves it to verify --bmodel
+        assert report.mask_check is None
 
 
 def test_run_backend_bmodel_streams_the_onnx_tokens(compiled, exported, toolchain):

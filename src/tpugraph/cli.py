@@ -172,10 +172,15 @@ def export_and_optimize_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models whose config needs remote code."),
     penalty_head: bool = typer.Option(False, "--penalty-head", help="Also export penalty_sample_head.onnx (repetition penalty, temperature, top-p; top-50 probs and tokens)."),
     lm_head_greedy: bool = typer.Option(False, "--lm-head-greedy", help="Take the greedy top-1 inside lm_head (outputs token, m_logits) and export no greedy_head."),
+    sample_head: Optional[str] = typer.Option(None, "--sample-head", help="Also export the current LLM-TPU runtime's sample_head.onnx (repetition penalty, temperature, top-k, top-p; top-50 probs and token_idx); '--sample-head legacy': penalty_sample_head.onnx instead."),
+    lm_head_topk: bool = typer.Option(False, "--lm-head-topk", help="lm_head returns the greedy token [1,1] only (the current runtime's top-k lm_head); no greedy_head."),
+    embedding_disk: bool = typer.Option(False, "--embedding-disk", help="No embedding nets: the vocabulary rows go to OUT/embedding.f32.bin (compile writes embedding.bin in its float type) and the host gathers them."),
     external_data: str = typer.Option("auto", "--external-data", help=f"Weights in a shared NAME.data file per layer/vocabulary: {_choices(EXTERNAL_DATA_MODES)} (auto: when over 16 MB)."),
     weight_swap: bool = typer.Option(True, "--weight-swap/--no-weight-swap", help="Reuse one layer's optimised graph for the other layers of the same structure (checked against a full export of that layer)."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Work units (the vocabulary segments, each layer's pair) built in parallel threads; the output is the same whatever the number."),
     with_test_data: bool = typer.Option(False, "--with-test-data", help="Also write OUT/test_data/<segment>_input.npz: realistic inputs (a prompt driven through the segments) for tpu-mlir's numerical compares."),
+    max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="L: tokens the prefill nets (embedding, block_i, block_kv_i) take, 1..SEQ (default SEQ); the decode nets keep SEQ. LLM-TPU's runtime reads L from embedding's input."),
+    history_kv: bool = typer.Option(False, "--history-kv", help="Also export block_kv_i per layer: a prefill of up to L new tokens on top of the KV history (multi-turn chat keeps the cache between turns; a prompt longer than L is fed in chunks of L)."),
     json_out: JsonOut = False,
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
@@ -185,8 +190,10 @@ def export_and_optimize_cmd(
     opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=passes,
                          skip_passes=skip_pass or [], pass_options=parse_pass_options(option), naming=naming,
                          force=force, trust_remote_code=trust_remote_code, penalty_head=penalty_head,
-                         greedy_in_lm_head=lm_head_greedy, external_data=external_data, weight_swap=weight_swap,
-                         jobs=jobs, with_test_data=with_test_data)
+                         greedy_in_lm_head=lm_head_greedy, sample_head=sample_head, lm_head_topk=lm_head_topk,
+                         embedding_disk=embedding_disk, external_data=external_data, weight_swap=weight_swap,
+                         jobs=jobs, with_test_data=with_test_data, max_input_length=max_input_length,
+                         history_kv=history_kv)
 
     if gguf_file:
         from .model_source import resolve_model
@@ -224,26 +231,40 @@ def verify_cmd(
              "model would take over half the available memory, e.g. 7B on 24 GB)."),
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
     tpu_mlir: TpuMlirVenv = None,
+    turns: int = typer.Option(1, "--turns", help="Verify a conversation of this many turns (OUT's chat template when its tokenizer has one, else the prompt, each reply and a new random prompt): each turn is compared with transformers on the whole conversation so far, while the runtime keeps the KV cache and prefills only the new tokens (block_kv_i, --history-kv)."),
 ) -> None:
     """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
     tokens and logits with transformers' greedy generate."""
     from .verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
-                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir)
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
         _echo(f"prompt ({len(report.prompt)} tokens): {report.prompt}")
         _echo(f"{'step':>4}  {'hf':>7}  {'bmodel' if bmodel else 'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
+        turn_of = {t.turn: t for t in report.turns}
         for s in report.steps:
-            _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  "
-                  f"{s.rel_diff:>9.2e}  {('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
+            if s.step == 0 and s.turn in turn_of:
+                t = turn_of[s.turn]
+                _echo(f"turn {t.turn}: conversation of {t.prompt_tokens} tokens, {t.new_tokens} prefilled "
+                      f"({t.prompt_tokens - t.new_tokens} from the KV cache)")
+            numbers = (f"{s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  {s.rel_diff:>9.2e}" if s.logits_compared
+                       else f"{'-':>10}  {'-':>10}  {'-':>9}")
+            _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {numbers}  "
+                  f"{('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
         min_cos, max_rel = report.thresholds
-        _echo(f"tokens equal: {report.tokens_equal}; min cosine {report.min_cosine:.7f} (>= {min_cos}); "
-              f"max rel diff {report.max_rel_diff:.2e} (<= {max_rel}); {report.dtype} on {report.backend}"
+        logits = (f"min cosine {report.min_cosine:.7f} (>= {min_cos}); max rel diff {report.max_rel_diff:.2e} "
+                  f"(<= {max_rel}); " if report.logits_compared else "")
+        _echo(f"tokens equal: {report.tokens_equal}; {logits}{report.dtype} on {report.backend}"
               + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
-              + ("; reference layers streamed" if report.reference == "streamed" else ""))
+              + ("; reference layers streamed" if report.reference == "streamed" else "")
+              + ("" if report.logits_compared else "; tokens only: the top-k lm_head returns no logits"))
+        if report.mask_check is not None:
+            m = report.mask_check
+            _echo(f"mask {m['pattern']} (read as {m['value']:.4g}) instead of -10000: tokens {m['tokens']} "
+                  f"{'equal' if report.mask_check_ok else 'DIFFER'}")
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
         raise typer.Exit(1)
@@ -260,15 +281,22 @@ def run_cmd(
     backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
     tpu_mlir: TpuMlirVenv = None,
+    sample: bool = typer.Option(False, "--sample", help="Draw each token from OUT's sample head (export with --sample-head) instead of greedy."),
+    temperature: float = typer.Option(1.0, "--temperature", help="With --sample: softmax temperature (> 0)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="With --sample: nucleus mass to keep, in (0, 1]."),
+    top_k: int = typer.Option(50, "--top-k", help="With --sample: the most likely tokens to keep, 1..50."),
+    penalty: float = typer.Option(1.0, "--penalty", help="With --sample: repetition penalty on the tokens so far (1: none)."),
+    seed: int = typer.Option(0, "--seed", help="With --sample: seed of the host's draws (the same seed gives the same tokens)."),
     json_out: JsonOut = False,
 ) -> None:
-    """Generate text from OUT the way the TPU runtime drives the nets (greedy), streaming tokens as they come."""
+    """Generate text from OUT the way the TPU runtime drives the nets (greedy, or --sample), streaming tokens as they come."""
     from .generation import parse_ids, run_prompt
+    from .sampling import SamplingParams
 
     stream = None if json_out or _state["verbosity"] < 0 else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
                         chat=chat, max_new_tokens=max_new_tokens, backend=backend, bmodel=bmodel, venv=tpu_mlir,
-                        on_text=stream)
+                        on_text=stream, sampling=SamplingParams(temperature, top_p, top_k, penalty, seed) if sample else None)
     if json_out:
         typer.echo(json.dumps(result.to_json()))
         return
@@ -278,6 +306,50 @@ def run_cmd(
     rate = f"{result.decode_tokens_per_second:.2f} tokens/s" if result.decode_tokens_per_second else "-"
     typer.echo(f"[{len(result.tokens)} tokens, stop: {result.stop}; prefill {result.prefill_seconds:.2f}s "
                f"({len(result.prompt_ids)} prompt tokens), decode {rate}; {result.backend}]", err=True)
+
+
+@app.command("chat")
+@user_errors
+def chat_cmd(
+    out: OutFolder,
+    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    tpu_mlir: TpuMlirVenv = None,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply (it also stops at EOS and when the window is full)."),
+) -> None:
+    """Chat with OUT turn by turn (its tokenizer's chat template). The conversation stays in the KV cache: with
+    --history-kv each turn prefills only its new tokens. /reset starts over, /exit (or end of input) quits."""
+    from .chat import ChatSession, ConversationFull
+
+    session = ChatSession(out, backend=backend, bmodel=bmodel, venv=tpu_mlir, max_new_tokens=max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {out} (SEQ={session.seq}); /reset starts over, /exit quits", err=True)
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                session.reset()
+                typer.echo("[conversation reset]", err=True)
+                continue
+            try:
+                reply = session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            except ConversationFull as full:
+                typer.echo(f"sorry: {full}", err=True)
+                continue
+            typer.echo("")
+            typer.echo(f"[{len(reply.tokens)} tokens, stop: {reply.stop}; conversation {reply.conversation_tokens} of "
+                       f"{session.seq} tokens, {reply.prefilled} prefilled this turn; {reply.seconds:.2f}s]", err=True)
+    finally:
+        session.close()
 
 
 @manifest_app.command("validate")
@@ -461,6 +533,8 @@ def compile_cmd(
               f"(transformers {e2e.hf_tokens}, bmodel {e2e.onnx_tokens}), min logits cosine {e2e.min_cosine:.6f} "
               f"({report.end_to_end_seconds:.0f}s): {'PASS' if e2e.passed else 'FAIL'}")
     _echo(f"wrote {report.bmodel} ({report.seconds:.0f}s)")
+    if report.embedding_table:
+        _echo(f"wrote {report.embedding_table} (the vocabulary rows the host gathers: --embedding-disk)")
     if not report.passed:
         raise typer.Exit(1)
 
@@ -521,7 +595,19 @@ GLOBAL_FLAGS = {"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose"}
 def _global_flags_first(argv: list[str]) -> list[str]:
     """Accept -v/-q anywhere on the line (`tpugraph verify out -q`), as users type them."""
     flags = [a for a in argv if a in GLOBAL_FLAGS]
-    return flags + [a for a in argv if a not in GLOBAL_FLAGS]
+    return flags + _sample_head_value([a for a in argv if a not in GLOBAL_FLAGS])
+
+
+def _sample_head_value(argv: list[str]) -> list[str]:
+    """`--sample-head` alone means `--sample-head current` (its value is optional: `--sample-head legacy`)."""
+    from .contract import SAMPLE_HEADS
+
+    fixed = []
+    for i, arg in enumerate(argv):
+        fixed.append(arg)
+        if arg == "--sample-head" and (i + 1 == len(argv) or argv[i + 1] not in SAMPLE_HEADS):
+            fixed.append("current")
+    return fixed
 
 
 def main() -> None:

@@ -16,17 +16,20 @@ DEFAULT_Q_GROUP_SIZE = 64  # LLM-TPU's choice for the 4-bit modes
 
 # Quantization of each segment kind. The embedding is a lookup table: weight-only modes do not apply, it
 # keeps the activation float type of the mode. The heads are tiny and need exact arithmetic: F32.
-HEAD_KINDS = ("greedy_head", "penalty_sample_head")
+HEAD_KINDS = ("greedy_head", "penalty_sample_head", "sample_head")
 # --quant_input / --quant_output strip the f32<->f16 casts at a net's edges, so the runtime moves the
 # activations between nets in the quantized type: every net that receives an activation from another net
 # strips its input cast, every net whose output goes on to another net strips its output cast. lm_head
 # keeps an f32 output because the heads (F32) take its logits. On int inputs and on the F32 heads there is
 # no cast to strip: the flag changes nothing there (checked with tpu-mlir 1.30.2) and is kept as CONTRACT.md
 # lists it.
-QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache", "lm_head", *HEAD_KINDS)
-QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_cache")
+QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache", "lm_head", *HEAD_KINDS)
+QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache")
 # The decode blocks read their KV history from buffers the runtime keeps across steps.
-IO_ALONE_KINDS = ("block_cache",)
+# sample_head as llm_convert deploys it (CONTRACT.md, second table): io_alone and --dynamic, since the
+# runtime may hand it fewer recent tokens than SEQ for the repetition penalty.
+IO_ALONE_KINDS = ("block_cache", "sample_head")
+DYNAMIC_KINDS = ("sample_head",)
 CHECK_MODES = ("representative", "all", "none")
 
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compile_options import (DEFAULT_Q_GROUP_SIZE, resolve_auto, HEAD_KINDS, IO_ALONE_KINDS, QUANT_INPUT_KINDS,
+from .compile_options import (DEFAULT_Q_GROUP_SIZE, resolve_auto, DYNAMIC_KINDS, HEAD_KINDS, IO_ALONE_KINDS, QUANT_INPUT_KINDS,
                               QUANT_OUTPUT_KINDS, CompileOptions)
 from .errors import UsageError
 from .manifest import Manifest, SegmentEntry, read_manifest
@@ -89,6 +89,8 @@ def deploy_flags(kind: str, options: CompileOptions) -> list[str]:
         flags.append("--quant_output")
     if kind in IO_ALONE_KINDS:
         flags += ["--addr_mode", "io_alone"]
+    if kind in DYNAMIC_KINDS:
+        flags.append("--dynamic")
     return flags
 
 

@@ -271,6 +271,11 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
         raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,
                                   failure.log_path, report)
     report.bmodel = out_dir / plan.bmodel
+    if manifest.conventions.get("embedding_disk"):  # --embedding-disk: the rows in the compile's float type
+        from .compile_plan import _float_mode
+        from .embedding_table import COMPILED_NAME, write_compiled
+
+        report.embedding_table = write_compiled(out_dir, _float_mode(plan.options.quantize), out_dir / COMPILED_NAME)
     if plan.end_to_end:
         from .verify import verify
 
@@ -278,7 +283,7 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
             progress("", "end-to-end check", total, total)
         t0 = time.perf_counter()
         report.end_to_end = verify(out_dir, prompt_length=END_TO_END_PROMPT, new_tokens=END_TO_END_TOKENS,
-                                   bmodel=report.bmodel, tpu_mlir=venv)
+                                   bmodel=report.bmodel, tpu_mlir=venv, mask_check=False)  # verify --bmodel does it
         report.end_to_end_seconds = time.perf_counter() - t0
         report.seconds = time.perf_counter() - t_start
     if progress:

@@ -38,6 +38,24 @@ def _shell_command(argv: tuple[str, ...]) -> str:
     return " \\\n    ".join(lines)
 
 
+# embedding.f32.bin -> embedding.bin in f16 or bf16 (round to nearest even), in chunks; as embedding_table.py does.
+_TABLE_SCRIPT = (
+    "import sys, numpy as np",
+    "src, dst, kind = sys.argv[1:]",
+    "rows = np.memmap(src, dtype=np.float32, mode='r')",
+    "with open(dst + '.tmp', 'wb') as f:",
+    "    for i in range(0, rows.size, 1 << 24):",
+    "        x = np.asarray(rows[i:i + (1 << 24)])",
+    "        if kind == 'f16':",
+    "            f.write(x.astype(np.float16).tobytes())",
+    "        else:",
+    "            b = x.view(np.uint32)",
+    "            r = ((b + (0x7FFF + ((b >> 16) & 1))) >> 16).astype(np.uint16)",
+    "            f.write(np.where(np.isnan(x), np.uint16(0x7FC0), r).astype(np.uint16).tobytes())",
+    "import os; os.replace(dst + '.tmp', dst)",
+)
+
+
 def render_script(plan: CompilePlan, manifest: Manifest) -> str:
     """The plan as a self-contained bash script that lives in OUT (paths relative to its own folder)."""
     m = manifest.model
@@ -75,6 +93,15 @@ def render_script(plan: CompilePlan, manifest: Manifest) -> str:
                 lines.append(f'mkdir -p "$WORK/{step.segment}" && cd "$WORK/{step.segment}"')
         lines.append(_shell_command(step.argv))
     lines += ["", f'echo "wrote $OUT/{plan.bmodel}"']
+    table = manifest.conventions.get("embedding_disk")
+    if table:  # --embedding-disk: the vocabulary rows in the compile's float type, as tpugraph compile writes them
+        from .compile_plan import _float_mode
+        from .embedding_table import COMPILED_NAME
+
+        lines += ["", f"# {COMPILED_NAME}: the embedding rows the runtime gathers on the host (--embedding-disk), "
+                      f"in {_float_mode(opts.quantize)}.",
+                  f'python3 - "$OUT/{table["file"]}" "$OUT/{COMPILED_NAME}" {_float_mode(opts.quantize)} <<\'PY\'',
+                  *_TABLE_SCRIPT, "PY", f'echo "wrote $OUT/{COMPILED_NAME}"']
     if plan.end_to_end:
         lines.append(f'echo "check it end to end: tpugraph verify \\"$OUT\\" --bmodel \\"$OUT/{plan.bmodel}\\""')
     lines.append("")

@@ -14,10 +14,15 @@ class SegmentKind(str, Enum):
     EMBEDDING = "embedding"
     EMBEDDING_CACHE = "embedding_cache"
     BLOCK = "block"
+    BLOCK_KV = "block_kv"
     BLOCK_CACHE = "block_cache"
     LM_HEAD = "lm_head"
     GREEDY_HEAD = "greedy_head"
     PENALTY_SAMPLE_HEAD = "penalty_sample_head"
+    SAMPLE_HEAD = "sample_head"
+
+
+SAMPLE_HEADS = ("current", "legacy")  # sample_head (CONTRACT.md second table) | penalty_sample_head (first)
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,47 @@ class ContractDims:
     int_dtype: str = "int32"
     float_dtype: str = "float32"
     sample_top_k: int = 50
+    max_input: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
+
+    @property
+    def input_length(self) -> int:
+        return self.seq if self.max_input is None else self.max_input
+    # Layers that carry a state instead of a KV cache (hybrid models, export/linear_attention.py), and the
+    # shapes of their states by input name (e.g. conv_state, recurrent_state). Empty for the other models.
+    state_layers: tuple[int, ...] = ()
+    state_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Per layer (KVH, D) when layers differ (Gemma 4: sliding and full layers); empty = (kv_heads, head_dim).
+    layer_kv: tuple[tuple[int, int], ...] = ()
+    # Per layer: the earlier layer whose KV it attends over (shared KV), or None; empty = none shared.
+    kv_from: tuple[int | None, ...] = ()
+    # Width P of the per-layer embeddings (Gemma 4), 0 = none.
+    per_layer: int = 0
+
+    def kv_shape(self, layer: int) -> tuple[int, int]:
+        return self.layer_kv[layer] if self.layer_kv else (self.kv_heads, self.head_dim)
+
+    def kv_source(self, layer: int) -> int | None:
+        return self.kv_from[layer] if self.kv_from else None
+
+    def layer_records(self) -> list[dict[str, Any]]:
+        """The manifest's per-layer KV record (model.layers_kv): what the runtime allocates and feeds."""
+        return [{"layer": i, "kv_heads": self.kv_shape(i)[0], "head_dim": self.kv_shape(i)[1],
+                 "kv_from": self.kv_source(i)} for i in range(self.layers)]
 
 
-def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False) -> list[SegmentSpec]:
+def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False,
+                  sample_head: str | None = None, lm_head_topk: bool = False,
+                  embedding_disk: bool = False, history_kv: bool = False) -> list[SegmentSpec]:
     """Every segment of the default output, in the order the runtime first uses them.
+
+    ``sample_head``: "current" adds ``sample_head`` (CONTRACT.md, second table), "legacy" the first table's
+    ``penalty_sample_head`` (as ``with_penalty_head`` does). ``lm_head_topk``: the current runtime's top-k
+    lm_head, ``token`` [1,1] int its only output, and no ``greedy_head``. ``embedding_disk``: no embedding
+    nets (the runtime gathers rows of the vocabulary matrix on the host).
+
+    The prefill nets (``embedding``, ``block_i``, ``block_kv_i``) take L = ``d.input_length`` tokens (SEQ by
+    default); the decode nets keep SEQ. ``history_kv`` adds ``block_kv_i`` (CONTRACT.md, second table): a
+    prefill of up to L new tokens on top of the KV history, for multi-turn chat and chunked prefill.
 
     ``greedy_in_lm_head``: the seed recipe's variant, one net fewer. ``lm_head`` takes the top-1 itself
     and outputs ``token`` [1,1] int first and ``m_logits`` [1,V] second (a runtime reading output 0 as
@@ -91,29 +133,74 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     no ``greedy_head``.
     """
     f, i = d.float_dtype, d.int_dtype
-    kv_hist = (1, d.seq, d.kv_heads, d.head_dim)
-    kv_one = (1, 1, d.kv_heads, d.head_dim)
+    n = d.input_length
     T = TensorSpec
-    specs = [
+
+    def per_layer_out(s: int) -> tuple[TensorSpec, ...]:
+        return (T("per_layer_embeds", (1, s, d.layers, d.per_layer), f),) if d.per_layer else ()
+
+    def per_layer_in(s: int) -> tuple[TensorSpec, ...]:
+        return ((T("per_layer_embeds", (1, s, d.per_layer), f), T("inputs_embeds", (1, s, d.hidden), f))
+                if d.per_layer else ())
+
+    specs = [] if embedding_disk else [
         SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
-                    (T("input_ids", (1, d.seq), i),), (T("input_embed", (1, d.seq, d.hidden), f),)),
+                    (T("input_ids", (1, n), i),), (T("input_embed", (1, n, d.hidden), f), *per_layer_out(n))),
         SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
-                    (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f),)),
+                    (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f), *per_layer_out(1))),
     ]
+    states = tuple(T(name, shape, f) for name, shape in d.state_shapes)
+    next_states = tuple(T(f"next_{t.name}", t.shape, f) for t in states)
     for layer in range(d.layers):
+        kv_hist = (1, d.seq, *d.kv_shape(layer))
+        kv_one = (1, 1, *d.kv_shape(layer))
+        kv_new = (1, n, *d.kv_shape(layer))
+        if layer in d.state_layers:
+            # README "State segments": the prefill starts from a zero state and reads only the mask's diagonal
+            # (which rows are prompt tokens); the decode step takes the states and returns the next ones.
+            specs.append(SegmentSpec(
+                f"block_{layer}", SegmentKind.BLOCK, layer,
+                (T("input_states", (1, d.seq, d.hidden), f), T("attention_mask", (1, 1, d.seq, d.seq), f)),
+                (T("hidden_states", (1, d.seq, d.hidden), f), *next_states),
+            ))
+            specs.append(SegmentSpec(
+                f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
+                (T("input_states", (1, 1, d.hidden), f), *states),
+                (T("hidden_states", (1, 1, d.hidden), f), *next_states),
+            ))
+            continue
+        if d.kv_source(layer) is None:
+            prefill_kv_in, prefill_kv_out = (), (T("past_k", kv_new, f), T("past_v", kv_new, f))
+            decode_kv_in = (T("history_k", kv_hist, f), T("history_v", kv_hist, f))
+            decode_kv_out = (T("past_k", kv_one, f), T("past_v", kv_one, f))
+        else:  # shared KV (CONTRACT: tpu-mlir's Gemma 4 blocks): the owner layer's K/V in, no K/V out
+            kv_all = (1, d.seq + 1, *d.kv_shape(layer))
+            prefill_kv_in, prefill_kv_out = (T("shared_k", kv_new, f), T("shared_v", kv_new, f)), ()
+            decode_kv_in, decode_kv_out = (T("shared_k", kv_all, f), T("shared_v", kv_all, f)), ()
         specs.append(SegmentSpec(
             f"block_{layer}", SegmentKind.BLOCK, layer,
-            (T("input_states", (1, d.seq, d.hidden), f), T("position_ids", (1, d.seq), i),
-             T("attention_mask", (1, 1, d.seq, d.seq), f)),
-            (T("hidden_states", (1, d.seq, d.hidden), f), T("past_k", kv_hist, f), T("past_v", kv_hist, f)),
+            (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
+             T("attention_mask", (1, 1, n, n), f), *per_layer_in(n), *prefill_kv_in),
+            (T("hidden_states", (1, n, d.hidden), f), *prefill_kv_out),
         ))
+        if history_kv:
+            specs.append(SegmentSpec(
+                f"block_kv_{layer}", SegmentKind.BLOCK_KV, layer,
+                (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
+                 T("attention_mask", (1, 1, n, d.seq + n), f), T("history_k", kv_hist, f),
+                 T("history_v", kv_hist, f)),
+                (T("hidden_states", (1, n, d.hidden), f), T("past_k", kv_new, f), T("past_v", kv_new, f)),
+            ))
         specs.append(SegmentSpec(
             f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
             (T("input_states", (1, 1, d.hidden), f), T("position_ids", (1, 1), i),
-             T("attention_mask", (1, 1, 1, d.seq + 1), f), T("history_k", kv_hist, f), T("history_v", kv_hist, f)),
-            (T("hidden_states", (1, 1, d.hidden), f), T("past_k", kv_one, f), T("past_v", kv_one, f)),
+             T("attention_mask", (1, 1, 1, d.seq + 1), f), *per_layer_in(1), *decode_kv_in),
+            (T("hidden_states", (1, 1, d.hidden), f), *decode_kv_out),
         ))
-    if greedy_in_lm_head:
+    if lm_head_topk:
+        specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
+                                 (T("token", (1, 1), i),)))
+    elif greedy_in_lm_head:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
                                  (T("token", (1, 1), i), T("m_logits", (1, d.vocab), f))))
     else:
@@ -121,7 +208,15 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
                                  (T("hidden_states", (1, d.hidden), f),), (T("m_logits", (1, d.vocab), f),)))
         specs.append(SegmentSpec("greedy_head", SegmentKind.GREEDY_HEAD, None,
                                  (T("m_logits", (1, d.vocab), f),), (T("token", (1, 1), i),)))
-    if with_penalty_head:
+    if sample_head == "current":
+        k = d.sample_top_k
+        specs.append(SegmentSpec(
+            "sample_head", SegmentKind.SAMPLE_HEAD, None,
+            (T("m_logits", (1, d.vocab), f), T("input_ids", (1, d.seq), i), T("penalty", (1,), f),
+             T("temperature", (1,), f), T("top_k", (1,), i), T("top_p", (1,), f)),
+            (T("probs", (1, k), f), T("token_idx", (1, k), i)),
+        ))
+    if with_penalty_head or sample_head == "legacy":
         k = d.sample_top_k
         specs.append(SegmentSpec(
             "penalty_sample_head", SegmentKind.PENALTY_SAMPLE_HEAD, None,
@@ -132,8 +227,25 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     return specs
 
 
-def prefill_inputs(prompt: list[int], seq: int):
-    """input_ids, position_ids, attention_mask of the prefill step, as the runtime builds them."""
+# The mask value as LLM-TPU's demos write it: a raw 16-bit pattern (CONTRACT.md, second table).
+MASK_PATTERNS = {"f16": 0xF0E2, "bf16": 0xC61C}
+
+
+def mask_value_as_read(pattern: int, net_dtype: str) -> float:
+    """The value a net whose float inputs are ``net_dtype`` (f32, f16, bf16) reads from the 16-bit ``pattern``.
+
+    An F32 net gets the F16 value itself (the runtimes convert); 0xF0E2 read as BF16 is about -5.5e29."""
+    import numpy as np
+
+    if net_dtype == "bf16":
+        return float(np.array([pattern << 16], dtype=np.uint32).view(np.float32)[0])
+    return float(np.array([pattern], dtype=np.uint16).view(np.float16)[0])
+
+
+def prefill_inputs(prompt: list[int], seq: int, mask_value: float = MASK_VALUE):
+    """input_ids, position_ids, attention_mask of the prefill step, as the runtime builds them.
+
+    ``seq`` is the prefill nets' input length (L, which is SEQ unless --max-input-length set it)."""
     import numpy as np
 
     n = len(prompt)
@@ -141,19 +253,43 @@ def prefill_inputs(prompt: list[int], seq: int):
     ids[0, :n] = prompt
     pos = np.zeros((1, seq), dtype=np.int64)
     pos[0, :n] = np.arange(n)
-    mask = np.full((1, 1, seq, seq), MASK_VALUE, dtype=np.float32)
+    mask = np.full((1, 1, seq, seq), mask_value, dtype=np.float32)
     for r in range(n):
         mask[0, 0, r, : r + 1] = 0.0
     return ids, pos, mask
 
 
-def decode_inputs(token: int, n: int, seq: int):
+def decode_inputs(token: int, n: int, seq: int, mask_value: float = MASK_VALUE):
     """input_ids, position_ids, attention_mask of the decode step for the token at index ``n``."""
     import numpy as np
 
     ids = np.array([[token]], dtype=np.int64)
     pos = np.array([[n]], dtype=np.int64)
-    mask = np.full((1, 1, 1, seq + 1), MASK_VALUE, dtype=np.float32)
+    mask = np.full((1, 1, 1, seq + 1), mask_value, dtype=np.float32)
     mask[0, 0, 0, :n] = 0.0
     mask[0, 0, 0, seq] = 0.0
+    return ids, pos, mask
+
+
+def history_prefill_inputs(chunk: list[int], history: int, length: int, seq: int, mask_value: float = MASK_VALUE):
+    """input_ids, position_ids, attention_mask of a ``block_kv_i`` prefill (CONTRACT.md, second table): the
+    ``n = len(chunk)`` new tokens at positions ``history..history+n-1`` on top of ``history`` cached tokens.
+
+    Mask row r < n sees history columns c < ``history`` and new-token columns SEQ + j for j <= r; rows past
+    n see nothing new but are harmless (their outputs are garbage by contract)."""
+    import numpy as np
+
+    n = len(chunk)
+    if not 1 <= n <= length:
+        raise ValueError(f"a history prefill takes 1..{length} tokens (got {n})")
+    if history + n > seq:
+        raise ValueError(f"{history} cached + {n} new tokens exceed SEQ={seq}")
+    ids = np.zeros((1, length), dtype=np.int64)
+    ids[0, :n] = chunk
+    pos = np.zeros((1, length), dtype=np.int64)
+    pos[0, :n] = np.arange(history, history + n)
+    mask = np.full((1, 1, length, seq + length), mask_value, dtype=np.float32)
+    for r in range(n):
+        mask[0, 0, r, :history] = 0.0
+        mask[0, 0, r, seq: seq + r + 1] = 0.0
     return ids, pos, mask

@@ -22,6 +22,35 @@ SLIDING_BY_LAYER_TYPE = "layer_types"  # layers whose config.layer_types[i] == "
 
 SLIDING_LAYER_TYPE = "sliding_attention"
 
+# Values of ``kv_sharing``.
+KV_SHARING_NONE = "none"  # every layer has its own KV cache
+# config.kv_sharing_modes[i] == "reuse": layer i attends over the keys/values of the last earlier layer of the
+# same type that is not itself a reusing layer (Gemma 4: the last num_kv_shared_layers layers).
+KV_SHARING_BY_MODES = "kv_sharing_modes"
+
+
+@dataclass(frozen=True)
+class PerLayerEmbedding:
+    """An extra token table gathered per token and fed, with a per-layer projection of the token embedding,
+    into every decoder layer (Gemma 4's per-layer embeddings). Paths are inside the *ForCausalLM model.
+
+    The embedding segments gather the table (scaled as its module scales it) into ``per_layer_embeds``
+    [1, S, L, P]; block i takes its slice [1, S, P] and the token embedding [1, S, H] and computes the
+    rest itself: ``(norm(projection_i(embeds) * projection_scale) + slice) * input_scale``, where
+    projection_i is rows i*P..(i+1)*P of the model's projection (see README, "Gemma 4").
+    """
+
+    table_path: str
+    projection_path: str
+    norm_path: str
+    width_attr: str  # config attribute of P
+    projection_scale_attr: str  # attributes of the text model holding the two scales
+    input_scale_attr: str
+    layer_kwarg: str = "per_layer_input"  # what the decoder layer's forward takes its [1, S, P] input as
+
+    def width(self, text_config: Any) -> int:
+        return int(getattr(text_config, self.width_attr, 0) or 0)
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -62,9 +91,36 @@ class FamilySpec:
     # Parameters transformers fuses on load, each with the checkpoint keys (under a layer) it is made of;
     # "{e}" numbers the experts (stacked), the sources of one expert are concatenated (export/fused_weights.py).
     fused_weights: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Per-layer embeddings (Gemma 4), or None.
+    per_layer_embedding: PerLayerEmbedding | None = None
+    # Layers that attend over an earlier layer's keys/values instead of their own (no KV cache of their own).
+    kv_sharing: str = KV_SHARING_NONE
+    kv_sharing_kwarg: str = "shared_kv_states"  # the decoder layer's argument carrying the shared KV
+    # Head dim and KV heads differ per layer: read from config.per_layer_config[i] (Gemma 4's full layers).
+    per_layer_attention: bool = False
+    # Export options this family's segments cannot honour: (ExportOptions field, the values it can take, why).
+    # Any other value is refused with one line (exit 2) before anything is written.
+    refused_options: tuple[tuple[str, tuple[Any, ...], str], ...] = ()
+    # Config attributes that, when set (truthy), make a checkpoint of the family one tpugraph cannot export
+    # yet: (attribute, why); refused with the reason (exit 4).
+    refused_configs: tuple[tuple[str, str], ...] = ()
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
+    # Layers that carry a state instead of a KV cache (export/linear_attention.py): the config.layer_types value
+    # of such layers, and the kind of state ("gated_deltanet": conv state + recurrent state).
+    state_layer_type: str | None = None
+    state_kind: str | None = None
     quirks: tuple[str, ...] = field(default_factory=tuple)
+    # Why a prefill on top of a KV history (--history-kv: block_kv_i, multi-turn chat, chunked prefill)
+    # cannot be exact for this family, or "" when it can. It can whenever a layer's only state is its KV
+    # cache and its attention reads that cache through the mask and position ids alone, which is the case of
+    # every registered family (sliding windows are applied from the absolute positions of both sides).
+    no_history_kv: str = ""
+
+    def check_history_kv(self) -> None:
+        """Refuse --history-kv for a family whose layers cannot prefill on top of a KV history, saying why."""
+        if self.no_history_kv:
+            raise UnsupportedModelError(f"--history-kv is not possible for family '{self.name}': {self.no_history_kv}")
 
     def describe(self) -> str:
         return ", ".join(self.quirks) if self.quirks else "standard pre-norm decoder"
@@ -87,6 +143,31 @@ class FamilySpec:
     def layer_type(self, text_config: Any, layer: int) -> str | None:
         types = getattr(text_config, "layer_types", None)
         return types[layer] if types else None
+
+    def refused_option(self, options: Any) -> tuple[str, str] | None:
+        """(option, reason) of the first export option set in ``options`` that this family refuses."""
+        for option, allowed, why in self.refused_options:
+            if getattr(options, option, allowed[0]) not in allowed:
+                return option, why
+        return None
+
+    def state_layers(self, text_config: Any) -> tuple[int, ...]:
+        """Indices of the layers whose segments carry a state instead of a KV cache."""
+        if self.state_layer_type is None:
+            return ()
+        types = getattr(text_config, "layer_types", None) or []
+        return tuple(i for i, t in enumerate(types) if t == self.state_layer_type)
+
+    def state_shapes(self, text_config: Any) -> dict[str, tuple[int, ...]]:
+        """Shapes of a state layer's states, by input name; empty for a family without state layers."""
+        if self.state_kind != "gated_deltanet":
+            return {}
+        c = text_config
+        key_dim = int(c.linear_num_key_heads) * int(c.linear_key_head_dim)
+        value_dim = int(c.linear_num_value_heads) * int(c.linear_value_head_dim)
+        return {"conv_state": (1, 2 * key_dim + value_dim, int(c.linear_conv_kernel_dim)),
+                "recurrent_state": (1, int(c.linear_num_value_heads), int(c.linear_key_head_dim),
+                                    int(c.linear_value_head_dim))}
 
     def rotary_call_kwargs(self, text_config: Any, layer: int) -> dict[str, Any]:
         """Extra keyword arguments of the rotary module's forward for ``layer``."""
@@ -119,6 +200,31 @@ class FamilySpec:
         value = getattr(text_config, self.final_softcap_attr, None) if self.final_softcap_attr else None
         return float(value) if value else None
 
+    def layer_kv_shape(self, text_config: Any, layer: int) -> tuple[int, int]:
+        """(KV heads, head dim) of ``layer``'s keys and values."""
+        c = text_config.per_layer_config[layer] if self.per_layer_attention else text_config
+        heads = int(c.num_attention_heads)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return int(getattr(c, "num_key_value_heads", None) or heads), int(head_dim)
+
+    def kv_sources(self, text_config: Any) -> list[int | None]:
+        """Per layer: the earlier layer whose keys/values it attends over, or None (its own KV cache)."""
+        layers = int(text_config.num_hidden_layers)
+        if self.kv_sharing == KV_SHARING_NONE:
+            return [None] * layers
+        modes = list(getattr(text_config, self.kv_sharing))
+        types = getattr(text_config, "layer_types", None)
+        sources: list[int | None] = []
+        for i, mode in enumerate(modes):
+            if mode != "reuse":
+                sources.append(None)
+                continue
+            owners = [j for j in range(i) if modes[j] != "reuse" and (not types or types[j] == types[i])]
+            if not owners:
+                raise UnsupportedModelError(f"layer {i} reuses the KV of an earlier layer of its type, and there is none")
+            sources.append(owners[-1])
+        return sources
+
     def check_transformers(self, installed: str) -> None:
         """Refuse a transformers older than the family was verified with: its module layout (rotary,
         cache and mask arguments) differs, and the export could be silently wrong rather than fail."""
@@ -134,6 +240,19 @@ class FamilySpec:
         return {"name": self.name, "architectures": list(self.architectures), "model_types": list(self.model_types),
                 "min_transformers": self.min_transformers, "embeddings": self.embeddings,
                 "sliding_window": self.sliding_layers, "quirks": list(self.quirks)}
+
+    def refused_option(self, options: Any) -> tuple[str, str] | None:
+        """(option, reason) of the first export option set in ``options`` that this family refuses."""
+        for option, allowed, why in self.refused_options:
+            if getattr(options, option, allowed[0]) not in allowed:
+                return option, why
+        return None
+
+    def check_config(self, text_config: Any) -> None:
+        """Refuse a checkpoint of the family that sets what tpugraph cannot export yet (refused_configs)."""
+        for attr, why in self.refused_configs:
+            if getattr(text_config, attr, None):
+                raise UnsupportedModelError(f"{self.name} with {attr} is not supported yet: {why}")
 
 
 # Qwen MoE checkpoints: one gate/up/down matrix per expert; transformers fuses them into 3-D parameters.
@@ -409,6 +528,65 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 "clamped SwiGLU (static: gathered for decode, all weighted for prefill)", "attention sinks",
                 "alternating sliding-window layers", "yarn rope"),
     ),
+    FamilySpec(
+        name="qwen3_5_text",
+        model_types=("qwen3_5_text",),
+        architectures=("Qwen3_5ForCausalLM",),
+        min_transformers="5.24",
+        layer_rewrites=("gated_deltanet",),
+        state_layer_type="linear_attention",
+        state_kind="gated_deltanet",
+        refused_options=(
+            ("naming", (None, "llm-tpu"), "the conv and recurrent state inputs/outputs of its linear-attention "
+                                          "layers have names only in the llm-tpu convention"),
+            ("history_kv", (False, None), "its linear-attention layers would need a prefill that starts from "
+                                          "their conv and recurrent state, which tpugraph does not export yet"),
+            ("max_input_length", (None,), "a prompt fed in chunks would need its linear-attention layers to "
+                                          "prefill from their conv and recurrent state, which tpugraph does not "
+                                          "export yet (the prefill takes the whole window, SEQ)"),
+        ),
+        quirks=("Qwen3.5 (text)", "hybrid: gated DeltaNet linear attention with conv + recurrent state segments "
+                "(static chunked delta rule), every full_attention_interval-th layer gated full attention",
+                "q_proj gives query and sigmoid output gate", "q/k RMSNorm (1 + w)", "partial rotary (mrope, text "
+                "positions)", "GQA", "delta rule kept within 4-D tensors (tpu-mlir 1.30 miscomputes 5-D batched "
+                "MatMul)", "--naming llm-tpu only"),
+    ),
+    FamilySpec(
+        name="gemma4_text",
+        model_types=("gemma4_text",),
+        architectures=("Gemma4ForCausalLM",),
+        min_transformers="5.24",
+        embedding_multiplier="sqrt_hidden",
+        final_softcap_attr="final_logit_softcapping",
+        rotary_per_layer_type=True,
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        per_layer_embedding=PerLayerEmbedding(
+            table_path="model.embed_tokens_per_layer", projection_path="model.per_layer_model_projection",
+            norm_path="model.per_layer_projection_norm", width_attr="hidden_size_per_layer_input",
+            projection_scale_attr="model.per_layer_model_projection_scale",
+            input_scale_attr="model.per_layer_input_scale"),
+        kv_sharing=KV_SHARING_BY_MODES,
+        per_layer_attention=True,
+        # (history_kv, max_input_length: issue 12's prefill on a KV history and shorter prefill nets, whose
+        # blocks do not take the shared KV and per-layer embeddings yet; embedding_disk: the host would have
+        # to gather the per-layer table too. Fields that do not exist in ExportOptions are never refused.)
+        refused_options=(("naming", (None, "llm-tpu"), "the shared-KV and per-layer-embedding inputs of its blocks have names "
+                                                      "only in the llm-tpu convention"),
+                         ("history_kv", (False,), "its block_kv nets would need the shared-KV and per-layer-embedding "
+                                                  "inputs, which they do not take yet"),
+                         ("max_input_length", (None,), "prefill nets shorter than SEQ would need the shared-KV and "
+                                                       "per-layer-embedding inputs at that length, not made yet"),
+                         ("embedding_disk", (False,), "the per-layer embeddings are gathered by the embedding nets; "
+                                                      "the host-side gather does not read that table yet")),
+        refused_configs=(("enable_moe_block", "the mixture-of-experts Gemma 4 (26B-A4B) runs a dense MLP and "
+                                              "routed experts side by side; only dense checkpoints are exported"),),
+        embeddings="tied",
+        quirks=("Gemma 4 text, dense (E2B/E4B, 31B)", "per-layer embeddings (block inputs per_layer_embeds, "
+                "inputs_embeds)", "last layers reuse an earlier layer's KV (block inputs shared_k/shared_v)",
+                "head dim and KV heads per layer type", "proportional partial rope on full layers",
+                "attention_k_eq_v", "v_norm", "layer_scalar", "plain RMSNorm (w)", "final logit soft-capping",
+                "sliding-window layers"),
+    ),
     # Dense decoders of transformers 5.24 that differ from the families above only in what the declarations
     # and transformers' own layer modules already cover.
     FamilySpec(
@@ -481,14 +659,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
 # Architectures tpugraph knows it cannot export yet, and why: refused naming the reason (exit 4), not a
 # silent "unsupported". Each needs segments the contract (CONTRACT.md) and the runtime do not have.
 NOT_YET: dict[str, str] = {
-    "Qwen3_5ForCausalLM": "hybrid gated DeltaNet layers carry a conv state and a recurrent state instead of a KV "
-                          "cache; the contract has no state segments yet",
-    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache) with experts; the contract "
-                             "has no state segments yet",
-    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers (state instead of KV cache); the contract has no state "
-                            "segments yet",
-    "Gemma4ForCausalLM": "per-layer embeddings, KV shared across layers and per-layer-type head dims need block "
-                         "inputs and KV shapes the contract does not have yet",
+    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
+                             "segments (family qwen3_5_text) are not combined with experts yet",
+    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
+                            "segments (family qwen3_5_text) are not combined with experts yet",
     "Lfm2ForCausalLM": "short-convolution layers carry a conv state instead of a KV cache; the contract has no "
                        "state segments yet",
 }

@@ -11,6 +11,7 @@ from typing import Callable
 from .errors import UsageError, VerificationError
 from .manifest import Manifest, read_manifest
 from .runtime import SegmentRuntime
+from .sampling import SamplingParams, sample_head_of
 from .tokenizer_files import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class RunResult:
     prefill_seconds: float
     decode_tokens_per_second: float | None
     eos_ids: list[int] = field(default_factory=list)
+    sampling: dict | None = None  # temperature, top_p, top_k, penalty, seed, head; None: greedy
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -100,10 +102,46 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+class TextStream:
+    """Token ids -> the new text as it comes (``on_text``), waiting for whole UTF-8 characters; ids as
+    numbers without a tokenizer."""
+
+    def __init__(self, tokenizer, on_text: TextFn | None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def __call__(self, token: int) -> None:
+        if self.on_text is None:
+            return
+        if self.tokenizer is None:
+            self.on_text(f"{token} ")
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(self.shown):  # wait for a whole UTF-8 character
+            self.on_text(text[len(self.shown):])
+            self.shown = text
+
+    def finish(self, tokens: list[int]) -> str | None:
+        """The whole text of ``tokens`` (None without a tokenizer), its unshown end passed on first."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
+        if self.on_text and text is not None and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown):])
+        return text
+
+
+def stop_reason(tokens: list[int], eos: set[int], max_new_tokens: int) -> str:
+    return "eos" if tokens[-1] in eos else ("max-new-tokens" if len(tokens) >= max_new_tokens else "window-full")
+
+
 def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
                max_new_tokens: int = 64, backend: str = "onnx", bmodel: str | Path | None = None,
-               venv: str | Path | None = None, on_text: TextFn | None = None) -> RunResult:
-    """Generate greedily from OUT with the chosen backend; ``on_text`` gets each new piece of text as it comes."""
+               venv: str | Path | None = None, on_text: TextFn | None = None,
+               sampling: SamplingParams | None = None) -> RunResult:
+    """Generate from OUT with the chosen backend, greedily or (``sampling``) drawing from OUT's sample head;
+    ``on_text`` gets each new piece of text as it comes."""
     from .backends.choice import open_backend
 
     out_dir = Path(out)
@@ -130,34 +168,28 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise UsageError(f"token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
+    from .conversation import check_conversation
+
+    check_conversation(manifest, len(ids), 1)
     eos = stop_ids(out_dir, manifest, tokenizer)
+    if sampling is not None:  # refuse before a backend starts: an output without a sample head is one line
+        sample_head_of({s.name for s in manifest.segments}, out_dir)
     engine = open_backend(backend, out_dir, manifest, bmodel, venv)
-    runtime = SegmentRuntime(out_dir, manifest, backend=engine)
-    shown = ""
-
-    def stream(token: int) -> None:
-        nonlocal shown
-        if on_text is None:
-            return
-        if tokenizer is None:
-            on_text(f"{token} ")
-            return
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole UTF-8 character
-            on_text(text[len(shown):])
-            shown = text
-
-    tokens: list[int] = []
+    try:
+        runtime = SegmentRuntime(out_dir, manifest, backend=engine, sampling=sampling)
+    except BaseException:
+        engine.close()
+        raise
+    stream = TextStream(tokenizer, on_text)
     try:
         trace = runtime.generate(ids, max_new_tokens, eos, on_token=stream)
     finally:
         runtime.close()
-    last = trace.tokens[-1]
-    stop = "eos" if last in eos else ("max-new-tokens" if len(trace.tokens) >= max_new_tokens else "window-full")
-    text = tokenizer.decode(trace.tokens, skip_special_tokens=True) if tokenizer is not None else None
-    if on_text and text is not None and len(text) > len(shown):
-        on_text(text[len(shown):])
+    stop = stop_reason(trace.tokens, eos, max_new_tokens)
+    text = stream.finish(trace.tokens)
     return RunResult(prompt_ids=ids, tokens=trace.tokens, text=text, backend=engine.name, stop=stop,
                      prefill_seconds=trace.prefill_seconds,
-                     decode_tokens_per_second=trace.decode_tokens_per_second, eos_ids=sorted(eos))
+                     decode_tokens_per_second=trace.decode_tokens_per_second, eos_ids=sorted(eos),
+                     sampling=None if sampling is None else {
+                         "head": runtime.sample_net, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "top_k": sampling.top_k, "penalty": sampling.penalty, "seed": sampling.seed})

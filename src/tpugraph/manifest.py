@@ -173,6 +173,13 @@ def validate(out_dir: Path) -> list[str]:
     problems: list[str] = []
     if not manifest.complete:
         problems.append("manifest is marked incomplete: the run that wrote it did not finish")
+    table = manifest.conventions.get("embedding_disk")
+    if table:  # --embedding-disk: the vocabulary rows the host gathers
+        path = out_dir / table["file"]
+        if not path.is_file():
+            problems.append(f"embedding table {table['file']} is missing")
+        elif path.stat().st_size != table["size"] or sha256_file(path) != table["sha256"]:
+            problems.append(f"embedding table {table['file']}: size or sha256 does not match the manifest")
     for seg in manifest.segments:
         path = out_dir / seg.file
         if not path.is_file():

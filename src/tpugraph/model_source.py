@@ -231,13 +231,18 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     missing = [f for f in REQUIRED_FIELDS if getattr(text_config, f, None) in (None, 0)]
     if missing:
         raise ModelError(f"{source.path / 'config.json'} lacks required fields: {', '.join(missing)}")
+    family.check_config(text_config)
     return config, family
 
 
 def model_facts(config, family: FamilySpec) -> ModelFacts:
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = int(c.num_attention_heads)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    if family.per_layer_attention:  # per-layer head dims (Gemma 4): layer 0's here, every layer's in layers_kv
+        kv_heads, head_dim = family.layer_kv_shape(c, 0)
+    else:
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
     rope = dict(rope) if isinstance(rope, dict) else {}
     if "rope_theta" not in rope and getattr(c, "rope_theta", None) is not None:
@@ -250,7 +255,7 @@ def model_facts(config, family: FamilySpec) -> ModelFacts:
         num_layers=int(c.num_hidden_layers),
         hidden_size=int(c.hidden_size),
         num_heads=heads,
-        num_kv_heads=int(getattr(c, "num_key_value_heads", None) or heads),
+        num_kv_heads=kv_heads,
         head_dim=int(head_dim),
         vocab_size=int(c.vocab_size),
         max_positions=int(getattr(c, "max_position_embeddings", 0) or 0),

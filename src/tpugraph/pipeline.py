@@ -14,7 +14,7 @@ from . import __version__
 from .committer import LARGE_MODEL_BYTES, Committer, UnitWriter  # noqa: F401 - re-exported
 from .manifest import MANIFEST_NAME, PARTIAL_NAME, Manifest
 from .plan import EXTERNAL_MIN_BYTES, WorkUnit, plan_units, previous_entries  # noqa: F401 - re-exported
-from .contract import KV_LAYOUT, MASK_VALUE, ContractDims, segment_specs
+from .contract import KV_LAYOUT, MASK_VALUE, SAMPLE_HEADS, ContractDims, segment_specs
 from .errors import OutputError, UsageError
 from .model_source import ModelSource, load_config, model_facts, open_weights, resolve_model
 from .scheduler import ProgressFn, Scheduler
@@ -40,9 +40,15 @@ class ExportOptions:
     weight_swap: bool = True  # reuse one layer's optimised graph for the other layers of the same structure
     penalty_head: bool = False  # also export penalty_sample_head.onnx (CONTRACT.md)
     greedy_in_lm_head: bool = False  # lm_head -> (token, m_logits) and no greedy_head.onnx
+    # The current LLM-TPU runtime's nets (CONTRACT.md, second table):
+    sample_head: str | None = None  # current: sample_head.onnx; legacy: penalty_sample_head.onnx
+    lm_head_topk: bool = False  # lm_head -> token [1,1] only, no greedy_head.onnx
+    embedding_disk: bool = False  # no embedding nets: OUT/embedding.f32.bin, the rows the host gathers
     jobs: int = 1  # work units (vocabulary, each layer) built in parallel threads
     naming: str | None = None  # I/O naming convention (llm-tpu, optimum, genie): rename_kv_io's convention
     with_test_data: bool = False  # also write OUT/test_data/<segment>_input.npz (testdata.write_test_data)
+    max_input_length: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
+    history_kv: bool = False  # also export block_kv_i: prefill on top of the KV history (multi-turn, chunks)
 
     def check(self) -> None:
         """UsageError naming the field at fault (``option``), in the library's terms."""
@@ -56,6 +62,28 @@ class ExportOptions:
         for option, value in (("seq_length", self.seq_length), ("jobs", self.jobs)):
             if value < 1:
                 raise UsageError(f"must be >= 1 (got {value})", option=option)
+        if self.sample_head not in (None, *SAMPLE_HEADS):
+            raise UsageError(f"must be one of {', '.join(SAMPLE_HEADS)} (got {self.sample_head})", option="sample_head")
+        if self.lm_head_topk and (self.sample_head or self.penalty_head):
+            raise UsageError("cannot go with a sampling head: the top-k lm_head outputs the greedy token, "
+                             "no logits to sample from (LLM-TPU builds it only without --do_sample)",
+                             option="lm_head_topk")
+        if self.lm_head_topk and self.greedy_in_lm_head:
+            raise UsageError("and --lm-head-greedy are two layouts of the same lm_head: choose one",
+                             option="lm_head_topk")
+        if self.max_input_length is not None and not 1 <= self.max_input_length <= self.seq_length:
+            raise UsageError(f"must be within 1..SEQ={self.seq_length}: the prefill nets take at most the "
+                             f"decode window (got {self.max_input_length})", option="max_input_length")
+
+    def runtime_options(self) -> dict:
+        """The manifest's record of the runtime options, only where they differ from the default (so the
+        manifest of a default export stays what it was)."""
+        extra: dict = {}
+        if self.max_input_length is not None and self.max_input_length != self.seq_length:
+            extra["max_input_length"] = self.max_input_length
+        if self.history_kv:
+            extra["history_kv"] = True
+        return extra
 
 
 def naming_conventions() -> tuple[str, ...]:
@@ -126,6 +154,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     source: ModelSource = resolve_model(model)
     config, family = load_config(source, options.trust_remote_code)
     facts = model_facts(config, family)
+    refused = family.refused_option(options)
+    if refused:
+        raise UsageError(f"cannot be used with family {family.name}: {refused[1]}", option=refused[0])
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")
@@ -136,14 +167,19 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     # From here on OUT is being changed: no manifest.json until every segment is done again.
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
+    if options.history_kv:
+        family.check_history_kv()
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
-                        int_dtype=options.int_dtype)
-    specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head)
+                        int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family),
+                        **layer_dims(config, family))
+    specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
+                          sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
+                          embedding_disk=options.embedding_disk, history_kv=options.history_kv)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model={**facts.to_json(), "source": source.to_json(),
+        model={**facts.to_json(), **_state_facts(dims), **layer_records(dims), "source": source.to_json(),
                **({"source_quantization": weights.quantization} if weights.quantization else {})},
         tools=tools,
         conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
@@ -151,7 +187,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
                      "batch": 1},
         options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype,
                  "external_data": options.external_data, "penalty_head": options.penalty_head,
-                 "greedy_in_lm_head": options.greedy_in_lm_head},
+                 "greedy_in_lm_head": options.greedy_in_lm_head, "sample_head": options.sample_head,
+                 "lm_head_topk": options.lm_head_topk, "embedding_disk": options.embedding_disk,
+                 **options.runtime_options()},
         pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
     )
     config_json = config.to_dict()
@@ -187,6 +225,10 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         [unused_inputs_note(unused)] if unused else [])
     for note in manifest.notes:
         log.info("note: %s", note)
+    if options.embedding_disk:  # the rows the host gathers instead of running embedding nets
+        from .embedding_table import write_table
+
+        manifest.conventions["embedding_disk"] = write_table(ModelParts(config, family, weights, options.dtype), out_dir)
     manifest.model["tokenizer"] = copy_tokenizer(source, out_dir)  # tpugraph run's own tokenizer
     manifest.complete = True
     manifest.write(out_dir)
@@ -198,6 +240,47 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if progress:
         progress("done", len(specs), len(specs))
     return manifest
+
+
+def _state_dims(config, family) -> dict:
+    """ContractDims fields of a hybrid model's state layers (none for the others)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = family.state_layers(text)
+    if not layers:
+        return {}
+    return {"state_layers": layers, "state_shapes": tuple(family.state_shapes(text).items())}
+
+
+def _state_facts(dims: ContractDims) -> dict:
+    """The manifest's record of the state layers (what the runtime feeds them); absent without them."""
+    if not dims.state_layers:
+        return {}
+    return {"state_layers": list(dims.state_layers),
+            "state_shapes": {name: list(shape) for name, shape in dims.state_shapes}}
+
+
+def layer_dims(config, family) -> dict:
+    """ContractDims fields of a family whose layers differ (per-layer KV shapes, shared KV, per-layer
+    embeddings); empty for every other family."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(text.num_hidden_layers)
+    dims: dict = {}
+    if family.per_layer_attention:
+        dims["layer_kv"] = tuple(family.layer_kv_shape(text, i) for i in range(layers))
+    sources = family.kv_sources(text)
+    if any(s is not None for s in sources):
+        dims["kv_from"] = tuple(sources)
+    if family.per_layer_embedding is not None and family.per_layer_embedding.width(text):
+        dims["per_layer"] = family.per_layer_embedding.width(text)
+    return dims
+
+
+def layer_records(dims: ContractDims) -> dict:
+    """The manifest's model records of per-layer facts the runtime drives by: ``layers_kv`` (each layer's KV
+    heads, head dim and the layer whose KV it reuses) and ``per_layer_embedding`` (P). Only when present."""
+    if not (dims.layer_kv or dims.kv_from or dims.per_layer):
+        return {}
+    return {"layers_kv": dims.layer_records(), "per_layer_embedding": dims.per_layer}
 
 
 def _resolve_chain(options: ExportOptions):

@@ -10,7 +10,8 @@ import numpy as np
 
 from .errors import OutputError, UsageError
 from .manifest import Manifest, SegmentEntry, read_manifest
-from .runtime import SegmentRuntime
+from .contract import prefill_inputs
+from .runtime import KvCache, SegmentRuntime
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ TEST_DATA_DIR = "test_data"
 DEFAULT_SEED = 0
 # Typical sampling parameters of a chat demo, in the contract's input order (top_p, temperature, penalty).
 SAMPLE_PARAMS = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}
+SAMPLE_TOP_K = 40
 
 
 def segment_npz(segment: str) -> str:
@@ -76,26 +78,42 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
 
     rt = _RecordingRuntime(out_dir, manifest)
     names = {s.name for s in manifest.segments}
-    heads = {"lm_head", "greedy_head"} <= names
-    hidden, _ = rt.prefill(prompt)  # records embedding, block_i
+    # next_token: lm_head and greedy_head, or an lm_head that takes the top-1 itself
+    heads = "lm_head" in names and ("greedy_head" in names or rt.greedy_in_lm_head or rt.token_lm_head)
+    length = rt.input_length  # L: the prefill nets' tokens (SEQ unless --max-input-length)
+    hidden, _ = rt.prefill(prompt[:length])  # records embedding, block_i
     logits = rt.next_token(hidden)[1] if heads else None  # records lm_head, greedy_head
-    if "embedding_cache" in names:
-        hidden, history = rt.prefill(prompt[:n])  # the same segments again: already recorded
+    if rt.history_kv:
+        # block_kv_i: a chunk of (up to) L new tokens on a history of L tokens (SEQ / 2 when L = SEQ).
+        h = length if length < seq else seq // 2
+        _, history = rt.prefill(prompt[:h])
+        rt.prefill_on_history(prompt[h: h + length], h, history)  # records block_kv_i
+    if "embedding_cache" in names or rt.table is not None:  # (--embedding-disk: rows gathered on the host)
+        if decode_position is None and not rt.history_kv:
+            n = min(n, length)  # the prompt must fit one prefill
+        cache = KvCache()
+        hidden = rt.feed(cache, prompt[:n])  # the same segments again: already recorded
         token = rt.next_token(hidden)[0] if heads else prompt[n]
-        rt.decode(token, n, history)  # records embedding_cache, block_cache_i
+        rt.decode(token, n, cache.layers)  # records embedding_cache, block_cache_i
 
     inputs: dict[str, dict[str, np.ndarray]] = {}
     for entry in manifest.segments:
         if entry.name in rt.recorded:
             arrays = rt.recorded[entry.name]
         elif entry.kind == "penalty_sample_head" and logits is not None:
-            ids = rt.recorded["embedding"][0]
+            ids = prefill_inputs(prompt, seq)[0]
             arrays = (logits.reshape(1, -1), ids, *(np.array([v], np.float32) for v in SAMPLE_PARAMS.values()))
+        elif entry.kind == "sample_head" and logits is not None:
+            ids = prefill_inputs(prompt, seq)[0]
+            p = SAMPLE_PARAMS
+            arrays = (logits.reshape(1, -1), ids, np.array([p["penalty"]], np.float32),
+                      np.array([p["temperature"]], np.float32), np.array([SAMPLE_TOP_K], np.int32),
+                      np.array([p["top_p"]], np.float32))
         else:
             raise UsageError(f"no realistic inputs for segment '{entry.name}' (kind {entry.kind}): "
                              "the runtime driver does not run it")
         inputs[entry.name] = _named(entry, arrays)
-    return inputs, {"prefill_tokens": seq, "decode_position": n, "seed": seed}
+    return inputs, {"prefill_tokens": length, "decode_position": n, "seed": seed}
 
 
 def _named(entry: SegmentEntry, arrays: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:

@@ -44,12 +44,24 @@ CASES = {
     # biased experts, clamped SwiGLU, attention sinks, sliding window 4 < SEQ (masked in the block)
     "gpt_oss": (dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4,
                      swiglu_limit=1.0), BOTH),
+    # Gemma 4: 4 layers, 2 and 3 reusing 0's and 1's KV. Every segment kind of its export: the embedding nets
+    # with the per-layer table (its graph is the same at SEQ and 1), a sliding block with its own KV and a
+    # window < SEQ, a full decode block (other head dim and KV heads, attention_k_eq_v), a shared prefill and
+    # a shared decode block, the soft-capping lm_head. (All 12 nets of a 6-layer export passed when added.)
+    "gemma4_text": (dict(num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                         attention_k_eq_v=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=TINY["vocab_size"],
+                         num_kv_shared_layers=2, sliding_window=6, final_logit_softcapping=30.0,
+                         layer_types=["sliding_attention", "full_attention"] * 2,
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                                             "partial_rotary_factor": 0.25}}),
+                    ("embedding_cache", "block_0", "block_cache_1", "block_2", "block_cache_3", "lm_head")),
 }
 
 
 # One family per distinct graph pattern compiles on every run (CI's time budget); the families whose blocks
 # differ from those only declaratively compile when TPUGRAPH_ALL_FAMILY_COMPILES=1 (each passed when added).
-PATTERN_REPRESENTATIVES = ("glm4", "hunyuan_v1_dense", "qwen2_moe", "gpt_oss")
+PATTERN_REPRESENTATIVES = ("glm4", "hunyuan_v1_dense", "qwen2_moe", "gpt_oss", "gemma4_text")
 ALL_FAMILY_COMPILES = os.environ.get("TPUGRAPH_ALL_FAMILY_COMPILES") == "1"
 
 
@@ -66,5 +78,21 @@ def test_family_blocks_compile_f16_with_compares(toolchain, make_model, tmp_path
     config, segments = CASES[family]
     folder = make_model(family, **{**TINY, **config})
     report = compile_segments_of(folder, tmp_path / "out", toolchain, segments)
+    assert [r.segment for r in report.results] == list(segments)
+    assert_compiled(report)
+
+
+# Qwen3.5 (hybrid): every segment kind, at a SEQ of two 64-chunks (80, padded to 128) so that the linear
+# prefill's second chunk reads the state the first one left: the linear-attention prefill (static chunked
+# delta rule, conv state picked by a one-hot MatMul) and decode (one conv and delta-rule step, states in and
+# out), and the gated full-attention prefill and decode (sigmoid output gate, q/k norm, partial rotary).
+QWEN3_5 = dict(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+               linear_value_head_dim=12, linear_conv_kernel_dim=4, full_attention_interval=2)
+
+
+def test_qwen3_5_every_segment_kind_compiles_f16_with_compares(toolchain, make_model, tmp_path):
+    folder = make_model("qwen3_5_text", **{**TINY, **QWEN3_5})
+    segments = ("block_0", "block_cache_0", "block_1", "block_cache_1")  # layer 0 linear, layer 1 full
+    report = compile_segments_of(folder, tmp_path / "out", toolchain, segments, seq=80)
     assert [r.segment for r in report.results] == list(segments)
     assert_compiled(report)

@@ -68,14 +68,27 @@ class BmodelBackend:
             raise UsageError(f"cannot {what} on the cmodel: {reply['error']}")
         return reply, outputs
 
-    def run(self, net: str, *arrays: np.ndarray) -> list[np.ndarray]:
+    def run(self, net: str, *arrays: np.ndarray, dynamic: bool = False) -> list[np.ndarray]:
+        """Run ``net``; with ``dynamic`` the arrays may be smaller than its shapes (a net compiled --dynamic)."""
         info = self.nets[net]
         feeds = []
         for spec, arr in zip(info.inputs, arrays, strict=True):
             arr = np.asarray(arr)
             feeds.append(arr.astype(np.int32) if arr.dtype.kind in "iu" else arr.astype(np.float32))
-        _, outputs = self._request({"op": "run", "net": net}, feeds, what=f"run net {net} of {self.bmodel.name}")
+        header = {"op": "run", "net": net, **({"dynamic": True} if dynamic else {})}
+        _, outputs = self._request(header, feeds, what=f"run net {net} of {self.bmodel.name}")
         return outputs
+
+    def embedding_table(self, out_dir: Path, manifest: Manifest):
+        """--embedding-disk: embedding.bin beside the bmodel (compile wrote it in the blocks' float type),
+        checked against OUT's float32 rows."""
+        from ..embedding_table import COMPILED_NAME, EmbeddingTable
+
+        reference = EmbeddingTable.of_output(out_dir, manifest)
+        float_type = self.activation_dtype if self.activation_dtype in ("f16", "bf16") else "f16"
+        table = EmbeddingTable(self.bmodel.parent / COMPILED_NAME, reference.vocab, reference.hidden, float_type)
+        table.check_matches(reference)
+        return table
 
     @property
     def activation_dtype(self) -> str:

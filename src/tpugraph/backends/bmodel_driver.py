@@ -4,8 +4,10 @@ Started by tpugraph as ``TPU_MLIR_VENV/bin/python bmodel_driver.py BMODEL``: thi
 venv (Python 3.10, its pyruntime_bm binding), never inside tpugraph's own. Requests on stdin, replies on the
 original stdout; everything the runtime prints goes to stderr. Requests:
   {"op": "nets"}                    -> {"chip", "nets": {name: {"inputs": [...], "outputs": [...]}}}
-  {"op": "run", "net": NAME} + arrays in the net's input order (float32 / int32)
-                                    -> the net's outputs (floats as float32, integers as they are)
+  {"op": "run", "net": NAME[, "dynamic": true]} + arrays in the net's input order (float32 / int32)
+                                    -> the net's outputs (floats as float32, integers as they are); with
+                                       "dynamic" the arrays may be smaller than the net's shapes (a net compiled
+                                       --dynamic runs at their shapes: forward_dynamic)
   {"op": "quit"}
 An error is a reply {"error": "one line"}. A board's runtime would be another driver answering the same three
 requests (for instance with sophon's own Python binding on the board).
@@ -97,20 +99,28 @@ def main() -> int:
             net = nets[name]
             if len(arrays) != len(net.inputs):
                 raise ValueError(f"net {name} takes {len(net.inputs)} inputs, got {len(arrays)}")
+            # "dynamic": inputs may be smaller than the net's (max) shapes: forward_dynamic at their shapes
+            dynamic = bool(header.get("dynamic"))
             for t, x in zip(net.inputs, arrays):
-                if x.size != t.data.size:
+                if x.size != t.data.size and not (dynamic and x.ndim == t.data.ndim and x.size <= t.data.size):
                     raise ValueError(f"net {name} input {t.name}: {t.data.shape} expected, got {x.shape}")
-                t.data.reshape(-1)[:] = lowering(x, pdtype=t.dtype, pshape=x.shape, pzero_point=t.qzero_point,
-                                                 pscale=t.qscale).reshape(-1)
-            net.forward()
+                t.data.reshape(-1)[:x.size] = lowering(x, pdtype=t.dtype, pshape=x.shape, pzero_point=t.qzero_point,
+                                                       pscale=t.qscale).reshape(-1)
+            if dynamic:
+                shapes = net.forward_dynamic([list(x.shape) for x in arrays])
+            else:
+                net.forward()
+                shapes = [list(t.data.shape) for t in net.outputs]
             outputs = []
-            for t in net.outputs:
+            for t, shape in zip(net.outputs, shapes):
                 if t.dtype == "bf16":
-                    outputs.append(np.asarray(bf16_to_fp32(t.data), dtype=np.float32))
+                    out = np.asarray(bf16_to_fp32(t.data), dtype=np.float32)
                 elif t.dtype in ("f16", "f32", "u16"):
-                    outputs.append(np.array(t.data, dtype=np.float32))
+                    out = np.array(t.data, dtype=np.float32)
                 else:
-                    outputs.append(np.array(t.data))
+                    out = np.array(t.data)
+                size = int(np.prod(shape))
+                outputs.append(out.reshape(-1)[:size].reshape([int(d) for d in shape]))
             wire.write_message(replies, {"ok": True}, outputs)
         except Exception as exc:
             wire.write_message(replies, {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})

@@ -16,18 +16,22 @@ from torch import nn
 
 from ..contract import MASK_VALUE, SegmentKind, SegmentSpec
 from ..errors import ModelError
+from ..families import KV_SHARING_NONE
 from .family_layers import adapt_layer
 from .graph_surgery import params_to_weights, restore_unused_inputs, unused_graph_inputs  # noqa: F401
 from .model_parts import TORCH_DTYPES, ModelParts, _parameters_on_meta  # noqa: F401 - re-exported
+from .per_layer_inputs import ExtraInputsBlockCacheSegment, ExtraInputsBlockSegment, PerLayerEmbeddingSegment
 from .notes import export_notes, unused_inputs_note  # noqa: F401 - re-exported
 from .wrappers import (
     BlockCacheSegment,
+    BlockKvSegment,
     BlockSegment,
     EmbeddingSegment,
     FloatBoundary,
     GreedyHeadSegment,
     LmHeadSegment,
     PenaltySampleHeadSegment,
+    SampleHeadSegment,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ def _example_inputs(spec: SegmentSpec, seq: int) -> tuple[torch.Tensor, ...]:
             x = torch.zeros(t.shape, dtype=torch.float32)
             if t.shape[-1] == t.shape[-2]:
                 x = torch.triu(torch.full(t.shape, MASK_VALUE), diagonal=1)
+        elif t.name == "top_k":
+            x = torch.full(t.shape, SAMPLING_EXAMPLES["top_k"], dtype=NP_TO_TORCH_INT[t.dtype])
         elif t.name in SAMPLING_EXAMPLES:
             x = torch.full(t.shape, SAMPLING_EXAMPLES[t.name], dtype=torch.float32)
         else:
@@ -59,7 +65,7 @@ def _example_inputs(spec: SegmentSpec, seq: int) -> tuple[torch.Tensor, ...]:
     return tuple(tensors)
 
 
-SAMPLING_EXAMPLES = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}
+SAMPLING_EXAMPLES = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1, "top_k": 40}
 
 
 def _with_float_boundary(module: nn.Module, parts: ModelParts) -> nn.Module:
@@ -81,27 +87,56 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     if spec.kind == SegmentKind.PENALTY_SAMPLE_HEAD:
         yield PenaltySampleHeadSegment(top_k=spec.outputs[0].shape[-1], int_dtype=torch_int)
         return
+    if spec.kind == SegmentKind.SAMPLE_HEAD:
+        yield SampleHeadSegment(top_k=spec.outputs[0].shape[-1], int_dtype=torch_int)
+        return
     if parts is None:
         raise ModelError(f"segment '{spec.name}' needs the model's weights")
     fam = parts.family
-    if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
+    if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) and len(spec.outputs) == 2:
+        # Per-layer embeddings (Gemma 4): the second table is gathered by the same segment.
+        ple = fam.per_layer_embedding
+        with parts.materialized(fam.embed_path, placeholders_from) as embed, \
+                parts.materialized(ple.table_path, placeholders_from) as table:
+            shape = spec.outputs[1].shape
+            yield _with_float_boundary(
+                PerLayerEmbeddingSegment(embed, table, parts.embed_scale(embed), shape[2], shape[3]), parts)
+    elif spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
         with parts.materialized(fam.embed_path, placeholders_from) as embed:
             yield _with_float_boundary(EmbeddingSegment(embed, parts.embed_scale(embed)), parts)
-    elif spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE):
+    elif spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE):
         rotary = parts.rotary_table(seq, spec.layer)
         window = parts.sliding_window(spec.layer)
         if window is not None and seq <= window:
             window = None  # positions never differ by >= window: plain causal attention is exact
         with parts.materialized(f"{fam.layers_path}.{spec.layer}", placeholders_from) as layer:
             adapt_layer(fam.layer_rewrites, layer, parts.text_config)  # family_layers: static-shape rewrites
-            cls = BlockSegment if spec.kind == SegmentKind.BLOCK else BlockCacheSegment
-            yield _with_float_boundary(cls(layer, rotary, window), parts)
+            if spec.layer in fam.state_layers(parts.text_config):  # a state instead of a KV cache
+                from .linear_attention import StateBlockCacheSegment, StateBlockSegment
+                from .wrappers import _layer_cache_kwarg
+
+                cls = StateBlockSegment if spec.kind == SegmentKind.BLOCK else StateBlockCacheSegment
+                yield _with_float_boundary(cls(layer, _layer_cache_kwarg(layer)), parts)
+                return
+            names = {t.name for t in spec.inputs}
+            if fam.per_layer_embedding is not None or fam.kv_sharing != KV_SHARING_NONE:
+                # per_layer_inputs: Gemma 4's extra block inputs (its layers take the shared-KV store either way)
+                cls = ExtraInputsBlockSegment if spec.kind == SegmentKind.BLOCK else ExtraInputsBlockCacheSegment
+                yield _with_float_boundary(cls(layer, rotary, window, fam, parts.skeleton,
+                                               fam.layer_type(parts.text_config, spec.layer),
+                                               "per_layer_embeds" in names, "shared_k" in names), parts)
+            else:
+                cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
+                       SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
+                yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:
         greedy = any(t.name == "token" for t in spec.outputs)
+        token_only = len(spec.outputs) == 1 and greedy
         with parts.materialized(fam.norm_path, placeholders_from) as norm, \
                 parts.materialized(fam.lm_head_path, placeholders_from) as head:
             yield _with_float_boundary(
-                LmHeadSegment(norm, head, parts.final_softcap(), parts.logits_scale(), greedy, torch_int), parts)
+                LmHeadSegment(norm, head, parts.final_softcap(), parts.logits_scale(), greedy, torch_int,
+                              token_only), parts)
     else:
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
 

@@ -25,7 +25,7 @@ from .external_data import LazyWeight
 
 log = logging.getLogger(__name__)
 
-LAYER_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE)
+LAYER_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE)
 HIDE_MIN_BYTES = 1 << 20  # weights this big sit out the pass chain as opaque graph inputs
 
 

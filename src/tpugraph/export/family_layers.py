@@ -221,7 +221,14 @@ def _rewrite_gpt_oss_moe(layer: nn.Module, config: Any) -> None:
     experts.forward = types.MethodType(_gpt_oss_experts_forward, experts)
 
 
+def _rewrite_gated_deltanet(layer: nn.Module, config: Any) -> None:
+    from .linear_attention import rewrite_gated_deltanet
+
+    rewrite_gated_deltanet(layer, config)
+
+
 REWRITES: dict[str, Callable[[nn.Module, Any], None]] = {
+    "gated_deltanet": _rewrite_gated_deltanet,  # Qwen3.5 linear attention: static, states in and out
     "gpt_oss_moe": _rewrite_gpt_oss_moe,
     "interleaved_rotary": _rewrite_interleaved_rotary,
     "sparse_moe": _rewrite_sparse_moe,

@@ -16,6 +16,7 @@ from ..errors import ModelError
 from ..families import FamilySpec
 from ..model_source import WeightStore
 from .fused_weights import with_fused_weights
+from .per_layer_inputs import attach_per_layer_modules, with_per_layer_weights
 from .wrappers import RotaryTable
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,6 +100,9 @@ class ModelParts:
         self.skeleton = _build_skeleton(config)
         self.skeleton.eval()
         self._init_views()
+        # Per-layer embeddings (Gemma 4): each layer's rows of the model-level projection, as its own weights.
+        self.weights = with_per_layer_weights(self.weights, family, self.text_config)
+        attach_per_layer_modules(self.skeleton, family, self.text_config)
 
     def _init_views(self) -> None:
         self.text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config

@@ -120,10 +120,22 @@ class _LayerSegment(nn.Module):
         self.cache_kwarg = _layer_cache_kwarg(layer)
 
 
+def clamp_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask with every value below the contract's MASK_VALUE raised to it (one Clip node).
+
+    Runtimes write "masked" as a raw 16-bit pattern that depends on the demo: 0xF0E2 (-10000 in F16) read
+    by a BF16 net is about -5.5e29, the lowest finite value of the float type is possible too. Past -10000
+    exp() is 0 in every float type anyway, and from here on no intermediate can overflow: the block's
+    result is the same for any mask value from MASK_VALUE down to the float type's lowest.
+    """
+    return torch.clamp(attention_mask, min=MASK_VALUE)
+
+
 class BlockSegment(_LayerSegment):
     """Prefill: (input_states, position_ids, attention_mask) -> (hidden_states, past_k, past_v)."""
 
     def forward(self, input_states, position_ids, attention_mask):
+        attention_mask = clamp_mask(attention_mask)
         if self.window is not None:
             attention_mask = _apply_window(attention_mask, position_ids, position_ids, self.window)
         cache = _CaptureKV()
@@ -141,6 +153,7 @@ class BlockCacheSegment(_LayerSegment):
     """
 
     def forward(self, input_states, position_ids, attention_mask, history_k, history_v):
+        attention_mask = clamp_mask(attention_mask)
         if self.window is not None:
             slots = torch.arange(history_k.shape[1], dtype=position_ids.dtype)[None]
             key_pos = torch.cat([slots, position_ids], dim=1)
@@ -149,6 +162,14 @@ class BlockCacheSegment(_LayerSegment):
         hidden = _call_layer(self.layer, self.cache_kwarg, input_states, attention_mask, position_ids,
                              self.rotary(position_ids), cache)
         return hidden, cache.new_k.transpose(1, 2), cache.new_v.transpose(1, 2)
+
+
+class BlockKvSegment(BlockCacheSegment):
+    """Prefill on top of a history (``block_kv_i``, CONTRACT.md second table): (input_states [1,L,H],
+    position_ids [1,L], attention_mask [1,1,L,SEQ+L], history_k, history_v) -> (hidden_states [1,L,H],
+    past_k [1,L,KVH,D], past_v): the decode block's computation over L new tokens instead of one, attending
+    over the SEQ history slots followed by the new tokens themselves; only the new keys/values come out.
+    """
 
 
 class _LinearTransB(torch.autograd.Function):
@@ -171,16 +192,19 @@ class LmHeadSegment(nn.Module):
 
     With ``greedy`` the segment also takes the top-1 and returns ``(token [1, 1], m_logits [1, V])``:
     token first, so a runtime that reads output 0 of lm_head as the next token works unchanged.
+    With ``token_only`` as well it returns the token alone (the current runtime's top-k lm_head).
     """
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None,
-                 scale: float | None = None, greedy: bool = False, int_dtype: torch.dtype = torch.int32):
+                 scale: float | None = None, greedy: bool = False, int_dtype: torch.dtype = torch.int32,
+                 token_only: bool = False):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
         self.softcap = softcap
         self.scale = scale
-        self.greedy = greedy
+        self.greedy = greedy or token_only
+        self.token_only = token_only
         self.int_dtype = int_dtype
 
     def forward(self, hidden_states):
@@ -197,7 +221,7 @@ class LmHeadSegment(nn.Module):
         if not self.greedy:
             return logits
         token = torch.argmax(logits, dim=-1, keepdim=True).to(self.int_dtype)
-        return token, logits
+        return token if self.token_only else (token, logits)
 
 
 class GreedyHeadSegment(nn.Module):
@@ -245,6 +269,43 @@ class PenaltySampleHeadSegment(nn.Module):
         # "mass before < top_p, or among the first min_tokens_to_keep": no Or with a constant operand,
         # which tpu-mlir 1.30's Or converter cannot take.
         keep = (mass_before - 2.0 * (rank < self.min_tokens_to_keep).to(probs.dtype)) < top_p
+        kept = torch.where(keep, probs, torch.zeros_like(probs))
+        return kept / kept.sum(dim=1, keepdim=True), token.to(self.int_dtype)
+
+
+class SampleHeadSegment(nn.Module):
+    """The current runtime's sample_head (CONTRACT.md, second table):
+    (m_logits [1,V], input_ids [1,SEQ], penalty [1], temperature [1], top_k [1] int, top_p [1])
+    -> (probs [1,K], token_idx [1,K]), K = 50.
+
+    transformers' order of the processors: repetition penalty (once per distinct id in ``input_ids``, any
+    length: the runtime may pass fewer recent tokens to a dynamic net), temperature, top-k, top-p:
+    1. ``token_idx``: the K largest penalised logits, descending;
+    2. their softmax at ``temperature``, zero from rank ``top_k`` on (``top_k`` < 1 keeps one token,
+       ``top_k`` > K keeps K);
+    3. top-p over what is left: a token stays when the mass *before* it is < ``top_p``; the first always stays;
+    4. ``probs``: what stays, renormalised to sum 1. The host draws an index i and emits ``token_idx[0, i]``.
+    """
+
+    def __init__(self, top_k: int = 50, int_dtype: torch.dtype = torch.int32):
+        super().__init__()
+        self.top_k = top_k
+        self.int_dtype = int_dtype
+
+    def forward(self, m_logits, input_ids, penalty, temperature, top_k, top_p):
+        ids = input_ids.to(torch.int64)
+        seen = torch.gather(m_logits, 1, ids)
+        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+        logits = m_logits.scatter(1, ids, seen)
+        top_logits, token = torch.topk(logits, self.top_k, dim=1)
+        probs = torch.softmax(top_logits / temperature, dim=1)
+        rank = torch.arange(self.top_k, dtype=probs.dtype)[None]
+        first = (rank < 1.0).to(probs.dtype)  # no Or: tpu-mlir 1.30's Or converter takes no constant operand
+        in_k = (rank - 2.0 * first) < top_k.to(probs.dtype)
+        probs = torch.where(in_k, probs, torch.zeros_like(probs))
+        probs = probs / probs.sum(dim=1, keepdim=True)
+        mass_before = torch.cumsum(probs, dim=1) - probs
+        keep = (mass_before - 2.0 * first) < top_p
         kept = torch.where(keep, probs, torch.zeros_like(probs))
         return kept / kept.sum(dim=1, keepdim=True), token.to(self.int_dtype)
 

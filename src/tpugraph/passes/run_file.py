@@ -62,13 +62,13 @@ def load_model_file(path: Path, load_external_data: bool = True) -> onnx.ModelPr
 
 
 def context_for_file(path: Path, model: onnx.ModelProto, work_dir: Path | None = None) -> PassContext:
-    """Segment name from the file stem; layer and kind from contract names (block_3, block_cache_3, ...)."""
+    """Segment name from the file stem; layer and kind from contract names (block_3, block_kv_3, block_cache_3, ...)."""
     from tpugraph.contract import SegmentKind
 
     stem = Path(path).stem
     layer: int | None = None
     kind: str | None = None
-    m = re.fullmatch(r"(block_cache|block)_(\d+)", stem)
+    m = re.fullmatch(r"(block_cache|block_kv|block)_(\d+)", stem)
     if m:
         kind, layer = m.group(1), int(m.group(2))
     elif stem in {k.value for k in SegmentKind}:
