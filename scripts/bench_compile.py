@@ -49,6 +49,27 @@ def timed(argv: list[str], log: Path, env: dict | None = None, shell: bool = Fal
     return seconds
 
 
+def half_precision_view(model: Path, view: Path) -> Path:
+    """llm_convert.py refuses a checkpoint whose config says float32 ("Not support quantize type: torch.float32");
+    scripts/make_smollm2.py writes float32 (the dequantized GGUF). Both tools then get the same folder of links
+    to the same files with the config's dtype set to bfloat16 (SmolLM2's own); tpugraph reads the weights in
+    float32 either way."""
+    import json
+
+    config = json.loads((model / "config.json").read_text())
+    if str(config.get("torch_dtype") or config.get("dtype")) not in ("float32", "None"):
+        return model
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for item in model.iterdir():
+        if item.name != "config.json":
+            (view / item.name).symlink_to(item)
+    config["dtype"] = "bfloat16"
+    config.pop("torch_dtype", None)
+    (view / "config.json").write_text(json.dumps(config, indent=1))
+    return view
+
+
 def net_estimates(tree: Path) -> dict[str, float]:
     """Estimated ms per net kind: the first net of each kind found (block_0, block_cache_0...)."""
     found: dict[str, tuple[str, float]] = {}
@@ -76,7 +97,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--quantize", default="bf16")
     parser.add_argument("--chip", default="bm1684x")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="tpugraph's --jobs for export and compile (default: each command's own default)")
     parser.add_argument("--work", type=Path, help="Where both runs write (default: a temporary folder, removed).")
     parser.add_argument("--tpu-mlir", type=Path, default=None)
     parser.add_argument("--with-default-check", action="store_true")
@@ -86,12 +108,12 @@ def main() -> None:
         sys.exit(f"error: no tpu-mlir venv at {venv} (scripts/setup_tpu_mlir.sh)")
     if shutil.which("parallel") is None:
         sys.exit("error: GNU parallel is not on PATH (llm_convert.py deploys with it): apt-get install parallel")
-    model = args.model.resolve()
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="bench-compile-"))
     theirs, ours = work / "llm_convert", work / "tpugraph"
     for d in (theirs, ours):
         shutil.rmtree(d, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    model = half_precision_view(args.model.resolve(), work / "model")
 
     convert = (f'source "{venv}/bin/activate" && llm_convert.py -m "{model}" -s {args.seq} -q {args.quantize} '
                f'-c {args.chip} -o "{theirs}"')
@@ -99,14 +121,15 @@ def main() -> None:
     t_theirs = timed([convert], work / "llm_convert.log", env=env, shell=True)
 
     tpugraph = [sys.executable, "-m", "tpugraph"]
+    jobs = ["--jobs", str(args.jobs)] if args.jobs else []
     t_export = timed([*tpugraph, "export-and-optimize", str(model), "-o", str(ours), "--seq-length", str(args.seq),
-                      "--jobs", str(args.jobs), "-q"], work / "export.log")
+                      *jobs, "-q"], work / "export.log")
     t_compile = timed([*tpugraph, "compile", str(ours), "--tpu-mlir", str(venv), "--quantize", args.quantize,
-                       "--chip", args.chip, "--jobs", str(args.jobs), "--no-check", "-q"], work / "compile.log")
+                       "--chip", args.chip, *jobs, "--no-check", "-q"], work / "compile.log")
     t_checked = None
     if args.with_default_check:
         t_checked = timed([*tpugraph, "compile", str(ours), "--tpu-mlir", str(venv), "--quantize", args.quantize,
-                           "--chip", args.chip, "--jobs", str(args.jobs), "-q"], work / "compile-checked.log")
+                           "--chip", args.chip, *jobs, "-q"], work / "compile-checked.log")
 
     theirs_bmodel = max(theirs.rglob("*.bmodel"), key=lambda p: p.stat().st_size)
     ours_bmodel = next(ours.glob("*.bmodel"))

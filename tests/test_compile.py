@@ -20,6 +20,7 @@ from tpugraph.compile import (CompileOptions, SegmentCompileError, check_toolcha
 from tpugraph.contract import MASK_VALUE, decode_inputs, prefill_inputs
 from tpugraph.errors import CompileError, UsageError
 from tpugraph.manifest import read_manifest
+from tpugraph.compile_plan import TRANSFORM_DRIVER
 from tpugraph.pipeline import ExportOptions, export_and_optimize
 from tpugraph.runtime import SegmentRuntime
 from tpugraph.testdata import (TEST_DATA_DIR, default_decode_position, make_prompt, realistic_inputs,
@@ -88,7 +89,8 @@ def test_script_has_every_segment_and_the_combine(with_data):
     for name in names:
         assert f"--model_def \"$OUT\"/{name}.onnx" in script
         assert f"--model {name}.bmodel" in script
-    assert script.count("model_transform.py \\") == len(names)
+    # model_transform runs inside tpugraph's transform driver (its Top fusions), copied beside the work folders
+    assert script.count(f'python3 "$OUT"/{plan.work_dir}/{TRANSFORM_DRIVER} \\') == len(names)
     assert script.count("model_deploy.py \\") == len(names)
     assert "set -euo pipefail" in script
 
@@ -314,9 +316,18 @@ esac
 """
 
 
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stand-in for the venv's python running tpugraph's transform driver, which runs model_transform in-process
+case "$1" in */tpu_mlir_transform.py) shift; [ "$1" = --no-fuse ] && shift; exec "$(dirname "$0")/model_transform.py" "$@" ;; esac
+echo "unexpected python call: $*" >&2; exit 2
+"""
+
+
 def _fake_venv(root: Path, fail_segment: str = "", fail_tool: str = "") -> Path:
     venv = root / "venv"
     (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python3").write_text(FAKE_PYTHON)
+    (venv / "bin" / "python3").chmod(0o755)
     for tool in ("model_transform.py", "model_deploy.py", "model_tool"):
         path = venv / "bin" / tool
         path.write_text(FAKE_TOOL.format(tool=tool, log=root / "calls.log", fail_segment=fail_segment,
@@ -381,8 +392,8 @@ def test_compile_in_parallel(with_data, tmp_path):
     assert info.value.segment == "block_0" and info.value.action == "deploy"
     ran = [r.segment for r in info.value.report.results]
     assert ran[:3] == ["embedding", "embedding_cache", "block_0"] and "lm_head" not in ran
-    with pytest.raises(UsageError, match="jobs must be >= 1"):
-        compile_segments(out, failing, CompileOptions(), jobs=0)
+    with pytest.raises(UsageError, match="jobs must be >= 0"):  # 0 is "as many as llm_convert runs"
+        compile_segments(out, failing, CompileOptions(), jobs=-1)
 
 
 def test_a_tool_that_exits_0_without_its_output_fails(with_data, tmp_path):

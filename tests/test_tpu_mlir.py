@@ -8,6 +8,7 @@ mostly the tools' own start-up, and a short window keeps the MLIR interpreter's 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -124,3 +125,53 @@ def test_a_rejected_segment_names_itself_and_the_reason(compiled, toolchain, tmp
     assert err.exit_code == 8 and err.segment == "greedy_head" and err.action == "transform"
     assert "Unsupport opset for ReduceMean" in err.reason
     assert "segment 'greedy_head'" in str(err)
+
+
+# ------------------------------------------------------------------------------ Top fusions (tpu_mlir_transform)
+
+_RETURN = re.compile(r"^\s*return (.*?) :", re.M)
+
+
+def _output_names(mlir: str) -> list[str]:
+    """The names (locations) of a Top module's outputs, as the bmodel will call them."""
+    locs = dict(re.findall(r'^#(loc\d+) = loc\("([^"]*)"\)', mlir, re.M))
+    names = []
+    for value in _RETURN.search(mlir).group(1).split(", "):
+        line = re.search(rf"^\s*{re.escape(value)} = .*loc\(#(loc\d+)\)$", mlir, re.M)
+        names.append(locs[line.group(1)])
+    return names
+
+
+@pytest.mark.parametrize("segment", ["block_0", "block_cache_0"])
+def test_blocks_reach_the_backend_as_rope_and_flash_attention(compiled, segment):
+    """tpu-mlir's front end leaves rotary and attention unfused; the transform driver hands the backend
+    top.Rope and top.FAttention (as llm_convert.py writes them), proven equal to the unfused module."""
+    out, _ = compiled
+    work = out / "compile" / "f16_bm1684x_1dev" / segment
+    fused, unfused = (work / f"{segment}.mlir").read_text(), (work / f"{segment}_unfused.mlir").read_text()
+    assert fused.count('"top.Rope"') == 2 and fused.count('"top.FAttention"') == 1
+    assert '"top.Softmax"' not in fused and '"top.Tile"' not in fused
+    assert '"top.Softmax"' in unfused and '"top.Rope"' not in unfused
+    log = (work / "transform.log").read_text()
+    assert "tpugraph fusion: rope 2, attention 1" in log
+    check = re.search(r"tpugraph fusion check: fused vs unfused outputs, min cosine ([0-9.]+) \(ok\)", log)
+    assert check and float(check.group(1)) >= 0.99999
+    assert _output_names(fused) == _output_names(unfused)  # the nets' outputs keep their names
+
+
+def test_the_fusion_check_catches_a_wrong_fusion(compiled, toolchain, tmp_path):
+    """A fused module that computes something else (the attention scale doubled) fails the driver's check."""
+    out, _ = compiled
+    work = out / "compile" / "f16_bm1684x_1dev" / "block_0"
+    for name in ("block_0_unfused.mlir", "block_0_top_f32_all_weight.npz"):
+        shutil.copy(work / name, tmp_path / name)
+    fused = (work / "block_0.mlir").read_text()
+    scale = re.search(r'"top.FAttention".*?scale = ([0-9.eE+-]+) : f64', fused).group(1)
+    (tmp_path / "block_0.mlir").write_text(fused.replace(f"scale = {scale} : f64", f"scale = {2 * float(scale)!r} : f64"))
+    driver = Path(__import__("tpugraph").__file__).with_name("tpu_mlir_transform.py")
+    code = (f"import sys; sys.path.insert(0, {str(driver.parent)!r}); import tpu_mlir, tpu_mlir_transform as t; "
+            f"print('COSINE', t.check_fusion('block_0.mlir', {str(out / 'test_data' / 'block_0_input.npz')!r}))")
+    run = subprocess.run([str(toolchain / "bin" / "python3"), "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cosine = float(re.search(r"COSINE ([0-9.eE+-]+)", run.stdout).group(1))
+    assert cosine < 0.99999

@@ -146,6 +146,9 @@ CompileCheck = Annotated[str, typer.Option(
     "(those with test data: export-and-optimize --with-test-data), then an end-to-end greedy check of the bmodel on "
     "the cmodel (verify --bmodel, a few tokens); all: the compares on every segment.")]
 NoCheck = Annotated[bool, typer.Option("--no-check", help="No numerical check at all.")]
+NoFuse = Annotated[bool, typer.Option(
+    "--no-fuse", help="Hand tpu-mlir the graphs as its ONNX front end converts them: rotary embedding and attention "
+    "not rewritten into top.Rope / top.FAttention (slower nets; for comparison and as a way around a fusion problem).")]
 
 
 def _choices(values) -> str:
@@ -370,13 +373,13 @@ def inspect_cmd(
 
 
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
-                     no_check: bool):
+                     no_check: bool, no_fuse: bool = False):
     from .compile import CompileOptions
     from .errors import UsageError
 
     try:
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
-                              check="none" if no_check else check).check_options()
+                              check="none" if no_check else check, fuse=not no_fuse).check_options()
     except UsageError as err:  # the library names what is wrong; the command line names its flag
         flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
                 "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
@@ -397,12 +400,13 @@ def compile_script_cmd(
     num_device: NumDevice = 1,
     check: CompileCheck = "representative",
     no_check: NoCheck = False,
+    no_fuse: NoFuse = False,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
     from .compile import write_compile_script
 
-    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check), script)
+    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse), script)
     _echo(f"wrote {path}")
     _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
 
@@ -418,7 +422,8 @@ def compile_cmd(
     num_device: NumDevice = 1,
     check: CompileCheck = "representative",
     no_check: NoCheck = False,
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks)."),
+    no_fuse: NoFuse = False,
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
     json_out: JsonOut = False,
 ) -> None:
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
@@ -429,7 +434,7 @@ def compile_cmd(
             typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
 
     try:
-        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check),
+        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse),
                                   progress=progress, jobs=jobs)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
@@ -446,6 +451,10 @@ def compile_cmd(
         reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"
                   if report.plan.options.check == "representative" else "no test data (export with --with-test-data)")
         _echo(f"note: compiled without the tools' compares: {', '.join(unchecked)} ({reason})")
+    if report.transforms_derived or report.deploys_derived:
+        _echo(f"reused: {len(report.transforms_derived)} layers' MLIR from their template layer's, "
+              f"{len(report.deploys_derived)} layers' bmodel written from a proven deploy of the same net"
+              + "".join(f"; {note}" for note in report.deploy_reuse_notes))
     e2e = report.end_to_end
     if e2e is not None:
         _echo(f"end to end on the cmodel: {len(e2e.steps)} greedy tokens {'equal' if e2e.tokens_equal else 'DIFFER'} "

@@ -40,6 +40,8 @@ class CompileOptions:
     # representative: the tools' compares on one segment per distinct structure (with test data), then an
     # end-to-end greedy check of the combined bmodel on the cmodel; all: the compares on every segment; none.
     check: str = "representative"
+    # rotary embedding and attention handed to the backend as top.Rope / top.FAttention (tpu_mlir_transform.py)
+    fuse: bool = True
 
     def check_options(self) -> "CompileOptions":
         """Validate and normalise (lowercase names, the default group size); raises UsageError."""
@@ -64,7 +66,7 @@ class CompileOptions:
         if check not in CHECK_MODES:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
-                              check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"))
+                              check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse)
 
     @property
     def tag(self) -> str:

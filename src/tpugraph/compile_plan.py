@@ -12,6 +12,8 @@ from .errors import UsageError
 from .manifest import Manifest, SegmentEntry, read_manifest
 
 OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" in the script, the real path here
+# model_transform.py + tpugraph's Top fusions, run by the tpu-mlir venv's python; copied into the work folder
+TRANSFORM_DRIVER = "tpu_mlir_transform.py"
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         name = entry.name
         cwd = f"{work}/{name}"
         test_input = _test_input(out_dir, entry) if name in compared else None
-        transform = ["model_transform.py", "--model_name", name, "--model_def", f"{OUT_VAR}/{entry.file}",
-                     "--mlir", f"{name}.mlir"]
+        transform = ["python3", f"{OUT_VAR}/{work}/{TRANSFORM_DRIVER}", *([] if options.fuse else ["--no-fuse"]),
+                     "--model_name", name, "--model_def", f"{OUT_VAR}/{entry.file}", "--mlir", f"{name}.mlir"]
         deploy = ["model_deploy.py", "--mlir", f"{name}.mlir", *deploy_flags(entry.kind, options),
                   "--model", f"{name}.bmodel"]
         if test_input:
@@ -146,6 +148,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         command += f" --q-group-size {options.q_group_size}"
     if options.num_device != 1:
         command += f" --num-device {options.num_device}"
+    if not options.fuse:
+        command += " --no-fuse"
     if options.check == "none":
         command += " --no-check"
     elif options.check == "all":

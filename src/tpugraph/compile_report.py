@@ -19,6 +19,7 @@ class SegmentCompileResult:
     transform_similarity: float | None = None  # min cosine of model_transform's compare (onnxruntime vs MLIR)
     deploy_similarity: float | None = None  # min cosine of model_deploy's compares (quantized MLIR, cmodel)
     seconds: float = 0.0
+    deploy_derived: str = ""  # the layer whose bmodel this one's was written from (bmodel_reuse), "" if deployed
 
     @property
     def min_similarity(self) -> float | None:
@@ -38,6 +39,8 @@ class CompileReport:
     end_to_end: object | None = None  # verify.VerifyReport of the combined bmodel (check mode representative)
     end_to_end_seconds: float = 0.0
     transforms_derived: list[str] = field(default_factory=list)  # layers whose MLIR came from their template's
+    deploys_derived: list[str] = field(default_factory=list)  # layers whose bmodel came from another layer's
+    deploy_reuse_notes: list[str] = field(default_factory=list)  # why some layers were deployed after all
 
     @property
     def passed(self) -> bool:
@@ -53,7 +56,8 @@ class CompileReport:
                 "segments": [r.to_json() for r in self.results],
                 "end_to_end": self.end_to_end.to_json() if self.end_to_end is not None else None,
                 "end_to_end_seconds": round(self.end_to_end_seconds, 2),
-                "transforms_derived": self.transforms_derived}
+                "transforms_derived": self.transforms_derived, "deploys_derived": self.deploys_derived,
+                "deploy_reuse_notes": self.deploy_reuse_notes}
 
 
 def format_table(results: list[SegmentCompileResult]) -> str:
@@ -63,7 +67,8 @@ def format_table(results: list[SegmentCompileResult]) -> str:
     rows = [f"{'segment':<22} {'transform':<9} {'min similarity':>14} {'deploy':<7} {'seconds':>8}"]
     for r in results:
         sim = "unchecked" if not r.checked else ("-" if r.min_similarity is None else f"{r.min_similarity:.6f}")
-        rows.append(f"{r.segment:<22} {ok(r.transform_ok):<9} {sim:>14} {ok(r.deploy_ok):<7} {r.seconds:>8.1f}")
+        deploy = "derived" if r.deploy_derived else ok(r.deploy_ok)
+        rows.append(f"{r.segment:<22} {ok(r.transform_ok):<9} {sim:>14} {deploy:<7} {r.seconds:>8.1f}")
     return "\n".join(rows)
 
 

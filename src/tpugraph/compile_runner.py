@@ -160,15 +160,20 @@ def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, e
 def compile_segments(out: str | Path, venv: str | Path | None = None, options: CompileOptions | None = None,
                      progress: ProgressFn | None = None, jobs: int = 1) -> CompileReport:
     """Run the compile plan of OUT with the tpu-mlir in VENV (default_tpu_mlir_venv() when None): transform +
-    deploy each segment, then combine. ``jobs`` segments compile at once (each tool is mostly one core).
+    deploy each segment, then combine. ``jobs`` segments compile at once (each tool is mostly one core; 0: as
+    many as llm_convert.py runs, max(cores, 4)).
     Check mode ``representative`` then runs verify --bmodel for a few tokens (CompileReport.end_to_end).
 
     Stops at the first failing tool (with jobs > 1: lets the running segments finish, starts no other) with a
     SegmentCompileError that names the segment and quotes the tool. Writes the plan's script into OUT too,
     so what ran can be rerun by hand.
     """
-    if jobs < 1:
-        raise UsageError(f"jobs must be >= 1 (got {jobs})")
+    if jobs < 0:
+        raise UsageError(f"jobs must be >= 0 (got {jobs}; 0: max(cores, 4))")
+    if jobs == 0:
+        import os
+
+        jobs = max(os.cpu_count() or 1, 4)
     out_dir = Path(out).resolve()
     venv = check_toolchain(venv)
     manifest = read_manifest(out_dir)
@@ -206,8 +211,56 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
         finally:
             reuse.release(steps[0])
 
+    # Layers whose bmodel can be written from another layer's deploy wait for the first phase (which deploys
+    # their templates and provers); then their transforms run (derived: cheap), the derivation, and the deploys
+    # of whatever was not derived.
+    from .bmodel_reuse import DRIVER, derive_deploys, plan_deploy_reuse
+
+    deploy_reuse = plan_deploy_reuse(plan.steps, plan.options.quantize, plan.options.check)
+    deferred = {t for r in deploy_reuse for t in r.targets}
+    index_of = {steps[0].segment: i for i, (_, steps) in enumerate(groups)}
+
+    def run_part(i: int, action: str) -> None:
+        first, steps = groups[i]
+        part = [(first + k, s) for k, s in enumerate(steps) if s.action == action]
+        if stop.is_set() or not part:
+            return
+        started[i] = True
+        failure = _run_steps([s for _, s in part], part[0][0], total, out_dir, env, results[i], progress, reuse)
+        if failure is not None:
+            failures[i] = failure
+            stop.set()
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(run_group, range(len(groups))))
+        list(pool.map(run_group, [i for i in range(len(groups)) if groups[i][1][0].segment not in deferred]))
+        if deferred and not stop.is_set():
+            late = [index_of[t] for r in deploy_reuse for t in r.targets]
+            list(pool.map(lambda i: run_part(i, "transform"), late))
+            remaining = []
+            for r in deploy_reuse:
+                if stop.is_set():
+                    break
+                t0 = time.perf_counter()
+                derived, why = derive_deploys(r, out_dir / plan.work_dir, plan.options.quantize,
+                                              Path(env["VIRTUAL_ENV"]) / "bin" / "python3",
+                                              Path(__file__).with_name(DRIVER))
+                share = (time.perf_counter() - t0) / max(1, len(r.targets))
+                for name in r.targets:
+                    i = index_of[name]
+                    if name in derived:
+                        results[i].deploy_ok, results[i].deploy_derived = True, r.template
+                        results[i].seconds += share
+                        report.deploys_derived.append(name)
+                        if progress:
+                            progress(name, "deploy (derived from " + r.template + ")", groups[i][0] + 1, total)
+                    else:
+                        remaining.append(i)
+                if why:
+                    report.deploy_reuse_notes.append(f"{r.template}: {why}")
+            list(pool.map(lambda i: run_part(i, "deploy"), remaining))
+        for i in range(len(groups)):
+            if groups[i][1][0].segment in deferred:
+                reuse.release(groups[i][1][0])
     report.results = [r for r, ran in zip(results, started) if ran]
     report.transforms_derived = sorted(reuse.derived)
     failure = next((f for f in failures if f is not None), None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .compile_options import CompileOptions
-from .compile_plan import OUT_VAR, CompilePlan, plan_compile
+from .compile_plan import OUT_VAR, TRANSFORM_DRIVER, CompilePlan, plan_compile
 from .errors import OutputError
 from .manifest import Manifest, read_manifest
 from .toolchain import TOOLS
@@ -25,6 +25,9 @@ def _shell_command(argv: tuple[str, ...]) -> str:
     """One command, an option and its value per line."""
     lines = [_shell_word(argv[0])]
     i = 1
+    if argv[0] == "python3":  # the interpreter and its script on one line
+        lines[0] += " " + _shell_word(argv[1])
+        i = 2
     while i < len(argv):
         word = _shell_word(argv[i])
         if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
@@ -78,16 +81,24 @@ def render_script(plan: CompilePlan, manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def save_script(plan: CompilePlan, manifest: Manifest, target: Path) -> Path:
-    """Write the rendered script to ``target`` atomically (a temporary name, then a rename), executable."""
+def _write_atomically(target: Path, data: bytes, mode: int) -> None:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(render_script(plan, manifest))
-        tmp.chmod(0o755)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.chmod(mode)
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def save_script(plan: CompilePlan, manifest: Manifest, target: Path) -> Path:
+    """Write the rendered script to ``target`` atomically (a temporary name, then a rename), executable, and
+    the transform driver it runs into the compile's work folder of the OUT the script lies in."""
+    _write_atomically(target, render_script(plan, manifest).encode(), 0o755)
+    driver = Path(__file__).with_name(TRANSFORM_DRIVER)
+    _write_atomically(target.parent / plan.work_dir / TRANSFORM_DRIVER, driver.read_bytes(), 0o644)
     return target
 
 
