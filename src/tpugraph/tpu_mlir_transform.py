@@ -267,6 +267,14 @@ class Fuser:
                 with InsertionPoint(anchor.operation):
                     return top.ConcatOp(_tensor([b, s, h, d]), parts, axis=1, only_merge=True,
                                         loc=_loc(cat.operation.location, "_shd")).output
+        for use in list(value.uses):
+            # The same permute already exists (Qwen3.5's partial-rotary keys: the block's past_k output): reuse it,
+            # moved before the fused op. A second identical permute would be merged with it by canonicalization
+            # under the new name, and the segment's output would lose its name.
+            owner = use.owner.opview if hasattr(use.owner, "opview") else use.owner
+            if g.name(owner) == "top.Permute" and g.ints(owner, "order") == [0, 2, 1, 3]:
+                owner.operation.move_before(anchor.operation)
+                return owner.result
         with InsertionPoint(anchor.operation):
             return top.PermuteOp(_tensor([b, s, h, d]), value, order=[0, 2, 1, 3],
                                  loc=_loc(anchor.operation.location, f"_shd{self.counts['attention']}_{h}")).output
