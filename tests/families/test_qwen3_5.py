@@ -44,6 +44,7 @@ def test_qwen3_5_verifies(export_verify, variant):
     assert [(t.name, list(t.shape)) for t in block.outputs][1:] == [("next_conv_state", conv),
                                                                     ("next_recurrent_state", recurrent)]
     assert [(t.name, list(t.shape)) for t in cache.inputs][1:] == [("conv_state", conv), ("recurrent_state", recurrent)]
+    assert any(note.startswith("state layers: ") for note in result.manifest.notes), result.manifest.notes
     full = result.manifest.segment(f"block_cache_{interval - 1}")  # a gated full-attention layer: KV as usual
     assert [t.name for t in full.inputs] == ["input_states", "position_ids", "attention_mask", "history_k", "history_v"]
 

@@ -48,6 +48,13 @@ def export_notes(family: FamilySpec, config, seq: int, dtype: str = "float32") -
                          f"{original}), while transformers itself uses the unscaled rope until a sequence is "
                          f"longer than {original}; shorter conversations differ from transformers")
             break
+    state_layers = family.state_layers(text_config)
+    if state_layers:
+        notes.append(f"state layers: {_ranges(list(state_layers))} are linear attention with a conv state and a "
+                     "recurrent state instead of a KV cache; their block_i takes (input_states, attention_mask) "
+                     "and starts from a zero state, their block_cache_i takes (input_states, conv_state, "
+                     "recurrent_state); both return (hidden_states, next_conv_state, next_recurrent_state), and "
+                     "the runtime keeps the two states per layer (README, 'State segments')")
     if dtype != "float32":
         notes.append(f"weights are {dtype}; segment inputs/outputs stay float32 (cast at the segment "
                      "boundary), and numerics differ from the float32 model by that dtype's rounding")
