@@ -241,13 +241,6 @@ class FamilySpec:
                 "min_transformers": self.min_transformers, "embeddings": self.embeddings,
                 "sliding_window": self.sliding_layers, "quirks": list(self.quirks)}
 
-    def refused_option(self, options: Any) -> tuple[str, str] | None:
-        """(option, reason) of the first export option set in ``options`` that this family refuses."""
-        for option, allowed, why in self.refused_options:
-            if getattr(options, option, allowed[0]) not in allowed:
-                return option, why
-        return None
-
     def check_config(self, text_config: Any) -> None:
         """Refuse a checkpoint of the family that sets what tpugraph cannot export yet (refused_configs)."""
         for attr, why in self.refused_configs:

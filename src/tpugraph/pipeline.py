@@ -157,6 +157,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     refused = family.refused_option(options)
     if refused:
         raise UsageError(f"cannot be used with family {family.name}: {refused[1]}", option=refused[0])
+    if options.history_kv:  # refused before OUT is touched
+        family.check_history_kv()
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")
@@ -167,8 +169,6 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     # From here on OUT is being changed: no manifest.json until every segment is done again.
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
-    if options.history_kv:
-        family.check_history_kv()
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
                         int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family),
