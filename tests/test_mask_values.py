@@ -71,3 +71,16 @@ def test_blocks_give_the_same_result_for_any_mask_value_below_minus_10000(export
     for w, g in zip(want, got):
         assert np.isfinite(g).all(), f"{dtype} block_cache_0 with mask {value:g}: not finite"
         np.testing.assert_array_equal(g, w)
+
+
+def test_the_mask_check_of_a_conversation_compares_the_first_turn():
+    """verify --turns N --bmodel drives the first turn again with the other mask encoding: its tokens are held
+    against that turn's, not against the whole conversation's."""
+    from tpugraph.verify import VerifyReport
+
+    report = VerifyReport(prompt=[1, 2], hf_tokens=[5, 6, 7, 8], onnx_tokens=[5, 6, 7, 8], dtype="bmodel-bf16",
+                          backend="bmodel")
+    report.mask_check = {"pattern": "0xF0E2", "value": -5.6e29, "tokens": [5, 6], "expected": [5, 6]}
+    assert report.mask_check_ok
+    report.mask_check = {"pattern": "0xF0E2", "value": -5.6e29, "tokens": [5, 9], "expected": [5, 6]}
+    assert not report.mask_check_ok
