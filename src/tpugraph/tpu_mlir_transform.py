@@ -125,6 +125,11 @@ class Fuser:
     def _users(self, value) -> list:
         return [u.owner.opview if hasattr(u.owner, "opview") else u.owner for u in value.uses]
 
+    def _only_user(self, value):
+        """The one op that uses ``value``, None when it has none or several (``_Graph.name(None)`` is "")."""
+        users = self._users(value)
+        return users[0] if len(users) == 1 else None
+
     # --- rotary -------------------------------------------------------------------------------------------------
     def _rotate_half_of(self, value):
         """x when value == concat(-x[..., D/2:], x[..., :D/2]) along the last axis, else None."""
@@ -316,11 +321,8 @@ class Fuser:
             return False
         _, hq, sq, d = qs
         k_rep = self._heads(kt_perm.operation.operands[0], hq)
-        uses = list(softmax.result.uses)
-        if k_rep is None or len(uses) != 1:
-            return False
-        mm2 = uses[0].owner.opview if hasattr(uses[0].owner, "opview") else uses[0].owner
-        if g.name(mm2) != "top.MatMul" or mm2.operation.operands[0] != softmax.result:
+        mm2 = self._only_user(softmax.result)
+        if k_rep is None or g.name(mm2) != "top.MatMul" or mm2.operation.operands[0] != softmax.result:
             return False
         v_rep = self._heads(mm2.operation.operands[1], hq)
         if v_rep is None:
@@ -329,16 +331,10 @@ class Fuser:
         sk = g.shape(k)[2]
         if hkv != hkv_v or g.shape(v)[2] != sk or g.shape(mask) not in ([1, 1, sq, sk], [1, sq, sk]):
             return False
-        out_uses = list(mm2.result.uses)
-        if len(out_uses) != 1:
-            return False
-        perm = out_uses[0].owner.opview if hasattr(out_uses[0].owner, "opview") else out_uses[0].owner
+        perm = self._only_user(mm2.result)
         if g.name(perm) != "top.Permute" or g.ints(perm, "order") != [0, 2, 1, 3]:
             return False
-        r_uses = list(perm.result.uses)
-        if len(r_uses) != 1:
-            return False
-        reshape = r_uses[0].owner.opview if hasattr(r_uses[0].owner, "opview") else r_uses[0].owner
+        reshape = self._only_user(perm.result)
         if g.name(reshape) != "top.Reshape" or g.shape(reshape.result) != [1, sq, hq * d]:
             return False
         q4 = self._to_shd(q, reshape)
