@@ -45,3 +45,14 @@ def make_model(tmp_path_factory):
         return build_model_dir(folder, model_type, seed=seed, **config_kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def toolchain() -> Path:
+    """The tpu-mlir venv of the tests marked tpu_mlir (test_tpu_mlir.find_toolchain); skipped with its reason."""
+    from test_tpu_mlir import find_toolchain
+
+    venv, reason = find_toolchain()
+    if venv is None:
+        pytest.skip(reason)
+    return venv

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from test_tpu_mlir import find_toolchain
 from tpugraph.cli import app
 from tpugraph.compile import CompileOptions, compile_segments
 from tpugraph.errors import UsageError, VerificationError
@@ -19,14 +18,6 @@ pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
 SEQ = 16
 PROMPT = [1, 45, 97, 200]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def toolchain():
-    venv, reason = find_toolchain()
-    if venv is None:
-        pytest.skip(reason)
-    return venv
 
 
 @pytest.fixture(scope="module")

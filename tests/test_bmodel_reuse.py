@@ -95,31 +95,21 @@ SEQ = 16
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    from test_tpu_mlir import find_toolchain
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def compiled(toolchain, tmp_path_factory):
+    from conftest import build_model_dir
     from tpugraph.compile import CompileOptions, compile_segments
     from tpugraph.pipeline import ExportOptions, export_and_optimize
 
-    venv, reason = find_toolchain()
-    if venv is None:
-        pytest.skip(reason)
     root = tmp_path_factory.mktemp("bmodel-reuse")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # norms of ones are one array to weight swapping: it would not reuse the layers' graph
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(root / "model")
+    # build_model_dir perturbs the norms: norms of ones would be one array to weight swapping, which would then
+    # not reuse the layers' graph (and so nothing would be derived)
+    model = build_model_dir(root / "model", "llama", vocab_size=256, hidden_size=64, intermediate_size=160,
+                            num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, tie_word_embeddings=True)
     out = root / "out"
-    export_and_optimize(str(root / "model"), out, ExportOptions(seq_length=SEQ))
-    report = compile_segments(out, venv, CompileOptions(quantize="bf16", check="none"), jobs=2)
-    return venv, out, report
+    export_and_optimize(str(model), out, ExportOptions(seq_length=SEQ))
+    report = compile_segments(out, toolchain, CompileOptions(quantize="bf16", check="none"), jobs=2)
+    return toolchain, out, report
 
 
 @pytest.mark.tpu_mlir

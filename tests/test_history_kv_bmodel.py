@@ -10,7 +10,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from test_tpu_mlir import find_toolchain
 from tpugraph.compile import CompileOptions, compile_segments
 from tpugraph.compile_plan import deploy_flags
 from tpugraph.conversation import IdsConversation
@@ -57,14 +56,6 @@ def _clear_seed(out, length: int, turns: int) -> int:
         if _min_margin(out, prompt, turns, seed) >= CLEAR_MARGIN:
             return seed
     raise AssertionError("no conversation without near-ties among 50 seeds")
-
-
-@pytest.fixture(scope="module")
-def toolchain():
-    venv, reason = find_toolchain()
-    if venv is None:
-        pytest.skip(reason)
-    return venv
 
 
 @pytest.fixture(scope="module")

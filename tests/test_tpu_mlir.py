@@ -45,14 +45,6 @@ def find_toolchain() -> tuple[Path | None, str]:
 
 
 @pytest.fixture(scope="module")
-def toolchain() -> Path:
-    venv, reason = find_toolchain()
-    if venv is None:
-        pytest.skip(reason)
-    return venv
-
-
-@pytest.fixture(scope="module")
 def compiled(toolchain, tmp_path_factory):
     """tiny-llama (default pass chain) with test data, compiled F16 for bm1684x: (out, report)."""
     out = tmp_path_factory.mktemp("tiny-llama-tpu") / "out"
