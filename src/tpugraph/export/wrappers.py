@@ -235,6 +235,17 @@ class GreedyHeadSegment(nn.Module):
         return torch.argmax(m_logits, dim=-1, keepdim=True).to(self.int_dtype)
 
 
+def _penalised_top_k(m_logits, input_ids, penalty, temperature, k: int):
+    """What both sample heads do first: the repetition penalty on the logits of ``input_ids`` (divided when
+    positive, multiplied when negative), then the K largest logits and their softmax at ``temperature``."""
+    ids = input_ids.to(torch.int64)
+    seen = torch.gather(m_logits, 1, ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    logits = m_logits.scatter(1, ids, seen)
+    top_logits, token = torch.topk(logits, k, dim=1)
+    return torch.softmax(top_logits / temperature, dim=1), token
+
+
 class PenaltySampleHeadSegment(nn.Module):
     """(m_logits [1,V], input_ids [1,SEQ], top_p [1], temperature [1], penalty [1]) -> (probs [1,K], token [1,K]).
 
@@ -258,12 +269,7 @@ class PenaltySampleHeadSegment(nn.Module):
         self.int_dtype = int_dtype
 
     def forward(self, m_logits, input_ids, top_p, temperature, penalty):
-        ids = input_ids.to(torch.int64)
-        seen = torch.gather(m_logits, 1, ids)
-        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-        logits = m_logits.scatter(1, ids, seen)
-        top_logits, token = torch.topk(logits, self.top_k, dim=1)
-        probs = torch.softmax(top_logits / temperature, dim=1)
+        probs, token = _penalised_top_k(m_logits, input_ids, penalty, temperature, self.top_k)
         mass_before = torch.cumsum(probs, dim=1) - probs
         rank = torch.arange(self.top_k)[None]
         # "mass before < top_p, or among the first min_tokens_to_keep": no Or with a constant operand,
@@ -293,12 +299,7 @@ class SampleHeadSegment(nn.Module):
         self.int_dtype = int_dtype
 
     def forward(self, m_logits, input_ids, penalty, temperature, top_k, top_p):
-        ids = input_ids.to(torch.int64)
-        seen = torch.gather(m_logits, 1, ids)
-        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-        logits = m_logits.scatter(1, ids, seen)
-        top_logits, token = torch.topk(logits, self.top_k, dim=1)
-        probs = torch.softmax(top_logits / temperature, dim=1)
+        probs, token = _penalised_top_k(m_logits, input_ids, penalty, temperature, self.top_k)
         rank = torch.arange(self.top_k, dtype=probs.dtype)[None]
         first = (rank < 1.0).to(probs.dtype)  # no Or: tpu-mlir 1.30's Or converter takes no constant operand
         in_k = (rank - 2.0 * first) < top_k.to(probs.dtype)
