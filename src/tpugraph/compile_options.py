@@ -45,6 +45,9 @@ class CompileOptions:
     check: str = "representative"
     # rotary embedding and attention handed to the backend as top.Rope / top.FAttention (tpu_mlir_transform.py)
     fuse: bool = True
+    # a tied vocabulary matrix stored once in the combined bmodel (vocab_sharing.py: the final norm moves into the
+    # last layer's nets for tpu-mlir); False keeps the contract's cut (lm_head applies the final norm) there too
+    share_vocab: bool = True
 
     def check_options(self) -> "CompileOptions":
         """Validate and normalise (lowercase names, the default group size); raises UsageError."""
@@ -69,7 +72,8 @@ class CompileOptions:
         if check not in CHECK_MODES:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
-                              check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse)
+                              check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
+                              share_vocab=self.share_vocab)
 
     @property
     def tag(self) -> str:
