@@ -26,8 +26,23 @@ def _script(folder: Path, name: str, body: str) -> Path:
 @pytest.fixture()
 def worker(toolchain, tmp_path):
     w = ToolWorker(toolchain, tool_environment(toolchain), preload=False, log_path=tmp_path / "worker.log")
+    assert w._ready.wait(60), "the worker never got ready"
     yield w
     w.close()
+
+
+def test_while_the_worker_imports_one_job_is_handed_back(toolchain, tmp_path):
+    """The first job that comes before the worker is ready runs beside it as a subprocess (None: the caller runs
+    it); the next ones wait for the worker."""
+    w = ToolWorker(toolchain, tool_environment(toolchain), preload=False)
+    script = _script(tmp_path, "ok.py", "import sys; sys.exit(4)\n")
+    try:
+        if w._ready.is_set():
+            pytest.skip("the worker was ready before the first job could be sent (machine too fast to observe)")
+        assert w.run(["python3", str(script)], tmp_path, tmp_path / "a.log") is None
+        assert w.run(["python3", str(script)], tmp_path, tmp_path / "b.log") == 4
+    finally:
+        w.close()
 
 
 def test_a_job_runs_in_its_folder_with_its_arguments_and_exit_code(worker, tmp_path):

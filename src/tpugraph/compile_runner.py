@@ -82,6 +82,7 @@ class TransformReuse:
         self.holds: dict[str, bool] = {}
         self.lock = threading.Lock()
         self.derived: list[str] = []
+        self.indexes: dict[str, object] = {}  # template -> mlir_reuse.TemplateIndex (None: its output is missing)
 
     def _wait(self, event: threading.Event) -> bool:
         while not event.wait(0.2):
@@ -90,12 +91,15 @@ class TransformReuse:
         return True
 
     def _derive(self, step: Step, out_dir: Path, into: Path) -> bool:
-        from .mlir_reuse import derive_transform
+        from .mlir_reuse import TemplateIndex
 
         template = step.reuse_from
-        template_dir = out_dir / Path(step.cwd).parent / template
-        return derive_transform(template, template_dir, out_dir / self.files[template], step.segment, into,
-                                out_dir / self.files[step.segment])
+        with self.lock:  # each template's output is read once, by the first layer that needs it
+            if template not in self.indexes:
+                self.indexes[template] = TemplateIndex.read(template, out_dir / Path(step.cwd).parent / template,
+                                                            out_dir / self.files[template])
+            index = self.indexes[template]
+        return index is not None and index.derive(step.segment, into, out_dir / self.files[step.segment])
 
     def try_derive(self, step: Step, out_dir: Path) -> bool:
         """For a non-prover layer: True when its output was derived (the tool need not run)."""

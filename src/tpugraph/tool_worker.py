@@ -31,6 +31,8 @@ class ToolWorker:
         self._waiting: dict[int, tuple[threading.Event, list[int | None]]] = {}
         self._ready = threading.Event()
         self._alive = True
+        # while the worker imports (one core, seconds), one job may run as a plain subprocess on the other core
+        self._bypass_free = True
         argv = [str(self.python), str(Path(__file__).with_name(DRIVER)), *(["--preload"] if preload else [])]
         # the worker's own messages (a module it could not preload) go to log_path
         errors = open(log_path, "wb") if log_path else subprocess.DEVNULL
@@ -70,12 +72,15 @@ class ToolWorker:
 
     def run(self, argv: list[str], cwd: Path, log_path: Path) -> int | None:
         """Run ``argv`` (the form run_step builds: a tool name, or python3 + a script) in ``cwd`` with its output in
-        ``log_path``; the tool's exit code (negative: killed by that signal), or None when the worker is gone
-        (the caller runs the tool itself)."""
+        ``log_path``; the tool's exit code (negative: killed by that signal), or None when the caller is to run
+        the tool itself: the worker is gone, or it is still importing and no other job runs beside it yet.)"""
         job_argv = argv[1:] if Path(argv[0]).name == "python3" else argv
         event, box = threading.Event(), []
         with self._lock:
             if not self._alive:
+                return None
+            if not self._ready.is_set() and self._bypass_free:
+                self._bypass_free = False  # the caller runs this one itself, beside the worker's imports
                 return None
             job_id = next(self._ids)
             self._waiting[job_id] = (event, box)
