@@ -101,9 +101,12 @@ class Template:
         if self.build(self.lowered) != self.coeff():
             raise NotDerivable("the template's coefficients are not its lowered weights at their addresses")
         suffix = SUFFIX[mode]
-        self.source: dict[str, str | None] = {}  # lowered key -> float key it rounds from (None: a constant)
+        # lowered key -> the float key its name carries (its own key when none), and the float key it is a
+        # rounding of (None: a constant of the lowering, which a target must have the same as the template)
+        self.float_key = {key: key[:-len(suffix)] if key.endswith(suffix) else key for key in self.lowered}
+        self.source: dict[str, str | None] = {}
         for key, value in self.lowered.items():
-            src = key[:-len(suffix)] if key.endswith(suffix) else None
+            src = self.float_key[key] if key.endswith(suffix) else None
             f = self.floats.get(src) if src else None
             if f is not None and f.size == value.size and value.dtype == np.uint16 and np.array_equal(
                     lower(f, mode).ravel(), value.ravel()):
@@ -133,7 +136,7 @@ class Template:
             src = self.source[key]
             if src is None:
                 # not a rounding of one float weight: only a weight equal to the template's may keep its bytes
-                base = key[:-len(SUFFIX[self.mode])] if key.endswith(SUFFIX[self.mode]) else key
+                base = self.float_key[key]
                 if base in floats and base in self.floats and not np.array_equal(floats[base], self.floats[base]):
                     raise NotDerivable(f"{key} differs from the template's and is not a plain rounding")
                 lowered[key] = value
