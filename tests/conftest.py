@@ -31,6 +31,21 @@ def build_model_dir(folder: Path, model_type: str, seed: int = 0, **config_kwarg
     return folder
 
 
+def save_word_tokenizer(folder: Path, vocab_size: int, chat_template: str) -> None:
+    """A word-level tokenizer over ``vocab_size`` made-up words (``<unk> <s> </s> <|user|> <|assistant|> w0 w1
+    ...``) with ``chat_template``, saved the HF way beside a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+
+
 TINY_LLAMA = dict(vocab_size=320, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, build_model_dir
+from conftest import TINY_LLAMA, build_model_dir, save_word_tokenizer
 from tpugraph.chat import ChatSession, ConversationFull
 from tpugraph.cli import app
 from tpugraph.conversation import apply_chat_template
@@ -22,17 +22,7 @@ runner = CliRunner()
 
 
 def save_chat_tokenizer(folder, vocab_size: int) -> None:
-    """A word-level tokenizer over made-up words with a role-aware chat template, saved the HF way."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = ROLE_TEMPLATE
-    fast.save_pretrained(folder)
+    save_word_tokenizer(folder, vocab_size, ROLE_TEMPLATE)
 
 
 def export_chat_model(root, seq: int = SEQ, **options):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, build_model_dir
+from conftest import TINY_LLAMA, build_model_dir, save_word_tokenizer
 from tpugraph.backends import wire
 from tpugraph.backends.bmodel_backend import NetInfo, check_against_manifest
 from tpugraph.cli import app
@@ -26,17 +26,7 @@ runner = CliRunner()
 
 
 def save_tokenizer(folder, vocab_size: int) -> None:
-    """A word-level tokenizer over ``vocab_size`` made-up words, with a chat template, saved the HF way."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
+    save_word_tokenizer(folder, vocab_size, CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
