@@ -69,6 +69,15 @@ def test_prefill_nets_with_other_inputs_are_refused(out):
         plan_compile(out, CompileOptions(quantize="bf16", dynamic=True), manifest=odd)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "no-such-family"])
+def test_families_not_checked_dynamic_are_refused(out, family):
+    manifest = read_manifest(out)
+    other = dataclasses.replace(manifest, model={**manifest.model, "family": family})
+    plan_compile(out, CompileOptions(quantize="bf16"), manifest=other)  # static: fine
+    with pytest.raises(UsageError, match=rf"--dynamic: the prefill nets of family '{family}' .*llama, qwen2, qwen3"):
+        plan_compile(out, CompileOptions(quantize="bf16", dynamic=True), manifest=other)
+
+
 class _DynamicOnOnnx:
     """The ONNX nets playing dynamic ones: a prefill net given n < L rows is run padded to L (mask value in the
     padded mask entries) and its outputs cut back to n rows; every shape it was given is noted."""

@@ -98,7 +98,20 @@ def deploy_flags(kind: str, options: CompileOptions) -> list[str]:
 def check_dynamic_prefill(manifest: Manifest) -> None:
     """compile --dynamic: the runtime shortens a prefill net's inputs to the prompt's length, which it knows how to
     do for the contract's inputs only (input_states, position_ids, attention_mask, then a block_kv's full
-    history). Raises UsageError for nets with other inputs (state layers, per-layer embeddings, shared KV)."""
+    history). Raises UsageError for nets with other inputs (state layers, per-layer embeddings, shared KV) and for
+    families whose blocks were not run compiled --dynamic (FamilySpec.dynamic_prefill)."""
+    from .families import FAMILIES, family_by_name
+
+    name = str(manifest.model.get("family") or "")
+    try:
+        checked = family_by_name(name).dynamic_prefill
+    except KeyError:
+        checked = False
+    if not checked:
+        ok = ", ".join(f.name for f in FAMILIES if f.dynamic_prefill)
+        raise UsageError(f"--dynamic: the prefill nets of family '{name or 'unknown'}' are not known to run compiled "
+                         f"--dynamic (checked on the cmodel: {ok}; tpu-mlir 1.30.2's dynamic code aborts on the "
+                         "partly unfused blocks of gemma2, gemma3, glm4, phi3 and phi): compile without --dynamic")
     contract = {"block": ["input_states", "position_ids", "attention_mask"],
                 "block_kv": ["input_states", "position_ids", "attention_mask", "history_k", "history_v"]}
     for entry in manifest.segments:

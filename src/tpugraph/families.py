@@ -116,6 +116,11 @@ class FamilySpec:
     # cache and its attention reads that cache through the mask and position ids alone, which is the case of
     # every registered family (sliding windows are applied from the absolute positions of both sides).
     no_history_kv: str = ""
+    # compile --dynamic (prefill nets run at the prompt's length) was run on the cmodel for this family's blocks.
+    # tpu-mlir 1.30.2's dynamic code aborts on blocks the Rope/FAttention fusion leaves partly unfused (Slice,
+    # Permute, Tile...): gemma2, gemma3, glm4, phi3 at run time, even at the full length, phi at deploy. So only
+    # the families checked are compiled --dynamic; the others are refused with one line.
+    dynamic_prefill: bool = False
 
     def check_history_kv(self) -> None:
         """Refuse --history-kv for a family whose layers cannot prefill on top of a KV history, saying why."""
@@ -255,6 +260,7 @@ QWEN_EXPERTS = (("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj.weight"
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
+        dynamic_prefill=True,
         # transformers maps internlm3 onto LlamaForCausalLM (InternLM3's own checkpoints name InternLM3ForCausalLM).
         model_types=("llama", "internlm3"),
         architectures=("LlamaForCausalLM", "InternLM3ForCausalLM"),
@@ -273,6 +279,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
     FamilySpec(
         name="qwen2",
+        dynamic_prefill=True,
         model_types=("qwen2",),
         architectures=("Qwen2ForCausalLM",),
         min_transformers="4.57",
@@ -281,6 +288,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
     FamilySpec(
         name="qwen3",
+        dynamic_prefill=True,
         model_types=("qwen3",),
         architectures=("Qwen3ForCausalLM",),
         min_transformers="4.51",
