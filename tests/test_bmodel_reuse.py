@@ -118,7 +118,10 @@ def test_layers_take_their_bmodel_from_a_proven_deploy_and_the_model_still_talks
     from tpugraph.verify import verify
 
     venv, out, report = compiled
-    expected = sorted(f"{k}_{i}" for k in ("block", "block_cache") for i in range(2, LAYERS))
+    # the last layer ends with the final norm (the tied vocabulary matrix is shared, vocab_sharing.py): a structure
+    # of its own, deployed for real
+    assert set(report.plan.vocab_sharing.last_layer) == {f"block_{LAYERS - 1}", f"block_cache_{LAYERS - 1}"}
+    expected = sorted(f"{k}_{i}" for k in ("block", "block_cache") for i in range(2, LAYERS - 1))
     assert sorted(report.deploys_derived) == expected, report.deploy_reuse_notes
     work = out / report.plan.work_dir
     template = (work / "block_0" / "block_0.bmodel").read_bytes()
@@ -128,6 +131,7 @@ def test_layers_take_their_bmodel_from_a_proven_deploy_and_the_model_still_talks
         assert name.encode() in derived
     by_name = {r.segment: r for r in report.results}
     assert by_name["block_3"].deploy_derived == "block_0" and by_name["block_1"].deploy_derived == ""
+    assert by_name[f"block_{LAYERS - 1}"].deploy_ok and by_name[f"block_{LAYERS - 1}"].deploy_derived == ""
     result = verify(out, prompt=[1, 45, 97, 200], new_tokens=3, bmodel=report.bmodel, tpu_mlir=venv)
     assert result.tokens_equal and result.passed, result.to_json()
 
@@ -150,3 +154,40 @@ def test_a_derivation_that_does_not_reproduce_the_real_deploy_is_refused(compile
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result == {"proven": False, "reason": "block_1 derived differs from model_deploy's", "derived": []}
     assert not (tmp_path / "block_3").exists()
+
+
+def _differ_in_one_short_span(a: bytes, b: bytes) -> bool:
+    """Equal but for one span of at most 32 bytes (the build time model_deploy writes into every bmodel)."""
+    if len(a) != len(b):
+        return False
+    diff = [i for i in range(len(a)) if a[i] != b[i]] if a != b else []
+    return not diff or diff[-1] - diff[0] < 32
+
+
+@pytest.mark.tpu_mlir
+@pytest.mark.slow
+def test_the_fork_server_deploys_what_the_tools_deploy_as_subprocesses(compiled, tmp_path):
+    """compile runs tpu-mlir's Python tools in the children of one fork server (the default): a block and the
+    lm_head transformed and deployed as plain subprocesses give the same bmodels."""
+    import shutil
+
+    from tpugraph.compile_plan import plan_compile
+    from tpugraph.compile_runner import run_step
+    from tpugraph.toolchain import tool_environment
+
+    venv, out, report = compiled
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("compile", "*.bmodel"))
+    plan = plan_compile(copy, report.plan.options)
+    from tpugraph.compile_script import save_script
+    from tpugraph.manifest import read_manifest
+
+    save_script(plan, read_manifest(copy), copy / plan.script_name)  # puts the transform driver in place
+    env = tool_environment(venv)
+    for name in ("block_0", "lm_head"):
+        for step in (s for s in plan.steps if s.segment == name):
+            rc, text, _ = run_step(step, copy, env, None)
+            assert rc == 0, text[-2000:]
+        ours = (out / report.plan.work_dir / name / f"{name}.bmodel").read_bytes()
+        theirs = (copy / plan.work_dir / name / f"{name}.bmodel").read_bytes()
+        assert _differ_in_one_short_span(ours, theirs), name

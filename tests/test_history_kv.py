@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from conftest import TINY_LLAMA, build_model_dir
 from tpugraph.cli import app
 from tpugraph.contract import MASK_VALUE, ContractDims, SegmentKind, history_prefill_inputs, segment_specs
-from tpugraph.errors import UnsupportedModelError
 from tpugraph.families import FAMILIES, family_by_name
 from tpugraph.manifest import read_manifest
 from tpugraph.pipeline import ExportOptions, export_and_optimize
@@ -59,13 +58,16 @@ def test_history_prefill_mask_follows_the_contract():
         history_prefill_inputs([1] * 4, history=7, length=4, seq=10)
 
 
-def test_every_registered_family_supports_history_kv_and_a_refusal_says_why():
-    for fam in FAMILIES:
-        fam.check_history_kv()  # the registry's claim: their layers' only state is the KV cache
-    stateful = dataclasses.replace(family_by_name("llama"), name="stateful",
-                                   no_history_kv="its layers carry a recurrent state besides the KV cache")
-    with pytest.raises(UnsupportedModelError, match="stateful.*recurrent state"):
-        stateful.check_history_kv()
+def test_history_kv_is_refused_like_any_option_with_the_reason():
+    """One mechanism: a family whose layers cannot prefill on a KV history lists history_kv in refused_options."""
+    refusing = {f.name for f in FAMILIES if any(o == "history_kv" for o, _, _ in f.refused_options)}
+    assert refusing == {"qwen3_5_text", "gemma4_text"}  # the linear-attention states, the shared-KV layers
+    stateful = dataclasses.replace(family_by_name("llama"), name="stateful", refused_options=(
+        ("history_kv", (False, None), "its layers carry a recurrent state besides the KV cache"),))
+    assert stateful.refused_option(ExportOptions(history_kv=True)) == (
+        "history_kv", "its layers carry a recurrent state besides the KV cache")
+    assert stateful.refused_option(ExportOptions()) is None
+    assert family_by_name("llama").refused_option(ExportOptions(history_kv=True)) is None
 
 
 # -- exported -----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from tpugraph.errors import CompileError
 from tpugraph.manifest import read_manifest
 from tpugraph.pipeline import ExportOptions, export_and_optimize
 from tpugraph.testdata import write_test_data
+from tpugraph.toolchain import tool_environment
 
 pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
 
@@ -167,3 +168,33 @@ def test_the_fusion_check_catches_a_wrong_fusion(compiled, toolchain, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     cosine = float(re.search(r"COSINE ([0-9.eE+-]+)", run.stdout).group(1))
     assert cosine < 0.99999
+
+
+@pytest.mark.parametrize("segment", ["block_cache_0", "lm_head"])
+def test_an_already_simplified_graph_skips_tpu_mlirs_onnxsim_for_the_same_mlir(compiled, toolchain, tmp_path, segment):
+    """compile passes --skip-onnxsim for segments that went through tpugraph's folding and onnxsim: the Top MLIR
+    and its weights are the ones tpu-mlir's own re-simplification gives."""
+    import numpy as np
+
+    from tpugraph.compile_plan import plan_compile
+
+    out, report = compiled
+    step = next(s for s in plan_compile(out, report.plan.options).steps
+                if s.segment == segment and s.action == "transform")
+    assert "--skip-onnxsim" in step.argv
+    driver = Path(__import__("tpugraph").__file__).with_name("tpu_mlir_transform.py")
+    model_def = step.argv[step.argv.index("--model_def") + 1].replace("{OUT}", str(out))
+    logs = {}
+    for mode in ("skip", "sim"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        argv = [str(toolchain / "bin" / "python3"), str(driver), *(["--skip-onnxsim"] if mode == "skip" else []),
+                "--model_name", segment, "--model_def", model_def, "--mlir", f"{segment}.mlir"]
+        run = subprocess.run(argv, cwd=folder, env=tool_environment(toolchain), capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        logs[mode] = run.stdout + run.stderr
+    assert "Onnxsim opt finished" in logs["sim"] and "Onnxsim opt finished" not in logs["skip"]
+    assert (tmp_path / "skip" / f"{segment}.mlir").read_text() == (tmp_path / "sim" / f"{segment}.mlir").read_text()
+    weights = f"{segment}_top_f32_all_weight.npz"
+    with np.load(tmp_path / "skip" / weights) as a, np.load(tmp_path / "sim" / weights) as b:
+        assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)

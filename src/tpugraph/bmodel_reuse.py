@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .compile_plan import Step
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 DRIVER = "tpu_mlir_bmodel_reuse.py"
 MIN_LAYERS = 3  # layers of one structure and name room: two are deployed, the others derived
 DERIVABLE_MODES = ("f16", "bf16")
+RunTool = Callable[[list[str], Path, Path], int]  # (argv, cwd, log file) -> exit code
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,10 @@ def plan_deploy_reuse(steps: list[Step], quantize: str, check: str) -> list[Depl
     return plans
 
 
-def derive_deploys(reuse: DeployReuse, work: Path, mode: str, python: Path, driver: Path) -> tuple[list[str], str]:
-    """Write the targets' bmodels from the template's (their transforms must be done). (derived names, why the
-    others were not: '' when all were)."""
+def derive_deploys(reuse: DeployReuse, work: Path, mode: str, run: RunTool, driver: Path) -> tuple[list[str], str]:
+    """Write the targets' bmodels from the template's (their transforms must be done). ``run(argv, cwd, log)``
+    runs the driver with the tpu-mlir venv's python (argv[0] "python3") and returns its exit code. (derived names,
+    why the others were not: '' when all were)."""
     spec = {
         "template": {"name": reuse.template, "dir": str(work / reuse.template), "mode": mode},
         "prove": {"name": reuse.prover, "dir": str(work / reuse.prover),
@@ -76,11 +78,12 @@ def derive_deploys(reuse: DeployReuse, work: Path, mode: str, python: Path, driv
     }
     spec_path = work / f"bmodel_reuse_{reuse.template}.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    proc = subprocess.run([str(python), str(driver), str(spec_path)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    log_path = work / f"bmodel_reuse_{reuse.template}.log"
+    rc = run(["python3", str(driver), str(spec_path)], work, log_path)
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    lines = [line for line in text.splitlines() if line.startswith("{")]
+    if rc != 0 or not lines:
+        tail = text.strip().splitlines()[-1:] or ["no output"]
         return [], f"the derivation failed: {tail[0]}"
     result = json.loads(lines[-1])
     derived = list(result.get("derived", []))

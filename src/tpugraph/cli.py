@@ -149,6 +149,10 @@ NoCheck = Annotated[bool, typer.Option("--no-check", help="No numerical check at
 NoFuse = Annotated[bool, typer.Option(
     "--no-fuse", help="Hand tpu-mlir the graphs as its ONNX front end converts them: rotary embedding and attention "
     "not rewritten into top.Rope / top.FAttention (slower nets; for comparison and as a way around a fusion problem).")]
+NoShareVocab = Annotated[bool, typer.Option(
+    "--no-share-vocab", help="Keep the contract's cut in the bmodel: lm_head applies the final norm, so a tied "
+    "vocabulary matrix is stored twice (by default the final norm moves into the last layer's nets for tpu-mlir and "
+    "lm_head shares the embedding's coefficients).")]
 Dynamic = Annotated[bool, typer.Option(
     "--dynamic", help="Compile the prefill nets (block_i, block_kv_i) with tpu-mlir's --dynamic: the runtime runs them "
     "at the prompt's real length instead of always L tokens (run/verify --bmodel then do). Writes "
@@ -449,14 +453,15 @@ def inspect_cmd(
 
 
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
-                     no_check: bool, no_fuse: bool = False, dynamic: bool = False):
+                     no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
+                     dynamic: bool = False):
     from .compile import CompileOptions
     from .errors import UsageError
 
     try:
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
                               check="none" if no_check else check, fuse=not no_fuse,
-                              dynamic=dynamic).check_options()
+                              share_vocab=not no_share_vocab, dynamic=dynamic).check_options()
     except UsageError as err:  # the library names what is wrong; the command line names its flag
         flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
                 "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
@@ -478,6 +483,7 @@ def compile_script_cmd(
     check: CompileCheck = "representative",
     no_check: NoCheck = False,
     no_fuse: NoFuse = False,
+    no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
 ) -> None:
@@ -485,7 +491,7 @@ def compile_script_cmd(
     from .compile import write_compile_script
 
     path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
-                                                             dynamic), script)
+                                                      no_share_vocab, dynamic), script)
     _echo(f"wrote {path}")
     _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
 
@@ -502,6 +508,7 @@ def compile_cmd(
     check: CompileCheck = "representative",
     no_check: NoCheck = False,
     no_fuse: NoFuse = False,
+    no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
     jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
     json_out: JsonOut = False,
@@ -514,8 +521,8 @@ def compile_cmd(
             typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
 
     try:
-        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
-                                                                   dynamic),
+        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check,
+                                                                  no_fuse, no_share_vocab, dynamic),
                                   progress=progress, jobs=jobs)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
@@ -527,6 +534,7 @@ def compile_cmd(
     if report.plan.quant_choice is not None:
         _echo(f"quantize auto: {report.plan.quant_choice.summary()}")
     _echo(report.table())
+    _echo(f"vocabulary matrix: {report.vocab_sharing}")
     unchecked = [r.segment for r in report.results if not r.checked]
     if unchecked and report.plan.options.check != "none":
         reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"

@@ -19,11 +19,14 @@ log = logging.getLogger(__name__)
 LARGE_MODEL_BYTES = 1_800_000_000  # past this a segment's weights go to external data (protobuf's 2 GB limit)
 
 
-def _fits_protobuf(model) -> bool:
+def _serialized(model) -> bytes | None:
+    """The model's bytes (onnx.save_model's), or None when it is past LARGE_MODEL_BYTES. Serialized once: sizing
+    the message first (ByteSize) costs as much as serializing it."""
     try:
-        return model.ByteSize() <= LARGE_MODEL_BYTES
-    except Exception:  # protobuf refuses to size messages past 2 GB
-        return False
+        data = model.SerializeToString()
+    except Exception:  # protobuf refuses to serialize messages past 2 GB
+        return None
+    return data if len(data) <= LARGE_MODEL_BYTES else None
 
 
 class UnitWriter:
@@ -53,9 +56,9 @@ class UnitWriter:
                 onnx.save_model(built.model, str(self.stage / spec.filename))
                 self.files.append(spec.filename)
                 return external
-            model = built.restored()
-            if _fits_protobuf(model):
-                onnx.save_model(model, str(self.stage / spec.filename))
+            data = _serialized(built.restored())
+            if data is not None:
+                (self.stage / spec.filename).write_bytes(data)
             else:
                 raise OutputError(f"{spec.name} is over 2 GB and cannot be written inline; use --external-data auto")
         except OSError as exc:

@@ -48,6 +48,9 @@ class CompileOptions:
     check: str = "representative"
     # rotary embedding and attention handed to the backend as top.Rope / top.FAttention (tpu_mlir_transform.py)
     fuse: bool = True
+    # a tied vocabulary matrix stored once in the combined bmodel (vocab_sharing.py: the final norm moves into the
+    # last layer's nets for tpu-mlir); False keeps the contract's cut (lm_head applies the final norm) there too
+    share_vocab: bool = True
     # the prefill nets (block_i, block_kv_i) compiled --dynamic: run at the real prompt length (forward_dynamic)
     dynamic: bool = False
 
@@ -75,7 +78,7 @@ class CompileOptions:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
                               check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
-                              dynamic=bool(self.dynamic))
+                              share_vocab=self.share_vocab, dynamic=bool(self.dynamic))
 
     @property
     def tag(self) -> str:

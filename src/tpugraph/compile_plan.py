@@ -10,6 +10,7 @@ from .compile_options import (DEFAULT_Q_GROUP_SIZE, resolve_auto, DYNAMIC_KINDS,
                               QUANT_OUTPUT_KINDS, CompileOptions)
 from .errors import UsageError
 from .manifest import Manifest, SegmentEntry, read_manifest
+from .vocab_sharing import VocabSharing, plan_sharing, rewritten_file
 
 OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" in the script, the real path here
 # model_transform.py + tpugraph's Top fusions, run by the tpu-mlir venv's python; copied into the work folder
@@ -45,6 +46,8 @@ class CompilePlan:
     segments: list[str]
     command: str  # how to regenerate the script
     quant_choice: object = None  # quant_fidelity.CompileChoice when --quantize auto matched a quantized source
+    vocab_sharing: VocabSharing | None = None  # the nets handed to tpu-mlir rewritten to share the vocabulary
+    vocab_sharing_note: str = ""  # why the matrix is not shared (when the option asked for it)
 
     @property
     def script_name(self) -> str:
@@ -69,11 +72,13 @@ def _float_mode(quantize: str) -> str:
     return "bf16" if quantize.endswith("bf16") else "f16"
 
 
-def deploy_flags(kind: str, options: CompileOptions) -> list[str]:
-    """model_deploy.py's quantization, device and I/O flags for one segment kind."""
+def deploy_flags(kind: str, options: CompileOptions, float_weights: bool = False) -> list[str]:
+    """model_deploy.py's quantization, device and I/O flags for one segment kind. ``float_weights``: the net's
+    weights stay in the mode's float type (an lm_head sharing the embedding's matrix, as the embedding)."""
     flags: list[str] = []
     if kind not in HEAD_KINDS:  # the heads: no --quantize, i.e. F32
-        quantize = _float_mode(options.quantize) if kind.startswith("embedding") else options.quantize
+        floating = kind.startswith("embedding") or float_weights
+        quantize = _float_mode(options.quantize) if floating else options.quantize
         flags += ["--quantize", quantize.upper()]
         if quantize.startswith("w") and options.q_group_size:
             flags += ["--q_group_size", str(options.q_group_size)]
@@ -130,6 +135,13 @@ def _test_input(out_dir: Path, entry: SegmentEntry) -> str | None:
     return None
 
 
+def presimplified(entry: SegmentEntry) -> bool:
+    """Whether the segment went through tpugraph's constant folding and onnxsim (its passes say so): tpu-mlir's
+    front end need not do both again."""
+    ran = {p.get("name") for p in entry.passes}
+    return {"fold_constants", "simplify"} <= ran
+
+
 def representatives(manifest: Manifest) -> set[str]:
     """One segment per distinct graph structure: every segment whose graph was not reused from another
     (weight swapping notes ``graph_reused_from``), i.e. the vocabulary segments, the heads and the first layer
@@ -153,20 +165,32 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
     work = f"compile/{options.tag}"
     compared = {"all": {e.name for e in manifest.segments}, "representative": representatives(manifest),
                 "none": set()}[options.check]
+    sharing, sharing_note = plan_sharing(out_dir, manifest, options.num_device) if options.share_vocab else (None, "")
+    rewritten = {sharing.lm_head, *sharing.last_layer} if sharing else set()
+    if sharing and options.check == "representative":
+        compared |= rewritten  # new structures: the tools compare them too
+    entries = {e.name: e for e in manifest.segments}
     steps: list[Step] = []
     for entry in manifest.segments:
         name = entry.name
         cwd = f"{work}/{name}"
-        test_input = _test_input(out_dir, entry) if name in compared else None
+        test_input = None
+        if name in compared:  # a rewritten last layer may take its template layer's inputs (the same shapes)
+            template = entries.get(str(entry.extra.get("graph_reused_from") or ""))
+            test_input = _test_input(out_dir, entry) or (
+                _test_input(out_dir, template) if name in rewritten and template else None)
+        model_def = rewritten_file(work, name) if name in rewritten else entry.file
         dynamic = ["--dynamic-length"] if options.dynamic and entry.kind in DYNAMIC_PREFILL_KINDS else []
         transform = ["python3", f"{OUT_VAR}/{work}/{TRANSFORM_DRIVER}", *([] if options.fuse else ["--no-fuse"]), *dynamic,
-                     "--model_name", name, "--model_def", f"{OUT_VAR}/{entry.file}", "--mlir", f"{name}.mlir"]
-        deploy = ["model_deploy.py", "--mlir", f"{name}.mlir", *deploy_flags(entry.kind, options),
+                     *(["--skip-onnxsim"] if presimplified(entry) else []),
+                     "--model_name", name, "--model_def", f"{OUT_VAR}/{model_def}", "--mlir", f"{name}.mlir"]
+        float_weights = sharing is not None and name == sharing.lm_head
+        deploy = ["model_deploy.py", "--mlir", f"{name}.mlir", *deploy_flags(entry.kind, options, float_weights),
                   "--model", f"{name}.bmodel"]
         if test_input:
             transform += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_result", f"{name}_top_outputs.npz"]
             deploy += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_reference", f"{name}_top_outputs.npz"]
-        reuse = "" if test_input else str(entry.extra.get("graph_reused_from") or "")
+        reuse = "" if test_input or name in rewritten else str(entry.extra.get("graph_reused_from") or "")
         steps.append(Step(name, "transform", tuple(transform), cwd, f"{name}.mlir", checked=bool(test_input),
                           reuse_from=reuse))
         steps.append(Step(name, "deploy", tuple(deploy), cwd, f"{name}.bmodel", checked=bool(test_input)))
@@ -182,6 +206,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         command += f" --num-device {options.num_device}"
     if not options.fuse:
         command += " --no-fuse"
+    if not options.share_vocab:
+        command += " --no-share-vocab"
     if options.dynamic:
         command += " --dynamic"
     if options.check == "none":
@@ -189,4 +215,5 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
     elif options.check == "all":
         command += " --check all"
     return CompilePlan(options=options, work_dir=work, bmodel=bmodel, steps=steps,
-                       segments=[s.name for s in manifest.segments], command=command, quant_choice=quant_choice)
+                       segments=[s.name for s in manifest.segments], command=command, quant_choice=quant_choice,
+                       vocab_sharing=sharing, vocab_sharing_note=sharing_note)

@@ -59,7 +59,16 @@ class CompileReport:
                 "end_to_end_seconds": round(self.end_to_end_seconds, 2),
                 "embedding_table": str(self.embedding_table) if self.embedding_table else None,
                 "transforms_derived": self.transforms_derived, "deploys_derived": self.deploys_derived,
-                "deploy_reuse_notes": self.deploy_reuse_notes}
+                "deploy_reuse_notes": self.deploy_reuse_notes, "vocab_sharing": self.vocab_sharing}
+
+    @property
+    def vocab_sharing(self) -> str:
+        """How the combined bmodel holds a tied vocabulary matrix (vocab_sharing.py)."""
+        sharing = self.plan.vocab_sharing
+        if sharing:
+            return (f"stored once: {sharing.lm_head} shares the embedding's coefficients; the final norm is in "
+                    f"{', '.join(sharing.last_layer)}")
+        return f"not shared: {self.plan.vocab_sharing_note}" if self.plan.vocab_sharing_note else "not shared"
 
 
 def format_table(results: list[SegmentCompileResult]) -> str:

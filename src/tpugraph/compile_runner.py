@@ -19,6 +19,7 @@ from .compile_script import save_script
 from .errors import UsageError
 from .manifest import read_manifest
 from .tool_logs import failure_reason, log_tail, parse_min_cosine
+from .tool_worker import ToolWorker
 from .toolchain import check_toolchain, tool_environment
 
 log = logging.getLogger(__name__)
@@ -26,19 +27,32 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, str, int, int], None]
 END_TO_END_PROMPT = 4  # tokens of the end-to-end check's random prompt
 END_TO_END_TOKENS = 3  # greedy tokens it compares (each is a full decode step on the cmodel)
+VOCABULARY_KINDS = ("embedding", "embedding_cache", "lm_head")  # a V x H matrix each: the longest transforms
 
 
-def run_step(step: Step, out_dir: Path, env: dict[str, str]) -> tuple[int, str, Path]:
-    """One tool run in its folder; its output goes to ``<action>.log`` there. (return code, output, log path)"""
+def run_step(step: Step, out_dir: Path, env: dict[str, str],
+             worker: ToolWorker | None = None) -> tuple[int, str, Path]:
+    """One tool run in its folder; its output goes to ``<action>.log`` there. (return code, output, log path)
+    With a worker, the Python tools it serves run in its forked children; anything else, or everything once the
+    worker is gone, as a subprocess."""
     cwd = out_dir / step.cwd
     cwd.mkdir(parents=True, exist_ok=True)
     argv = [a.replace(OUT_VAR, str(out_dir), 1) if a.startswith(OUT_VAR) else a for a in step.argv]
-    argv[0] = str(Path(env["VIRTUAL_ENV"]) / "bin" / argv[0])
     log_path = cwd / f"{step.action}.log"
+    rc = run_tool(argv, cwd, log_path, env, worker)
+    return rc, log_path.read_text(errors="replace"), log_path
+
+
+def run_tool(argv: list[str], cwd: Path, log_path: Path, env: dict[str, str], worker: ToolWorker | None = None) -> int:
+    """A tool of the tpu-mlir venv (argv[0] a name in its bin/) in ``cwd``, its output in ``log_path``; its exit
+    code. By the worker when it serves that tool, else (or once the worker is gone) as a subprocess."""
     log.debug("running %s in %s", " ".join(argv), cwd)
-    with open(log_path, "w") as fh:
-        proc = subprocess.run(argv, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return proc.returncode, log_path.read_text(errors="replace"), log_path
+    rc = worker.run(argv, cwd, log_path) if worker is not None and worker.serves(argv) else None
+    if rc is None:
+        with open(log_path, "w") as fh:
+            rc = subprocess.run([str(Path(env["VIRTUAL_ENV"]) / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    return rc
 
 
 @dataclass
@@ -68,6 +82,7 @@ class TransformReuse:
         self.holds: dict[str, bool] = {}
         self.lock = threading.Lock()
         self.derived: list[str] = []
+        self.indexes: dict[str, object] = {}  # template -> mlir_reuse.TemplateIndex (None: its output is missing)
 
     def _wait(self, event: threading.Event) -> bool:
         while not event.wait(0.2):
@@ -76,12 +91,15 @@ class TransformReuse:
         return True
 
     def _derive(self, step: Step, out_dir: Path, into: Path) -> bool:
-        from .mlir_reuse import derive_transform
+        from .mlir_reuse import TemplateIndex
 
         template = step.reuse_from
-        template_dir = out_dir / Path(step.cwd).parent / template
-        return derive_transform(template, template_dir, out_dir / self.files[template], step.segment, into,
-                                out_dir / self.files[step.segment])
+        with self.lock:  # each template's output is read once, by the first layer that needs it
+            if template not in self.indexes:
+                self.indexes[template] = TemplateIndex.read(template, out_dir / Path(step.cwd).parent / template,
+                                                            out_dir / self.files[template])
+            index = self.indexes[template]
+        return index is not None and index.derive(step.segment, into, out_dir / self.files[step.segment])
 
     def try_derive(self, step: Step, out_dir: Path) -> bool:
         """For a non-prover layer: True when its output was derived (the tool need not run)."""
@@ -122,7 +140,7 @@ class TransformReuse:
 
 def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, env: dict[str, str],
                result: SegmentCompileResult | None, progress: ProgressFn | None,
-               reuse: TransformReuse | None = None) -> _Failure | None:
+               reuse: TransformReuse | None = None, worker: ToolWorker | None = None) -> _Failure | None:
     """Run one segment's steps (or the combine) in order; the first failure ends them."""
     for offset, step in enumerate(steps):
         if progress:
@@ -132,7 +150,7 @@ def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, e
             rc, text, log_path = 0, "derived from the transform of " + step.reuse_from, out_dir / step.cwd
             reuse.release(step)
         else:
-            rc, text, log_path = run_step(step, out_dir, env)
+            rc, text, log_path = run_step(step, out_dir, env, worker)
             if step.action == "transform" and reuse is not None:
                 reuse.after_tool(step, rc == 0, out_dir)
         elapsed = time.perf_counter() - t0
@@ -158,11 +176,14 @@ def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, e
 
 
 def compile_segments(out: str | Path, venv: str | Path | None = None, options: CompileOptions | None = None,
-                     progress: ProgressFn | None = None, jobs: int = 1) -> CompileReport:
+                     progress: ProgressFn | None = None, jobs: int = 1, tool_worker: bool = True) -> CompileReport:
     """Run the compile plan of OUT with the tpu-mlir in VENV (default_tpu_mlir_venv() when None): transform +
     deploy each segment, then combine. ``jobs`` segments compile at once (each tool is mostly one core; 0: as
     many as llm_convert.py runs, max(cores, 4)).
     Check mode ``representative`` then runs verify --bmodel for a few tokens (CompileReport.end_to_end).
+
+    With ``tool_worker`` (the default) tpu-mlir's Python tools run in the children of one fork server
+    (tool_worker.py) that imported them once, instead of a fresh interpreter each; the outputs are the same.
 
     Stops at the first failing tool (with jobs > 1: lets the running segments finish, starts no other) with a
     SegmentCompileError that names the segment and quotes the tool. Writes the plan's script into OUT too,
@@ -180,6 +201,17 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
     plan = plan_compile(out_dir, options, manifest)
     save_script(plan, manifest, out_dir / plan.script_name)
     env = tool_environment(venv)
+    (out_dir / plan.work_dir).mkdir(parents=True, exist_ok=True)
+    worker = ToolWorker(venv, env, log_path=out_dir / plan.work_dir / "worker.log") if tool_worker else None
+    try:
+        return _compile(out_dir, venv, manifest, plan, env, progress, jobs, worker)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], progress: ProgressFn | None, jobs: int,
+             worker: ToolWorker | None) -> CompileReport:
     kinds = {s.name: s.kind for s in manifest.segments}
     total = len(plan.steps)
     report = CompileReport(plan=plan)
@@ -205,7 +237,7 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
             if stop.is_set():
                 return
             started[i] = True
-            failures[i] = _run_steps(steps, first, total, out_dir, env, results[i], progress, reuse)
+            failures[i] = _run_steps(steps, first, total, out_dir, env, results[i], progress, reuse, worker)
             if failures[i] is not None:
                 stop.set()
         finally:
@@ -226,25 +258,33 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
         if stop.is_set() or not part:
             return
         started[i] = True
-        failure = _run_steps([s for _, s in part], part[0][0], total, out_dir, env, results[i], progress, reuse)
+        failure = _run_steps([s for _, s in part], part[0][0], total, out_dir, env, results[i], progress, reuse,
+                             worker)
         if failure is not None:
             failures[i] = failure
             stop.set()
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(run_group, [i for i in range(len(groups)) if groups[i][1][0].segment not in deferred]))
+        # the longest first: the nets of the vocabulary matrix, then the plan's order
+        first = sorted((i for i in range(len(groups)) if groups[i][1][0].segment not in deferred),
+                       key=lambda i: kinds[groups[i][1][0].segment] not in VOCABULARY_KINDS)
+        list(pool.map(run_group, first))
         if deferred and not stop.is_set():
             late = [index_of[t] for r in deploy_reuse for t in r.targets]
             list(pool.map(lambda i: run_part(i, "transform"), late))
-            remaining = []
-            for r in deploy_reuse:
+            driver = Path(__file__).with_name(DRIVER)
+
+            def derive(r):  # one derivation process per structure and name room, side by side
                 if stop.is_set():
-                    break
+                    return r, [], "", 0.0
                 t0 = time.perf_counter()
                 derived, why = derive_deploys(r, out_dir / plan.work_dir, plan.options.quantize,
-                                              Path(env["VIRTUAL_ENV"]) / "bin" / "python3",
-                                              Path(__file__).with_name(DRIVER))
-                share = (time.perf_counter() - t0) / max(1, len(r.targets))
+                                              lambda argv, cwd, path: run_tool(argv, cwd, path, env, worker), driver)
+                return r, derived, why, time.perf_counter() - t0
+
+            remaining = []
+            for r, derived, why, seconds in pool.map(derive, deploy_reuse):
+                share = seconds / max(1, len(r.targets))
                 for name in r.targets:
                     i = index_of[name]
                     if name in derived:

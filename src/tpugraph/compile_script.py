@@ -72,6 +72,10 @@ def render_script(plan: CompilePlan, manifest: Manifest) -> str:
         f"{opts.check}; test data from tpugraph export-and-optimize --with-test-data).",
         "# Needs tpu-mlir 1.30 on PATH: source \"$(scripts/setup_tpu_mlir.sh)/bin/activate\" in the tpugraph repo.",
         "# Usage: bash SCRIPT [OUT]   (OUT defaults to the script's own folder)",
+        *([f"# The tied vocabulary matrix is stored once: {plan.vocab_sharing.lm_head} and "
+           f"{', '.join(plan.vocab_sharing.last_layer)} are compiled from the rewritten files in "
+           f"{plan.work_dir}/ (the final norm moved into the last layer; tpugraph vocab_sharing.py)."]
+          if plan.vocab_sharing else []),
         "set -euo pipefail",
         'OUT="$(cd "${1:-$(dirname "${BASH_SOURCE[0]}")}" && pwd)"',
         f"WORK=\"$OUT/{plan.work_dir}\"",
@@ -123,9 +127,14 @@ def _write_atomically(target: Path, data: bytes, mode: int) -> None:
 def save_script(plan: CompilePlan, manifest: Manifest, target: Path) -> Path:
     """Write the rendered script to ``target`` atomically (a temporary name, then a rename), executable, and
     the transform driver it runs into the compile's work folder of the OUT the script lies in."""
+    out_dir = target.parent
     _write_atomically(target, render_script(plan, manifest).encode(), 0o755)
     driver = Path(__file__).with_name(TRANSFORM_DRIVER)
-    _write_atomically(target.parent / plan.work_dir / TRANSFORM_DRIVER, driver.read_bytes(), 0o644)
+    _write_atomically(out_dir / plan.work_dir / TRANSFORM_DRIVER, driver.read_bytes(), 0o644)
+    if plan.vocab_sharing:  # the nets the script hands tpu-mlir instead of OUT's (vocab_sharing.py)
+        from .vocab_sharing import write_shared
+
+        write_shared(out_dir, manifest, plan.vocab_sharing, plan.work_dir)
     return target
 
 

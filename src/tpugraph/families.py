@@ -111,21 +111,15 @@ class FamilySpec:
     state_layer_type: str | None = None
     state_kind: str | None = None
     quirks: tuple[str, ...] = field(default_factory=tuple)
-    # Why a prefill on top of a KV history (--history-kv: block_kv_i, multi-turn chat, chunked prefill)
-    # cannot be exact for this family, or "" when it can. It can whenever a layer's only state is its KV
-    # cache and its attention reads that cache through the mask and position ids alone, which is the case of
-    # every registered family (sliding windows are applied from the absolute positions of both sides).
-    no_history_kv: str = ""
+    # A prefill on top of a KV history (--history-kv: block_kv_i, multi-turn chat, chunked prefill) is exact
+    # whenever a layer's only state is its KV cache and its attention reads that cache through the mask and
+    # position ids alone (sliding windows are applied from the absolute positions of both sides). A family for
+    # which it is not refuses the option in refused_options, saying why, like any other option.
     # compile --dynamic (prefill nets run at the prompt's length) was run on the cmodel for this family's blocks.
     # tpu-mlir 1.30.2's dynamic code aborts on blocks the Rope/FAttention fusion leaves partly unfused (Slice,
     # Permute, Tile...): gemma2, gemma3, glm4, phi3 at run time, even at the full length, phi at deploy. So only
     # the families checked are compiled --dynamic; the others are refused with one line.
     dynamic_prefill: bool = False
-
-    def check_history_kv(self) -> None:
-        """Refuse --history-kv for a family whose layers cannot prefill on top of a KV history, saying why."""
-        if self.no_history_kv:
-            raise UnsupportedModelError(f"--history-kv is not possible for family '{self.name}': {self.no_history_kv}")
 
     def describe(self) -> str:
         return ", ".join(self.quirks) if self.quirks else "standard pre-norm decoder"

@@ -26,28 +26,38 @@ def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
 
-def derive_transform(template: str, template_dir: Path, template_onnx: Path, target: str, target_dir: Path,
-                     target_onnx: Path) -> bool:
-    """Write ``{target}.mlir`` and its weight npz in target_dir from the template's transform output.
-    False (nothing written) when the template's output is missing or a weight cannot be matched."""
-    mlir = template_dir / f"{template}.mlir"
-    weights = template_dir / f"{template}{WEIGHT_SUFFIX}"
-    if not mlir.is_file() or not weights.is_file():
-        return False
-    text = mlir.read_text()
-    old_file, new_file = f"{template}{WEIGHT_SUFFIX}", f"{target}{WEIGHT_SUFFIX}"
-    module = f'module @{template} '
-    if text.count(old_file) != 1 or text.count(module) != 1:
-        return False
-    by_value: dict[tuple, str] = {}
-    for name, array in _initializers(template_onnx).items():
-        by_value.setdefault((array.dtype.str, array.shape, array.tobytes()), name)
-    values = _initializers(target_onnx)
-    out: dict[str, np.ndarray] = {}
-    with np.load(weights) as npz:
-        for key in npz.files:
-            array = npz[key]
-            source = by_value.get((array.dtype.str, array.shape, array.tobytes()))
+class TemplateIndex:
+    """A template layer's transform output, read once for every layer derived from it: its MLIR text, its npz
+    arrays, and which ONNX initializer each array is. None of a template whose output is missing."""
+
+    def __init__(self, template: str, template_dir: Path, template_onnx: Path):
+        self.template = template
+        self.text = (template_dir / f"{template}.mlir").read_text()
+        with np.load(template_dir / f"{template}{WEIGHT_SUFFIX}") as npz:
+            self.arrays = {key: npz[key] for key in npz.files}
+        by_value: dict[tuple, str] = {}
+        for name, array in _initializers(template_onnx).items():
+            by_value.setdefault((array.dtype.str, array.shape, array.tobytes()), name)
+        # npz key -> the initializer it is, or None (a constant model_transform made: layer-independent, proven)
+        self.source = {key: by_value.get((a.dtype.str, a.shape, a.tobytes())) for key, a in self.arrays.items()}
+
+    @classmethod
+    def read(cls, template: str, template_dir: Path, template_onnx: Path) -> "TemplateIndex | None":
+        if not (template_dir / f"{template}.mlir").is_file() or not (template_dir / f"{template}{WEIGHT_SUFFIX}").is_file():
+            return None
+        return cls(template, template_dir, template_onnx)
+
+    def derive(self, target: str, target_dir: Path, target_onnx: Path) -> bool:
+        """Write ``{target}.mlir`` and its weight npz in target_dir. False (nothing written) when a weight cannot be
+        matched or the MLIR does not name the template's module and weight file once."""
+        old_file, new_file = f"{self.template}{WEIGHT_SUFFIX}", f"{target}{WEIGHT_SUFFIX}"
+        module = f'module @{self.template} '
+        if self.text.count(old_file) != 1 or self.text.count(module) != 1:
+            return False
+        values = _initializers(target_onnx)
+        out: dict[str, np.ndarray] = {}
+        for key, array in self.arrays.items():
+            source = self.source[key]
             if source is None:
                 out[key] = array  # not a weight of the graph: proven layer-independent by the runner
                 continue
@@ -55,13 +65,20 @@ def derive_transform(template: str, template_dir: Path, template_onnx: Path, tar
             if value is None or value.shape != array.shape:
                 return False
             out[key] = value.astype(array.dtype, copy=False)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target_dir / f".{target}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, target_dir / new_file)
-    text = text.replace(old_file, new_file).replace(module, f"module @{target} ")
-    (target_dir / f"{target}.mlir").write_text(text)
-    return True
+        target_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target_dir / f".{target}.tmp{os.getpid()}.npz"
+        np.savez(tmp, **out)
+        os.replace(tmp, target_dir / new_file)
+        (target_dir / f"{target}.mlir").write_text(self.text.replace(old_file, new_file).replace(module, f"module @{target} "))
+        return True
+
+
+def derive_transform(template: str, template_dir: Path, template_onnx: Path, target: str, target_dir: Path,
+                     target_onnx: Path) -> bool:
+    """Write ``{target}.mlir`` and its weight npz in target_dir from the template's transform output.
+    False (nothing written) when the template's output is missing or a weight cannot be matched."""
+    index = TemplateIndex.read(template, template_dir, template_onnx)
+    return index is not None and index.derive(target, target_dir, target_onnx)
 
 
 def same_output(real_dir: Path, derived_dir: Path, name: str) -> bool:

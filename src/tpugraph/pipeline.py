@@ -157,8 +157,6 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     refused = family.refused_option(options)
     if refused:
         raise UsageError(f"cannot be used with family {family.name}: {refused[1]}", option=refused[0])
-    if options.history_kv:  # refused before OUT is touched
-        family.check_history_kv()
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")

@@ -1,7 +1,10 @@
 """model_transform.py plus the Top-dialect fusions tpu-mlir's ONNX front end does not make, run by the tpu-mlir
 venv's Python (it imports nothing of tpugraph: that venv has Python 3.10 and tpu-mlir's own packages only).
 
-    python tpu_mlir_transform.py [--no-fuse] [--dynamic-length] <model_transform.py's arguments>
+    python tpu_mlir_transform.py [--no-fuse] [--skip-onnxsim] [--dynamic-length] <model_transform.py's arguments>
+
+``--skip-onnxsim``: the ONNX file is already folded and simplified (tpugraph's pass chain ran onnxsim on it), so
+tpu-mlir's front end does not run its ConstantFolding and onnxsim again (same MLIR, seconds less per file).
 
 tpu-mlir's canonicalizer already turns an exported RMSNorm into ``top.RMSNorm`` and ``x * sigmoid(x)`` into
 ``top.SiLU``, but leaves rotary embedding and attention as the dozen Slice/Concat/Permute/Tile/MatMul/Softmax ops
@@ -477,16 +480,35 @@ def check_fusion(mlir_file: str, test_input: str) -> float:
     return worst
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    fuse = "--no-fuse" not in argv
-    dynamic = "--dynamic-length" in argv
-    argv = [a for a in argv if a not in ("--no-fuse", "--dynamic-length")]
-    import tpu_mlir  # noqa: F401  (sets the tool paths in os.environ)
+def _model_transform(argv: list[str]) -> None:
     from tpu_mlir.python.tools import model_transform
 
     sys.argv = ["model_transform.py", *argv]
     runpy.run_path(model_transform.__file__, run_name="__main__")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    fuse = "--no-fuse" not in argv
+    presimplified = "--skip-onnxsim" in argv
+    dynamic = "--dynamic-length" in argv
+    argv = [a for a in argv if a not in ("--no-fuse", "--skip-onnxsim", "--dynamic-length")]
+    import tpu_mlir  # noqa: F401  (sets the tool paths in os.environ)
+
+    if presimplified:
+        # The graph is tpugraph's output after its own constant folding and onnxsim: tpu-mlir's front end would
+        # fold and simplify it again (about 4 s for a vocabulary table) for the same graph. Should the front end
+        # fail on it, it runs once more the usual way.
+        try:
+            _model_transform([*argv, "--do_onnx_sim", ""])  # an empty string is argparse's False for type=bool
+        except BaseException as exc:  # noqa: BLE001  (model_transform ends with SystemExit or any error)
+            if isinstance(exc, SystemExit) and exc.code in (0, None):
+                raise
+            print(f"tpugraph: model_transform without tpu-mlir's onnxsim failed ({exc!r}); again with it",
+                  flush=True)
+            _model_transform(argv)
+    else:
+        _model_transform(argv)
     mlir_file = _arg(argv, "--mlir")
     if fuse:
         fuse_and_check(mlir_file, _arg(argv, "--test_input"))
