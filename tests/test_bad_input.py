@@ -104,7 +104,7 @@ def test_remote_code_is_refused_without_the_flag(good_model, tmp_path):
     (["--dtype", "float8"], "--dtype"),
     (["--int-dtype", "int16"], "--int-dtype"),
     (["--seq-length", "0"], "--seq-length"),
-    (["--jobs", "0", "--seq-length", "16"], "--jobs"),
+    (["--jobs", "-1", "--seq-length", "16"], "--jobs"),
     (["--passes", "no_such_pass", "--seq-length", "16"], "no_such_pass"),
 ])
 def test_invalid_options(good_model, tmp_path, args, needle):
@@ -114,22 +114,23 @@ def test_invalid_options(good_model, tmp_path, args, needle):
 
 
 def test_disk_full_during_a_write_leaves_no_half_file(good_model, tmp_path, monkeypatch):
-    import onnx
+    from tpugraph import committer
 
-    real_save = onnx.save_model
+    real_save = committer._write  # where each inline segment's bytes are written
     calls = {"n": 0}
 
-    def failing_save(model, f, *args, **kwargs):
+    def failing_save(path, data):
         calls["n"] += 1
         if calls["n"] == 4:  # after the vocab unit (embedding, embedding_cache, lm_head): block_0
-            with open(f, "wb") as fh:
+            with open(path, "wb") as fh:
                 fh.write(b"\x08\x07partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(model, f, *args, **kwargs)
+        return real_save(path, data)
 
-    monkeypatch.setattr(onnx, "save_model", failing_save)
+    monkeypatch.setattr(committer, "_write", failing_save)
     out = tmp_path / "o"
-    code, output = run("export-and-optimize", good_model, "-o", out, "--seq-length", 16)
+    # one thread: the 4th file written is block_0's
+    code, output = run("export-and-optimize", good_model, "-o", out, "--seq-length", 16, "--jobs", "1")
     one_line(code, output, 5, "No space left on device", "block_0.onnx")
     assert_nothing_presented_as_done(out)
     assert not (out / "block_0.onnx").exists(), "a half-written file must not stand under its final name"
@@ -137,7 +138,7 @@ def test_disk_full_during_a_write_leaves_no_half_file(good_model, tmp_path, monk
     partial = json.loads((out / ".tpugraph-partial.json").read_text())
     assert [s["name"] for s in partial["segments"]] == ["embedding", "embedding_cache", "lm_head"]
     # With space again, a rerun finishes and keeps what was done.
-    monkeypatch.setattr(onnx, "save_model", real_save)
+    monkeypatch.setattr(committer, "_write", real_save)
     code, output = run("-v", "export-and-optimize", good_model, "-o", out, "--seq-length", 16)
     assert code == 0, output
     assert (out / "manifest.json").is_file() and not (out / ".tpugraph-partial.json").exists()
@@ -146,14 +147,22 @@ def test_disk_full_during_a_write_leaves_no_half_file(good_model, tmp_path, monk
 def test_a_failing_unit_of_a_parallel_run_stops_it_cleanly(good_model, tmp_path, monkeypatch):
     import onnx
 
-    real_save = onnx.save_model
+    from tpugraph import committer
+
+    real_save, real_write = onnx.save_model, committer._write  # segments with external data / inline
 
     def failing_save(model, f, *args, **kwargs):
         if Path(f).name == "block_cache_1.onnx":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(model, f, *args, **kwargs)
 
+    def failing_write(path, data):
+        if Path(path).name == "block_cache_1.onnx":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
     monkeypatch.setattr(onnx, "save_model", failing_save)
+    monkeypatch.setattr(committer, "_write", failing_write)
     out = tmp_path / "o"
     code, output = run("export-and-optimize", good_model, "-o", out, "--seq-length", 16, "--jobs", "2")
     one_line(code, output, 5, "No space left on device", "block_cache_1.onnx")
@@ -161,6 +170,7 @@ def test_a_failing_unit_of_a_parallel_run_stops_it_cleanly(good_model, tmp_path,
     assert not (out / "block_cache_1.onnx").exists() and not (out / "layer_1.data").exists()
     assert not list(out.glob(".tpugraph-stage-*")) and not list(out.glob(".tpugraph-work-*"))
     monkeypatch.setattr(onnx, "save_model", real_save)
+    monkeypatch.setattr(committer, "_write", real_write)
     code, output = run("export-and-optimize", good_model, "-o", out, "--seq-length", 16, "--jobs", "2")
     assert code == 0, output
     assert (out / "manifest.json").is_file() and (out / "block_cache_1.onnx").is_file()

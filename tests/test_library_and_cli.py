@@ -21,7 +21,7 @@ def run(*args):
 
 
 @pytest.mark.parametrize("options,field", [
-    (ExportOptions(seq_length=0), "seq_length"), (ExportOptions(jobs=0), "jobs"),
+    (ExportOptions(seq_length=0), "seq_length"), (ExportOptions(jobs=-1), "jobs"),
     (ExportOptions(dtype="float8"), "dtype"), (ExportOptions(int_dtype="int16"), "int_dtype"),
     (ExportOptions(external_data="sometimes"), "external_data"), (ExportOptions(naming="onnx"), "naming"),
 ])
@@ -70,3 +70,21 @@ def test_a_bad_prompt_length_exits_2(tmp_path):
     assert code == 2, output
     assert [line for line in output.splitlines() if line.startswith("error:")] == [
         "error: --prompt-length must be >= 1 (got 0)"]
+
+
+def test_export_jobs_zero_takes_two_threads_for_a_model_that_fits_an_eighth_of_the_memory():
+    from tpugraph.pipeline import auto_jobs
+
+    class Weights:  # 1000 float32 weights: 4000 bytes
+        def keys(self):
+            return ["a", "b"]
+
+        def shape_and_dtype(self, key):
+            return ((10, 50), "bfloat16")
+
+    import os
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: auto_jobs is always 1 here")
+    assert auto_jobs(Weights(), memory_bytes=32_000) == 2
+    assert auto_jobs(Weights(), memory_bytes=31_999) == 1  # a big model streams one layer at a time

@@ -29,6 +29,12 @@ def _serialized(model) -> bytes | None:
     return data if len(data) <= LARGE_MODEL_BYTES else None
 
 
+def _write(path: Path, data: bytes) -> None:
+    """One inline segment's bytes into its staging file."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
 class UnitWriter:
     """Writes a unit's segments into a staging folder inside OUT, then renames the data file first and each
     .onnx last, so a file under its final name is always complete."""
@@ -58,7 +64,7 @@ class UnitWriter:
                 return external
             data = _serialized(built.restored())
             if data is not None:
-                (self.stage / spec.filename).write_bytes(data)
+                _write(self.stage / spec.filename, data)
             else:
                 raise OutputError(f"{spec.name} is over 2 GB and cannot be written inline; use --external-data auto")
         except OSError as exc:

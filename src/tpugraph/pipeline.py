@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -44,7 +45,7 @@ class ExportOptions:
     sample_head: str | None = None  # current: sample_head.onnx; legacy: penalty_sample_head.onnx
     lm_head_topk: bool = False  # lm_head -> token [1,1] only, no greedy_head.onnx
     embedding_disk: bool = False  # no embedding nets: OUT/embedding.f32.bin, the rows the host gathers
-    jobs: int = 1  # work units (vocabulary, each layer) built in parallel threads
+    jobs: int = 0  # work units (vocabulary, each layer) built in parallel threads; 0: auto_jobs
     naming: str | None = None  # I/O naming convention (llm-tpu, optimum, genie): rename_kv_io's convention
     with_test_data: bool = False  # also write OUT/test_data/<segment>_input.npz (testdata.write_test_data)
     max_input_length: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
@@ -59,9 +60,11 @@ class ExportOptions:
             if value not in allowed:
                 shown = ", ".join(a for a in allowed if a is not None)
                 raise UsageError(f"must be one of {shown} (got {value})", option=option)
-        for option, value in (("seq_length", self.seq_length), ("jobs", self.jobs)):
-            if value < 1:
-                raise UsageError(f"must be >= 1 (got {value})", option=option)
+        if self.seq_length < 1:
+            raise UsageError(f"must be >= 1 (got {self.seq_length})", option="seq_length")
+        if self.jobs < 0:
+            raise UsageError(f"must be >= 0 (got {self.jobs}; 0: two threads for a model whose float32 weights "
+                             "take at most an eighth of the memory, else one)", option="jobs")
         if self.sample_head not in (None, *SAMPLE_HEADS):
             raise UsageError(f"must be one of {', '.join(SAMPLE_HEADS)} (got {self.sample_head})", option="sample_head")
         if self.lm_head_topk and (self.sample_head or self.penalty_head):
@@ -130,6 +133,22 @@ def prepare_output_dir(out: Path, force: bool) -> None:
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def auto_jobs(weights, memory_bytes: int | None = None) -> int:
+    """``--jobs 0``: two work units at once on a machine with two cores or more when the model's weights in float32
+    take at most an eighth of the memory (each unit holds its layer's weights a few times over while it is traced
+    and written), else one: a big model streams one layer at a time."""
+    import math
+
+    cores = os.cpu_count() or 1
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return 1
+    total = 4 * sum(math.prod(weights.shape_and_dtype(k)[0]) for k in weights.keys())
+    return 2 if cores >= 2 and total * 8 <= memory_bytes else 1
 
 
 def export_and_optimize(model: str, out: str | Path, options: ExportOptions | None = None,
@@ -210,7 +229,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run.run(units, fingerprint, options.jobs)
+            run.run(units, fingerprint, options.jobs or auto_jobs(weights))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     factory = run.factory
