@@ -96,3 +96,41 @@ def test_bf16_bmodel_verifies_three_turns_and_a_chunked_prompt(compiled, toolcha
     seed = _clear_seed(out, 3 * L, 1)
     chunked = verify(out, prompt_length=3 * L, new_tokens=NEW, seed=seed, bmodel=bmodel, tpu_mlir=toolchain)
     assert chunked.passed and chunked.tokens_equal, chunked.to_json()
+
+
+@pytest.fixture(scope="module")
+def compiled_dynamic(compiled, toolchain):
+    out, _ = compiled
+    report = compile_segments(out, toolchain, CompileOptions(quantize="bf16", check="none", dynamic=True), jobs=2)
+    return report.bmodel
+
+
+def _dynamic_nets(bmodel, venv) -> set[str]:
+    info = subprocess.run(["model_tool", "--info", str(bmodel)], env=tool_environment(venv),
+                          capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"^net \d+: \[([^\]]+)\]\s+dynamic", info, re.MULTILINE))
+
+
+@pytest.mark.tpu_mlir
+@pytest.mark.slow
+def test_dynamic_prefill_bmodel_gives_the_static_bmodels_tokens(compiled, compiled_dynamic, toolchain):
+    """compile --dynamic: block_i / block_kv_i run at the real length (forward_dynamic): turn 1 prefills 5 < L
+    tokens through block_i, turn 2 its new tokens through block_kv_i; tokens and logits as the static bmodel's."""
+    out, static_bmodel = compiled
+    assert _dynamic_nets(compiled_dynamic, toolchain) == {f"{kind}_{i}" for kind in ("block", "block_kv")
+                                                            for i in range(2)}
+    assert not _dynamic_nets(static_bmodel, toolchain)
+    seed = _clear_seed(out, 5, 2)
+    reports = {}
+    for name, bmodel in (("static", static_bmodel), ("dynamic", compiled_dynamic)):
+        reports[name] = verify(out, prompt_length=5, new_tokens=NEW, seed=seed, turns=2, bmodel=bmodel,
+                               tpu_mlir=toolchain)
+    static, dynamic = reports["static"], reports["dynamic"]
+    assert "dynamic prefill" in dynamic.backend and "dynamic" not in static.backend
+    assert dynamic.passed, dynamic.to_json()
+    assert [t.onnx_tokens for t in dynamic.turns] == [t.onnx_tokens for t in static.turns]
+    # both prefills shorter than L: forward_dynamic at 5 rows (block_i), then at the new turn's rows (block_kv_i)
+    assert [t.new_tokens for t in dynamic.turns] == [t.new_tokens for t in static.turns]
+    assert dynamic.turns[0].new_tokens == 5 and 1 < dynamic.turns[1].new_tokens < L
+    np.testing.assert_allclose([s.cosine for s in dynamic.steps], [s.cosine for s in static.steps], atol=1e-4)
+    assert dynamic.mask_check["tokens"] == static.mask_check["tokens"]  # the F16 mask pattern too

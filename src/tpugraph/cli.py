@@ -153,6 +153,10 @@ NoShareVocab = Annotated[bool, typer.Option(
     "--no-share-vocab", help="Keep the contract's cut in the bmodel: lm_head applies the final norm, so a tied "
     "vocabulary matrix is stored twice (by default the final norm moves into the last layer's nets for tpu-mlir and "
     "lm_head shares the embedding's coefficients).")]
+Dynamic = Annotated[bool, typer.Option(
+    "--dynamic", help="Compile the prefill nets (block_i, block_kv_i) with tpu-mlir's --dynamic: the runtime runs them "
+    "at the prompt's real length instead of always L tokens (run/verify --bmodel then do). Writes "
+    "..._dynamic.bmodel.")]
 
 
 def _choices(values) -> str:
@@ -449,14 +453,15 @@ def inspect_cmd(
 
 
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
-                     no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False):
+                     no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
+                     dynamic: bool = False):
     from .compile import CompileOptions
     from .errors import UsageError
 
     try:
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
                               check="none" if no_check else check, fuse=not no_fuse,
-                              share_vocab=not no_share_vocab).check_options()
+                              share_vocab=not no_share_vocab, dynamic=dynamic).check_options()
     except UsageError as err:  # the library names what is wrong; the command line names its flag
         flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
                 "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
@@ -479,13 +484,14 @@ def compile_script_cmd(
     no_check: NoCheck = False,
     no_fuse: NoFuse = False,
     no_share_vocab: NoShareVocab = False,
+    dynamic: Dynamic = False,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
     from .compile import write_compile_script
 
     path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
-                                                      no_share_vocab), script)
+                                                      no_share_vocab, dynamic), script)
     _echo(f"wrote {path}")
     _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
 
@@ -503,6 +509,7 @@ def compile_cmd(
     no_check: NoCheck = False,
     no_fuse: NoFuse = False,
     no_share_vocab: NoShareVocab = False,
+    dynamic: Dynamic = False,
     jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
     json_out: JsonOut = False,
 ) -> None:
@@ -515,7 +522,7 @@ def compile_cmd(
 
     try:
         report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check,
-                                                                  no_fuse, no_share_vocab),
+                                                                  no_fuse, no_share_vocab, dynamic),
                                   progress=progress, jobs=jobs)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:

@@ -30,6 +30,9 @@ QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "bloc
 # runtime may hand it fewer recent tokens than SEQ for the repetition penalty.
 IO_ALONE_KINDS = ("block_cache", "sample_head")
 DYNAMIC_KINDS = ("sample_head",)
+# compile --dynamic: the prefill nets too, so the runtime runs them at the prompt's (chunk's) length
+# (llm_convert's --dynamic; their Reshapes get a free sequence axis in the transform, tpu_mlir_transform.py).
+DYNAMIC_PREFILL_KINDS = ("block", "block_kv")
 CHECK_MODES = ("representative", "all", "none")
 
 
@@ -48,6 +51,8 @@ class CompileOptions:
     # a tied vocabulary matrix stored once in the combined bmodel (vocab_sharing.py: the final norm moves into the
     # last layer's nets for tpu-mlir); False keeps the contract's cut (lm_head applies the final norm) there too
     share_vocab: bool = True
+    # the prefill nets (block_i, block_kv_i) compiled --dynamic: run at the real prompt length (forward_dynamic)
+    dynamic: bool = False
 
     def check_options(self) -> "CompileOptions":
         """Validate and normalise (lowercase names, the default group size); raises UsageError."""
@@ -73,11 +78,11 @@ class CompileOptions:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
                               check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
-                              share_vocab=self.share_vocab)
+                              share_vocab=self.share_vocab, dynamic=bool(self.dynamic))
 
     @property
     def tag(self) -> str:
-        return f"{self.quantize}_{self.chip}_{self.num_device}dev"
+        return f"{self.quantize}_{self.chip}_{self.num_device}dev" + ("_dynamic" if self.dynamic else "")
 
 
 

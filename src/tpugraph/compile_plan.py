@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compile_options import (DEFAULT_Q_GROUP_SIZE, resolve_auto, DYNAMIC_KINDS, HEAD_KINDS, IO_ALONE_KINDS, QUANT_INPUT_KINDS,
+from .compile_options import (DEFAULT_Q_GROUP_SIZE, resolve_auto, DYNAMIC_KINDS, DYNAMIC_PREFILL_KINDS, HEAD_KINDS, IO_ALONE_KINDS, QUANT_INPUT_KINDS,
                               QUANT_OUTPUT_KINDS, CompileOptions)
 from .errors import UsageError
 from .manifest import Manifest, SegmentEntry, read_manifest
@@ -64,7 +64,8 @@ def bmodel_name(manifest: Manifest, options: CompileOptions) -> str:
     model_type = str(manifest.model.get("model_type") or manifest.model.get("family") or "model")
     model_type = re.sub(r"[^a-z0-9.-]+", "-", model_type.lower()).strip("-") or "model"
     seq = int(manifest.options["seq_length"])
-    return f"{model_type}_{options.quantize}_seq{seq}_{options.chip}_{options.num_device}dev.bmodel".lower()
+    dynamic = "_dynamic" if options.dynamic else ""
+    return f"{model_type}_{options.quantize}_seq{seq}_{options.chip}_{options.num_device}dev{dynamic}.bmodel".lower()
 
 
 def _float_mode(quantize: str) -> str:
@@ -94,9 +95,35 @@ def deploy_flags(kind: str, options: CompileOptions, float_weights: bool = False
         flags.append("--quant_output")
     if kind in IO_ALONE_KINDS:
         flags += ["--addr_mode", "io_alone"]
-    if kind in DYNAMIC_KINDS:
+    if kind in DYNAMIC_KINDS or (options.dynamic and kind in DYNAMIC_PREFILL_KINDS):
         flags.append("--dynamic")
     return flags
+
+
+def check_dynamic_prefill(manifest: Manifest) -> None:
+    """compile --dynamic: the runtime shortens a prefill net's inputs to the prompt's length, which it knows how to
+    do for the contract's inputs only (input_states, position_ids, attention_mask, then a block_kv's full
+    history). Raises UsageError for nets with other inputs (state layers, per-layer embeddings, shared KV) and for
+    families whose blocks were not run compiled --dynamic (FamilySpec.dynamic_prefill)."""
+    from .families import FAMILIES, family_by_name
+
+    name = str(manifest.model.get("family") or "")
+    try:
+        checked = family_by_name(name).dynamic_prefill
+    except KeyError:
+        checked = False
+    if not checked:
+        ok = ", ".join(f.name for f in FAMILIES if f.dynamic_prefill)
+        raise UsageError(f"--dynamic: the prefill nets of family '{name or 'unknown'}' are not known to run compiled "
+                         f"--dynamic (checked on the cmodel: {ok}; tpu-mlir 1.30.2's dynamic code aborts on the "
+                         "partly unfused blocks of gemma2, gemma3, glm4, phi3 and phi): compile without --dynamic")
+    contract = {"block": ["input_states", "position_ids", "attention_mask"],
+                "block_kv": ["input_states", "position_ids", "attention_mask", "history_k", "history_v"]}
+    for entry in manifest.segments:
+        if entry.kind in DYNAMIC_PREFILL_KINDS and [t.name for t in entry.inputs] != contract[entry.kind]:
+            raise UsageError(f"--dynamic: {entry.name} takes ({', '.join(t.name for t in entry.inputs)}), not the "
+                             f"contract's ({', '.join(contract[entry.kind])}); only those prefill nets can run at "
+                             "the prompt's length (compile this output without --dynamic)")
 
 
 def _test_input(out_dir: Path, entry: SegmentEntry) -> str | None:
@@ -133,6 +160,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         raise UsageError(f"{out_dir}/manifest.json is marked incomplete: finish the export first")
     if not manifest.segments:
         raise UsageError(f"{out_dir}/manifest.json lists no segments")
+    if options.dynamic:
+        check_dynamic_prefill(manifest)
     work = f"compile/{options.tag}"
     compared = {"all": {e.name for e in manifest.segments}, "representative": representatives(manifest),
                 "none": set()}[options.check]
@@ -151,7 +180,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
             test_input = _test_input(out_dir, entry) or (
                 _test_input(out_dir, template) if name in rewritten and template else None)
         model_def = rewritten_file(work, name) if name in rewritten else entry.file
-        transform = ["python3", f"{OUT_VAR}/{work}/{TRANSFORM_DRIVER}", *([] if options.fuse else ["--no-fuse"]),
+        dynamic = ["--dynamic-length"] if options.dynamic and entry.kind in DYNAMIC_PREFILL_KINDS else []
+        transform = ["python3", f"{OUT_VAR}/{work}/{TRANSFORM_DRIVER}", *([] if options.fuse else ["--no-fuse"]), *dynamic,
                      *(["--skip-onnxsim"] if presimplified(entry) else []),
                      "--model_name", name, "--model_def", f"{OUT_VAR}/{model_def}", "--mlir", f"{name}.mlir"]
         float_weights = sharing is not None and name == sharing.lm_head
@@ -178,6 +208,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         command += " --no-fuse"
     if not options.share_vocab:
         command += " --no-share-vocab"
+    if options.dynamic:
+        command += " --dynamic"
     if options.check == "none":
         command += " --no-check"
     elif options.check == "all":

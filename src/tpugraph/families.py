@@ -115,6 +115,11 @@ class FamilySpec:
     # whenever a layer's only state is its KV cache and its attention reads that cache through the mask and
     # position ids alone (sliding windows are applied from the absolute positions of both sides). A family for
     # which it is not refuses the option in refused_options, saying why, like any other option.
+    # compile --dynamic (prefill nets run at the prompt's length) was run on the cmodel for this family's blocks.
+    # tpu-mlir 1.30.2's dynamic code aborts on blocks the Rope/FAttention fusion leaves partly unfused (Slice,
+    # Permute, Tile...): gemma2, gemma3, glm4, phi3 at run time, even at the full length, phi at deploy. So only
+    # the families checked are compiled --dynamic; the others are refused with one line.
+    dynamic_prefill: bool = False
 
     def describe(self) -> str:
         return ", ".join(self.quirks) if self.quirks else "standard pre-norm decoder"
@@ -249,6 +254,7 @@ QWEN_EXPERTS = (("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj.weight"
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
+        dynamic_prefill=True,
         # transformers maps internlm3 onto LlamaForCausalLM (InternLM3's own checkpoints name InternLM3ForCausalLM).
         model_types=("llama", "internlm3"),
         architectures=("LlamaForCausalLM", "InternLM3ForCausalLM"),
@@ -267,6 +273,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
     FamilySpec(
         name="qwen2",
+        dynamic_prefill=True,
         model_types=("qwen2",),
         architectures=("Qwen2ForCausalLM",),
         min_transformers="4.57",
@@ -275,6 +282,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
     FamilySpec(
         name="qwen3",
+        dynamic_prefill=True,
         model_types=("qwen3",),
         architectures=("Qwen3ForCausalLM",),
         min_transformers="4.51",

@@ -108,6 +108,8 @@ class SegmentRuntime:
                                  f"{k}: re-export with --sample-head for top-k", option="top_k")
             sampling.check(k)
         self.input_length = prefill_length(self.manifest)
+        # compile --dynamic: the prefill nets run at the prompt's (chunk's) real length, not always L
+        self.dynamic_prefill = bool(getattr(backend, "dynamic_prefill", False))
         self.history_kv = any(s.kind == "block_kv" for s in self.manifest.segments)
         # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
         self.state_layers = set(self.manifest.model.get("state_layers", ()))
@@ -168,6 +170,9 @@ class SegmentRuntime:
         ids, pos, mask = prefill_inputs(prompt, self.input_length, self.mask_value)
         embedded = self.embed("embedding", ids)
         hidden = embedded[0]
+        if self.dynamic_prefill:  # the n prompt rows only: [1,n,H], [1,n], [1,1,n,n] (as LLM-TPU's net_launch_dyn)
+            n = len(prompt)
+            hidden, pos, mask = hidden[:, :n], pos[:, :n], np.ascontiguousarray(mask[:, :, :n, :n])
         history = []
         for i in range(self.layers):
             src = self.kv_from[i]
@@ -196,6 +201,9 @@ class SegmentRuntime:
         ids, pos, mask = history_prefill_inputs(chunk, h, self.input_length, self.seq, self.mask_value)
         hidden = self.embed("embedding", ids)[0]
         n = len(chunk)
+        if self.dynamic_prefill:  # the n new rows; mask columns: the SEQ history ones, then the n new ones
+            hidden, pos = hidden[:, :n], pos[:, :n]
+            mask = np.ascontiguousarray(mask[:, :, :n, : self.seq + n])
         for i in range(self.layers):
             hk, hv = history[i]
             hidden, k, v = self.run(f"block_kv_{i}", hidden, pos, mask, hk, hv)

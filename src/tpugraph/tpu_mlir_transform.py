@@ -1,7 +1,7 @@
 """model_transform.py plus the Top-dialect fusions tpu-mlir's ONNX front end does not make, run by the tpu-mlir
 venv's Python (it imports nothing of tpugraph: that venv has Python 3.10 and tpu-mlir's own packages only).
 
-    python tpu_mlir_transform.py [--no-fuse] [--skip-onnxsim] <model_transform.py's arguments>
+    python tpu_mlir_transform.py [--no-fuse] [--skip-onnxsim] [--dynamic-length] <model_transform.py's arguments>
 
 ``--skip-onnxsim``: the ONNX file is already folded and simplified (tpugraph's pass chain ran onnxsim on it), so
 tpu-mlir's front end does not run its ConstantFolding and onnxsim again (same MLIR, seconds less per file).
@@ -17,6 +17,11 @@ canonicalization and, with --test_input, its ONNX-vs-MLIR compare) in this one p
 * attention ``softmax(q @ k^T * scale + mask) @ v`` with the GQA repeat (Unsqueeze/Tile/Reshape) ->
   ``top.FAttention(q, k, v, mask)`` on [1, S, H, D] tensors; a decode step's
   ``permute(concat(permute(past), permute(new)))`` becomes ``concat(past, new)`` on the sequence axis.
+
+With ``--dynamic-length`` (a prefill net deployed ``--dynamic``, run at the prompt's length): every ``top.Reshape``
+that keeps the sequence axis (axis 1, the length of the first input) gets ``-1`` there instead of the static length
+the exporter wrote, as llm_convert writes its reshapes. A static ``[1, L, -1, D]`` reshape breaks the net at a shorter
+length (the runtime's rope kernel aborts: "broadcast shape must be 1").
 
 Anything else is left exactly as tpu-mlir made it. The rewritten module goes through tpu-mlir's Top passes again
 (shape inference, canonicalization: the permute pairs cancel, the replaced ops die). The unfused module is kept
@@ -376,6 +381,56 @@ class Fuser:
                     changed = True
 
 
+def free_sequence_axis(module) -> int:
+    """--dynamic-length: the Reshapes that keep axis 1 at the net's input length L get -1 there (the dim that was
+    -1 gets its static value), so they follow the length the runtime runs the net at. Returns how many changed."""
+    from mlir.ir import ArrayAttr, IntegerAttr, IntegerType
+
+    g = _Graph(module)
+    args = g.func.regions[0].blocks[0].arguments
+    first = g.shape(args[0]) if len(args) else []
+    if len(first) < 2:
+        return 0
+    length = first[1]
+    changed = 0
+    for op in g.block.operations:
+        if g.name(op) != "top.Reshape":
+            continue
+        shape = g.ints(op, "shape")
+        src, dst = g.shape(op.operation.operands[0]), g.shape(op.result)
+        if (not shape or len(shape) != len(dst) or len(src) < 2 or len(dst) < 2 or src[1] != length
+                or dst[1] != length or shape[1] != length):
+            continue
+        new = [d if v == -1 else v for v, d in zip(shape, dst)]
+        new[1] = -1
+        i64 = IntegerType.get_signless(64)
+        op.operation.attributes["shape"] = ArrayAttr.get([IntegerAttr.get(i64, v) for v in new])
+        changed += 1
+    return changed
+
+
+def free_sequence_axis_file(mlir_file: str) -> int:
+    """free_sequence_axis on MLIR_FILE in place (Top dialect; tpu-mlir's Top passes run again on the result)."""
+    from mlir.ir import Context, Location, Module
+    import mlir.dialects.top  # noqa: F401
+    from tpu_mlir.python.utils.mlir_shell import mlir_opt_for_top
+
+    ctx = Context()
+    ctx.allow_unregistered_dialects = True
+    with ctx, Location.unknown():
+        module = Module.parse(open(mlir_file).read())
+        changed = free_sequence_axis(module)
+        if not changed:
+            return 0
+        text = str(module.operation.get_asm(enable_debug_info=True))
+    raw = mlir_file[:-len(".mlir")] + "_dynamic_raw.mlir"
+    with open(raw, "w") as fh:
+        fh.write(text)
+    mlir_opt_for_top(raw, mlir_file, log_level="quiet")
+    os.remove(raw)
+    return changed
+
+
 def fuse_file(mlir_file: str) -> dict[str, int]:
     """Rewrite MLIR_FILE (Top dialect, as model_transform leaves it) in place; the original is kept as
     ``*_unfused.mlir``. Returns how many of each fusion were made (the file is untouched when none)."""
@@ -436,7 +491,8 @@ def main() -> None:
     argv = sys.argv[1:]
     fuse = "--no-fuse" not in argv
     presimplified = "--skip-onnxsim" in argv
-    argv = [a for a in argv if a not in ("--no-fuse", "--skip-onnxsim")]
+    dynamic = "--dynamic-length" in argv
+    argv = [a for a in argv if a not in ("--no-fuse", "--skip-onnxsim", "--dynamic-length")]
     import tpu_mlir  # noqa: F401  (sets the tool paths in os.environ)
 
     if presimplified:
@@ -453,12 +509,17 @@ def main() -> None:
             _model_transform(argv)
     else:
         _model_transform(argv)
-    if not fuse:
-        return
     mlir_file = _arg(argv, "--mlir")
+    if fuse:
+        fuse_and_check(mlir_file, _arg(argv, "--test_input"))
+    if dynamic:
+        print(f"tpugraph dynamic length: {free_sequence_axis_file(mlir_file)} reshape(s) follow the input length",
+              flush=True)
+
+
+def fuse_and_check(mlir_file: str, test_input: str | None) -> None:
     counts = fuse_file(mlir_file)
     print(f"tpugraph fusion: {', '.join(f'{k} {v}' for k, v in counts.items())}", flush=True)
-    test_input = _arg(argv, "--test_input")
     if test_input and any(counts.values()):
         worst = check_fusion(mlir_file, test_input)
         ok = worst >= FUSE_TOLERANCE

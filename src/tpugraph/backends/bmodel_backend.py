@@ -24,6 +24,7 @@ DRIVER = Path(__file__).with_name("bmodel_driver.py")
 class NetInfo:
     inputs: list[dict]  # {"name", "dtype" (f32, f16, bf16, i32...), "shape"}
     outputs: list[dict]
+    dynamic: bool = False  # compiled --dynamic: runs at shapes up to its own (forward_dynamic)
 
 
 class BmodelBackend:
@@ -44,12 +45,13 @@ class BmodelBackend:
         try:
             reply, _ = self._request({"op": "nets"}, what=f"load {self.bmodel.name}")
             self.chip = str(reply["chip"]).lower()
-            self.nets = {name: NetInfo(n["inputs"], n["outputs"]) for name, n in reply["nets"].items()}
+            self.nets = {name: NetInfo(n["inputs"], n["outputs"], bool(n.get("dynamic")))
+                         for name, n in reply["nets"].items()}
             check_against_manifest(self.nets, manifest, self.bmodel)
         except BaseException:
             self.close()
             raise
-        self.name = f"bmodel on the cmodel ({self.chip})"
+        self.name = f"bmodel on the cmodel ({self.chip}{', dynamic prefill' if self.dynamic_prefill else ''})"
 
     def _stderr_tail(self) -> str:
         self._stderr.seek(0)
@@ -69,12 +71,14 @@ class BmodelBackend:
         return reply, outputs
 
     def run(self, net: str, *arrays: np.ndarray, dynamic: bool = False) -> list[np.ndarray]:
-        """Run ``net``; with ``dynamic`` the arrays may be smaller than its shapes (a net compiled --dynamic)."""
+        """Run ``net``; with ``dynamic`` the arrays may be smaller than its shapes (a net compiled --dynamic). A
+        net the bmodel marks dynamic given smaller arrays runs at their shapes without asking."""
         info = self.nets[net]
         feeds = []
         for spec, arr in zip(info.inputs, arrays, strict=True):
             arr = np.asarray(arr)
             feeds.append(arr.astype(np.int32) if arr.dtype.kind in "iu" else arr.astype(np.float32))
+            dynamic = dynamic or (info.dynamic and tuple(arr.shape) != tuple(spec["shape"]))
         header = {"op": "run", "net": net, **({"dynamic": True} if dynamic else {})}
         _, outputs = self._request(header, feeds, what=f"run net {net} of {self.bmodel.name}")
         return outputs
@@ -89,6 +93,13 @@ class BmodelBackend:
         table = EmbeddingTable(self.bmodel.parent / COMPILED_NAME, reference.vocab, reference.hidden, float_type)
         table.check_matches(reference)
         return table
+
+    @property
+    def dynamic_prefill(self) -> bool:
+        """The prefill nets were compiled --dynamic (compile --dynamic): the runtime runs them at the prompt's
+        length (LLM-TPU's chat.cpp reads the same flag from block_0)."""
+        block = self.nets.get("block_0")
+        return bool(block and block.dynamic)
 
     @property
     def activation_dtype(self) -> str:

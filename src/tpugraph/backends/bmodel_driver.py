@@ -3,7 +3,8 @@
 Started by tpugraph as ``TPU_MLIR_VENV/bin/python bmodel_driver.py BMODEL``: this file runs inside the tpu-mlir
 venv (Python 3.10, its pyruntime_bm binding), never inside tpugraph's own. Requests on stdin, replies on the
 original stdout; everything the runtime prints goes to stderr. Requests:
-  {"op": "nets"}                    -> {"chip", "nets": {name: {"inputs": [...], "outputs": [...]}}}
+  {"op": "nets"}                    -> {"chip", "nets": {name: {"inputs": [...], "outputs": [...], "dynamic": bool}}}
+                                       ("dynamic": compiled --dynamic, as `model_tool --info` tells)
   {"op": "run", "net": NAME[, "dynamic": true]} + arrays in the net's input order (float32 / int32)
                                     -> the net's outputs (floats as float32, integers as they are); with
                                        "dynamic" the arrays may be smaller than the net's shapes (a net compiled
@@ -31,6 +32,7 @@ def _environment() -> None:
 
 def _load(bmodel: str):
     import importlib
+    import re
     import subprocess
 
     from filelock import FileLock
@@ -41,13 +43,15 @@ def _load(bmodel: str):
         raise RuntimeError(f"model_tool cannot read {bmodel}: not a bmodel")
     kernel_mode = subprocess.run(["model_tool", "--kernel_mode", bmodel], capture_output=True, text=True).stdout
     rvti = kernel_mode.strip() == "1"
+    info = subprocess.run(["model_tool", "--info", bmodel], capture_output=True, text=True).stdout
+    dynamic = {m.group(1) for m in re.finditer(r"^net \d+: \[([^\]]+)\]\s+dynamic\s*$", info, re.MULTILINE)}
     # The cmodel library is picked by a symlink in the wheel: switch it under tpu-mlir's own lock.
     with FileLock("/tmp/cmodel_so.lock"):
         model_runner.link_cmodel_so(chip, rvti)
         model_runner.link_bmlib_so(chip)
         runtime = importlib.import_module("pyruntime_bm")
         model_runner.bind_cmodel_so(chip, rvti)
-    return chip, runtime.Model(bmodel, 0, "")
+    return chip, runtime.Model(bmodel, 0, ""), dynamic
 
 
 def _tensor_info(t) -> dict:
@@ -68,7 +72,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     requests = sys.stdin.buffer
     try:
-        chip, model = _load(sys.argv[1])
+        chip, model, dynamic_nets = _load(sys.argv[1])
     except Exception as exc:  # reported to tpugraph as one line, which it turns into its error
         wire.write_message(replies, {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
         return 1
@@ -88,7 +92,8 @@ def main() -> int:
                 for name in model.networks:
                     net = model.Net(name)
                     info[name] = {"inputs": [_tensor_info(t) for t in net.inputs],
-                                  "outputs": [_tensor_info(t) for t in net.outputs]}
+                                  "outputs": [_tensor_info(t) for t in net.outputs],
+                                  "dynamic": name in dynamic_nets}
                 wire.write_message(replies, {"chip": chip, "nets": info})
                 continue
             if op != "run":
