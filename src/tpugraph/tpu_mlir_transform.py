@@ -409,8 +409,10 @@ def free_sequence_axis(module) -> int:
     return changed
 
 
-def free_sequence_axis_file(mlir_file: str) -> int:
-    """free_sequence_axis on MLIR_FILE in place (Top dialect; tpu-mlir's Top passes run again on the result)."""
+def _rewrite_file(mlir_file: str, rewrite, changed, step: str, keep: str | None = None):
+    """Parse MLIR_FILE (Top dialect), apply ``rewrite(module)``; when ``changed(result)``, write the module back in
+    place through tpu-mlir's Top passes (shape inference, canonicalization), keeping the original as ``keep``
+    when given. Returns rewrite's result."""
     from mlir.ir import Context, Location, Module
     import mlir.dialects.top  # noqa: F401
     from tpu_mlir.python.utils.mlir_shell import mlir_opt_for_top
@@ -419,41 +421,30 @@ def free_sequence_axis_file(mlir_file: str) -> int:
     ctx.allow_unregistered_dialects = True
     with ctx, Location.unknown():
         module = Module.parse(open(mlir_file).read())
-        changed = free_sequence_axis(module)
-        if not changed:
-            return 0
+        result = rewrite(module)
+        if not changed(result):
+            return result
         text = str(module.operation.get_asm(enable_debug_info=True))
-    raw = mlir_file[:-len(".mlir")] + "_dynamic_raw.mlir"
+    if keep:
+        shutil.copyfile(mlir_file, keep)
+    raw = mlir_file[:-len(".mlir")] + f"_{step}_raw.mlir"
     with open(raw, "w") as fh:
         fh.write(text)
     mlir_opt_for_top(raw, mlir_file, log_level="quiet")
     os.remove(raw)
-    return changed
+    return result
+
+
+def free_sequence_axis_file(mlir_file: str) -> int:
+    """free_sequence_axis on MLIR_FILE in place (Top dialect; tpu-mlir's Top passes run again on the result)."""
+    return _rewrite_file(mlir_file, free_sequence_axis, bool, "dynamic")
 
 
 def fuse_file(mlir_file: str) -> dict[str, int]:
     """Rewrite MLIR_FILE (Top dialect, as model_transform leaves it) in place; the original is kept as
     ``*_unfused.mlir``. Returns how many of each fusion were made (the file is untouched when none)."""
-    from mlir.ir import Context, Location, Module
-    import mlir.dialects.top  # noqa: F401
-    from tpu_mlir.python.utils.mlir_shell import mlir_opt_for_top
-
-    ctx = Context()
-    ctx.allow_unregistered_dialects = True
-    with ctx, Location.unknown():
-        module = Module.parse(open(mlir_file).read())
-        counts = Fuser(module).run()
-        if not any(counts.values()):
-            return counts
-        text = str(module.operation.get_asm(enable_debug_info=True))
-    unfused = mlir_file[:-len(".mlir")] + "_unfused.mlir"
-    shutil.copyfile(mlir_file, unfused)
-    raw = mlir_file[:-len(".mlir")] + "_fused_raw.mlir"
-    with open(raw, "w") as fh:
-        fh.write(text)
-    mlir_opt_for_top(raw, mlir_file, log_level="quiet")
-    os.remove(raw)
-    return counts
+    return _rewrite_file(mlir_file, lambda module: Fuser(module).run(), lambda counts: any(counts.values()), "fused",
+                         keep=mlir_file[:-len(".mlir")] + "_unfused.mlir")
 
 
 def check_fusion(mlir_file: str, test_input: str) -> float:
