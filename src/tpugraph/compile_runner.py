@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -202,12 +203,9 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
     save_script(plan, manifest, out_dir / plan.script_name)
     env = tool_environment(venv)
     (out_dir / plan.work_dir).mkdir(parents=True, exist_ok=True)
-    worker = ToolWorker(venv, env, log_path=out_dir / plan.work_dir / "worker.log") if tool_worker else None
-    try:
+    server = ToolWorker(venv, env, log_path=out_dir / plan.work_dir / "worker.log") if tool_worker else nullcontext()
+    with server as worker:  # the worker (None without one) ends with the compile, however it ends
         return _compile(out_dir, venv, manifest, plan, env, progress, jobs, worker)
-    finally:
-        if worker is not None:
-            worker.close()
 
 
 def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], progress: ProgressFn | None, jobs: int,

@@ -24,7 +24,6 @@ SERVED = ("model_transform.py", "model_deploy.py")  # tool names; "python3 SCRIP
 
 class ToolWorker:
     def __init__(self, venv: Path, env: dict[str, str], preload: bool = True, log_path: Path | None = None):
-        self.env = env
         self.python = Path(venv) / "bin" / "python3"
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -93,10 +92,6 @@ class ToolWorker:
                 return None
         event.wait()
         return box[0]
-
-    @property
-    def alive(self) -> bool:
-        return self._alive
 
     def close(self) -> None:
         """End of jobs: the worker waits for its children and exits."""

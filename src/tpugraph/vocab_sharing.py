@@ -118,17 +118,13 @@ def plan_sharing(out_dir: Path, manifest: Manifest, num_device: int) -> tuple[Vo
     if any(n.op_type not in NORM_OPS for n in norm):
         return None, f"lm_head's final norm has {sorted({n.op_type for n in norm} - NORM_OPS)}"
     table = next(t for t in lm.graph.initializer if t.name == gemm.input[1])
-    tied = False
-    for e in by_kind["embedding"] + by_kind.get("embedding_cache", []):
+    for e in by_kind["embedding"] + by_kind.get("embedding_cache", []):  # at least one: checked above
         emb = _load(out_dir / e.file)
         gathers = [n for n in emb.graph.node if n.op_type == "Gather"]
         inits = {t.name: t for t in emb.graph.initializer}
         if len(gathers) != 1 or gathers[0].input[0] not in inits or not _same_tensor(
                 inits[gathers[0].input[0]], (out_dir / e.file).parent, table, (out_dir / lm_entry.file).parent):
             return None, "the embeddings are not tied (the embedding net is not one lookup in lm_head's matrix)"
-        tied = True
-    if not tied:
-        return None, "the embeddings are not tied"
     layers = [e.layer for e in manifest.segments if e.layer is not None]
     last = max(layers) if layers else None
     ends = [e for e in manifest.segments if e.layer == last]
@@ -201,7 +197,6 @@ def _norm_nodes(lm, norm, source: str, output: str):
 
 def write_shared(out_dir: Path, manifest: Manifest, sharing: VocabSharing, work: str) -> None:
     """Write the rewritten lm_head and last-layer nets into the work folder (rewritten_file)."""
-    import onnx
     from onnx import helper, numpy_helper
     import numpy as np
 
