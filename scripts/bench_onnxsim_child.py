@@ -28,8 +28,8 @@ def main() -> int:
 
     import onnx
 
-    from tpugraph import onnxsim_process
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.passes import onnxsim_process
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"

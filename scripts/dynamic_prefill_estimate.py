@@ -33,10 +33,10 @@ def block_estimate(model: str, work: Path, seq: int, length: int, options, venv:
     """Export MODEL with prefill length ``length``, compile its block_0 with ``options``: (estimated ms or None
     when the profile has none, seconds taken)."""
     import tpugraph
-    from tpugraph.compile_plan import TRANSFORM_DRIVER, plan_compile
-    from tpugraph.compile_runner import run_step
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
-    from tpugraph.toolchain import tool_environment
+    from tpugraph.compiler.plan import TRANSFORM_DRIVER, plan_compile
+    from tpugraph.compiler.runner import run_step
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.tpu_mlir.toolchain import tool_environment
 
     start = time.time()
     out = work / f"out-L{length}"
@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from tpugraph.compile import CompileOptions, check_toolchain
+    from tpugraph.compiler import CompileOptions, check_toolchain
 
     venv = check_toolchain(args.tpu_mlir)
     work = args.work or Path(tempfile.mkdtemp(prefix="dynamic-prefill-estimate-"))

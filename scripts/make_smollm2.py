@@ -24,7 +24,7 @@ STAMP = ".tpugraph-smollm2-done"
 
 def packaged_gguf() -> Path:
     from tpugraph.errors import TpugraphError
-    from tpugraph.packaged_models import smollm2_gguf
+    from tpugraph.source.packaged import smollm2_gguf
 
     try:
         return smollm2_gguf()

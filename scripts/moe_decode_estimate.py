@@ -42,9 +42,9 @@ def export_decode_block(model_dir: Path, out: Path, seq: int, rewrites: tuple[st
     """block_cache_0 of the model as one ONNX file (weights beside it); ``rewrites`` replaces the family's."""
     import onnx
 
-    from tpugraph.contract import ContractDims, segment_specs
+    from tpugraph.contract.segments import ContractDims, segment_specs
     from tpugraph.export.exporter import ModelParts, export_segment
-    from tpugraph.model_source import WeightStore, load_config, model_facts, resolve_model
+    from tpugraph.source.checkpoint import WeightStore, load_config, model_facts, resolve_model
 
     source = resolve_model(str(model_dir))
     config, family = load_config(source)
@@ -63,7 +63,7 @@ def export_decode_block(model_dir: Path, out: Path, seq: int, rewrites: tuple[st
 
 def compile_estimate(onnx_path: Path, venv: Path, chip: str) -> float:
     """model_transform + model_deploy (F16, io_alone like the runtime's decode blocks) -> estimated ms."""
-    from tpugraph.compile import CompileOptions, deploy_flags, tool_environment
+    from tpugraph.compiler import CompileOptions, deploy_flags, tool_environment
 
     env = tool_environment(venv)
     cwd = onnx_path.parent
@@ -98,7 +98,7 @@ def main() -> int:
                     help="comma-separated subset to run (ratios need dense-active)")
     args = ap.parse_args()
 
-    from tpugraph.compile import check_toolchain
+    from tpugraph.compiler import check_toolchain
 
     venv = check_toolchain(args.tpu_mlir)
     work = args.work or Path(tempfile.mkdtemp(prefix="moe-estimate-"))

@@ -79,7 +79,7 @@ def cli_run(model: str, out: Path, seq_length: int) -> dict[str, str]:
 
 def in_process_round(model: str, outs: list[Path], seq_length: int) -> list[dict[str, str]]:
     """Exports from len(outs) threads at once; checks the process's stdout/stderr objects and descriptors."""
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
     errors: list[BaseException] = []
     stdout, stderr = sys.stdout, sys.stderr
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-in-process", action="store_true", help="only the CLI subprocess runs")
     args = parser.parse_args(argv)
 
-    from tpugraph.model_source import resolve_model
+    from tpugraph.source.checkpoint import resolve_model
 
     resolve_model(args.model)  # a preset is materialised once, before the timed loop
     work = Path(tempfile.mkdtemp(prefix="tpugraph-stress-"))

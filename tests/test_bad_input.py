@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import errno
 import json
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import pytest
+from conftest import TINY_LLAMA, build_model_dir
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, build_model_dir
 from tpugraph.cli import app
 
 runner = CliRunner()
@@ -114,7 +114,7 @@ def test_invalid_options(good_model, tmp_path, args, needle):
 
 
 def test_disk_full_during_a_write_leaves_no_half_file(good_model, tmp_path, monkeypatch):
-    from tpugraph import committer
+    from tpugraph.export import committer
 
     real_save = committer._write  # where each inline segment's bytes are written
     calls = {"n": 0}
@@ -147,7 +147,7 @@ def test_disk_full_during_a_write_leaves_no_half_file(good_model, tmp_path, monk
 def test_a_failing_unit_of_a_parallel_run_stops_it_cleanly(good_model, tmp_path, monkeypatch):
     import onnx
 
-    from tpugraph import committer
+    from tpugraph.export import committer
 
     real_save, real_write = onnx.save_model, committer._write  # segments with external data / inline
 

@@ -7,11 +7,11 @@ import pytest
 from typer.testing import CliRunner
 
 from tpugraph.cli import app
-from tpugraph.compile import CompileOptions, compile_segments
+from tpugraph.compiler import CompileOptions, compile_segments
 from tpugraph.errors import UsageError, VerificationError
-from tpugraph.generation import run_prompt
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
+from tpugraph.runtime.text import run_prompt
 
 pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tpugraph import tpu_mlir_bmodel_reuse as driver
-from tpugraph.bmodel_reuse import DRIVER, plan_deploy_reuse
-from tpugraph.compile_plan import Step
+from tpugraph.compiler.bmodel_reuse import DRIVER, plan_deploy_reuse
+from tpugraph.compiler.plan import Step
+from tpugraph.tpu_mlir.guest import tpu_mlir_bmodel_reuse as driver
 
 # ------------------------------------------------------------------------------------------ planning (no tools)
 
@@ -97,8 +97,9 @@ SEQ = 16
 @pytest.fixture(scope="module")
 def compiled(toolchain, tmp_path_factory):
     from conftest import build_model_dir
-    from tpugraph.compile import CompileOptions, compile_segments
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
+
+    from tpugraph.compiler import CompileOptions, compile_segments
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
     root = tmp_path_factory.mktemp("bmodel-reuse")
     # build_model_dir perturbs the norms: norms of ones would be one array to weight swapping, which would then
@@ -115,7 +116,7 @@ def compiled(toolchain, tmp_path_factory):
 @pytest.mark.tpu_mlir
 @pytest.mark.slow
 def test_layers_take_their_bmodel_from_a_proven_deploy_and_the_model_still_talks(compiled):
-    from tpugraph.verify import verify
+    from tpugraph.proof.verify import verify
 
     venv, out, report = compiled
     # the last layer ends with the final norm (the tied vocabulary matrix is shared, vocab_sharing.py): a structure
@@ -171,16 +172,16 @@ def test_the_fork_server_deploys_what_the_tools_deploy_as_subprocesses(compiled,
     lm_head transformed and deployed as plain subprocesses give the same bmodels."""
     import shutil
 
-    from tpugraph.compile_plan import plan_compile
-    from tpugraph.compile_runner import run_step
-    from tpugraph.toolchain import tool_environment
+    from tpugraph.compiler.plan import plan_compile
+    from tpugraph.compiler.runner import run_step
+    from tpugraph.tpu_mlir.toolchain import tool_environment
 
     venv, out, report = compiled
     copy = tmp_path / "out"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("compile", "*.bmodel"))
     plan = plan_compile(copy, report.plan.options)
-    from tpugraph.compile_script import save_script
-    from tpugraph.manifest import read_manifest
+    from tpugraph.compiler.script import save_script
+    from tpugraph.contract.manifest import read_manifest
 
     save_script(plan, read_manifest(copy), copy / plan.script_name)  # puts the transform driver in place
     env = tool_environment(venv)

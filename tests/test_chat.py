@@ -5,14 +5,14 @@ chat template."""
 from __future__ import annotations
 
 import pytest
+from conftest import TINY_LLAMA, build_model_dir, save_word_tokenizer
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, build_model_dir, save_word_tokenizer
-from tpugraph.chat import ChatSession, ConversationFull
 from tpugraph.cli import app
-from tpugraph.conversation import apply_chat_template
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import hf_greedy, verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import hf_greedy, verify
+from tpugraph.runtime.chat import ChatSession, ConversationFull
+from tpugraph.runtime.conversation import apply_chat_template
 
 SEQ = 64
 L = 16

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_LLAMA, build_model_dir
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, build_model_dir
 from tpugraph.cli import app
 
 runner = CliRunner()

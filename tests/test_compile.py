@@ -14,17 +14,33 @@ import numpy as np
 import onnx
 import pytest
 
-from tpugraph.compile import (CompileOptions, SegmentCompileError, check_toolchain, compile_segments,
-                              default_tpu_mlir_venv, deploy_flags, failure_reason, parse_min_cosine, plan_compile,
-                              render_script, write_compile_script)
-from tpugraph.contract import MASK_VALUE, decode_inputs, prefill_inputs
+from tpugraph.compiler import (
+    CompileOptions,
+    SegmentCompileError,
+    check_toolchain,
+    compile_segments,
+    default_tpu_mlir_venv,
+    deploy_flags,
+    failure_reason,
+    parse_min_cosine,
+    plan_compile,
+    render_script,
+    write_compile_script,
+)
+from tpugraph.compiler.plan import TRANSFORM_DRIVER
+from tpugraph.contract.manifest import read_manifest
+from tpugraph.contract.segments import MASK_VALUE, decode_inputs, prefill_inputs
 from tpugraph.errors import CompileError, UsageError
-from tpugraph.manifest import read_manifest
-from tpugraph.compile_plan import TRANSFORM_DRIVER
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.runtime import SegmentRuntime
-from tpugraph.testdata import (TEST_DATA_DIR, default_decode_position, make_prompt, realistic_inputs,
-                               segment_npz, write_test_data)
+from tpugraph.export.compare_inputs import (
+    TEST_DATA_DIR,
+    default_decode_position,
+    make_prompt,
+    realistic_inputs,
+    segment_npz,
+    write_test_data,
+)
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.runtime.loop import SegmentRuntime
 
 SEQ = 16
 

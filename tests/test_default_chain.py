@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tpugraph.cli import app
-from tpugraph.manifest import read_manifest
+from tpugraph.contract.manifest import read_manifest
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.passes import DEFAULT_CHAIN
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.proof.verify import verify
 
 runner = CliRunner()
 
@@ -141,7 +141,8 @@ def test_corrupt_files_to_passes_run_and_inspect(tmp_path, content):
 
 def test_pass_progress_reports_each_pass_as_it_starts(make_model, tmp_path):
     from conftest import TINY_LLAMA
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
+
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
     model = make_model("llama", **TINY_LLAMA)
     seen: list[tuple] = []

@@ -9,13 +9,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tpugraph.compile import CompileOptions, deploy_flags
-from tpugraph.compile_plan import plan_compile
-from tpugraph.contract import MASK_VALUE
+from tpugraph.compiler import CompileOptions, deploy_flags
+from tpugraph.compiler.plan import plan_compile
+from tpugraph.contract.manifest import read_manifest
+from tpugraph.contract.segments import MASK_VALUE
 from tpugraph.errors import UsageError
-from tpugraph.manifest import read_manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.runtime import KvCache, SegmentRuntime
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.runtime.loop import KvCache, SegmentRuntime
 
 SEQ = 32
 L = 8
@@ -85,7 +85,7 @@ class _DynamicOnOnnx:
     dynamic_prefill = True
 
     def __init__(self, out, manifest):
-        from tpugraph.backends.onnxruntime_backend import OnnxBackend
+        from tpugraph.runtime.backends.onnxruntime_backend import OnnxBackend
 
         self.onnx = OnnxBackend(out, manifest)
         self.name = "onnx as dynamic"

@@ -6,12 +6,12 @@ import json
 
 import onnx
 import pytest
-
 from conftest import TINY_LLAMA
-from tpugraph.contract import ContractDims, segment_specs
-from tpugraph.manifest import read_manifest, validate
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+
+from tpugraph.contract.manifest import read_manifest, validate
+from tpugraph.contract.segments import ContractDims, segment_specs
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
 
 SEQ = 32
 

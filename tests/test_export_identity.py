@@ -66,7 +66,7 @@ def output_hashes(out: Path) -> dict[str, str]:
 
 
 def export_case(case: str, out: Path) -> dict[str, str]:
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
     preset, kwargs = CASES[case]
     export_and_optimize(preset, out, ExportOptions(**kwargs))

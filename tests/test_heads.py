@@ -7,9 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tpugraph.contract import ContractDims, SegmentKind, segment_specs
+from tpugraph.contract.segments import ContractDims, SegmentKind, segment_specs
 from tpugraph.export.exporter import DEFAULT_OPSET, ModelParts, export_segment
-from tpugraph.model_source import ModelSource, WeightStore, load_config
+from tpugraph.source.checkpoint import ModelSource, load_config
+from tpugraph.source.weights import WeightStore
 
 SEQ = 16
 VOCAB = 300

@@ -10,16 +10,16 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA, build_model_dir
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, build_model_dir
 from tpugraph.cli import app
-from tpugraph.contract import MASK_VALUE, ContractDims, SegmentKind, history_prefill_inputs, segment_specs
-from tpugraph.families import FAMILIES, family_by_name
-from tpugraph.manifest import read_manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.runtime import KvCache, PrefillUnsupported, SegmentRuntime
-from tpugraph.verify import hf_greedy, verify
+from tpugraph.contract.manifest import read_manifest
+from tpugraph.contract.segments import MASK_VALUE, ContractDims, SegmentKind, history_prefill_inputs, segment_specs
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import hf_greedy, verify
+from tpugraph.runtime.loop import KvCache, PrefillUnsupported, SegmentRuntime
+from tpugraph.source.families import FAMILIES, family_by_name
 
 SEQ = 64
 L = 16

@@ -10,13 +10,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from tpugraph.compile import CompileOptions, compile_segments
-from tpugraph.compile_plan import deploy_flags
-from tpugraph.conversation import IdsConversation
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.runtime import KvCache, SegmentRuntime
-from tpugraph.toolchain import tool_environment
-from tpugraph.verify import verify
+from tpugraph.compiler import CompileOptions, compile_segments
+from tpugraph.compiler.plan import deploy_flags
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
+from tpugraph.runtime.conversation import IdsConversation
+from tpugraph.runtime.loop import KvCache, SegmentRuntime
+from tpugraph.tpu_mlir.toolchain import tool_environment
 
 SEQ = 32
 L = 8

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tpugraph.cli import app
 from tpugraph.errors import UsageError
-from tpugraph.pipeline import ExportOptions, export_and_optimize
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
 runner = CliRunner()
 
@@ -73,7 +73,7 @@ def test_a_bad_prompt_length_exits_2(tmp_path):
 
 
 def test_export_jobs_zero_takes_two_threads_for_a_model_that_fits_an_eighth_of_the_memory():
-    from tpugraph.pipeline import auto_jobs
+    from tpugraph.export.pipeline import auto_jobs
 
     class Weights:  # 1000 float32 weights: 4000 bytes
         def keys(self):

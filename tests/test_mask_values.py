@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tpugraph.contract import MASK_VALUE, decode_inputs, mask_value_as_read, prefill_inputs
-from tpugraph.pipeline import ExportOptions, export_and_optimize
+from tpugraph.contract.segments import MASK_VALUE, decode_inputs, mask_value_as_read, prefill_inputs
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
 SEQ = 8
 F16_PATTERN, BF16_PATTERN = 0xF0E2, 0xC61C
@@ -76,7 +76,7 @@ def test_blocks_give_the_same_result_for_any_mask_value_below_minus_10000(export
 def test_the_mask_check_of_a_conversation_compares_the_first_turn():
     """verify --turns N --bmodel drives the first turn again with the other mask encoding: its tokens are held
     against that turn's, not against the whole conversation's."""
-    from tpugraph.verify import VerifyReport
+    from tpugraph.proof.verify import VerifyReport
 
     report = VerifyReport(prompt=[1, 2], hf_tokens=[5, 6, 7, 8], onnx_tokens=[5, 6, 7, 8], dtype="bmodel-bf16",
                           backend="bmodel")

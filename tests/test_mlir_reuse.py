@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import TINY_LLAMA, build_model_dir
 from onnx import numpy_helper
 
-from conftest import TINY_LLAMA, build_model_dir
-from tpugraph.manifest import read_manifest
-from tpugraph.mlir_reuse import WEIGHT_SUFFIX, derive_transform, same_output
-from tpugraph.pipeline import ExportOptions, export_and_optimize
+from tpugraph.compiler.mlir_reuse import WEIGHT_SUFFIX, derive_transform, same_output
+from tpugraph.contract.manifest import read_manifest
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
 
 @pytest.fixture(scope="module")

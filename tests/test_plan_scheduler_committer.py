@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from tpugraph.committer import Committer, UnitWriter
-from tpugraph.contract import ContractDims, segment_specs
+from tpugraph.contract.manifest import PARTIAL_NAME, Manifest, SegmentEntry
+from tpugraph.contract.segments import ContractDims, segment_specs
 from tpugraph.errors import OutputError
+from tpugraph.export.committer import Committer, UnitWriter
 from tpugraph.export.factory import module_signature
-from tpugraph.manifest import PARTIAL_NAME, Manifest, SegmentEntry
-from tpugraph.plan import WorkUnit, leaders, plan_units
-from tpugraph.scheduler import Scheduler
+from tpugraph.export.plan import WorkUnit, leaders, plan_units
+from tpugraph.export.scheduler import Scheduler
 
 DIMS = ContractDims(seq=8, hidden=16, kv_heads=2, head_dim=8, vocab=64, layers=3, int_dtype="int32")
 
@@ -39,7 +39,7 @@ class _Weights:
 
 
 def _family():
-    from tpugraph.families import FAMILIES
+    from tpugraph.source.families import FAMILIES
 
     return next(f for f in FAMILIES if f.name == "llama")
 
@@ -149,7 +149,7 @@ def test_a_failed_commit_leaves_no_file_under_a_final_name_and_no_record(tmp_pat
     for spec in specs[3:5]:
         writer.add(_Built(spec, b"y" * 50))
 
-    import tpugraph.committer as committer_module
+    import tpugraph.export.committer as committer_module
 
     real_replace = committer_module.os.replace
 

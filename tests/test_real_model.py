@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
-
 from test_tpu_mlir import find_toolchain
-from tpugraph.compile import CompileOptions, compile_segments
-from tpugraph.generation import run_prompt
-from tpugraph.pipeline import ExportOptions, export_and_optimize
+
+from tpugraph.compiler import CompileOptions, compile_segments
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.runtime.text import run_prompt
 
 pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow, pytest.mark.real_model]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tpugraph.chat import ChatSession
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
+from tpugraph.runtime.chat import ChatSession
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
@@ -42,8 +42,8 @@ def test_three_chat_turns_answer_like_transformers(exported):
 
 
 def test_chat_session_keeps_the_conversation(exported):
-    from tpugraph.conversation import apply_chat_template
-    from tpugraph.verify import hf_greedy
+    from tpugraph.proof.verify import hf_greedy
+    from tpugraph.runtime.conversation import apply_chat_template
 
     session = ChatSession(exported, max_new_tokens=24)
     try:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_LLAMA, build_model_dir
 
 SEQ = "32"

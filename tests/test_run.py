@@ -8,16 +8,16 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA, build_model_dir, save_word_tokenizer
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, build_model_dir, save_word_tokenizer
-from tpugraph.backends import wire
-from tpugraph.backends.bmodel_backend import NetInfo, check_against_manifest
 from tpugraph.cli import app
+from tpugraph.contract.manifest import read_manifest
 from tpugraph.errors import VerificationError
-from tpugraph.generation import run_prompt
-from tpugraph.manifest import read_manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.runtime.backends.bmodel_backend import NetInfo, check_against_manifest
+from tpugraph.runtime.text import run_prompt
+from tpugraph.tpu_mlir.guest import wire
 
 SEQ = 32
 CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"

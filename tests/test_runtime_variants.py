@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from tpugraph.cli import app
-from tpugraph.embedding_table import COMPILED_NAME, TABLE_NAME, EmbeddingTable, write_compiled
+from tpugraph.contract.embedding_table import COMPILED_NAME, TABLE_NAME, EmbeddingTable, write_compiled
+from tpugraph.contract.manifest import read_manifest, validate
 from tpugraph.errors import VerificationError
-from tpugraph.generation import run_prompt
-from tpugraph.manifest import read_manifest, validate
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
+from tpugraph.runtime.text import run_prompt
 
 SEQ = 16
 PROMPT = [1, 45, 97, 200]
@@ -112,7 +112,8 @@ def test_bmodel_of_the_variant_on_the_cmodel(variant):
     """Compiled BF16 (no embedding nets, top-k lm_head): compile writes embedding.bin, verify --bmodel gathers
     from it and needs transformers' tokens, with both mask encodings."""
     from test_tpu_mlir import find_toolchain
-    from tpugraph.compile import CompileOptions, compile_segments
+
+    from tpugraph.compiler import CompileOptions, compile_segments
 
     venv, reason = find_toolchain()
     if venv is None:
@@ -130,7 +131,7 @@ def test_compile_script_writes_the_same_table(variant, tmp_path):
     import subprocess
     import sys
 
-    from tpugraph.compile import CompileOptions, write_compile_script
+    from tpugraph.compiler import CompileOptions, write_compile_script
 
     script = write_compile_script(variant, CompileOptions(quantize="bf16", check="none"), tmp_path / "c.sh").read_text()
     body = re.search(r"<<'PY'\n(.*?)\nPY\n", script, re.S).group(1)

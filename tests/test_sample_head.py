@@ -12,13 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from tpugraph.cli import _global_flags_first, app
-from tpugraph.contract import ContractDims, SegmentKind, segment_specs
+from tpugraph.contract.manifest import read_manifest
+from tpugraph.contract.segments import ContractDims, SegmentKind, segment_specs
 from tpugraph.errors import UsageError
 from tpugraph.export.exporter import export_segment
-from tpugraph.generation import run_prompt
-from tpugraph.manifest import read_manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.sampling import SamplingParams
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.runtime.sampling import SamplingParams
+from tpugraph.runtime.text import run_prompt
 
 SEQ = 16
 VOCAB = 300
@@ -158,9 +158,10 @@ def test_sample_head_compiles_with_tpu_mlir_and_matches_on_the_cmodel(sampled_ou
     """sample_head alone (an OUT whose manifest lists only it), deployed F32 --dynamic --addr_mode io_alone
     with the tools' compare on test data, then run on the cmodel against the numpy reference."""
     from test_tpu_mlir import find_toolchain
-    from tpugraph.backends.bmodel_backend import BmodelBackend
-    from tpugraph.compile import CompileOptions, compile_segments
-    from tpugraph.testdata import write_test_data
+
+    from tpugraph.compiler import CompileOptions, compile_segments
+    from tpugraph.export.compare_inputs import write_test_data
+    from tpugraph.runtime.backends.bmodel_backend import BmodelBackend
 
     venv, reason = find_toolchain()
     if venv is None:

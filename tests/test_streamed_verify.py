@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_LLAMA, build_model_dir
-from tpugraph import reference
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.runtime import SegmentRuntime
-from tpugraph.verify import hf_greedy, verify
+
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof import reference
+from tpugraph.proof.verify import hf_greedy, verify
+from tpugraph.runtime.loop import SegmentRuntime
 
 SEQ = 24
 PROMPT = [5, 17, 99, 3, 42, 7]

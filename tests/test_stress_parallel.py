@@ -35,7 +35,7 @@ def test_the_stress_check_sees_a_replaced_stdout(tmp_path, monkeypatch):
 
         sys.stdout = io.StringIO()  # what redirect_stdout racing with another thread leaves behind
 
-    monkeypatch.setattr("tpugraph.pipeline.export_and_optimize", replaces_stdout)
+    monkeypatch.setattr("tpugraph.export.pipeline.export_and_optimize", replaces_stdout)
     stdout = sys.stdout
     try:
         with pytest.raises(stress.Failure, match="replaced"):

@@ -1,6 +1,6 @@
-"""The tpu-mlir fork server (tool_worker.py + tpu_mlir_worker.py): each job runs as its own child with its own
+"""The tpu-mlir fork server (tpu_mlir/worker.py + guest/tpu_mlir_worker.py): each job runs as its own child with its own
 folder, argv, log and exit code; jobs run side by side; a worker that is gone hands the jobs back to the caller,
-which runs them as subprocesses (compile_runner.run_tool)."""
+which runs them as subprocesses (compiler.runner.run_tool)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tpugraph.compile_runner import run_tool
-from tpugraph.tool_worker import ToolWorker
-from tpugraph.toolchain import tool_environment
+from tpugraph.compiler.runner import run_tool
+from tpugraph.tpu_mlir.toolchain import tool_environment
+from tpugraph.tpu_mlir.worker import ToolWorker
 
 pytestmark = pytest.mark.tpu_mlir
 

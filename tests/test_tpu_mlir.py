@@ -16,13 +16,12 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tpugraph.compile import (CompileOptions, SegmentCompileError, compile_segments, default_tpu_mlir_venv,
-                              format_table)
+from tpugraph.compiler import CompileOptions, SegmentCompileError, compile_segments, default_tpu_mlir_venv, format_table
+from tpugraph.contract.manifest import read_manifest
 from tpugraph.errors import CompileError
-from tpugraph.manifest import read_manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.testdata import write_test_data
-from tpugraph.toolchain import tool_environment
+from tpugraph.export.compare_inputs import write_test_data
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.tpu_mlir.toolchain import tool_environment
 
 pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
 
@@ -176,7 +175,7 @@ def test_an_already_simplified_graph_skips_tpu_mlirs_onnxsim_for_the_same_mlir(c
     and its weights are the ones tpu-mlir's own re-simplification gives."""
     import numpy as np
 
-    from tpugraph.compile_plan import plan_compile
+    from tpugraph.compiler.plan import plan_compile
 
     out, report = compiled
     step = next(s for s in plan_compile(out, report.plan.options).steps

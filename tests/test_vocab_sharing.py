@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
-from tpugraph.compile_options import CompileOptions
-from tpugraph.compile_plan import plan_compile
-from tpugraph.manifest import read_manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.vocab_sharing import plan_sharing, rewritten_file, write_shared
+from tpugraph.compiler.options import CompileOptions
+from tpugraph.compiler.plan import plan_compile
+from tpugraph.compiler.vocab_sharing import plan_sharing, rewritten_file, write_shared
+from tpugraph.contract.manifest import read_manifest
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
 SEQ = 16
 WORK = "compile/test"

@@ -3,17 +3,16 @@ external data, must give exactly what exporting each layer on its own gives."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
+from conftest import TINY_LLAMA, build_model_dir
 from onnx import helper, numpy_helper
 
-from conftest import TINY_LLAMA, build_model_dir
+from tpugraph.contract.manifest import read_manifest, validate
 from tpugraph.export import weight_swap
-from tpugraph.manifest import read_manifest, validate
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
 
 SEQ = 24
 

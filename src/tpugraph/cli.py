@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpugraphError
-from .pipeline import EXTERNAL_DATA_MODES, FLOAT_DTYPES, INT_DTYPES
+from .export.pipeline import EXTERNAL_DATA_MODES, FLOAT_DTYPES, INT_DTYPES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hugging Face causal LMs -> the ONNX segments Sophgo's tpu-mlir and LLM-TPU runtime expect.")
@@ -103,7 +103,14 @@ def _progress_reporter(enabled: bool, what: str):
         yield plain, quiet
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -192,8 +199,8 @@ def export_and_optimize_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
+    from .export.pipeline import ExportOptions, export_and_optimize
     from .passes import parse_pass_options
-    from .pipeline import ExportOptions, export_and_optimize
 
     opts = ExportOptions(seq_length=seq_length, int_dtype=int_dtype, dtype=dtype, passes=passes,
                          skip_passes=skip_pass or [], pass_options=parse_pass_options(option), naming=naming,
@@ -204,7 +211,7 @@ def export_and_optimize_cmd(
                          history_kv=history_kv)
 
     if gguf_file:
-        from .model_source import resolve_model
+        from .source.checkpoint import resolve_model
 
         model = str(resolve_model(model, gguf_file).gguf_path)
     with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
@@ -243,7 +250,7 @@ def verify_cmd(
 ) -> None:
     """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
     tokens and logits with transformers' greedy generate."""
-    from .verify import verify
+    from .proof.verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
                     stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns)
@@ -298,8 +305,8 @@ def run_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Generate text from OUT the way the TPU runtime drives the nets (greedy, or --sample), streaming tokens as they come."""
-    from .generation import parse_ids, run_prompt
-    from .sampling import SamplingParams
+    from .runtime.sampling import SamplingParams
+    from .runtime.text import parse_ids, run_prompt
 
     stream = None if json_out or _state["verbosity"] < 0 else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
@@ -327,7 +334,7 @@ def chat_cmd(
 ) -> None:
     """Chat with OUT turn by turn (its tokenizer's chat template). The conversation stays in the KV cache: with
     --history-kv each turn prefills only its new tokens. /reset starts over, /exit (or end of input) quits."""
-    from .chat import ChatSession, ConversationFull
+    from .runtime.chat import ChatSession, ConversationFull
 
     session = ChatSession(out, backend=backend, bmodel=bmodel, venv=tpu_mlir, max_new_tokens=max_new_tokens)
     interactive = sys.stdin.isatty()
@@ -364,7 +371,7 @@ def chat_cmd(
 @user_errors
 def manifest_validate_cmd(out: OutFolder) -> None:
     """Check that every file of OUT's manifest exists, its hash matches and its I/O shapes equal the manifest."""
-    from .manifest import read_manifest, validate
+    from .contract.manifest import read_manifest, validate
 
     problems = validate(out)
     for p in problems:
@@ -421,7 +428,7 @@ def inspect_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Show an ONNX file's I/O, ops, parameters, opset/IR and TPU problems; or the segment table of an OUT folder."""
-    from .inspection import inspect_onnx, inspect_output, is_output_folder
+    from .proof.inspection import inspect_onnx, inspect_output, is_output_folder
 
     if path.is_dir():
         if not is_output_folder(path):
@@ -455,7 +462,7 @@ def inspect_cmd(
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
                      no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
                      dynamic: bool = False):
-    from .compile import CompileOptions
+    from .compiler import CompileOptions
     from .errors import UsageError
 
     try:
@@ -488,7 +495,7 @@ def compile_script_cmd(
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
-    from .compile import write_compile_script
+    from .compiler import write_compile_script
 
     path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
                                                       no_share_vocab, dynamic), script)
@@ -514,7 +521,7 @@ def compile_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
-    from .compile import SegmentCompileError, compile_segments, format_table
+    from .compiler import SegmentCompileError, compile_segments, format_table
 
     def progress(segment: str, action: str, index: int, total: int) -> None:
         if _state["verbosity"] >= 0 and not json_out and action != "done":
@@ -568,8 +575,8 @@ def quant_fidelity_cmd(
     """The W4/W8 compile mode that keeps a quantized source's integers best (bits, group size, asymmetric or
     --q_symmetric), with the share of groups tpu-mlir's re-quantization reproduces exactly and its extra
     weight error relative to the checkpoint's own quantization error."""
+    from .compiler.quant_fidelity import HALF_TYPES, choose_compile_mode
     from .errors import UsageError
-    from .quant_fidelity import HALF_TYPES, choose_compile_mode
 
     if half not in HALF_TYPES:
         raise UsageError(f"--half must be one of {', '.join(HALF_TYPES)} (got {half})")
@@ -594,7 +601,7 @@ def quant_fidelity_cmd(
 @user_errors
 def families_cmd(json_out: JsonOut = False) -> None:
     """List the supported model families: architectures, what each supports, minimum transformers."""
-    from .families import FAMILIES
+    from .source.families import FAMILIES
 
     if json_out:
         typer.echo(json.dumps([fam.to_json() for fam in FAMILIES]))
@@ -617,7 +624,7 @@ def _global_flags_first(argv: list[str]) -> list[str]:
 
 def _sample_head_value(argv: list[str]) -> list[str]:
     """`--sample-head` alone means `--sample-head current` (its value is optional: `--sample-head legacy`)."""
-    from .contract import SAMPLE_HEADS
+    from .contract.segments import SAMPLE_HEADS
 
     fixed = []
     for i, arg in enumerate(argv):

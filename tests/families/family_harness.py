@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tpugraph.manifest import Manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import VerifyReport, verify
+from tpugraph.contract.manifest import Manifest
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import VerifyReport, verify
 
 SEQ = 32
 # Small enough that a family's variants take about a second each on two cores; GQA (4 heads, 2 KV heads).
@@ -69,7 +69,7 @@ def tpu_mlir_toolchain():
     """The tpu-mlir venv ($TPUGRAPH_TPU_MLIR_VENV or the setup script's default), or skip saying why."""
     import os
 
-    from tpugraph.compile import default_tpu_mlir_venv
+    from tpugraph.compiler import default_tpu_mlir_venv
 
     venv = default_tpu_mlir_venv()
     if not (venv / "bin" / "model_transform.py").exists():
@@ -82,9 +82,9 @@ def compile_segments_of(model_dir: Path, out: Path, venv: Path, segments=("block
                         seq: int = TPU_MLIR_SEQ, quantize: str = "f16"):
     """Export with the default pass chain and realistic test data, keep ``segments`` in the manifest, and
     run model_transform + model_deploy (with the tools' compares) on each -> CompileReport."""
-    from tpugraph.compile import CompileOptions, SegmentCompileError, compile_segments, format_table
-    from tpugraph.manifest import read_manifest
-    from tpugraph.testdata import write_test_data
+    from tpugraph.compiler import CompileOptions, SegmentCompileError, compile_segments, format_table
+    from tpugraph.contract.manifest import read_manifest
+    from tpugraph.export.compare_inputs import write_test_data
 
     export_and_optimize(str(model_dir), out, ExportOptions(seq_length=seq))
     write_test_data(out)

@@ -27,7 +27,7 @@ CASES = [(family, i) for family, configs in VARIANTS.items() for i in range(len(
 
 @pytest.mark.parametrize("family,index", CASES, ids=[f"{f}-{i}" for f, i in CASES])
 def test_family_verifies(export_verify, family, index):
-    from tpugraph.families import family_by_name
+    from tpugraph.source.families import family_by_name
 
     model_type = family_by_name(family).model_types[0]
     result = export_verify(model_type, **VARIANTS[family][index])

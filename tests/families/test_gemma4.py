@@ -8,14 +8,13 @@ import json
 
 import pytest
 from family_harness import SEQ, describe
-
 from typer.testing import CliRunner
 
 from tpugraph.cli import app
+from tpugraph.contract.manifest import read_manifest
 from tpugraph.errors import UnsupportedModelError, UsageError
-from tpugraph.manifest import read_manifest
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
@@ -163,7 +162,7 @@ def test_moe_checkpoint_is_refused_with_the_reason(tmp_path):
     folder = tmp_path / "moe"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
-    from tpugraph.model_source import load_config, resolve_model
+    from tpugraph.source.checkpoint import load_config, resolve_model
 
     with pytest.raises(UnsupportedModelError) as err:
         load_config(resolve_model(str(folder)))
@@ -175,7 +174,7 @@ def test_runtime_options_its_blocks_cannot_take_are_refused():
     embedding) are refused by name when set; an ExportOptions without such a field never is."""
     from types import SimpleNamespace
 
-    from tpugraph.families import family_by_name
+    from tpugraph.source.families import family_by_name
 
     fam = family_by_name("gemma4_text")
     assert fam.refused_option(ExportOptions()) is None

@@ -76,8 +76,8 @@ def test_fused_expert_weights_are_made_from_the_checkpoint(make_model):
     from safetensors.torch import load_file
 
     from tpugraph.export.fused_weights import with_fused_weights
-    from tpugraph.families import family_by_name
-    from tpugraph.model_source import WeightStore
+    from tpugraph.source.families import family_by_name
+    from tpugraph.source.weights import WeightStore
 
     folder = make_model("mixtral", vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2)
@@ -103,7 +103,7 @@ def test_moe_block_with_a_missing_expert_is_one_clear_line(make_model, tmp_path)
     from safetensors.torch import load_file, save_file
 
     from tpugraph.errors import ModelError
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
     folder = make_model("qwen3_moe", vocab_size=64, hidden_size=16, moe_intermediate_size=8, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=3,
@@ -139,8 +139,8 @@ def test_static_gpt_oss_experts_equal_transformers_loop(tokens):
 def test_moe_layers_reuse_one_optimised_graph(make_model, tmp_path):
     """Experts big enough to be set aside (>= 1 MB) keep their names through the chain: layers 1..2 get their
     weights swapped into layer 0's graphs, and the result still verifies."""
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
-    from tpugraph.verify import verify
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.proof.verify import verify
 
     folder = make_model("qwen3_moe", vocab_size=256, hidden_size=256, moe_intermediate_size=256, num_experts=8,
                         num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

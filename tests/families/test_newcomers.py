@@ -7,8 +7,8 @@ import pytest
 import torch
 from family_harness import SEQ, TINY, describe, export_verify  # noqa: F401
 
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
 
 ODD = dict(vocab_size=251, intermediate_size=100, num_hidden_layers=3)  # sizes that are no power of two
 

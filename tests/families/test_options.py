@@ -9,7 +9,6 @@ import onnx
 import pytest
 from family_harness import SEQ, describe, export_verify  # noqa: F401
 
-
 GEMMA2 = dict(head_dim=16, query_pre_attn_scalar=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
               sliding_window=4, initializer_range=0.05)
 

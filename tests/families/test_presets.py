@@ -2,10 +2,10 @@
 
 import pytest
 
-from tpugraph.families import family_for
-from tpugraph.model_source import load_preset, preset_names
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
+from tpugraph.source.checkpoint import load_preset, preset_names
+from tpugraph.source.families import family_for
 
 PRESETS = [p for p in preset_names() if p != "tiny-llama"]  # tiny-llama is covered by tests/test_cli.py
 

@@ -106,7 +106,7 @@ def test_options_the_state_segments_cannot_honour_are_refused(make_model, tmp_pa
     from typer.testing import CliRunner
 
     from tpugraph.cli import app
-    from tpugraph.families import family_by_name
+    from tpugraph.source.families import family_by_name
 
     folder = make_model("qwen3_5_text", **{**TINY, **VARIANTS["untied"]})
     out = tmp_path / "out"

@@ -12,8 +12,15 @@ from packaging.version import Version
 
 from tpugraph.errors import UnsupportedModelError
 from tpugraph.export.exporter import export_notes
-from tpugraph.families import FAMILIES, SLIDING_ALL, SLIDING_BY_LAYER_TYPE, SLIDING_NONE, family_for, supported_architectures
-from tpugraph.model_source import ModelSource, load_config
+from tpugraph.source.checkpoint import ModelSource, load_config
+from tpugraph.source.families import (
+    FAMILIES,
+    SLIDING_ALL,
+    SLIDING_BY_LAYER_TYPE,
+    SLIDING_NONE,
+    family_for,
+    supported_architectures,
+)
 
 HERE = Path(__file__).parent
 

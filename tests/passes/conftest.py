@@ -9,8 +9,7 @@ import onnx
 import pytest
 
 from tpugraph.errors import PassError
-from tpugraph.passes import GraphPass, PassContext, run_chain
-from tpugraph.passes import _numerics
+from tpugraph.passes import GraphPass, PassContext, _numerics, run_chain
 
 
 def parse(text: str) -> onnx.ModelProto:

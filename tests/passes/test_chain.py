@@ -6,8 +6,16 @@ import onnx
 import pytest
 
 from tpugraph.errors import PassError, UsageError
-from tpugraph.passes import (DEFAULT_CHAIN, PASSES, GraphPass, PassContext, default_chain, get_pass, resolve_chain,
-                             run_chain)
+from tpugraph.passes import (
+    DEFAULT_CHAIN,
+    PASSES,
+    GraphPass,
+    PassContext,
+    default_chain,
+    get_pass,
+    resolve_chain,
+    run_chain,
+)
 
 from .conftest import assert_fails_cleanly, assert_same_outputs, export_tiny_llama_block, ops, parse
 

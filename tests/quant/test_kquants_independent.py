@@ -9,11 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_files import (
+    GGUF_TINY,
+    LINEAR_NAMES,
+    k_quant_blocks,
+    reference_dequantize_k,
+    reference_dequantize_k_block,
+    write_gguf,
+)
 
-from gguf_files import (GGUF_TINY, LINEAR_NAMES, k_quant_blocks, reference_dequantize_k,
-                        reference_dequantize_k_block, write_gguf)
-from tpugraph.gguf_weights import GgufWeights
-from tpugraph.model_source import load_config, open_weights, resolve_model
+from tpugraph.source.checkpoint import load_config, open_weights, resolve_model
+from tpugraph.source.gguf import GgufWeights
 
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 MATRICES = ["token_embd.weight", "output.weight"] + [f"blk.{i}.{n}.weight" for i in range(2) for n in LINEAR_NAMES]

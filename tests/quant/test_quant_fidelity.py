@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
-
 from gguf_files import write_gguf
 from quant_checkpoints import Variant, write_quantized
-from tpugraph.model_source import load_config, open_weights, resolve_model
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.quant_fidelity import choose_compile_mode, measure_source, tpu_mlir_requantize
+
+from tpugraph.compiler.quant_fidelity import choose_compile_mode, measure_source, tpu_mlir_requantize
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.source.checkpoint import load_config, open_weights, resolve_model
 
 
 def c_like_requantize(w, bits, group, symmetric):

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from quant_checkpoints import TINY_Q, Variant, reference_dequantize, write_quantized, write_reference_model
 from typer.testing import CliRunner
 
-from quant_checkpoints import TINY_Q, Variant, reference_dequantize, write_quantized, write_reference_model
 from tpugraph.cli import app
-from tpugraph.model_source import load_config, open_weights, resolve_model
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.quantized_weights import QuantizedWeights
-from tpugraph.verify import verify
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.proof.verify import verify
+from tpugraph.source.checkpoint import load_config, open_weights, resolve_model
+from tpugraph.source.quantized import QuantizedWeights
 
 VARIANTS = [
     Variant("gptq", 4, 32, sym=True),

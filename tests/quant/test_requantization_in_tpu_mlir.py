@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from quant_checkpoints import Variant, write_quantized
-from tpugraph.pipeline import ExportOptions, export_and_optimize
-from tpugraph.quant_fidelity import tpu_mlir_quantize
+
+from tpugraph.compiler.quant_fidelity import tpu_mlir_quantize
+from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
 pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
 

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..contract import MASK_VALUE, SegmentKind, SegmentSpec
+from ..contract.segments import MASK_VALUE, SegmentKind, SegmentSpec
 from ..errors import ModelError
-from ..families import KV_SHARING_NONE
+from ..source.families import KV_SHARING_NONE
 from .family_layers import adapt_layer
 from .graph_surgery import params_to_weights, restore_unused_inputs, unused_graph_inputs  # noqa: F401
 from .model_parts import TORCH_DTYPES, ModelParts, _parameters_on_meta  # noqa: F401 - re-exported
-from .per_layer_inputs import ExtraInputsBlockCacheSegment, ExtraInputsBlockSegment, PerLayerEmbeddingSegment
 from .notes import export_notes, unused_inputs_note  # noqa: F401 - re-exported
+from .per_layer_inputs import ExtraInputsBlockCacheSegment, ExtraInputsBlockSegment, PerLayerEmbeddingSegment
 from .wrappers import (
     BlockCacheSegment,
     BlockKvSegment,

@@ -16,12 +16,12 @@ import onnx
 import torch
 from torch import nn
 
-from ..contract import SegmentKind, SegmentSpec
-from ..model_source import WeightStore
+from ..contract.segments import SegmentKind, SegmentSpec
+from ..source.weights import WeightStore
 from . import weight_swap
 from .exporter import export_segment
-from .model_parts import ModelParts
 from .external_data import LazyWeight
+from .model_parts import ModelParts
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..contract import SegmentSpec
+from ..contract.segments import SegmentSpec
 from .model_parts import ModelParts
 
 

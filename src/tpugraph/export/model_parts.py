@@ -13,8 +13,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from ..errors import ModelError
-from ..families import FamilySpec
-from ..model_source import WeightStore
+from ..source.families import FamilySpec
+from ..source.weights import WeightStore
 from .fused_weights import with_fused_weights
 from .per_layer_inputs import attach_per_layer_modules, with_per_layer_weights
 from .wrappers import RotaryTable

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..families import FamilySpec
+from ..source.families import FamilySpec
 
 
 def unused_inputs_note(unused: dict[str, list[str]]) -> str:

@@ -24,7 +24,7 @@ import re
 import torch
 from torch import nn
 
-from ..families import FamilySpec
+from ..source.families import FamilySpec
 from .wrappers import RotaryTable, _apply_window, _CaptureKV, _layer_cache_kwarg, clamp_mask
 
 PROJECTION = "ple_model_projection"  # names of the per-layer modules added to each decoder layer

@@ -7,7 +7,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..contract import MASK_VALUE
+from ..contract.segments import MASK_VALUE
 
 
 def _layer_cache_kwarg(layer: nn.Module) -> str:

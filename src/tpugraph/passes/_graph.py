@@ -1,4 +1,7 @@
-"""Graph helpers the passes share: counting, digests, renaming, dead-code removal, shape inference."""
+"""Graph helpers the passes share: counting, digests, renaming, dead-code removal, shape inference.
+
+Why this module is long: these are the small graph helpers every pass shares (walking, renaming, digests,
+shape inference, external data); splitting them by theme would make each pass import from three places."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
 
 LARGE_MODEL_BYTES = 1_800_000_000
 """Above this a model is never serialised into one protobuf (hard limit 2 GB): passes go through files."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import _graph
 from tpugraph.errors import PassFailed
+
+from . import _graph
 
 PermMap = dict[str, dict[str, list[int]]]
 

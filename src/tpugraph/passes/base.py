@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Callable
+from typing import Any, Callable, ClassVar
 
 import onnx
 

@@ -18,7 +18,6 @@ from .remove_unused import RemoveUnused
 from .rename_kv_io import RenameKvIo
 from .simplify_graph import Simplify
 
-
 PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (
     FixStaticShapes, FoldConstants, Simplify, RemoveIdentity, DedupeInitializers, RemoveUnused, RenameKvIo,
     MakeTpuCompatible,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,6 @@ import onnx
 
 from . import _graph
 from .base import GraphPass, PassContext
-
 
 _SHARED_WEIGHT_BYTES = 1 << 16
 

@@ -63,7 +63,7 @@ def load_model_file(path: Path, load_external_data: bool = True) -> onnx.ModelPr
 
 def context_for_file(path: Path, model: onnx.ModelProto, work_dir: Path | None = None) -> PassContext:
     """Segment name from the file stem; layer and kind from contract names (block_3, block_kv_3, block_cache_3, ...)."""
-    from tpugraph.contract import SegmentKind
+    from tpugraph.contract.segments import SegmentKind
 
     stem = Path(path).stem
     layer: int | None = None

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from .. import onnxsim_process as _onnxsim_process
 from . import _graph
+from . import onnxsim_process as _onnxsim_process
 from .base import GraphPass, PassContext, PassFailed
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,104 @@
+"""What a compile may be asked for: chips, quantization modes, devices, and the validation of a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+CHIPS = ("bm1684x", "bm1688")
+QUANTIZE_MODES = ("f16", "bf16", "w8bf16", "w4bf16", "w8f16", "w4f16")
+# auto: the weight-only mode matching a quantized source (quant_fidelity.choose_compile_mode), else f16.
+AUTO = "auto"
+DEFAULT_FLOAT_MODE = "f16"
+NUM_DEVICES = (1, 2, 4, 8)
+DEFAULT_Q_GROUP_SIZE = 64  # LLM-TPU's choice for the 4-bit modes
+
+# Quantization of each segment kind. The embedding is a lookup table: weight-only modes do not apply, it
+# keeps the activation float type of the mode. The heads are tiny and need exact arithmetic: F32.
+HEAD_KINDS = ("greedy_head", "penalty_sample_head", "sample_head")
+# --quant_input / --quant_output strip the f32<->f16 casts at a net's edges, so the runtime moves the
+# activations between nets in the quantized type: every net that receives an activation from another net
+# strips its input cast, every net whose output goes on to another net strips its output cast. lm_head
+# keeps an f32 output because the heads (F32) take its logits. On int inputs and on the F32 heads there is
+# no cast to strip: the flag changes nothing there (checked with tpu-mlir 1.30.2) and is kept as CONTRACT.md
+# lists it.
+QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache", "lm_head", *HEAD_KINDS)
+QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache")
+# The decode blocks read their KV history from buffers the runtime keeps across steps.
+# sample_head as llm_convert deploys it (CONTRACT.md, second table): io_alone and --dynamic, since the
+# runtime may hand it fewer recent tokens than SEQ for the repetition penalty.
+IO_ALONE_KINDS = ("block_cache", "sample_head")
+DYNAMIC_KINDS = ("sample_head",)
+# compile --dynamic: the prefill nets too, so the runtime runs them at the prompt's (chunk's) length
+# (llm_convert's --dynamic; their Reshapes get a free sequence axis in the transform, tpu_mlir_transform.py).
+DYNAMIC_PREFILL_KINDS = ("block", "block_kv")
+CHECK_MODES = ("representative", "all", "none")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    chip: str = "bm1684x"
+    quantize: str = AUTO  # resolved against OUT's manifest by resolve_auto before planning
+    q_group_size: int | None = None  # None: 64 for the 4-bit modes, per-channel otherwise
+    q_symmetric: bool = False  # model_deploy --q_symmetric (chosen by auto for checkpoints it fits better)
+    num_device: int = 1
+    # representative: the tools' compares on one segment per distinct structure (with test data), then an
+    # end-to-end greedy check of the combined bmodel on the cmodel; all: the compares on every segment; none.
+    check: str = "representative"
+    # rotary embedding and attention handed to the backend as top.Rope / top.FAttention (tpu_mlir_transform.py)
+    fuse: bool = True
+    # a tied vocabulary matrix stored once in the combined bmodel (vocab_sharing.py: the final norm moves into the
+    # last layer's nets for tpu-mlir); False keeps the contract's cut (lm_head applies the final norm) there too
+    share_vocab: bool = True
+    # the prefill nets (block_i, block_kv_i) compiled --dynamic: run at the real prompt length (forward_dynamic)
+    dynamic: bool = False
+
+    def check_options(self) -> "CompileOptions":
+        """Validate and normalise (lowercase names, the default group size); raises UsageError."""
+        chip, quantize = self.chip.lower(), self.quantize.lower()
+        if chip not in CHIPS:
+            raise UsageError(f"chip must be one of {', '.join(CHIPS)} (got '{self.chip}')")
+        if quantize not in QUANTIZE_MODES + (AUTO,):
+            raise UsageError(f"quantization must be one of {', '.join(QUANTIZE_MODES + (AUTO,))} (got '{self.quantize}')")
+        group = self.q_group_size
+        if group is not None:
+            if not quantize.startswith("w") and quantize != AUTO:
+                raise UsageError(f"a group size applies to the weight-only modes (w8*/w4*), not to {quantize}")
+            if group < 1:
+                raise UsageError(f"the group size must be a positive number (got {group})")
+        elif quantize.startswith("w4"):
+            group = DEFAULT_Q_GROUP_SIZE  # auto keeps None: the checkpoint's own group size is chosen later
+        if self.num_device not in NUM_DEVICES:
+            raise UsageError(f"the device count must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
+        if chip == "bm1688" and self.num_device != 1:
+            raise UsageError("a device count > 1 needs bm1684x: bm1688 is a single-chip SoC")
+        check = {True: "representative", False: "none"}.get(self.check, self.check)  # type: ignore[arg-type]
+        if check not in CHECK_MODES:
+            raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
+        return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
+                              check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
+                              share_vocab=self.share_vocab, dynamic=bool(self.dynamic))
+
+    @property
+    def tag(self) -> str:
+        return f"{self.quantize}_{self.chip}_{self.num_device}dev" + ("_dynamic" if self.dynamic else "")
+
+
+
+
+def resolve_auto(options: CompileOptions, out_dir, manifest):
+    """``quantize='auto'``: the weight-only mode, group size and symmetry that keep a quantized source's integers
+    best (with the measured fidelity), or the default float mode for a float source. Returns the options with
+    a concrete mode and the quant_fidelity.CompileChoice (None for a float source or an explicit mode)."""
+    from dataclasses import replace
+
+    if options.quantize.lower() != AUTO:
+        return options, None
+    if not manifest.model.get("source_quantization"):
+        return replace(options, quantize=DEFAULT_FLOAT_MODE), None
+    from .quant_fidelity import choose_compile_mode
+
+    choice = choose_compile_mode(out_dir)
+    group = options.q_group_size if options.q_group_size is not None else (choice.q_group_size or None)
+    return replace(options, quantize=choice.quantize, q_group_size=group, q_symmetric=choice.q_symmetric), choice

@@ -1,0 +1,321 @@
+"""The main job as a library call: MODEL -> OUT with every segment exported, optimised and described."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..contract.manifest import MANIFEST_NAME, PARTIAL_NAME, Manifest
+from ..contract.segments import KV_LAYOUT, MASK_VALUE, SAMPLE_HEADS, ContractDims, segment_specs
+from ..errors import OutputError, UsageError
+from ..source.checkpoint import ModelSource, load_config, model_facts, open_weights, resolve_model
+from .committer import LARGE_MODEL_BYTES, Committer, UnitWriter  # noqa: F401 - re-exported
+from .plan import EXTERNAL_MIN_BYTES, WorkUnit, plan_units, previous_entries  # noqa: F401 - re-exported
+from .scheduler import ProgressFn, Scheduler
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DATA_MODES = ("auto", "always", "never")
+INT_DTYPES = ("int32", "int64")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ExportOptions:
+    seq_length: int = 512
+    int_dtype: str = "int32"
+    dtype: str = "float32"
+    passes: list[str] | None = None  # None = the default chain; names may be comma-separated; ["none"] = no pass
+    skip_passes: list[str] = field(default_factory=list)
+    pass_options: dict[str, dict] = field(default_factory=dict)  # {"rename_kv_io": {"convention": "optimum"}}
+    force: bool = False
+    trust_remote_code: bool = False
+    external_data: str = "auto"  # auto | always | never
+    weight_swap: bool = True  # reuse one layer's optimised graph for the other layers of the same structure
+    penalty_head: bool = False  # also export penalty_sample_head.onnx (CONTRACT.md)
+    greedy_in_lm_head: bool = False  # lm_head -> (token, m_logits) and no greedy_head.onnx
+    # The current LLM-TPU runtime's nets (CONTRACT.md, second table):
+    sample_head: str | None = None  # current: sample_head.onnx; legacy: penalty_sample_head.onnx
+    lm_head_topk: bool = False  # lm_head -> token [1,1] only, no greedy_head.onnx
+    embedding_disk: bool = False  # no embedding nets: OUT/embedding.f32.bin, the rows the host gathers
+    jobs: int = 0  # work units (vocabulary, each layer) built in parallel threads; 0: auto_jobs
+    naming: str | None = None  # I/O naming convention (llm-tpu, optimum, genie): rename_kv_io's convention
+    with_test_data: bool = False  # also write OUT/test_data/<segment>_input.npz (compare_inputs.write_test_data)
+    max_input_length: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
+    history_kv: bool = False  # also export block_kv_i: prefill on top of the KV history (multi-turn, chunks)
+
+    def check(self) -> None:
+        """UsageError naming the field at fault (``option``), in the library's terms."""
+        for option, value, allowed in (("external_data", self.external_data, EXTERNAL_DATA_MODES),
+                                       ("int_dtype", self.int_dtype, INT_DTYPES),
+                                       ("dtype", self.dtype, FLOAT_DTYPES),
+                                       ("naming", self.naming, (None, *naming_conventions()))):
+            if value not in allowed:
+                shown = ", ".join(a for a in allowed if a is not None)
+                raise UsageError(f"must be one of {shown} (got {value})", option=option)
+        if self.seq_length < 1:
+            raise UsageError(f"must be >= 1 (got {self.seq_length})", option="seq_length")
+        if self.jobs < 0:
+            raise UsageError(f"must be >= 0 (got {self.jobs}; 0: two threads for a model whose float32 weights "
+                             "take at most an eighth of the memory, else one)", option="jobs")
+        if self.sample_head not in (None, *SAMPLE_HEADS):
+            raise UsageError(f"must be one of {', '.join(SAMPLE_HEADS)} (got {self.sample_head})", option="sample_head")
+        if self.lm_head_topk and (self.sample_head or self.penalty_head):
+            raise UsageError("cannot go with a sampling head: the top-k lm_head outputs the greedy token, "
+                             "no logits to sample from (LLM-TPU builds it only without --do_sample)",
+                             option="lm_head_topk")
+        if self.lm_head_topk and self.greedy_in_lm_head:
+            raise UsageError("and --lm-head-greedy are two layouts of the same lm_head: choose one",
+                             option="lm_head_topk")
+        if self.max_input_length is not None and not 1 <= self.max_input_length <= self.seq_length:
+            raise UsageError(f"must be within 1..SEQ={self.seq_length}: the prefill nets take at most the "
+                             f"decode window (got {self.max_input_length})", option="max_input_length")
+
+    def runtime_options(self) -> dict:
+        """The manifest's record of the runtime options, only where they differ from the default (so the
+        manifest of a default export stays what it was)."""
+        extra: dict = {}
+        if self.max_input_length is not None and self.max_input_length != self.seq_length:
+            extra["max_input_length"] = self.max_input_length
+        if self.history_kv:
+            extra["history_kv"] = True
+        return extra
+
+
+def naming_conventions() -> tuple[str, ...]:
+    from ..passes.rename_kv_io import CONVENTIONS
+
+    return tuple(CONVENTIONS)
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import torch
+    import transformers
+
+    versions = {"tpugraph": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "onnx": onnx.__version__}
+    from ..passes import onnxsim_process as _onnxsim_process
+
+    try:  # onnxsim is imported by the child process that runs it (onnxsim_process.py), not here
+        versions["onnxsim"] = _onnxsim_process.version()
+    except _onnxsim_process.OnnxsimChildError as exc:
+        if exc.type_name not in ("ImportError", "ModuleNotFoundError"):
+            raise
+        versions["onnxsim"] = "not installed"
+    return versions
+
+
+def prepare_output_dir(out: Path, force: bool) -> None:
+    """Create OUT, or accept it when it is empty or an earlier tpugraph output; refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output '{out}' exists and is not a folder")
+    if out.is_dir():
+        entries = [p for p in out.iterdir() if not p.name.startswith(".tpugraph")]
+        ours = (out / MANIFEST_NAME).is_file() or (out / PARTIAL_NAME).is_file()
+        if entries and not ours and not force:
+            raise OutputError(f"output folder '{out}' is not empty and is not a tpugraph output (use --force to write into it)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for leftover in list(out.glob(".tpugraph-stage-*")) + list(out.glob(".tpugraph-work-*")):
+            shutil.rmtree(leftover, ignore_errors=True)  # scratch of a run that was killed
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tpugraph-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise OutputError(f"output folder '{out}' is not writable: {exc.strerror or exc}") from None
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def auto_jobs(weights, memory_bytes: int | None = None) -> int:
+    """``--jobs 0``: two work units at once on a machine with two cores or more when the model's weights in float32
+    take at most an eighth of the memory (each unit holds its layer's weights a few times over while it is traced
+    and written), else one: a big model streams one layer at a time."""
+    import math
+
+    cores = os.cpu_count() or 1
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return 1
+    total = 4 * sum(math.prod(weights.shape_and_dtype(k)[0]) for k in weights.keys())
+    return 2 if cores >= 2 and total * 8 <= memory_bytes else 1
+
+
+def export_and_optimize(model: str, out: str | Path, options: ExportOptions | None = None,
+                        progress: ProgressFn | None = None,
+                        pass_progress: Callable[[str, str, int, int], None] | None = None) -> Manifest:
+    """Export MODEL (folder or preset) into OUT: every segment of the contract, passed through the chain,
+    then OUT/manifest.json, written last. Segments an earlier run finished with the same inputs are kept."""
+    from ..passes import onnxsim_process
+    from ..source.tokenizer import copy_tokenizer
+    from .exporter import DEFAULT_OPSET
+    from .factory import SegmentFactory
+    from .model_parts import ModelParts
+    from .notes import export_notes, unused_inputs_note
+    from .resume import unit_fingerprint
+
+    options = options or ExportOptions()
+    options.check()
+    if options.passes is None or any("simplify" in p for p in options.passes):
+        onnxsim_process.prestart()
+    out_dir = Path(out)
+    source: ModelSource = resolve_model(model)
+    config, family = load_config(source, options.trust_remote_code)
+    facts = model_facts(config, family)
+    refused = family.refused_option(options)
+    if refused:
+        raise UsageError(f"cannot be used with family {family.name}: {refused[1]}", option=refused[0])
+    if facts.max_positions and options.seq_length > facts.max_positions:
+        raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
+                         option="seq_length")
+    weights = open_weights(source, config)  # plain, quantized (dequantized per tensor) or GGUF
+    chain = _resolve_chain(options)
+    prepare_output_dir(out_dir, options.force)
+    previous = previous_entries(out_dir)
+    # From here on OUT is being changed: no manifest.json until every segment is done again.
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
+                        head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
+                        int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family),
+                        **layer_dims(config, family))
+    specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
+                          sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
+                          embedding_disk=options.embedding_disk, history_kv=options.history_kv)
+    units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
+    tools = tool_versions()
+    manifest = Manifest(
+        model={**facts.to_json(), **_state_facts(dims), **layer_records(dims), "source": source.to_json(),
+               **({"source_quantization": weights.quantization} if weights.quantization else {})},
+        tools=tools,
+        conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
+                     "naming": _naming(chain), "int_dtype": options.int_dtype, "float_dtype": "float32",
+                     "batch": 1},
+        options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype,
+                 "external_data": options.external_data, "penalty_head": options.penalty_head,
+                 "greedy_in_lm_head": options.greedy_in_lm_head, "sample_head": options.sample_head,
+                 "lm_head_topk": options.lm_head_topk, "embedding_disk": options.embedding_disk,
+                 **options.runtime_options()},
+        pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
+    )
+    config_json = config.to_dict()
+    work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
+
+    def make_factory() -> SegmentFactory:
+        factory = SegmentFactory(ModelParts(config, family, weights, options.dtype), chain, options.seq_length,
+                                 options.int_dtype, work, options.weight_swap)
+        factory.on_pass = pass_progress
+        return factory
+
+    def fingerprint(unit: WorkUnit) -> str:
+        return unit_fingerprint(unit.specs, unit.weight_prefixes, unit.data_file, weights, config_json,
+                                manifest.options, manifest.pass_chain, tools)
+
+    run = Scheduler(out_dir, previous, Committer(out_dir, manifest), progress, len(specs), make_factory)
+    # torch's tracer and transformers warn about what an export does on purpose (legacy exporter, traced
+    # control flow). Filters are set here, by the thread that owns the run, before the scheduler starts any
+    # thread, and undone after they all ended: no thread changes them while others run.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run.run(units, fingerprint, options.jobs or auto_jobs(weights))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    factory = run.factory
+    if factory is not None:
+        manifest.stats = {"segments_traced": factory.traced, "segments_weight_swapped": factory.swapped}
+    order = {spec.name: i for i, spec in enumerate(specs)}
+    manifest.segments.sort(key=lambda e: order[e.name])
+    unused = {e.name: e.extra["unused_inputs"] for e in manifest.segments if e.extra.get("unused_inputs")}
+    manifest.notes = export_notes(family, config, options.seq_length, options.dtype) + (
+        [unused_inputs_note(unused)] if unused else [])
+    for note in manifest.notes:
+        log.info("note: %s", note)
+    if options.embedding_disk:  # the rows the host gathers instead of running embedding nets
+        from ..contract.embedding_table import write_table
+
+        manifest.conventions["embedding_disk"] = write_table(ModelParts(config, family, weights, options.dtype), out_dir)
+    manifest.model["tokenizer"] = copy_tokenizer(source, out_dir)  # tpugraph run's own tokenizer
+    manifest.complete = True
+    manifest.write(out_dir)
+    (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
+    if options.with_test_data:
+        from .compare_inputs import write_test_data
+
+        write_test_data(out_dir, manifest)
+    if progress:
+        progress("done", len(specs), len(specs))
+    return manifest
+
+
+def _state_dims(config, family) -> dict:
+    """ContractDims fields of a hybrid model's state layers (none for the others)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = family.state_layers(text)
+    if not layers:
+        return {}
+    return {"state_layers": layers, "state_shapes": tuple(family.state_shapes(text).items())}
+
+
+def _state_facts(dims: ContractDims) -> dict:
+    """The manifest's record of the state layers (what the runtime feeds them); absent without them."""
+    if not dims.state_layers:
+        return {}
+    return {"state_layers": list(dims.state_layers),
+            "state_shapes": {name: list(shape) for name, shape in dims.state_shapes}}
+
+
+def layer_dims(config, family) -> dict:
+    """ContractDims fields of a family whose layers differ (per-layer KV shapes, shared KV, per-layer
+    embeddings); empty for every other family."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(text.num_hidden_layers)
+    dims: dict = {}
+    if family.per_layer_attention:
+        dims["layer_kv"] = tuple(family.layer_kv_shape(text, i) for i in range(layers))
+    sources = family.kv_sources(text)
+    if any(s is not None for s in sources):
+        dims["kv_from"] = tuple(sources)
+    if family.per_layer_embedding is not None and family.per_layer_embedding.width(text):
+        dims["per_layer"] = family.per_layer_embedding.width(text)
+    return dims
+
+
+def layer_records(dims: ContractDims) -> dict:
+    """The manifest's model records of per-layer facts the runtime drives by: ``layers_kv`` (each layer's KV
+    heads, head dim and the layer whose KV it reuses) and ``per_layer_embedding`` (P). Only when present."""
+    if not (dims.layer_kv or dims.kv_from or dims.per_layer):
+        return {}
+    return {"layers_kv": dims.layer_records(), "per_layer_embedding": dims.per_layer}
+
+
+def _resolve_chain(options: ExportOptions):
+    names = options.passes
+    if names is not None:
+        names = [n.strip() for item in names for n in item.split(",") if n.strip()]
+        if names in ([], ["none"]):
+            return []
+    from ..passes import resolve_chain
+
+    pass_options = {name: dict(opts) for name, opts in options.pass_options.items()}
+    if options.naming:
+        pass_options.setdefault("rename_kv_io", {})["convention"] = options.naming
+    return resolve_chain(names, options.skip_passes, pass_options)
+
+
+def _naming(chain) -> str:
+    """The I/O naming convention the chain leaves the segments in."""
+    for p in chain:
+        if p.name == "rename_kv_io":
+            return str(p.options().get("convention", "llm-tpu"))
+    return "llm-tpu"

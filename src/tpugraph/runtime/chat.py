@@ -1,0 +1,88 @@
+"""An interactive multi-turn chat over OUT's nets (tpugraph chat): the chat template around each user turn, the
+conversation's KV cache kept between turns, each turn prefilling only its new tokens (block_kv_i)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..contract.manifest import read_manifest
+from ..errors import TpugraphError, UsageError, VerificationError
+from ..source.tokenizer import load_output_tokenizer
+from .conversation import ChatConversation, KvCache, PrefillUnsupported
+from .loop import SegmentRuntime
+from .text import TextFn, TextStream, stop_ids, stop_reason
+
+
+class ConversationFull(TpugraphError):
+    """The conversation no longer fits the output's window (SEQ), or its nets cannot take the new turn; the
+    session is unchanged and stays usable (``/reset``)."""
+
+    exit_code = 2
+
+
+@dataclass
+class ChatReply:
+    text: str
+    tokens: list[int]
+    stop: str  # eos | max-new-tokens | window-full
+    conversation_tokens: int  # the conversation (template included) this reply was generated for
+    prefilled: int  # of those, prefilled this turn (the rest came from the KV cache)
+    seconds: float
+
+
+class ChatSession:
+    """One conversation with OUT: ``ask`` a user turn, ``reset`` to start over, ``close`` when done."""
+
+    def __init__(self, out: str | Path, backend: str = "onnx", bmodel: str | Path | None = None,
+                 venv: str | Path | None = None, max_new_tokens: int = 256):
+        from .backends.choice import open_backend
+
+        out_dir = Path(out)
+        manifest = read_manifest(out_dir)
+        if not manifest.complete:
+            raise VerificationError(f"'{out_dir}' is an unfinished export (manifest marked incomplete); rerun the export")
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+        self.tokenizer = load_output_tokenizer(out_dir, manifest)
+        self.conversation = ChatConversation(self.tokenizer)
+        self.eos = stop_ids(out_dir, manifest, self.tokenizer)
+        self.max_new_tokens = max_new_tokens
+        self.runtime = SegmentRuntime(out_dir, manifest, backend=open_backend(backend, out_dir, manifest, bmodel, venv))
+        self.cache = KvCache()
+
+    @property
+    def seq(self) -> int:
+        return self.runtime.seq
+
+    def ask(self, text: str, on_text: TextFn | None = None) -> ChatReply:
+        """Answer a user turn; ConversationFull (the session unchanged) when it does not fit."""
+        self.conversation.add_user_turn(text)
+        ids = self.conversation.prompt_ids()
+        room = self.seq - len(ids) + 1  # tokens that can still be generated (the last one is never fed back)
+        if room < 1:
+            self.conversation.messages.pop()
+            raise ConversationFull(f"the conversation would take {len(ids)} tokens and the window holds SEQ={self.seq}: "
+                                   "/reset to start a new one")
+        reused = self.runtime.reusable_prefix(self.cache, ids)
+        stream = TextStream(self.tokenizer, on_text)
+        t0 = time.perf_counter()
+        try:
+            trace = self.runtime.generate(ids, min(self.max_new_tokens, room), self.eos, on_token=stream,
+                                          cache=self.cache)
+        except PrefillUnsupported as exc:
+            self.conversation.messages.pop()
+            raise ConversationFull(f"this output cannot take the turn: {exc}") from None
+        self.conversation.add_reply(trace.tokens, self.eos)
+        reply = stream.finish(trace.tokens) or ""
+        return ChatReply(text=reply, tokens=trace.tokens, stop=stop_reason(trace.tokens, self.eos, self.max_new_tokens),
+                         conversation_tokens=len(ids), prefilled=len(ids) - reused,
+                         seconds=time.perf_counter() - t0)
+
+    def reset(self) -> None:
+        self.conversation.reset()
+        self.cache.reset()
+
+    def close(self) -> None:
+        self.runtime.close()

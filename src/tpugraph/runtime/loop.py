@@ -1,0 +1,312 @@
+"""Drive segments exactly as the TPU runtime does (CONTRACT.md, greedy decoding), on any SegmentBackend."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..contract.manifest import Manifest, read_manifest
+from ..contract.segments import MASK_VALUE, decode_inputs, history_prefill_inputs, prefill_inputs
+from ..errors import UsageError
+from .backends import SegmentBackend
+from .sampling import SamplingParams, draw, head_inputs, sample_head_of
+
+
+def prefill_length(manifest: Manifest) -> int:
+    """L, the prefill nets' input length, as the LLM-TPU runtime reads it: from embedding's input (block_0's
+    with --embedding-disk, which has no embedding net)."""
+    first = "embedding" if any(s.name == "embedding" for s in manifest.segments) else "block_0"
+    return int(manifest.segment(first).inputs[0].shape[1])
+
+
+class PrefillUnsupported(ValueError):
+    """The output's nets cannot take this prefill (a prompt longer than L, or new tokens on a history,
+    without block_kv_i)."""
+
+
+@dataclass
+class KvCache:
+    """The runtime's per-layer history buffers ([1, SEQ, KVH, D] each) and the token ids their first
+    ``length`` rows hold. Rows past ``length`` are garbage by contract (masked), so dropping tokens from the
+    end is just a smaller ``length``: a new turn whose ids share a prefix with ``tokens`` reuses those rows."""
+
+    layers: list = field(default_factory=list)  # [(k, v)] per layer
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.layers = []
+        self.tokens = []
+
+
+@dataclass
+class GenerationTrace:
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray | None] = field(default_factory=list)  # one [V] array per token (None: top-k lm_head)
+    prefill_seconds: float = 0.0  # prompt in, first token out
+    decode_seconds: float = 0.0  # every later token
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        later = len(self.tokens) - 1
+        return later / self.decode_seconds if later > 0 and self.decode_seconds > 0 else None
+
+
+TokenFn = Callable[[int], None]
+
+
+class SegmentRuntime:
+    """Runs prefill + decode over OUT's nets, feeding inputs by position, on a backend (default: onnxruntime)."""
+
+    def __init__(self, out_dir: Path, manifest: Manifest | None = None, keep_bytes: int | None = None,
+                 backend: SegmentBackend | None = None, mask_value: float = MASK_VALUE,
+                 sampling: SamplingParams | None = None):
+        """``keep_bytes``: for the default onnxruntime backend, see OnnxBackend. ``mask_value``: what the
+        masks hold where a position is masked (a runtime's raw 16-bit pattern as the net reads it). ``sampling``:
+        draw each token from the output's sample head (sample_head or penalty_sample_head) instead of greedy."""
+        self.out_dir = Path(out_dir)
+        self.manifest = manifest or read_manifest(self.out_dir)
+        if backend is None:
+            from .backends.onnxruntime_backend import OnnxBackend
+
+            backend = OnnxBackend(self.out_dir, self.manifest, keep_bytes)
+        self.backend = backend
+        self.mask_value = mask_value
+        self.seq = int(self.manifest.options["seq_length"])
+        self.layers = int(self.manifest.model["num_layers"])
+        # --embedding-disk: no embedding nets, the host gathers rows of the vocabulary table the backend names
+        self.table = None
+        if "embedding" not in {s.name for s in self.manifest.segments}:
+            from ..contract.embedding_table import EmbeddingTable
+
+            table_of = getattr(backend, "embedding_table", None)
+            self.table = table_of(self.out_dir, self.manifest) if table_of else \
+                EmbeddingTable.of_output(self.out_dir, self.manifest)
+        lm_outputs = self.manifest.segment("lm_head").outputs
+        # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
+        self.greedy_in_lm_head = len(lm_outputs) == 2
+        # The current runtime's top-k lm_head: the token [1,1] is its only output (no logits at all).
+        self.token_lm_head = len(lm_outputs) == 1 and tuple(lm_outputs[0].shape) == (1, 1)
+        self.sampling = sampling
+        self.sample_net = None
+        if sampling is not None:
+            names = {s.name for s in self.manifest.segments}
+            self.sample_net = sample_head_of(names, self.out_dir)
+            if self.token_lm_head:
+                raise UsageError("this output's lm_head returns the greedy token only (--lm-head-topk): "
+                                 "nothing to sample from")
+            k = int(self.manifest.segment(self.sample_net).outputs[0].shape[-1])
+            if self.sample_net == "penalty_sample_head" and sampling.top_k != k:
+                raise UsageError(f"penalty_sample_head (--sample-head legacy) has no top_k input, it always keeps "
+                                 f"{k}: re-export with --sample-head for top-k", option="top_k")
+            sampling.check(k)
+        self.input_length = prefill_length(self.manifest)
+        # compile --dynamic: the prefill nets run at the prompt's (chunk's) real length, not always L
+        self.dynamic_prefill = bool(getattr(backend, "dynamic_prefill", False))
+        self.history_kv = any(s.kind == "block_kv" for s in self.manifest.segments)
+        # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
+        self.state_layers = set(self.manifest.model.get("state_layers", ()))
+        # Gemma 4 (README "Gemma 4"): the layer whose KV each layer reuses, and per-layer embeddings.
+        self.kv_from = [r.get("kv_from") for r in self.manifest.model.get("layers_kv") or []] or [None] * self.layers
+        self.per_layer = bool(self.manifest.model.get("per_layer_embedding"))
+
+    def _extra(self, embedded: list[np.ndarray], layer: int) -> list[np.ndarray]:
+        """A block's per-layer embedding inputs: its slice of per_layer_embeds, and the token embedding."""
+        if not self.per_layer:
+            return []
+        return [np.ascontiguousarray(embedded[1][:, :, layer]), embedded[0]]
+
+    def check_prompt(self, n: int, cached: int = 0) -> None:
+        """PrefillUnsupported when ``n`` tokens (after ``cached`` ones) cannot be prefilled by these nets."""
+        if self.history_kv:
+            return
+        if cached:
+            raise PrefillUnsupported("new tokens on top of a KV history need block_kv_i: export with --history-kv")
+        if n > self.input_length:
+            raise PrefillUnsupported(f"a prompt of {n} tokens is longer than the prefill nets' "
+                                     f"{self.input_length} (--max-input-length): export with --history-kv to feed it "
+                                     "in chunks")
+
+    def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Run segment ``name`` with ``arrays`` in the contract's input order."""
+        return self.backend.run(name, *arrays)
+
+    def embed(self, net: str, ids: np.ndarray) -> list[np.ndarray]:
+        """The embedding net's outputs (the token embedding first; Gemma 4's per-layer embeddings second), or
+        (--embedding-disk) the same rows gathered from the table."""
+        if self.table is not None:
+            return [self.table.gather(ids)]
+        return list(self.run(net, ids))
+
+    def next_token(self, hidden_last: np.ndarray, context: list[int] | None = None) -> tuple[int, np.ndarray | None]:
+        """The next token and the logits it came from (None for a top-k lm_head, which has none).
+        ``context``: the tokens so far (prompt and generated), for a sample head's repetition penalty."""
+        if self.token_lm_head:
+            (token,) = self.run("lm_head", hidden_last.reshape(1, -1))
+            return int(np.asarray(token).reshape(-1)[0]), None
+        if self.sampling is not None:
+            out = self.run("lm_head", hidden_last.reshape(1, -1))
+            logits = np.asarray(out[-1], dtype=np.float32)  # (m_logits) or (token, m_logits)
+            probs, tokens = self.run(self.sample_net,
+                                     *head_inputs(self.sample_net, logits, context or [], self.seq, self.sampling))
+            return draw(probs, tokens, self.sampling.rng), logits.reshape(-1)
+        if self.greedy_in_lm_head:
+            token, logits = self.run("lm_head", hidden_last.reshape(1, -1))
+        else:
+            (logits,) = self.run("lm_head", hidden_last.reshape(1, -1))
+            (token,) = self.run("greedy_head", logits)
+        return int(np.asarray(token).reshape(-1)[0]), np.asarray(logits, dtype=np.float32).reshape(-1)
+
+    def prefill(self, prompt: list[int]):
+        """The first chunk of a prompt (at most L tokens) through ``block_i``: (hidden of its last token,
+        [(k, v)] per layer as SEQ-row history buffers: the block's L rows, garbage past the prompt included)."""
+        ids, pos, mask = prefill_inputs(prompt, self.input_length, self.mask_value)
+        embedded = self.embed("embedding", ids)
+        hidden = embedded[0]
+        if self.dynamic_prefill:  # the n prompt rows only: [1,n,H], [1,n], [1,1,n,n] (as LLM-TPU's net_launch_dyn)
+            n = len(prompt)
+            hidden, pos, mask = hidden[:, :n], pos[:, :n], np.ascontiguousarray(mask[:, :, :n, :n])
+        history = []
+        for i in range(self.layers):
+            src = self.kv_from[i]
+            if src is not None:  # shared KV: the owner layer's keys/values in, none out, no history of its own
+                (hidden,) = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i), *history[src])
+                history.append(None)
+            elif i in self.state_layers:  # from a zero state; the mask's diagonal tells the prompt rows
+                hidden, k, v = self.run(f"block_{i}", hidden, mask)
+                history.append((np.array(k, copy=True), np.array(v, copy=True)))
+            else:
+                hidden, k, v = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i))
+                history.append((self._history_buffer(k), self._history_buffer(v)))
+        return hidden[0, len(prompt) - 1], history
+
+    def _history_buffer(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.shape[1] == self.seq:
+            return np.array(rows, copy=True)
+        buffer = np.zeros((rows.shape[0], self.seq, *rows.shape[2:]), dtype=rows.dtype)
+        buffer[:, : rows.shape[1]] = rows
+        return buffer
+
+    def prefill_on_history(self, chunk: list[int], h: int, history) -> np.ndarray:
+        """Up to L new tokens on top of ``h`` cached ones through ``block_kv_i``; their keys/values are written
+        into the history buffers at rows h..h+n-1. Returns the hidden state of the chunk's last token."""
+        ids, pos, mask = history_prefill_inputs(chunk, h, self.input_length, self.seq, self.mask_value)
+        hidden = self.embed("embedding", ids)[0]
+        n = len(chunk)
+        if self.dynamic_prefill:  # the n new rows; mask columns: the SEQ history ones, then the n new ones
+            hidden, pos = hidden[:, :n], pos[:, :n]
+            mask = np.ascontiguousarray(mask[:, :, :n, : self.seq + n])
+        for i in range(self.layers):
+            hk, hv = history[i]
+            hidden, k, v = self.run(f"block_kv_{i}", hidden, pos, mask, hk, hv)
+            hk[0, h: h + n] = k[0, :n]
+            hv[0, h: h + n] = v[0, :n]
+        return hidden[0, n - 1]
+
+    def reusable_prefix(self, cache: KvCache, prompt: list[int]) -> int:
+        """How many leading tokens of ``prompt`` the cache already holds and ``generate`` reuses: the common
+        prefix, short of the prompt's last token (whose hidden state is needed). Without block_kv_i none: a new
+        turn re-prefills the whole conversation, as single-turn runtimes do."""
+        if not self.history_kv:
+            return 0
+        keep, limit = 0, min(cache.length, len(prompt) - 1)
+        while keep < limit and cache.tokens[keep] == prompt[keep]:
+            keep += 1
+        return keep
+
+    def feed(self, cache: KvCache, tokens: list[int]) -> np.ndarray:
+        """Prefill ``tokens`` after what ``cache`` holds: an empty cache starts with ``block_i`` on the first L
+        tokens, every further chunk of at most L goes through ``block_kv_i``. Returns the last token's hidden."""
+        if not tokens:
+            raise ValueError("nothing to prefill")
+        if cache.length + len(tokens) > self.seq:
+            raise ValueError(f"{cache.length} cached + {len(tokens)} new tokens exceed SEQ={self.seq}")
+        self.check_prompt(len(tokens), cache.length)
+        L = self.input_length
+        start = 0
+        if cache.length == 0:
+            hidden, cache.layers = self.prefill(tokens[:L])
+            cache.tokens = list(tokens[:L])
+            start = L
+        for at in range(start, len(tokens), L):
+            chunk = tokens[at: at + L]
+            hidden = self.prefill_on_history(chunk, cache.length, cache.layers)
+            cache.tokens.extend(chunk)
+        return hidden
+
+    def decode(self, token: int, n: int, history) -> np.ndarray:
+        ids, pos, mask = decode_inputs(token, n, self.seq, self.mask_value)
+        embedded = self.embed("embedding_cache", ids)
+        hidden = embedded[0]
+        new: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for i in range(self.layers):
+            src = self.kv_from[i]
+            if src is not None:  # shared KV: the owner's history with its new row appended, [1, SEQ+1, KVH, D]
+                hk, hv = history[src]
+                k, v = new[src]
+                shared = (np.concatenate([hk, k], axis=1), np.concatenate([hv, v], axis=1))
+                (hidden,) = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), *shared)
+                continue
+            hk, hv = history[i]
+            if i in self.state_layers:  # the next states replace the buffers' contents (same addresses)
+                hidden, conv, recurrent = self.run(f"block_cache_{i}", hidden, hk, hv)
+                hk[...] = conv
+                hv[...] = recurrent
+                continue
+            hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), hk, hv)
+            new[i] = (np.array(k, copy=True), np.array(v, copy=True))
+            hk[0, n] = k[0, 0]
+            hv[0, n] = v[0, 0]
+        return hidden[0, 0]
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
+                 forced: list[int] | None = None, on_token: TokenFn | None = None,
+                 cache: KvCache | None = None) -> GenerationTrace:
+        """Greedy generation; with ``forced``, step i feeds forced[i] back instead of its own top-1
+        (teacher forcing: the logits of every step are then comparable with another run's). ``on_token`` is
+        called with each token as soon as it is known (streaming).
+
+        ``cache``: a conversation's KV cache, kept across calls (multi-turn). ``prompt`` is then the whole
+        conversation so far: the rows of its longest common prefix with what the cache holds are reused and
+        only the rest is prefilled (on the history, with block_kv_i); the generated tokens fed back stay in it."""
+        if not 1 <= len(prompt) <= self.seq:
+            raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
+        cache = KvCache() if cache is None else cache
+        keep = self.reusable_prefix(cache, prompt)
+        self.check_prompt(len(prompt) - keep, keep)
+        del cache.tokens[keep:]
+        trace = GenerationTrace()
+        t0 = time.perf_counter()
+        hidden = self.feed(cache, list(prompt[keep:]))
+        history = cache.layers
+        n = len(prompt)
+        while True:
+            token, logits = self.next_token(hidden, prompt + trace.tokens)
+            now = time.perf_counter()
+            if trace.tokens:
+                trace.decode_seconds += now - t0
+            else:
+                trace.prefill_seconds = now - t0
+            trace.tokens.append(token)
+            trace.logits.append(logits)
+            if on_token:
+                on_token(token)
+            fed = token if forced is None else forced[len(trace.tokens) - 1]
+            if (len(trace.tokens) >= max_new_tokens or (eos_ids and fed in eos_ids) or n >= self.seq
+                    or (forced is not None and len(trace.tokens) >= len(forced))):
+                return trace
+            t0 = time.perf_counter()
+            hidden = self.decode(fed, n, history)
+            cache.tokens.append(fed)
+            n += 1
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,117 @@
+"""The source model's tokenizer and chat template, copied into OUT so that OUT alone can talk (tpugraph run), and
+loaded back from OUT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import OutputError, UsageError
+
+if TYPE_CHECKING:
+    from ..contract.manifest import Manifest
+    from .checkpoint import ModelSource
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+# What transformers' tokenizers read (fast and slow), the chat template in its own files, and the generation
+# config (its eos_token_id may list more stop tokens than config.json, e.g. a chat model's end-of-turn).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+# Any one of these makes a usable tokenizer.
+ESSENTIAL = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def copy_tokenizer(model: "ModelSource | Path", out_dir: Path) -> dict:
+    """Copy the tokenizer files the source has into OUT/tokenizer/; the manifest record of what was copied.
+
+    ``{"dir": "tokenizer", "files": [...], "chat_template": bool}``, or ``{"files": [], "missing": "..."}`` when
+    the source has no tokenizer (the presets): ``run`` then names what is missing and still takes
+    ``--prompt-ids``. A .gguf source carries its tokenizer in its metadata: it is built the way transformers
+    does it and saved."""
+    from .checkpoint import ModelSource
+
+    if isinstance(model, ModelSource) and model.gguf_file:
+        return _save_gguf_tokenizer(model, Path(out_dir))
+    source = model.path if isinstance(model, ModelSource) else Path(model)
+    out_dir = Path(out_dir)
+    present = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not any(name in present for name in ESSENTIAL):
+        # no path in the record: a manifest must not depend on where its source sat (the manifest names it)
+        return {"files": [], "missing": f"the source model has none of {', '.join(ESSENTIAL)}"}
+    target = out_dir / TOKENIZER_DIR
+    try:
+        target.mkdir(exist_ok=True)
+        for name in present:
+            tmp = target / f".{name}.tmp{os.getpid()}"
+            shutil.copyfile(source / name, tmp)
+            os.replace(tmp, target / name)
+    except OSError as exc:
+        raise OutputError(f"cannot copy the tokenizer into {target}: {exc.strerror or exc}") from None
+    chat = "chat_template.jinja" in present or "chat_template.json" in present or _config_has_template(source)
+    log.info("copied %d tokenizer file(s) to %s%s", len(present), target, " (with chat template)" if chat else "")
+    return {"dir": TOKENIZER_DIR, "files": present, "chat_template": chat}
+
+
+def _save_gguf_tokenizer(model, out_dir: Path) -> dict:
+    from ..errors import ModelError
+    from .checkpoint import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model)
+    except ModelError as err:  # a .gguf without tokenizer metadata still exports; run then names what is missing
+        log.info("%s", err)
+        return {"files": [], "missing": "the .gguf file has no usable tokenizer metadata"}
+    target = out_dir / TOKENIZER_DIR
+    stage = out_dir / f".tpugraph-stage-tokenizer-{os.getpid()}"
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        tokenizer.save_pretrained(str(stage))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(stage, target)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise OutputError(f"cannot write the tokenizer into {target}: {exc.strerror or exc}") from None
+    present = sorted(p.name for p in target.iterdir() if p.is_file())
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    log.info("saved the GGUF file's tokenizer to %s%s", target, " (with chat template)" if chat else "")
+    return {"dir": TOKENIZER_DIR, "files": present, "chat_template": chat, "from": "gguf metadata"}
+
+
+def _config_has_template(source: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((source / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_output_tokenizer(out_dir: Path, manifest: Manifest):
+    """OUT's copy of the source model's tokenizer, or a UsageError naming what is missing."""
+    record = manifest.model.get("tokenizer")
+    if not record:
+        raise UsageError(f"'{out_dir}' has no tokenizer (exported by a tpugraph that did not copy it): "
+                         "re-export it, or give token ids with --prompt-ids 1,2,3")
+    if not record.get("files"):
+        raise UsageError(f"'{out_dir}' has no tokenizer: {record.get('missing', 'the source model had none')}; "
+                         "give token ids with --prompt-ids 1,2,3")
+    folder = out_dir / record.get("dir", TOKENIZER_DIR)
+    lost = [f for f in record["files"] if not (folder / f).is_file()]
+    if lost:
+        raise UsageError(f"tokenizer file(s) {', '.join(lost)} missing from {folder}: re-export, or use --prompt-ids")
+    from transformers import AutoTokenizer
+
+    from .checkpoint import quiet_transformers
+
+    quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # transformers' own message says which file or class it could not use
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"transformers cannot load the tokenizer in {folder}: {first}") from None
