@@ -1,0 +1,163 @@
+"""compile-script, compile and quant-fidelity: OUT -> a bmodel with tpu-mlir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import _echo, _state, app, user_errors
+from .options import (
+    Chip,
+    CompileCheck,
+    Dynamic,
+    JsonOut,
+    NoCheck,
+    NoFuse,
+    NoShareVocab,
+    NumDevice,
+    OutFolder,
+    QGroupSize,
+    Quantize,
+    TpuMlirVenv,
+)
+
+
+def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
+                     no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
+                     dynamic: bool = False):
+    from ..compiler import CompileOptions
+    from ..errors import UsageError
+
+    try:
+        return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
+                              check="none" if no_check else check, fuse=not no_fuse,
+                              share_vocab=not no_share_vocab, dynamic=dynamic).check_options()
+    except UsageError as err:  # the library names what is wrong; the command line names its flag
+        flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
+                "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
+                "check": "--check"}
+        for words, name in flag.items():
+            if str(err).startswith(words + " "):
+                raise UsageError(f"{name}: {err}") from None
+        raise
+
+
+@app.command("compile-script")
+@user_errors
+def compile_script_cmd(
+    out: OutFolder,
+    chip: Chip = "bm1684x",
+    quantize: Quantize = "auto",
+    q_group_size: QGroupSize = None,
+    num_device: NumDevice = 1,
+    check: CompileCheck = "representative",
+    no_check: NoCheck = False,
+    no_fuse: NoFuse = False,
+    no_share_vocab: NoShareVocab = False,
+    dynamic: Dynamic = False,
+    script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
+) -> None:
+    """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
+    from ..compiler import write_compile_script
+
+    path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
+                                                      no_share_vocab, dynamic), script)
+    _echo(f"wrote {path}")
+    _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
+
+
+@app.command("compile")
+@user_errors
+def compile_cmd(
+    out: OutFolder,
+    tpu_mlir: TpuMlirVenv = None,
+    chip: Chip = "bm1684x",
+    quantize: Quantize = "auto",
+    q_group_size: QGroupSize = None,
+    num_device: NumDevice = 1,
+    check: CompileCheck = "representative",
+    no_check: NoCheck = False,
+    no_fuse: NoFuse = False,
+    no_share_vocab: NoShareVocab = False,
+    dynamic: Dynamic = False,
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
+    json_out: JsonOut = False,
+) -> None:
+    """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
+    from ..compiler import SegmentCompileError, compile_segments, format_table
+
+    def progress(segment: str, action: str, index: int, total: int) -> None:
+        if _state["verbosity"] >= 0 and not json_out and action != "done":
+            typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
+
+    try:
+        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check,
+                                                                  no_fuse, no_share_vocab, dynamic),
+                                  progress=progress, jobs=jobs)
+    except SegmentCompileError as err:
+        if err.report and err.report.results and not json_out:
+            typer.echo(format_table(err.report.results), err=True)
+        raise
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    if report.plan.quant_choice is not None:
+        _echo(f"quantize auto: {report.plan.quant_choice.summary()}")
+    _echo(report.table())
+    _echo(f"vocabulary matrix: {report.vocab_sharing}")
+    unchecked = [r.segment for r in report.results if not r.checked]
+    if unchecked and report.plan.options.check != "none":
+        reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"
+                  if report.plan.options.check == "representative" else "no test data (export with --with-test-data)")
+        _echo(f"note: compiled without the tools' compares: {', '.join(unchecked)} ({reason})")
+    if report.transforms_derived or report.deploys_derived:
+        _echo(f"reused: {len(report.transforms_derived)} layers' MLIR from their template layer's, "
+              f"{len(report.deploys_derived)} layers' bmodel written from a proven deploy of the same net"
+              + "".join(f"; {note}" for note in report.deploy_reuse_notes))
+    e2e = report.end_to_end
+    if e2e is not None:
+        _echo(f"end to end on the cmodel: {len(e2e.steps)} greedy tokens {'equal' if e2e.tokens_equal else 'DIFFER'} "
+              f"(transformers {e2e.hf_tokens}, bmodel {e2e.onnx_tokens}), min logits cosine {e2e.min_cosine:.6f} "
+              f"({report.end_to_end_seconds:.0f}s): {'PASS' if e2e.passed else 'FAIL'}")
+    _echo(f"wrote {report.bmodel} ({report.seconds:.0f}s)")
+    if report.embedding_table:
+        _echo(f"wrote {report.embedding_table} (the vocabulary rows the host gathers: --embedding-disk)")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command("quant-fidelity")
+@user_errors
+def quant_fidelity_cmd(
+    out: Path = typer.Argument(..., help="An output folder exported from a quantized model (GPTQ, AWQ, AutoRound, compressed-tensors, GGUF)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The source model, if it moved since the export."),
+    layers: int = typer.Option(4, "--layers", help="Decoder layers to measure, spread over the model (0: all)."),
+    half: str = typer.Option("f16", "--half", help="Half type of the deploy's scales: f16 or bf16."),
+    json_out: JsonOut = False,
+) -> None:
+    """The W4/W8 compile mode that keeps a quantized source's integers best (bits, group size, asymmetric or
+    --q_symmetric), with the share of groups tpu-mlir's re-quantization reproduces exactly and its extra
+    weight error relative to the checkpoint's own quantization error."""
+    from ..compiler.quant_fidelity import HALF_TYPES, choose_compile_mode
+    from ..errors import UsageError
+
+    if half not in HALF_TYPES:
+        raise UsageError(f"--half must be one of {', '.join(HALF_TYPES)} (got {half})")
+    choice = choose_compile_mode(out, model, sample_layers=layers or None, half=half)
+    if choice is None:
+        if json_out:
+            typer.echo(json.dumps(None))
+        else:
+            _echo("the source was not quantized: compile with the usual modes")
+        return
+    if json_out:
+        typer.echo(json.dumps(choice.to_json()))
+        return
+    _echo(choice.summary())
+    for note in choice.notes:
+        _echo(f"note: {note}")
+    _echo("compile with: " + " ".join(choice.compile_args())
+          + (" plus model_deploy's --q_symmetric" if choice.q_symmetric else ""))

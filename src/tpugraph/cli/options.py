@@ -1,0 +1,44 @@
+"""Options and arguments several commands take, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+OutFolder = Annotated[Path, typer.Argument(help="An output folder written by export-and-optimize.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+TpuMlirVenv = Annotated[Optional[Path], typer.Option(
+    "--tpu-mlir", help="The tpu-mlir venv made by scripts/setup_tpu_mlir.sh (default: $TPUGRAPH_TPU_MLIR_VENV, "
+                       "else the script's default location).")]
+PassOptions = Annotated[Optional[list[str]], typer.Option(
+    "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum.")]
+_QUANTIZE_HELP = ("Quantization: auto, f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
+                  "the float type, the greedy/sample heads stay F32). auto (default): for a quantized source (GPTQ, AWQ, "
+                  "GGUF...) the weight-only mode, group size and symmetry that keep its integers best; f16 otherwise.")
+Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x or bm1688.")]
+Quantize = Annotated[str, typer.Option("--quantize", help=_QUANTIZE_HELP)]
+QGroupSize = Annotated[Optional[int], typer.Option(
+    "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*).")]
+NumDevice = Annotated[int, typer.Option("--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x).")]
+CompileCheck = Annotated[str, typer.Option(
+    "--check", help="representative: tpu-mlir's numerical compares on one segment of each distinct structure "
+    "(those with test data: export-and-optimize --with-test-data), then an end-to-end greedy check of the bmodel on "
+    "the cmodel (verify --bmodel, a few tokens); all: the compares on every segment.")]
+NoCheck = Annotated[bool, typer.Option("--no-check", help="No numerical check at all.")]
+NoFuse = Annotated[bool, typer.Option(
+    "--no-fuse", help="Hand tpu-mlir the graphs as its ONNX front end converts them: rotary embedding and attention "
+    "not rewritten into top.Rope / top.FAttention (slower nets; for comparison and as a way around a fusion problem).")]
+NoShareVocab = Annotated[bool, typer.Option(
+    "--no-share-vocab", help="Keep the contract's cut in the bmodel: lm_head applies the final norm, so a tied "
+    "vocabulary matrix is stored twice (by default the final norm moves into the last layer's nets for tpu-mlir and "
+    "lm_head shares the embedding's coefficients).")]
+Dynamic = Annotated[bool, typer.Option(
+    "--dynamic", help="Compile the prefill nets (block_i, block_kv_i) with tpu-mlir's --dynamic: the runtime runs them "
+    "at the prompt's real length instead of always L tokens (run/verify --bmodel then do). Writes "
+    "..._dynamic.bmodel.")]
+
+
+def _choices(values) -> str:
+    return ", ".join(values)

@@ -1,0 +1,149 @@
+"""verify, run and chat: OUT (or its bmodel) driven the way the TPU runtime drives it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import _echo, _state, app, user_errors
+from .options import JsonOut, OutFolder, TpuMlirVenv
+
+
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    out: OutFolder,
+    prompt_length: int = typer.Option(8, "--prompt-length", help="Number of prompt tokens (random ids from --seed)."),
+    new_tokens: int = typer.Option(8, "--new-tokens", help="Number of tokens to generate."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+    model: Optional[str] = typer.Option(None, "--model", help="Source model folder, if it moved since the export."),
+    json_out: JsonOut = False,
+    stream_reference: Optional[bool] = typer.Option(
+        None, "--stream-reference/--full-reference",
+        help="Stream the fp32 reference's layer weights from the safetensors (default: when the whole fp32 "
+             "model would take over half the available memory, e.g. 7B on 24 GB)."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
+    tpu_mlir: TpuMlirVenv = None,
+    turns: int = typer.Option(1, "--turns", help="Verify a conversation of this many turns (OUT's chat template when its tokenizer has one, else the prompt, each reply and a new random prompt): each turn is compared with transformers on the whole conversation so far, while the runtime keeps the KV cache and prefills only the new tokens (block_kv_i, --history-kv)."),
+) -> None:
+    """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
+    tokens and logits with transformers' greedy generate."""
+    from ..proof.verify import verify
+
+    report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns)
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        _echo(f"prompt ({len(report.prompt)} tokens): {report.prompt}")
+        _echo(f"{'step':>4}  {'hf':>7}  {'bmodel' if bmodel else 'onnx':>7}  {'cosine':>10}  {'max|diff|':>10}  {'rel':>9}  result")
+        turn_of = {t.turn: t for t in report.turns}
+        for s in report.steps:
+            if s.step == 0 and s.turn in turn_of:
+                t = turn_of[s.turn]
+                _echo(f"turn {t.turn}: conversation of {t.prompt_tokens} tokens, {t.new_tokens} prefilled "
+                      f"({t.prompt_tokens - t.new_tokens} from the KV cache)")
+            numbers = (f"{s.cosine:>10.7f}  {s.max_abs_diff:>10.3e}  {s.rel_diff:>9.2e}" if s.logits_compared
+                       else f"{'-':>10}  {'-':>10}  {'-':>9}")
+            _echo(f"{s.step:>4}  {s.hf_token:>7}  {s.onnx_token:>7}  {numbers}  "
+                  f"{('ok (near-tie)' if s.near_tie else 'ok') if s.ok else 'MISMATCH'}")
+        min_cos, max_rel = report.thresholds
+        logits = (f"min cosine {report.min_cosine:.7f} (>= {min_cos}); max rel diff {report.max_rel_diff:.2e} "
+                  f"(<= {max_rel}); " if report.logits_compared else "")
+        _echo(f"tokens equal: {report.tokens_equal}; {logits}{report.dtype} on {report.backend}"
+              + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
+              + ("; reference layers streamed" if report.reference == "streamed" else "")
+              + ("" if report.logits_compared else "; tokens only: the top-k lm_head returns no logits"))
+        if report.mask_check is not None:
+            m = report.mask_check
+            _echo(f"mask {m['pattern']} (read as {m['value']:.4g}) instead of -10000: tokens {m['tokens']} "
+                  f"{'equal' if report.mask_check_ok else 'DIFFER'}")
+        typer.echo("PASS" if report.passed else "FAIL")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    out: OutFolder,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text (tokenized with OUT's own tokenizer)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn with the model's chat template."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens (or at EOS, or when the window is full)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (works without a tokenizer)."),
+    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    tpu_mlir: TpuMlirVenv = None,
+    sample: bool = typer.Option(False, "--sample", help="Draw each token from OUT's sample head (export with --sample-head) instead of greedy."),
+    temperature: float = typer.Option(1.0, "--temperature", help="With --sample: softmax temperature (> 0)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="With --sample: nucleus mass to keep, in (0, 1]."),
+    top_k: int = typer.Option(50, "--top-k", help="With --sample: the most likely tokens to keep, 1..50."),
+    penalty: float = typer.Option(1.0, "--penalty", help="With --sample: repetition penalty on the tokens so far (1: none)."),
+    seed: int = typer.Option(0, "--seed", help="With --sample: seed of the host's draws (the same seed gives the same tokens)."),
+    json_out: JsonOut = False,
+) -> None:
+    """Generate text from OUT the way the TPU runtime drives the nets (greedy, or --sample), streaming tokens as they come."""
+    from ..runtime.sampling import SamplingParams
+    from ..runtime.text import parse_ids, run_prompt
+
+    stream = None if json_out or _state["verbosity"] < 0 else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
+                        chat=chat, max_new_tokens=max_new_tokens, backend=backend, bmodel=bmodel, venv=tpu_mlir,
+                        on_text=stream, sampling=SamplingParams(temperature, top_p, top_k, penalty, seed) if sample else None)
+    if json_out:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    if result.text is None and _state["verbosity"] < 0:
+        typer.echo(" ".join(map(str, result.tokens)))
+    _echo("")
+    rate = f"{result.decode_tokens_per_second:.2f} tokens/s" if result.decode_tokens_per_second else "-"
+    typer.echo(f"[{len(result.tokens)} tokens, stop: {result.stop}; prefill {result.prefill_seconds:.2f}s "
+               f"({len(result.prompt_ids)} prompt tokens), decode {rate}; {result.backend}]", err=True)
+
+
+@app.command("chat")
+@user_errors
+def chat_cmd(
+    out: OutFolder,
+    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    tpu_mlir: TpuMlirVenv = None,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply (it also stops at EOS and when the window is full)."),
+) -> None:
+    """Chat with OUT turn by turn (its tokenizer's chat template). The conversation stays in the KV cache: with
+    --history-kv each turn prefills only its new tokens. /reset starts over, /exit (or end of input) quits."""
+    from ..runtime.chat import ChatSession, ConversationFull
+
+    session = ChatSession(out, backend=backend, bmodel=bmodel, venv=tpu_mlir, max_new_tokens=max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {out} (SEQ={session.seq}); /reset starts over, /exit quits", err=True)
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                session.reset()
+                typer.echo("[conversation reset]", err=True)
+                continue
+            try:
+                reply = session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            except ConversationFull as full:
+                typer.echo(f"sorry: {full}", err=True)
+                continue
+            typer.echo("")
+            typer.echo(f"[{len(reply.tokens)} tokens, stop: {reply.stop}; conversation {reply.conversation_tokens} of "
+                       f"{session.seq} tokens, {reply.prefilled} prefilled this turn; {reply.seconds:.2f}s]", err=True)
+    finally:
+        session.close()
