@@ -1,5 +1,6 @@
-"""Run a CompilePlan here: the tools as subprocesses (segments in parallel threads), then the combine, then the
-end-to-end check of the combined bmodel that the check mode asks for."""
+"""Run a CompilePlan here: the tools as subprocesses (segments as tasks of the shared task runner,
+tpugraph.scheduling, in ``jobs`` threads), then the combine, then the end-to-end check of the combined bmodel that
+the check mode asks for."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import logging
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from ..contract.manifest import read_manifest
 from ..errors import UsageError
+from ..scheduling import Task, run_tasks
+from ..tpu_mlir.guest import guest_script
 from ..tpu_mlir.logs import failure_reason, log_tail, parse_min_cosine
 from ..tpu_mlir.toolchain import check_toolchain, tool_environment
 from ..tpu_mlir.worker import ToolWorker
+from .bmodel_reuse import DRIVER, derive_deploys, plan_deploy_reuse
 from .options import CompileOptions
 from .plan import OUT_VAR, Step, plan_compile
 from .report import CompileReport, SegmentCompileError, SegmentCompileResult
@@ -244,8 +248,6 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     # Layers whose bmodel can be written from another layer's deploy wait for the first phase (which deploys
     # their templates and provers); then their transforms run (derived: cheap), the derivation, and the deploys
     # of whatever was not derived.
-    from ..tpu_mlir.guest import guest_script
-    from .bmodel_reuse import DRIVER, derive_deploys, plan_deploy_reuse
 
     deploy_reuse = plan_deploy_reuse(plan.steps, plan.options.quantize, plan.options.check)
     deferred = {t for r in deploy_reuse for t in r.targets}
@@ -263,43 +265,52 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
             failures[i] = failure
             stop.set()
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        # the longest first: the nets of the vocabulary matrix, then the plan's order
-        first = sorted((i for i in range(len(groups)) if groups[i][1][0].segment not in deferred),
-                       key=lambda i: kinds[groups[i][1][0].segment] not in VOCABULARY_KINDS)
-        list(pool.map(run_group, first))
-        if deferred and not stop.is_set():
-            late = [index_of[t] for r in deploy_reuse for t in r.targets]
-            list(pool.map(lambda i: run_part(i, "transform"), late))
-            driver = guest_script(DRIVER)
+    # One task per first-phase segment, the longest first (the nets of the vocabulary matrix, then the plan's
+    # order); then, for the layers whose deploys may be derived, their transforms, one derivation per structure
+    # and name room, and the deploys of whatever was not derived, each phase after the one before.
+    first = sorted((i for i in range(len(groups)) if groups[i][1][0].segment not in deferred),
+                   key=lambda i: kinds[groups[i][1][0].segment] not in VOCABULARY_KINDS)
+    tasks = [Task(f"segment:{i}", partial(run_group, i)) for i in first]
+    late = [index_of[t] for r in deploy_reuse for t in r.targets]
+    phase1 = tuple(t.name for t in tasks)
+    tasks += [Task(f"transform:{i}", partial(run_part, i, "transform"), phase1) for i in late]
+    late_transforms = tuple(f"transform:{i}" for i in late)
+    driver = guest_script(DRIVER)
+    derived_by: dict[int, bool] = {}
+    outcomes: dict[int, tuple[list[str], str]] = {}  # derivation -> (segments derived, why not all)
 
-            def derive(r):  # one derivation process per structure and name room, side by side
-                if stop.is_set():
-                    return r, [], "", 0.0
-                t0 = time.perf_counter()
-                derived, why = derive_deploys(r, out_dir / plan.work_dir, plan.options.quantize,
-                                              lambda argv, cwd, path: run_tool(argv, cwd, path, env, worker), driver)
-                return r, derived, why, time.perf_counter() - t0
+    def derive(k: int, r) -> None:
+        t0 = time.perf_counter()
+        derived, why = derive_deploys(r, out_dir / plan.work_dir, plan.options.quantize,
+                                      lambda argv, cwd, path: run_tool(argv, cwd, path, env, worker), driver)
+        share = (time.perf_counter() - t0) / max(1, len(r.targets))
+        for name in r.targets:
+            i = index_of[name]
+            derived_by[i] = name in derived
+            if name in derived:
+                results[i].deploy_ok, results[i].deploy_derived = True, r.template
+                results[i].seconds += share
+                if progress:
+                    progress(name, "deploy (derived from " + r.template + ")", groups[i][0] + 1, total)
+        outcomes[k] = (derived, why)
 
-            remaining = []
-            for r, derived, why, seconds in pool.map(derive, deploy_reuse):
-                share = seconds / max(1, len(r.targets))
-                for name in r.targets:
-                    i = index_of[name]
-                    if name in derived:
-                        results[i].deploy_ok, results[i].deploy_derived = True, r.template
-                        results[i].seconds += share
-                        report.deploys_derived.append(name)
-                        if progress:
-                            progress(name, "deploy (derived from " + r.template + ")", groups[i][0] + 1, total)
-                    else:
-                        remaining.append(i)
-                if why:
-                    report.deploy_reuse_notes.append(f"{r.template}: {why}")
-            list(pool.map(lambda i: run_part(i, "deploy"), remaining))
+    derivations = [Task(f"derive:{k}", partial(derive, k, r), late_transforms) for k, r in enumerate(deploy_reuse)]
+    tasks += derivations
+    every_derivation = tuple(t.name for t in derivations)
+    tasks += [Task(f"deploy:{i}", partial(lambda i: None if derived_by.get(i) else run_part(i, "deploy"), i),
+                   every_derivation) for i in late]
+    try:
+        run_tasks(tasks, jobs, stop, thread_name_prefix="compile")
+    finally:
         for i in range(len(groups)):
             if groups[i][1][0].segment in deferred:
                 reuse.release(groups[i][1][0])
+    for k, r in enumerate(deploy_reuse):  # in the plan's order, whatever order the derivations ended in
+        if k in outcomes:
+            derived, why = outcomes[k]
+            report.deploys_derived += [name for name in r.targets if name in derived]
+            if why:
+                report.deploy_reuse_notes.append(f"{r.template}: {why}")
     report.results = [r for r, ran in zip(results, started) if ran]
     report.transforms_derived = sorted(reuse.derived)
     failure = next((f for f in failures if f is not None), None)

@@ -1,7 +1,8 @@
-"""The one owner of an export's threads: fingerprints hashed ahead in a thread, units built in ``jobs`` worker
-threads under the plan's order constraints (a unit starts after its leader finished), commits run in one
-commit thread, at most one in flight, in submission order. Nothing else in an export starts a thread
-(external-data files hash and write through their own single-thread queues, see export/external_data.py)."""
+"""The owner of an export's threads: fingerprints hashed ahead in a thread, units built as tasks of the shared
+task runner (tpugraph.scheduling, the compile's too) in ``jobs`` threads under the plan's order constraints (a unit
+starts after its leader finished), commits run in one commit thread, at most one in flight, in submission order.
+Nothing else in an export starts a thread (external-data files hash and write through their own single-thread
+queues, see export/external_data.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,18 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from ..contract.manifest import SegmentEntry
+from ..scheduling import Stopped, Task, run_tasks
 from .committer import Committer, UnitWriter
 from .plan import WorkUnit, still_valid
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]  # (segment, index, total)
-
-
-class _Stopped(Exception):
-    """Another unit of a parallel run failed: this one stops before its next segment."""
 
 
 class _CommitQueue:
@@ -68,10 +67,6 @@ class _CommitQueue:
             self._pool.shutdown(wait=True)
 
 
-class _Stopped(Exception):
-    """Another unit of a parallel run failed: this one stops before its next segment."""
-
-
 class Scheduler:
     """Builds, writes and records the plan's work units, one at a time or in ``jobs`` parallel threads.
 
@@ -108,12 +103,13 @@ class Scheduler:
         fingerprints = [hasher.submit(fingerprint, unit) for unit in units]
         failing = True
         try:
-            if jobs <= 1:
-                for unit, pending in zip(units, fingerprints):
-                    self.unit(unit, pending)
-            else:
-                after = leaders(units, key_of or self._layer_key)
-                self._in_parallel(units, fingerprints, jobs, after)
+            # One job: the plan's order is every leader before its followers, and no structure key is needed
+            # (working it out makes the factory, which a rerun that keeps everything never needs).
+            after = leaders(units, key_of or self._layer_key) if jobs > 1 else {}
+            tasks = [Task(unit.name, partial(self.unit, unit, pending),
+                          (after[unit.name],) if unit.name in after else ())
+                     for unit, pending in zip(units, fingerprints)]
+            run_tasks(tasks, jobs, self._stop, thread_name_prefix="unit")
             failing = False
         finally:
             hasher.shutdown(wait=True, cancel_futures=True)
@@ -150,7 +146,7 @@ class Scheduler:
         try:
             for spec in unit.specs:
                 if self._stop.is_set():
-                    raise _Stopped()
+                    raise Stopped()
                 self._step(spec.name)
                 t0 = time.perf_counter()
                 built = factory.build(spec)
@@ -174,39 +170,6 @@ class Scheduler:
             writer.discard()
             raise
         self.commits.submit(writer, entries)
-
-    def _in_parallel(self, units: list[WorkUnit], fingerprints: list[Future], jobs: int,
-                     after: dict[str, str]) -> None:
-        """Run the units in ``jobs`` threads, each unit once the unit ``after`` names for it has finished
-        (a failed leader stops its followers)."""
-        futures: dict[str, Future] = {}
-        with ThreadPoolExecutor(jobs, thread_name_prefix="unit") as pool:
-            try:
-                for unit, fingerprint in zip(units, fingerprints):
-                    leader = futures[after[unit.name]] if unit.name in after else None
-                    futures[unit.name] = pool.submit(self._after, leader, unit, fingerprint)
-                errors = []
-                for future in futures.values():
-                    try:
-                        future.result()
-                    except _Stopped:
-                        pass
-                    except BaseException as exc:  # noqa: BLE001 - the first error is raised below
-                        self._stop.set()
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
-            except BaseException:
-                self._stop.set()
-                raise
-
-    def _after(self, leader: Future | None, unit: WorkUnit, fingerprint: Future) -> None:
-        if leader is not None:
-            try:
-                leader.result()
-            except BaseException:
-                raise _Stopped() from None
-        self.unit(unit, fingerprint)
 
 
 def _apply_renames(entry: SegmentEntry, pass_results) -> None:

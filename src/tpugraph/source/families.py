@@ -63,7 +63,7 @@ class FamilySpec:
     name: str
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
-    # Oldest transformers release the family's tests/families/ modules passed on, of the four checked:
+    # Oldest transformers release the family's tests/integration/families/ modules passed on, of the four checked:
     # 4.45.2, 4.51.3, 4.57.1, 5.24.0 (below 4.56, with verify loading the reference by torch_dtype).
     # Older releases may work; they are refused because they were not checked (check_transformers).
     min_transformers: str = "4.57"
@@ -347,7 +347,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 "local/global rope per layer type", "sliding-window layers"),
     ),
     # Further families: Llama-shaped models whose quirks live inside transformers' own layer modules
-    # (or are declared above), each with a tiny-model test in tests/families/.
+    # (or are declared above), each with a tiny-model test in tests/integration/families/.
     FamilySpec(
         name="granite",
         model_types=("granite",),
