@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny random-weight Hugging Face models written with save_pretrained into temp folders."""
+"""Shared fixtures (tiny random-weight Hugging Face models written with save_pretrained into temp folders, the tpu-mlir
+toolchain) and the test tiers.
+
+The tiers are folders, and each folder gives its tests their marker: ``unit`` (no model export: fast, for
+development), ``integration`` (tiny models exported and verified in onnxruntime), ``tpu_mlir`` (the real compiler
+and its cmodel; skipped with the reason without the toolchain of scripts/setup_tpu_mlir.sh) and ``real_model`` (the
+real SmolLM2 of scripts/make_smollm2.py). A test that needs the toolchain outside tests/tpu_mlir or tests/real_model
+is refused at collection, so the folders stay true."""
 
 from __future__ import annotations
 
@@ -6,6 +13,46 @@ import os
 from pathlib import Path
 
 import pytest
+
+from tpugraph.compiler import default_tpu_mlir_venv
+
+TIERS = ("unit", "integration", "tpu_mlir", "real_model")
+NEEDS_THE_TOOLCHAIN = ("tpu_mlir", "real_model")
+SETUP_STAMP = ".tpugraph-tpu-mlir-setup"  # written by scripts/setup_tpu_mlir.sh when it is done
+
+
+def tier_of(path: Path) -> str | None:
+    parts = Path(path).parts
+    return next((p for p in parts[parts.index("tests") + 1:][:1] if p in TIERS), None) if "tests" in parts else None
+
+
+def pytest_collection_modifyitems(config, items):
+    misplaced = []
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            misplaced.append(f"{item.nodeid}: not in a tier folder ({', '.join('tests/' + t for t in TIERS)})")
+            continue
+        if other := {m.name for m in item.iter_markers() if m.name in TIERS} - {tier}:
+            misplaced.append(f"{item.nodeid}: marked {', '.join(sorted(other))} but in tests/{tier}")
+        if tier not in NEEDS_THE_TOOLCHAIN and "toolchain" in getattr(item, "fixturenames", ()):
+            misplaced.append(f"{item.nodeid}: needs the tpu-mlir toolchain: move it to tests/tpu_mlir")
+        item.add_marker(getattr(pytest.mark, tier))
+    if misplaced:
+        raise pytest.UsageError("tests outside their tier:\n  " + "\n  ".join(misplaced))
+
+
+def find_toolchain() -> tuple[Path | None, str]:
+    """The venv of $TPUGRAPH_TPU_MLIR_VENV, else the setup script's default one if its setup finished."""
+    venv = default_tpu_mlir_venv()
+    configured = bool(os.environ.get("TPUGRAPH_TPU_MLIR_VENV"))
+    where = f"{venv} ({'$TPUGRAPH_TPU_MLIR_VENV' if configured else 'the default location'})"
+    if not (venv / "bin" / "model_transform.py").exists():
+        return None, (f"tpu-mlir toolchain not found at {where}: run scripts/setup_tpu_mlir.sh "
+                      "or set TPUGRAPH_TPU_MLIR_VENV to its venv")
+    if not configured and not (venv / SETUP_STAMP).is_file():
+        return None, f"tpu-mlir setup at {where} did not finish: rerun scripts/setup_tpu_mlir.sh"
+    return venv, ""
 
 
 def pytest_configure(config):
@@ -64,9 +111,7 @@ def make_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toolchain() -> Path:
-    """The tpu-mlir venv of the tests marked tpu_mlir (test_tpu_mlir.find_toolchain); skipped with its reason."""
-    from test_tpu_mlir import find_toolchain
-
+    """The tpu-mlir venv of the tests in tests/tpu_mlir and tests/real_model; skipped with its reason."""
     venv, reason = find_toolchain()
     if venv is None:
         pytest.skip(reason)

@@ -7,7 +7,7 @@ from tpugraph.proof.verify import verify
 from tpugraph.source.checkpoint import load_preset, preset_names
 from tpugraph.source.families import family_for
 
-PRESETS = [p for p in preset_names() if p != "tiny-llama"]  # tiny-llama is covered by tests/test_cli.py
+PRESETS = [p for p in preset_names() if p != "tiny-llama"]  # tiny-llama is covered by tests/integration/test_cli.py
 
 
 def test_there_is_a_preset_per_core_family():

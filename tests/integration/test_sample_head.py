@@ -4,17 +4,15 @@ on the cmodel; `run --sample` reproducible with a seed; `--sample-head legacy` k
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import onnxruntime as ort
 import pytest
+from sample_reference import K, sample_reference
 from typer.testing import CliRunner
 
 from tpugraph.cli import _global_flags_first, app
 from tpugraph.contract.manifest import read_manifest
 from tpugraph.contract.segments import ContractDims, SegmentKind, segment_specs
-from tpugraph.errors import UsageError
 from tpugraph.export.exporter import export_segment
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.runtime.sampling import SamplingParams
@@ -22,25 +20,7 @@ from tpugraph.runtime.text import run_prompt
 
 SEQ = 16
 VOCAB = 300
-K = 50
 runner = CliRunner()
-
-
-def sample_reference(logits, input_ids, penalty, temperature, top_k, top_p, k=K):
-    """The plain way, as transformers' processors do it: (probs [1,K], token_idx [1,K])."""
-    x = np.asarray(logits, dtype=np.float64)[0].copy()
-    seen = np.unique(np.asarray(input_ids).reshape(-1))
-    x[seen] = np.where(x[seen] < 0, x[seen] * penalty, x[seen] / penalty)  # repetition penalty
-    x = x / temperature  # temperature
-    order = np.argsort(-x, kind="stable")
-    keep_k = min(max(int(top_k), 1), k)
-    p = np.exp(x[order[:keep_k]] - x[order[0]])  # top-k, then their softmax
-    p /= p.sum()
-    before = np.cumsum(p) - p  # top-p: keep while the mass before is below top_p; the best always stays
-    p = np.where((before < top_p) | (np.arange(keep_k) == 0), p, 0.0)
-    probs = np.zeros(k)
-    probs[:keep_k] = p / p.sum()
-    return probs[None], order[:k][None]
 
 
 @pytest.fixture(scope="module")
@@ -150,56 +130,3 @@ def test_sample_on_an_output_without_a_sample_head_is_one_line(tmp_path, sampled
         "or drop --sample for greedy decoding"]
     r = runner.invoke(app, ["run", str(sampled_out), "--prompt-ids", "1,2", "--sample", "--top-k", "0"])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: --top-k must be within 1..50")
-
-
-@pytest.mark.tpu_mlir
-@pytest.mark.slow
-def test_sample_head_compiles_with_tpu_mlir_and_matches_on_the_cmodel(sampled_out, tmp_path):
-    """sample_head alone (an OUT whose manifest lists only it), deployed F32 --dynamic --addr_mode io_alone
-    with the tools' compare on test data, then run on the cmodel against the numpy reference."""
-    from test_tpu_mlir import find_toolchain
-
-    from tpugraph.compiler import CompileOptions, compile_segments
-    from tpugraph.export.compare_inputs import write_test_data
-    from tpugraph.runtime.backends.bmodel_backend import BmodelBackend
-
-    venv, reason = find_toolchain()
-    if venv is None:
-        pytest.skip(reason)
-    write_test_data(sampled_out)
-    out = tmp_path / "out"
-    out.mkdir()
-    manifest = read_manifest(sampled_out)
-    shutil.copy(sampled_out / "sample_head.onnx", out)
-    (out / "test_data").mkdir()
-    shutil.copy(sampled_out / "test_data" / "sample_head_input.npz", out / "test_data")
-    manifest.segments = [manifest.segment("sample_head")]
-    manifest.write(out)
-    report = compile_segments(out, venv, CompileOptions(quantize="f16", check="all"))
-    assert report.passed and [r.segment for r in report.results if r.checked] == ["sample_head"]
-    deploy = next(s for s in report.plan.steps if s.action == "deploy")
-    assert "--dynamic" in deploy.argv and "io_alone" in deploy.argv and "--quantize" not in deploy.argv
-    backend = BmodelBackend(report.bmodel, manifest, venv)
-    try:
-        assert backend.nets["sample_head"].inputs[4]["dtype"] == "i32"
-        rng = np.random.default_rng(11)
-        for penalty, temperature, top_k, top_p in [(1.3, 0.7, 40, 0.8), (1.0, 1.0, 1, 1.0)]:
-            logits = (rng.standard_normal((1, manifest.model["vocab_size"])) * 3).astype(np.float32)
-            ids = rng.integers(0, manifest.model["vocab_size"], size=(1, SEQ))
-            probs, tokens = backend.run("sample_head", logits, ids, np.array([penalty], np.float32),
-                                        np.array([temperature], np.float32), np.array([top_k], np.int32),
-                                        np.array([top_p], np.float32))
-            want_probs, want_tokens = sample_reference(logits, ids, penalty, temperature, top_k, top_p)
-            np.testing.assert_array_equal(np.asarray(tokens).reshape(1, -1), want_tokens)
-            np.testing.assert_allclose(np.asarray(probs).reshape(1, -1), want_probs, atol=1e-5, rtol=0)
-        # compiled --dynamic: the runtime may hand it fewer recent tokens (forward_dynamic at [1, 6])
-        logits = (rng.standard_normal((1, manifest.model["vocab_size"])) * 3).astype(np.float32)
-        recent = np.argsort(-logits)[:, :6]  # the best tokens seen: the penalty re-ranks them
-        probs, tokens = backend.run("sample_head", logits, recent, np.array([1.5], np.float32),
-                                    np.array([0.8], np.float32), np.array([30], np.int32),
-                                    np.array([0.9], np.float32), dynamic=True)
-        want_probs, want_tokens = sample_reference(logits, recent, 1.5, 0.8, 30, 0.9)
-        np.testing.assert_array_equal(np.asarray(tokens).reshape(1, -1), want_tokens)
-        np.testing.assert_allclose(np.asarray(probs).reshape(1, -1), want_probs, atol=1e-5, rtol=0)
-    finally:
-        backend.close()

@@ -13,7 +13,7 @@ from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
 from tpugraph.runtime.text import run_prompt
 
-pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 SEQ = 16
 PROMPT = [1, 45, 97, 200]

@@ -7,41 +7,26 @@ mostly the tools' own start-up, and a short window keeps the MLIR interpreter's 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import onnx
 import pytest
 
-from tpugraph.compiler import CompileOptions, SegmentCompileError, compile_segments, default_tpu_mlir_venv, format_table
+from tpugraph.compiler import CompileOptions, SegmentCompileError, compile_segments, format_table
 from tpugraph.contract.manifest import read_manifest
 from tpugraph.errors import CompileError
 from tpugraph.export.compare_inputs import write_test_data
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+from tpugraph.tpu_mlir.guest import guest_script
 from tpugraph.tpu_mlir.toolchain import tool_environment
 
-pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 SEQ = 64
 MIN_COSINE = 0.99  # the tools' own default tolerance for F16 is 0.99 cosine
-SETUP_STAMP = ".tpugraph-tpu-mlir-setup"  # written by scripts/setup_tpu_mlir.sh when it is done
 DEPLOYED = ("block_0", "block_cache_0", "embedding", "lm_head", "greedy_head")
-
-
-def find_toolchain() -> tuple[Path | None, str]:
-    """The venv of $TPUGRAPH_TPU_MLIR_VENV, else the setup script's default one if its setup finished."""
-    venv = default_tpu_mlir_venv()
-    configured = bool(os.environ.get("TPUGRAPH_TPU_MLIR_VENV"))
-    where = f"{venv} ({'$TPUGRAPH_TPU_MLIR_VENV' if configured else 'the default location'})"
-    if not (venv / "bin" / "model_transform.py").exists():
-        return None, (f"tpu-mlir toolchain not found at {where}: run scripts/setup_tpu_mlir.sh "
-                      "or set TPUGRAPH_TPU_MLIR_VENV to its venv")
-    if not configured and not (venv / SETUP_STAMP).is_file():
-        return None, f"tpu-mlir setup at {where} did not finish: rerun scripts/setup_tpu_mlir.sh"
-    return venv, ""
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +145,7 @@ def test_the_fusion_check_catches_a_wrong_fusion(compiled, toolchain, tmp_path):
     fused = (work / "block_0.mlir").read_text()
     scale = re.search(r'"top.FAttention".*?scale = ([0-9.eE+-]+) : f64', fused).group(1)
     (tmp_path / "block_0.mlir").write_text(fused.replace(f"scale = {scale} : f64", f"scale = {2 * float(scale)!r} : f64"))
-    driver = Path(__import__("tpugraph").__file__).with_name("tpu_mlir_transform.py")
+    driver = guest_script("tpu_mlir_transform.py")
     code = (f"import sys; sys.path.insert(0, {str(driver.parent)!r}); import tpu_mlir, tpu_mlir_transform as t; "
             f"print('COSINE', t.check_fusion('block_0.mlir', {str(out / 'test_data' / 'block_0_input.npz')!r}))")
     run = subprocess.run([str(toolchain / "bin" / "python3"), "-c", code], cwd=tmp_path, capture_output=True, text=True)
@@ -181,7 +166,7 @@ def test_an_already_simplified_graph_skips_tpu_mlirs_onnxsim_for_the_same_mlir(c
     step = next(s for s in plan_compile(out, report.plan.options).steps
                 if s.segment == segment and s.action == "transform")
     assert "--skip-onnxsim" in step.argv
-    driver = Path(__import__("tpugraph").__file__).with_name("tpu_mlir_transform.py")
+    driver = guest_script("tpu_mlir_transform.py")
     model_def = step.argv[step.argv.index("--model_def") + 1].replace("{OUT}", str(out))
     logs = {}
     for mode in ("skip", "sim"):

@@ -106,25 +106,6 @@ def test_compiled_table_is_the_rows_in_the_compile_float_type(variant, tmp_path,
         other.check_matches(reference)
 
 
-@pytest.mark.tpu_mlir
-@pytest.mark.slow
-def test_bmodel_of_the_variant_on_the_cmodel(variant):
-    """Compiled BF16 (no embedding nets, top-k lm_head): compile writes embedding.bin, verify --bmodel gathers
-    from it and needs transformers' tokens, with both mask encodings."""
-    from test_tpu_mlir import find_toolchain
-
-    from tpugraph.compiler import CompileOptions, compile_segments
-
-    venv, reason = find_toolchain()
-    if venv is None:
-        pytest.skip(reason)
-    report = compile_segments(variant, venv, CompileOptions(quantize="bf16", check="none"), jobs=2)
-    assert report.passed and report.embedding_table == variant / COMPILED_NAME
-    result = verify(variant, prompt=PROMPT, new_tokens=3, bmodel=report.bmodel, tpu_mlir=venv)
-    assert result.passed and result.tokens_equal, result.to_json()
-    assert result.mask_check["pattern"] == "0xF0E2" and result.mask_check["tokens"] == result.onnx_tokens
-
-
 def test_compile_script_writes_the_same_table(variant, tmp_path):
     """The script's own conversion (run here with this Python's numpy) gives compile's embedding.bin bytes."""
     import re

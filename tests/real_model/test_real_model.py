@@ -12,13 +12,13 @@ import os
 from pathlib import Path
 
 import pytest
-from test_tpu_mlir import find_toolchain
+from conftest import find_toolchain
 
 from tpugraph.compiler import CompileOptions, compile_segments
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.runtime.text import run_prompt
 
-pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow, pytest.mark.real_model]
+pytestmark = pytest.mark.slow
 
 SEQ = 64
 QUESTION = "What is the capital of France?"

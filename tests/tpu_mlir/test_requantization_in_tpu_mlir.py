@@ -18,7 +18,7 @@ from quant_checkpoints import Variant, write_quantized
 from tpugraph.compiler.quant_fidelity import tpu_mlir_quantize
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 
-pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def _venv() -> Path:

@@ -34,7 +34,7 @@ g (float[1, 4] x) => (float[1, 4] y)
 def test_every_registered_pass_has_a_test_module():
     here = Path(__file__).parent
     missing = [name for name in PASSES if not (here / f"test_{name}.py").is_file()]
-    assert not missing, f"passes without tests/passes/test_<name>.py: {missing}"
+    assert not missing, f"passes without tests/unit/passes/test_<name>.py: {missing}"
 
 
 def test_registry_entries_describe_themselves():

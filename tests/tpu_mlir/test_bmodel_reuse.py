@@ -113,7 +113,6 @@ def compiled(toolchain, tmp_path_factory):
     return toolchain, out, report
 
 
-@pytest.mark.tpu_mlir
 @pytest.mark.slow
 def test_layers_take_their_bmodel_from_a_proven_deploy_and_the_model_still_talks(compiled):
     from tpugraph.proof.verify import verify
@@ -137,7 +136,6 @@ def test_layers_take_their_bmodel_from_a_proven_deploy_and_the_model_still_talks
     assert result.tokens_equal and result.passed, result.to_json()
 
 
-@pytest.mark.tpu_mlir
 @pytest.mark.slow
 def test_a_derivation_that_does_not_reproduce_the_real_deploy_is_refused(compiled, tmp_path):
     """The prover's weights swapped for another layer's: its derived bmodel differs from model_deploy's."""
@@ -165,7 +163,6 @@ def _differ_in_one_short_span(a: bytes, b: bytes) -> bool:
     return not diff or diff[-1] - diff[0] < 32
 
 
-@pytest.mark.tpu_mlir
 @pytest.mark.slow
 def test_the_fork_server_deploys_what_the_tools_deploy_as_subprocesses(compiled, tmp_path):
     """compile runs tpu-mlir's Python tools in the children of one fork server (the default): a block and the

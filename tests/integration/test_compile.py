@@ -461,7 +461,7 @@ def test_parse_tool_output():
 
 
 def test_setup_script_refuses_other_pythons(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "setup_tpu_mlir.sh"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "setup_tpu_mlir.sh"
     if sys.version_info[:2] == (3, 10):
         pytest.skip("this interpreter is 3.10: no other Python at hand to refuse")
     proc = subprocess.run(["bash", str(script), sys.executable, str(tmp_path / "venv")], capture_output=True, text=True)

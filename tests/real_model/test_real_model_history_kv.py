@@ -15,7 +15,7 @@ from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
 from tpugraph.runtime.chat import ChatSession
 
-pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+pytestmark = pytest.mark.slow
 
 SEQ = 128
 L = 16

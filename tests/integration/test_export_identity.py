@@ -6,7 +6,7 @@ is compared with ``tests/data/export_hashes.json``. The manifest is compared wit
 versions that produced them: with other versions the test is skipped, naming them.
 
 Re-record (only when an output change is intended):
-    PYTHONPATH=src python tests/test_export_identity.py --record
+    PYTHONPATH=src python tests/integration/test_export_identity.py --record
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-HASHES = Path(__file__).parent / "data" / "export_hashes.json"
+HASHES = Path(__file__).parents[1] / "data" / "export_hashes.json"
 PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-phi", "tiny-gemma2", "tiny-gemma3"]
 # case name -> (preset, ExportOptions keyword arguments)
 CASES: dict[str, tuple[str, dict]] = {p: (p, {}) for p in PRESETS}
@@ -108,4 +108,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--record"]:
         record()
     else:
-        sys.exit("usage: python tests/test_export_identity.py --record")
+        sys.exit("usage: python tests/integration/test_export_identity.py --record")
