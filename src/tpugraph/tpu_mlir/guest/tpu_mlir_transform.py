@@ -28,6 +28,10 @@ Anything else is left exactly as tpu-mlir made it. The rewritten module goes thr
 beside it as ``<name>_unfused.mlir``. With --test_input, both modules are run by tpu-mlir's interpreter on that
 input and every output must agree (cosine >= 0.99999 and the same argmax-free max error bound); a fusion that does
 not hold is an error (exit 3), never silently deployed.
+
+Why this module is long: it is one script that the tpu-mlir venv runs by path, and the two pattern matchers (rotary,
+attention) share its small MLIR walking helpers; a split would need sibling imports between guest scripts, which the
+host cannot check the way it checks its own.
 """
 
 from __future__ import annotations
