@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..contract.manifest import read_manifest
+from ..contract.segments import SegmentKind
 from ..errors import UsageError
 from ..tpu_mlir.logs import failure_reason, log_tail, parse_min_cosine
 from ..tpu_mlir.toolchain import check_toolchain, tool_environment
 from ..tpu_mlir.worker import ToolWorker
 from .options import CompileOptions
-from .plan import OUT_VAR, Step, plan_compile
+from .plan import OUT_VAR, Step, StepAction, plan_compile
 from .report import CompileReport, SegmentCompileError, SegmentCompileResult
 from .script import save_script
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, str, int, int], None]
 END_TO_END_PROMPT = 4  # tokens of the end-to-end check's random prompt
 END_TO_END_TOKENS = 3  # greedy tokens it compares (each is a full decode step on the cmodel)
-VOCABULARY_KINDS = ("embedding", "embedding_cache", "lm_head")  # a V x H matrix each: the longest transforms
+# a V x H matrix each: the longest transforms
+VOCABULARY_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.LM_HEAD)
 
 
 def run_step(step: Step, out_dir: Path, env: dict[str, str],
@@ -74,10 +76,10 @@ class TransformReuse:
     def __init__(self, steps: list[Step], files: dict[str, str], stop: threading.Event):
         self.files = files  # segment -> its ONNX file, relative to OUT
         self.stop = stop
-        self.transformed = {s.segment: threading.Event() for s in steps if s.action == "transform"}
+        self.transformed = {s.segment: threading.Event() for s in steps if s.action == StepAction.TRANSFORM}
         self.prover: dict[str, str] = {}
         for s in steps:
-            if s.action == "transform" and s.reuse_from:
+            if s.action == StepAction.TRANSFORM and s.reuse_from:
                 self.prover.setdefault(s.reuse_from, s.segment)
         self.proven = {template: threading.Event() for template in self.prover}
         self.holds: dict[str, bool] = {}
@@ -147,19 +149,19 @@ def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, e
         if progress:
             progress(step.segment, step.action, first_index + offset, total)
         t0 = time.perf_counter()
-        if step.action == "transform" and reuse is not None and reuse.try_derive(step, out_dir):
+        if step.action == StepAction.TRANSFORM and reuse is not None and reuse.try_derive(step, out_dir):
             rc, text, log_path = 0, "derived from the transform of " + step.reuse_from, out_dir / step.cwd
             reuse.release(step)
         else:
             rc, text, log_path = run_step(step, out_dir, env, worker)
-            if step.action == "transform" and reuse is not None:
+            if step.action == StepAction.TRANSFORM and reuse is not None:
                 reuse.after_tool(step, rc == 0, out_dir)
         elapsed = time.perf_counter() - t0
         ok = rc == 0
         if result is not None:
             result.seconds += elapsed
             similarity = parse_min_cosine(text) if step.checked else None
-            if step.action == "transform":
+            if step.action == StepAction.TRANSFORM:
                 result.transform_ok, result.transform_similarity = ok, similarity
             else:
                 result.deploy_ok, result.deploy_similarity = ok, similarity
@@ -251,7 +253,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     deferred = {t for r in deploy_reuse for t in r.targets}
     index_of = {steps[0].segment: i for i, (_, steps) in enumerate(groups)}
 
-    def run_part(i: int, action: str) -> None:
+    def run_part(i: int, action: StepAction) -> None:
         first, steps = groups[i]
         part = [(first + k, s) for k, s in enumerate(steps) if s.action == action]
         if stop.is_set() or not part:
@@ -270,7 +272,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
         list(pool.map(run_group, first))
         if deferred and not stop.is_set():
             late = [index_of[t] for r in deploy_reuse for t in r.targets]
-            list(pool.map(lambda i: run_part(i, "transform"), late))
+            list(pool.map(lambda i: run_part(i, StepAction.TRANSFORM), late))
             driver = guest_script(DRIVER)
 
             def derive(r):  # one derivation process per structure and name room, side by side
@@ -296,7 +298,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
                         remaining.append(i)
                 if why:
                     report.deploy_reuse_notes.append(f"{r.template}: {why}")
-            list(pool.map(lambda i: run_part(i, "deploy"), remaining))
+            list(pool.map(lambda i: run_part(i, StepAction.DEPLOY), remaining))
         for i in range(len(groups)):
             if groups[i][1][0].segment in deferred:
                 reuse.release(groups[i][1][0])
@@ -310,7 +312,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
         raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,
                                   failure.log_path, report)
     report.bmodel = out_dir / plan.bmodel
-    if manifest.conventions.get("embedding_disk"):  # --embedding-disk: the rows in the compile's float type
+    if manifest.conventions.embedding_disk:  # --embedding-disk: the rows in the compile's float type
         from ..contract.embedding_table import COMPILED_NAME, write_compiled
         from .plan import _float_mode
 
