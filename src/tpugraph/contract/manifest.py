@@ -171,8 +171,10 @@ def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[str]]
 def validate(out_dir: Path) -> list[str]:
     """Every mismatch between OUT's manifest and its files; empty when all is consistent."""
     out_dir = Path(out_dir)
+    from .json_schema import schema_problems
+
     manifest = read_manifest(out_dir)
-    problems: list[str] = []
+    problems = schema_problems(json.loads((out_dir / MANIFEST_NAME).read_text()))  # manifest.schema.json
     if not manifest.complete:
         problems.append("manifest is marked incomplete: the run that wrote it did not finish")
     table = manifest.conventions.embedding_disk
