@@ -176,7 +176,7 @@ def test_numerical_checks_only_with_test_data(exported, with_data):
 def test_default_check_compares_one_segment_per_structure_then_end_to_end(with_data):
     """Weight-swapped layers share their first layer's graph: the tools compare that one only."""
     manifest = read_manifest(with_data)
-    assert manifest.segment("block_1").extra["graph_reused_from"] == "block_0"
+    assert manifest.segment("block_1").graph_reused_from == "block_0"
     plan = plan_compile(with_data, CompileOptions())
     assert plan.options.check == "representative" and plan.end_to_end
     compared = {s.segment for s in plan.steps if s.checked}
@@ -245,7 +245,7 @@ def test_test_data_keys_shapes_dtypes(with_data):
     assert sorted(p.name for p in (with_data / TEST_DATA_DIR).iterdir()) == sorted(
         Path(segment_npz(s.name)).name for s in manifest.segments)
     for seg in manifest.segments:
-        assert seg.extra["test_data"]["file"] == segment_npz(seg.name)
+        assert seg.test_data.file == segment_npz(seg.name)
         data = np.load(with_data / segment_npz(seg.name))
         inputs = _graph_inputs(with_data / seg.file)
         assert list(data.files) == [name for name, _, _ in inputs], seg.name
@@ -258,11 +258,11 @@ def test_test_data_keys_shapes_dtypes(with_data):
 
 def test_test_data_is_the_runtime_driving_a_prompt(with_data):
     manifest = read_manifest(with_data)
-    info = manifest.segment("block_cache_0").extra["test_data"]
-    n = info["decode_position"]
-    assert n == default_decode_position(SEQ) and info["prefill_tokens"] == SEQ
+    info = manifest.segment("block_cache_0").test_data
+    n = info.decode_position
+    assert n == default_decode_position(SEQ) and info.prefill_tokens == SEQ
     load = lambda name: np.load(with_data / segment_npz(name))  # noqa: E731
-    prompt = make_prompt(manifest.model["vocab_size"], SEQ, 0, manifest.model["bos_token_id"])
+    prompt = make_prompt(manifest.model.vocab_size, SEQ, 0, manifest.model.bos_token_id)
     rt = SegmentRuntime(with_data)
 
     # prefill: a window-filling prompt, the contract's positions and causal mask, each block fed the previous
@@ -285,7 +285,7 @@ def test_test_data_is_the_runtime_driving_a_prompt(with_data):
     token, _ = rt.next_token(short_last)
     assert load("embedding_cache")["input_ids"].tolist() == [[token]]
     _, dpos, dmask = decode_inputs(token, n, SEQ)
-    for layer in range(manifest.model["num_layers"]):
+    for layer in range(manifest.model.num_layers):
         bc = load(f"block_cache_{layer}")
         np.testing.assert_array_equal(bc["position_ids"], dpos)
         np.testing.assert_array_equal(bc["attention_mask"], dmask)
@@ -563,6 +563,6 @@ def test_cli_export_with_test_data(tmp_path):
     manifest = read_manifest(out)
     for seg in manifest.segments:
         assert (out / segment_npz(seg.name)).is_file()
-        assert seg.extra["test_data"]["file"] == segment_npz(seg.name)
+        assert seg.test_data.file == segment_npz(seg.name)
     plan = plan_compile(out, CompileOptions(check="all"))
     assert all(s.checked for s in plan.steps if s.action != "combine")

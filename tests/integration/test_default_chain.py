@@ -51,7 +51,7 @@ def test_blocks_are_no_bigger_than_onnxsim_alone(outputs):
 def test_manifest_records_chain_and_every_result(outputs):
     out, raw = outputs
     manifest = read_manifest(out)
-    assert [p["name"] for p in manifest.pass_chain] == list(DEFAULT_CHAIN)
+    assert [p.name for p in manifest.pass_chain] == list(DEFAULT_CHAIN)
     block = manifest.segment("block_0")
     assert [r["name"] for r in block.passes] == list(DEFAULT_CHAIN)
     for r in block.passes:
@@ -72,8 +72,8 @@ def test_skip_pass_and_naming_convention(tmp_path):
                             "--skip-pass", "simplify", "--naming", "optimum"])
     assert r.exit_code == 0, r.output
     manifest = read_manifest(out)
-    assert "simplify" not in [p["name"] for p in manifest.pass_chain]
-    assert manifest.conventions["naming"] == "optimum"
+    assert "simplify" not in [p.name for p in manifest.pass_chain]
+    assert manifest.conventions.naming == "optimum"
     block = manifest.segment("block_cache_1")
     assert [t.name for t in block.inputs][-2:] == ["past_key_values.1.key", "past_key_values.1.value"]
     assert [t.name for t in block.outputs][1:] == ["present.1.key", "present.1.value"]
@@ -148,7 +148,7 @@ def test_pass_progress_reports_each_pass_as_it_starts(make_model, tmp_path):
     seen: list[tuple] = []
     manifest = export_and_optimize(str(model), tmp_path / "o", ExportOptions(seq_length=16),
                                    pass_progress=lambda *call: seen.append(call))
-    chain = [p["name"] for p in manifest.pass_chain]
+    chain = [p.name for p in manifest.pass_chain]
     assert {s for s, *_ in seen} == {seg.name for seg in manifest.segments}
     assert all(n == len(chain) and chain[i] == p for _, p, i, n in seen)  # positions in the whole chain
     # block_0 runs the whole chain (its template's probe graph, the shared part once more) ...

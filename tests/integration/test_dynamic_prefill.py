@@ -72,7 +72,7 @@ def test_prefill_nets_with_other_inputs_are_refused(out):
 @pytest.mark.parametrize("family", ["gemma3", "phi3", "no-such-family"])
 def test_families_not_checked_dynamic_are_refused(out, family):
     manifest = read_manifest(out)
-    other = dataclasses.replace(manifest, model={**manifest.model, "family": family})
+    other = dataclasses.replace(manifest, model=dataclasses.replace(manifest.model, family=family))
     plan_compile(out, CompileOptions(quantize="bf16"), manifest=other)  # static: fine
     with pytest.raises(UsageError, match=rf"--dynamic: the prefill nets of family '{family}' .*llama, qwen2, qwen3"):
         plan_compile(out, CompileOptions(quantize="bf16", dynamic=True), manifest=other)

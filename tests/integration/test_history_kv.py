@@ -87,17 +87,17 @@ def whole(tmp_path_factory):
 
 def test_manifest_records_the_options_and_block_kv_shares_the_layer_weights(chunked):
     manifest = read_manifest(chunked)
-    assert manifest.options["max_input_length"] == L and manifest.options["history_kv"] is True
+    assert manifest.options.max_input_length == L and manifest.options.history_kv is True
     names = [s.name for s in manifest.segments]
     assert {"block_kv_0", "block_kv_1"} <= set(names)
     kv = manifest.segment("block_kv_1")
     assert [t.shape for t in kv.inputs][2] == (1, 1, L, SEQ + L)
     # the second layer's block_kv reuses the first one's optimised graph (weight swapping), like block/block_cache
-    assert kv.extra.get("graph_reused_from") == "block_kv_0"
+    assert kv.graph_reused_from == "block_kv_0"
 
 
 def test_default_options_record_nothing_new(whole):
-    options = read_manifest(whole).options
+    options = read_manifest(whole).options.to_json()
     assert "max_input_length" not in options and "history_kv" not in options
 
 
@@ -206,9 +206,9 @@ def test_test_data_covers_block_kv_with_a_real_history(tmp_path):
     manifest = export_and_optimize("tiny-llama", out, ExportOptions(seq_length=32, max_input_length=8,
                                                                      history_kv=True, with_test_data=True))
     for entry in manifest.segments:
-        data = np.load(out / entry.extra["test_data"]["file"])
+        data = np.load(out / entry.test_data.file)
         assert [data[t.name].shape for t in entry.inputs] == [t.shape for t in entry.inputs], entry.name
     kv = np.load(out / "test_data" / "block_kv_0_input.npz")
     assert kv["position_ids"].tolist() == [list(range(8, 16))]  # a chunk of L on a history of L tokens
     assert np.abs(kv["history_k"][0, :8]).sum() > 0 and np.all(kv["history_k"][0, 8:] == 0)
-    assert read_manifest(out).segment("block_0").extra["test_data"]["prefill_tokens"] == 8
+    assert read_manifest(out).segment("block_0").test_data.prefill_tokens == 8

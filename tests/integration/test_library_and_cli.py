@@ -47,11 +47,11 @@ def test_python_call_does_what_the_command_does(tmp_path):
     assert code == 0, out
     manifest = export_and_optimize("tiny-llama", lib_out, ExportOptions(
         seq_length=16, naming="optimum", passes=["fix_static_shapes,rename_kv_io"], with_test_data=True))
-    assert json.loads(out)["test_data"] == [e.extra["test_data"]["file"] for e in manifest.segments]
-    assert manifest.conventions["naming"] == "optimum"
-    assert [p["name"] for p in manifest.pass_chain] == ["fix_static_shapes", "rename_kv_io"]
+    assert json.loads(out)["test_data"] == [e.test_data.file for e in manifest.segments]
+    assert manifest.conventions.naming == "optimum"
+    assert [p.name for p in manifest.pass_chain] == ["fix_static_shapes", "rename_kv_io"]
     for entry in manifest.segments:
-        assert (lib_out / entry.extra["test_data"]["file"]).is_file()
+        assert (lib_out / entry.test_data.file).is_file()
         assert (lib_out / entry.file).read_bytes() == (cli_out / entry.file).read_bytes()
 
 

@@ -39,7 +39,7 @@ def fake_transform(out, name, folder):
 
 def test_a_swapped_layer_gets_the_template_text_and_its_own_weights(three_layers, tmp_path):
     out = three_layers
-    assert read_manifest(out).segment("block_2").extra["graph_reused_from"] == "block_0"
+    assert read_manifest(out).segment("block_2").graph_reused_from == "block_0"
     fake_transform(out, "block_0", tmp_path / "block_0")
     assert derive_transform("block_0", tmp_path / "block_0", out / "block_0.onnx", "block_2", tmp_path / "block_2",
                             out / "block_2.onnx")

@@ -53,10 +53,10 @@ def hf_greedy(model_dir, ids, new_tokens):
 
 def test_export_copies_the_tokenizer_and_records_it(talking):
     _, out = talking
-    record = read_manifest(out).model["tokenizer"]
-    assert record["dir"] == "tokenizer" and record["chat_template"] is True
-    assert {"tokenizer.json", "tokenizer_config.json"} <= set(record["files"])
-    for name in record["files"]:
+    record = read_manifest(out).model.tokenizer
+    assert record.dir == "tokenizer" and record.chat_template is True
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(record.files)
+    for name in record.files:
         assert (out / "tokenizer" / name).is_file()
 
 
@@ -107,7 +107,7 @@ def preset_out(tmp_path_factory):
 
 
 def test_a_model_without_tokenizer_names_what_is_missing_and_ids_still_work(preset_out):
-    assert read_manifest(preset_out).model["tokenizer"]["files"] == []
+    assert read_manifest(preset_out).model.tokenizer.files == []
     one_line(runner.invoke(app, ["run", str(preset_out), "--prompt", "hello"]), 2,
              "no tokenizer", "tokenizer.json", "--prompt-ids")
     r = runner.invoke(app, ["run", str(preset_out), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"])

@@ -43,10 +43,10 @@ def test_the_variant_has_its_nets_and_records_its_options(variant):
     assert "embedding" not in names and "embedding_cache" not in names and "greedy_head" not in names
     lm = manifest.segment("lm_head")
     assert [(t.name, t.shape, t.dtype) for t in lm.outputs] == [("token", (1, 1), "int32")]
-    assert manifest.options["lm_head_topk"] and manifest.options["embedding_disk"]
-    vocab, hidden = manifest.model["vocab_size"], manifest.model["hidden_size"]
-    table = manifest.conventions["embedding_disk"]
-    assert table["file"] == TABLE_NAME and table["shape"] == [vocab, hidden]
+    assert manifest.options.lm_head_topk and manifest.options.embedding_disk
+    vocab, hidden = manifest.model.vocab_size, manifest.model.hidden_size
+    table = manifest.conventions.embedding_disk
+    assert table.file == TABLE_NAME and table.shape == [vocab, hidden]
     assert (variant / TABLE_NAME).stat().st_size == vocab * hidden * 4
     assert validate(variant) == []
 

@@ -85,7 +85,7 @@ def sampled_out(tmp_path_factory):
 
 def test_export_records_the_sample_head(sampled_out, tmp_path):
     manifest = read_manifest(sampled_out)
-    assert manifest.options["sample_head"] == "current"
+    assert manifest.options.sample_head == "current"
     names = [s.name for s in manifest.segments]
     assert "sample_head" in names and "penalty_sample_head" not in names
     legacy = tmp_path / "legacy"
@@ -94,7 +94,7 @@ def test_export_records_the_sample_head(sampled_out, tmp_path):
     assert r.exit_code == 0, r.output
     names = [s.name for s in read_manifest(legacy).segments]
     assert "penalty_sample_head" in names and "sample_head" not in names
-    assert read_manifest(legacy).options["sample_head"] == "legacy"
+    assert read_manifest(legacy).options.sample_head == "legacy"
     r = runner.invoke(app, _global_flags_first(["export-and-optimize", "tiny-llama", "-o", str(tmp_path / "x"),
                                                 "--sample-head", "--lm-head-topk"]))
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: --lm-head-topk ")

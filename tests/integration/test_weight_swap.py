@@ -35,12 +35,12 @@ def test_swapped_layers_equal_layers_exported_one_by_one(model_dir, tmp_path, mo
     swapped, single = tmp_path / "swapped", tmp_path / "single"
     m1 = export_and_optimize(str(model_dir), swapped, ExportOptions(seq_length=SEQ))
     m2 = export_and_optimize(str(model_dir), single, ExportOptions(seq_length=SEQ, weight_swap=False))
-    assert m1.stats["segments_weight_swapped"] == 2 * 3  # layers 1..3, block and block_cache
-    assert m2.stats["segments_weight_swapped"] == 0
+    assert m1.stats.segments_weight_swapped == 2 * 3  # layers 1..3, block and block_cache
+    assert m2.stats.segments_weight_swapped == 0
     assert _onnx_bytes(swapped) == _onnx_bytes(single)
     entry = read_manifest(swapped).segment("block_cache_3")
-    assert entry.extra["graph_reused_from"] == "block_cache_0"
-    assert [r["name"] for r in entry.passes] == [p["name"] for p in m1.pass_chain]
+    assert entry.graph_reused_from == "block_cache_0"
+    assert [r["name"] for r in entry.passes] == [p.name for p in m1.pass_chain]
     assert verify(swapped, prompt_length=6, new_tokens=6).passed
 
 
@@ -50,8 +50,8 @@ def test_block_and_block_cache_share_one_external_data_file(model_dir, tmp_path)
     manifest = read_manifest(out)
     for layer in range(4):
         b, bc = manifest.segment(f"block_{layer}"), manifest.segment(f"block_cache_{layer}")
-        assert [e["file"] for e in b.external_data] == [e["file"] for e in bc.external_data] == [f"layer_{layer}.data"]
-    vocab = {e["file"] for n in ("embedding", "embedding_cache", "lm_head") for e in manifest.segment(n).external_data}
+        assert [e.file for e in b.external_data] == [e.file for e in bc.external_data] == [f"layer_{layer}.data"]
+    vocab = {e.file for n in ("embedding", "embedding_cache", "lm_head") for e in manifest.segment(n).external_data}
     assert vocab == {"vocab.data"}
     # Each layer's weights are on disk once: the data file is the size of the layer's fp32 parameters.
     cfg = TINY_LLAMA
@@ -134,7 +134,7 @@ def test_weights_set_aside_during_the_chain_give_a_correct_export(model_dir, tmp
     monkeypatch.setattr(factory, "HIDE_MIN_BYTES", 4096)
     out = tmp_path / "o"
     manifest = export_and_optimize(str(model_dir), out, ExportOptions(seq_length=SEQ, external_data=external))
-    assert manifest.stats["segments_weight_swapped"] == 6
+    assert manifest.stats.segments_weight_swapped == 6
     lm_head = onnx.load(str(out / "lm_head.onnx"), load_external_data=False)
     assert [n.op_type for n in lm_head.graph.node][-1] == "Gemm"
     for name in ("embedding", "block_2", "block_cache_3", "lm_head"):

@@ -39,7 +39,7 @@ def test_real_smollm2_gguf_exports_and_answers_like_transformers(tmp_path):
 
     out = tmp_path / "out"
     manifest = export_and_optimize(str(gguf_path), out, ExportOptions(seq_length=64))
-    assert manifest.model["source_quantization"]["type_counts"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+    assert manifest.model.source_quantization.type_counts == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     tokenizer = load_tokenizer(resolve_model(str(gguf_path)))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, tokenize=True)

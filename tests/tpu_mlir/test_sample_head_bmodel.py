@@ -49,8 +49,8 @@ def test_sample_head_compiles_with_tpu_mlir_and_matches_on_the_cmodel(sampled_ou
         assert backend.nets["sample_head"].inputs[4]["dtype"] == "i32"
         rng = np.random.default_rng(11)
         for penalty, temperature, top_k, top_p in [(1.3, 0.7, 40, 0.8), (1.0, 1.0, 1, 1.0)]:
-            logits = (rng.standard_normal((1, manifest.model["vocab_size"])) * 3).astype(np.float32)
-            ids = rng.integers(0, manifest.model["vocab_size"], size=(1, SEQ))
+            logits = (rng.standard_normal((1, manifest.model.vocab_size)) * 3).astype(np.float32)
+            ids = rng.integers(0, manifest.model.vocab_size, size=(1, SEQ))
             probs, tokens = backend.run("sample_head", logits, ids, np.array([penalty], np.float32),
                                         np.array([temperature], np.float32), np.array([top_k], np.int32),
                                         np.array([top_p], np.float32))
@@ -58,7 +58,7 @@ def test_sample_head_compiles_with_tpu_mlir_and_matches_on_the_cmodel(sampled_ou
             np.testing.assert_array_equal(np.asarray(tokens).reshape(1, -1), want_tokens)
             np.testing.assert_allclose(np.asarray(probs).reshape(1, -1), want_probs, atol=1e-5, rtol=0)
         # compiled --dynamic: the runtime may hand it fewer recent tokens (forward_dynamic at [1, 6])
-        logits = (rng.standard_normal((1, manifest.model["vocab_size"])) * 3).astype(np.float32)
+        logits = (rng.standard_normal((1, manifest.model.vocab_size)) * 3).astype(np.float32)
         recent = np.argsort(-logits)[:, :6]  # the best tokens seen: the penalty re-ranks them
         probs, tokens = backend.run("sample_head", logits, recent, np.array([1.5], np.float32),
                                     np.array([0.8], np.float32), np.array([30], np.int32),

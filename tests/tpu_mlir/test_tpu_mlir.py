@@ -81,7 +81,7 @@ def test_a_rejected_segment_names_itself_and_the_reason(compiled, toolchain, tmp
     out = tmp_path / "out"
     out.mkdir()
     manifest = read_manifest(src)
-    vocab = manifest.model["vocab_size"]
+    vocab = manifest.model.vocab_size
     bad = onnx.parser.parse_model(f"""
         < ir_version: 8, opset_import: ["" : 18] >
         greedy (float[1,{vocab}] m_logits) => (int32[1,1] token) {{

@@ -37,6 +37,11 @@ class _Weights:
         return self._shapes[key]
 
 
+def _empty_manifest() -> Manifest:
+    """A manifest whose parts the committer only writes back (the segments are what these tests look at)."""
+    return Manifest(model={}, tools={}, conventions={}, options={})
+
+
 def _family():
     from tpugraph.source.families import FAMILIES
 
@@ -72,7 +77,7 @@ class _RecordingScheduler(Scheduler):
     """Units sleep instead of building; each records when it started and ended."""
 
     def __init__(self, out_dir, slow: dict[str, float], fail: str | None = None):
-        super().__init__(out_dir, {}, Committer(out_dir, Manifest({}, {}, {}, {})), None, 0, lambda: None)
+        super().__init__(out_dir, {}, Committer(out_dir, _empty_manifest()), None, 0, lambda: None)
         self.slow, self.fail = slow, fail
         self.events: list[tuple[str, str]] = []
         self._events_lock = threading.Lock()
@@ -124,13 +129,13 @@ class _Built:
 
 
 def _entry(spec) -> SegmentEntry:
-    return SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
+    return SegmentEntry(name=spec.name, kind=spec.kind, layer=spec.layer, file=spec.filename,
                         inputs=list(spec.inputs), outputs=list(spec.outputs))
 
 
 def test_commit_moves_complete_files_and_records_them(tmp_path):
     spec = segment_specs(DIMS)[0]
-    committer = Committer(tmp_path, Manifest({}, {}, {}, {}))
+    committer = Committer(tmp_path, _empty_manifest())
     writer = UnitWriter(tmp_path, WorkUnit("vocab", [spec], []))
     writer.add(_Built(spec, b"x" * 100))
     assert not (tmp_path / spec.filename).exists()  # staged, not yet under its final name
@@ -143,7 +148,7 @@ def test_commit_moves_complete_files_and_records_them(tmp_path):
 
 def test_a_failed_commit_leaves_no_file_under_a_final_name_and_no_record(tmp_path, monkeypatch):
     specs = segment_specs(DIMS)
-    committer = Committer(tmp_path, Manifest({}, {}, {}, {}))
+    committer = Committer(tmp_path, _empty_manifest())
     writer = UnitWriter(tmp_path, WorkUnit("layer_0", specs[3:5], []))
     for spec in specs[3:5]:
         writer.add(_Built(spec, b"y" * 50))

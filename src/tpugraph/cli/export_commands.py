@@ -59,10 +59,10 @@ def export_and_optimize_cmd(
         model = str(resolve_model(model, gguf_file).gguf_path)
     with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
         manifest = export_and_optimize(model, out, opts, progress=progress, pass_progress=passes)
-    test_files = [e.extra["test_data"]["file"] for e in manifest.segments if "test_data" in e.extra]
-    src = manifest.model["source"]
+    test_files = [e.test_data.file for e in manifest.segments if e.test_data]
+    src = manifest.model.source
     if json_out:
-        typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "random_weights": src["random_weights"],
+        typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "random_weights": src.random_weights,
                                "complete": manifest.complete, "test_data": test_files}))
         return
     _echo(f"wrote {len(manifest.segments)} segments and manifest.json to {out}")
@@ -70,8 +70,8 @@ def export_and_optimize_cmd(
         _echo(f"note: {note}")
     if test_files:
         _echo(f"wrote test inputs of {len(test_files)} segments to {out / 'test_data'} (used by compile-script and compile)")
-    if src["random_weights"]:
-        _echo(f"note: preset '{src['preset']}' has RANDOM weights: good for trying the toolchain, not for real text")
+    if src.random_weights:
+        _echo(f"note: preset '{src.preset}' has RANDOM weights: good for trying the toolchain, not for real text")
 
 
 @manifest_app.command("validate")

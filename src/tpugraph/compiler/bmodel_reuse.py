@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .plan import Step
+from .plan import Step, StepAction
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ def plan_deploy_reuse(steps: list[Step], quantize: str, check: str) -> list[Depl
     if quantize not in DERIVABLE_MODES or check == "all":
         return []
     structures: dict[str, list[str]] = {}
-    checked = {s.segment for s in steps if s.action == "deploy" and s.checked}
+    checked = {s.segment for s in steps if s.action == StepAction.DEPLOY and s.checked}
     for s in steps:
-        if s.action == "transform" and s.reuse_from:
+        if s.action == StepAction.TRANSFORM and s.reuse_from:
             structures.setdefault(s.reuse_from, [s.reuse_from]).append(s.segment)
     plans = []
     for mlir_template, members in structures.items():

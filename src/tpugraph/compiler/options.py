@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..contract.segments import SegmentKind
 from ..errors import UsageError
 
 CHIPS = ("bm1684x", "bm1688")
@@ -16,23 +17,24 @@ DEFAULT_Q_GROUP_SIZE = 64  # LLM-TPU's choice for the 4-bit modes
 
 # Quantization of each segment kind. The embedding is a lookup table: weight-only modes do not apply, it
 # keeps the activation float type of the mode. The heads are tiny and need exact arithmetic: F32.
-HEAD_KINDS = ("greedy_head", "penalty_sample_head", "sample_head")
+HEAD_KINDS = (SegmentKind.GREEDY_HEAD, SegmentKind.PENALTY_SAMPLE_HEAD, SegmentKind.SAMPLE_HEAD)
 # --quant_input / --quant_output strip the f32<->f16 casts at a net's edges, so the runtime moves the
 # activations between nets in the quantized type: every net that receives an activation from another net
 # strips its input cast, every net whose output goes on to another net strips its output cast. lm_head
 # keeps an f32 output because the heads (F32) take its logits. On int inputs and on the F32 heads there is
 # no cast to strip: the flag changes nothing there (checked with tpu-mlir 1.30.2) and is kept as CONTRACT.md
 # lists it.
-QUANT_INPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache", "lm_head", *HEAD_KINDS)
-QUANT_OUTPUT_KINDS = ("embedding", "embedding_cache", "block", "block_kv", "block_cache")
+QUANT_OUTPUT_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.BLOCK, SegmentKind.BLOCK_KV,
+                      SegmentKind.BLOCK_CACHE)
+QUANT_INPUT_KINDS = (*QUANT_OUTPUT_KINDS, SegmentKind.LM_HEAD, *HEAD_KINDS)
 # The decode blocks read their KV history from buffers the runtime keeps across steps.
 # sample_head as llm_convert deploys it (CONTRACT.md, second table): io_alone and --dynamic, since the
 # runtime may hand it fewer recent tokens than SEQ for the repetition penalty.
-IO_ALONE_KINDS = ("block_cache", "sample_head")
-DYNAMIC_KINDS = ("sample_head",)
+IO_ALONE_KINDS = (SegmentKind.BLOCK_CACHE, SegmentKind.SAMPLE_HEAD)
+DYNAMIC_KINDS = (SegmentKind.SAMPLE_HEAD,)
 # compile --dynamic: the prefill nets too, so the runtime runs them at the prompt's (chunk's) length
 # (llm_convert's --dynamic; their Reshapes get a free sequence axis in the transform, tpu_mlir_transform.py).
-DYNAMIC_PREFILL_KINDS = ("block", "block_kv")
+DYNAMIC_PREFILL_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_KV)
 CHECK_MODES = ("representative", "all", "none")
 
 
@@ -95,7 +97,7 @@ def resolve_auto(options: CompileOptions, out_dir, manifest):
 
     if options.quantize.lower() != AUTO:
         return options, None
-    if not manifest.model.get("source_quantization"):
+    if not manifest.model.source_quantization:
         return replace(options, quantize=DEFAULT_FLOAT_MODE), None
     from .quant_fidelity import choose_compile_mode
 

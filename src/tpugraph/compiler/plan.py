@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract.manifest import Manifest, SegmentEntry, read_manifest
+from ..contract.records import TextEnum
+from ..contract.segments import SegmentKind
 from ..errors import UsageError
 from .options import (
     DEFAULT_Q_GROUP_SIZE,
@@ -26,12 +28,18 @@ OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" 
 TRANSFORM_DRIVER = "tpu_mlir_transform.py"
 
 
+class StepAction(TextEnum):
+    TRANSFORM = "transform"  # model_transform.py: ONNX -> top MLIR
+    DEPLOY = "deploy"  # model_deploy.py: MLIR -> one segment's bmodel
+    COMBINE = "combine"  # model_tool --combine: the segments' bmodels -> one
+
+
 @dataclass(frozen=True)
 class Step:
     """One tool run: ``argv`` and ``produces`` may start with OUT_VAR; ``cwd`` is relative to OUT."""
 
     segment: str  # "" for the combine step
-    action: str  # transform | deploy | combine
+    action: StepAction
     argv: tuple[str, ...]
     cwd: str
     produces: str  # the file the step must leave behind (relative to cwd unless it starts with OUT_VAR)
@@ -70,9 +78,9 @@ class CompilePlan:
 
 def bmodel_name(manifest: Manifest, options: CompileOptions) -> str:
     """`{model_type}_{quantize}_seq{SEQ}_{chip}_{N}dev.bmodel`, lowercase (LLM-TPU's naming plus the chip)."""
-    model_type = str(manifest.model.get("model_type") or manifest.model.get("family") or "model")
+    model_type = str(manifest.model.model_type or manifest.model.family or "model")
     model_type = re.sub(r"[^a-z0-9.-]+", "-", model_type.lower()).strip("-") or "model"
-    seq = int(manifest.options["seq_length"])
+    seq = int(manifest.options.seq_length)
     dynamic = "_dynamic" if options.dynamic else ""
     return f"{model_type}_{options.quantize}_seq{seq}_{options.chip}_{options.num_device}dev{dynamic}.bmodel".lower()
 
@@ -81,12 +89,12 @@ def _float_mode(quantize: str) -> str:
     return "bf16" if quantize.endswith("bf16") else "f16"
 
 
-def deploy_flags(kind: str, options: CompileOptions, float_weights: bool = False) -> list[str]:
+def deploy_flags(kind: SegmentKind, options: CompileOptions, float_weights: bool = False) -> list[str]:
     """model_deploy.py's quantization, device and I/O flags for one segment kind. ``float_weights``: the net's
     weights stay in the mode's float type (an lm_head sharing the embedding's matrix, as the embedding)."""
     flags: list[str] = []
     if kind not in HEAD_KINDS:  # the heads: no --quantize, i.e. F32
-        floating = kind.startswith("embedding") or float_weights
+        floating = kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) or float_weights
         quantize = _float_mode(options.quantize) if floating else options.quantize
         flags += ["--quantize", quantize.upper()]
         if quantize.startswith("w") and options.q_group_size:
@@ -116,7 +124,7 @@ def check_dynamic_prefill(manifest: Manifest) -> None:
     families whose blocks were not run compiled --dynamic (FamilySpec.dynamic_prefill)."""
     from ..source.families import FAMILIES, family_by_name
 
-    name = str(manifest.model.get("family") or "")
+    name = str(manifest.model.family or "")
     try:
         checked = family_by_name(name).dynamic_prefill
     except KeyError:
@@ -126,8 +134,8 @@ def check_dynamic_prefill(manifest: Manifest) -> None:
         raise UsageError(f"--dynamic: the prefill nets of family '{name or 'unknown'}' are not known to run compiled "
                          f"--dynamic (checked on the cmodel: {ok}; tpu-mlir 1.30.2's dynamic code aborts on the "
                          "partly unfused blocks of gemma2, gemma3, glm4, phi3 and phi): compile without --dynamic")
-    contract = {"block": ["input_states", "position_ids", "attention_mask"],
-                "block_kv": ["input_states", "position_ids", "attention_mask", "history_k", "history_v"]}
+    contract = {SegmentKind.BLOCK: ["input_states", "position_ids", "attention_mask"],
+                SegmentKind.BLOCK_KV: ["input_states", "position_ids", "attention_mask", "history_k", "history_v"]}
     for entry in manifest.segments:
         if entry.kind in DYNAMIC_PREFILL_KINDS and [t.name for t in entry.inputs] != contract[entry.kind]:
             raise UsageError(f"--dynamic: {entry.name} takes ({', '.join(t.name for t in entry.inputs)}), not the "
@@ -137,8 +145,7 @@ def check_dynamic_prefill(manifest: Manifest) -> None:
 
 def _test_input(out_dir: Path, entry: SegmentEntry) -> str | None:
     """The segment's test-data npz (relative to OUT) when the manifest notes one and it exists."""
-    info = entry.extra.get("test_data")
-    rel = info.get("file") if isinstance(info, dict) else info
+    rel = entry.test_data.file if entry.test_data else None
     if rel and (out_dir / rel).is_file():
         return str(rel)
     return None
@@ -155,7 +162,7 @@ def representatives(manifest: Manifest) -> set[str]:
     """One segment per distinct graph structure: every segment whose graph was not reused from another
     (weight swapping notes ``graph_reused_from``), i.e. the vocabulary segments, the heads and the first layer
     of each layer structure."""
-    return {e.name for e in manifest.segments if not e.extra.get("graph_reused_from")}
+    return {e.name for e in manifest.segments if not e.graph_reused_from}
 
 
 def plan_compile(out: str | Path, options: CompileOptions | None = None,
@@ -185,7 +192,7 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         cwd = f"{work}/{name}"
         test_input = None
         if name in compared:  # a rewritten last layer may take its template layer's inputs (the same shapes)
-            template = entries.get(str(entry.extra.get("graph_reused_from") or ""))
+            template = entries.get(entry.graph_reused_from or "")
             test_input = _test_input(out_dir, entry) or (
                 _test_input(out_dir, template) if name in rewritten and template else None)
         model_def = rewritten_file(work, name) if name in rewritten else entry.file
@@ -199,14 +206,14 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         if test_input:
             transform += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_result", f"{name}_top_outputs.npz"]
             deploy += ["--test_input", f"{OUT_VAR}/{test_input}", "--test_reference", f"{name}_top_outputs.npz"]
-        reuse = "" if test_input or name in rewritten else str(entry.extra.get("graph_reused_from") or "")
-        steps.append(Step(name, "transform", tuple(transform), cwd, f"{name}.mlir", checked=bool(test_input),
+        reuse = "" if test_input or name in rewritten else (entry.graph_reused_from or "")
+        steps.append(Step(name, StepAction.TRANSFORM, tuple(transform), cwd, f"{name}.mlir", checked=bool(test_input),
                           reuse_from=reuse))
-        steps.append(Step(name, "deploy", tuple(deploy), cwd, f"{name}.bmodel", checked=bool(test_input)))
+        steps.append(Step(name, StepAction.DEPLOY, tuple(deploy), cwd, f"{name}.bmodel", checked=bool(test_input)))
     bmodel = bmodel_name(manifest, options)
     combine = ["model_tool", "--combine", *(f"{s.name}/{s.name}.bmodel" for s in manifest.segments),
                "-o", f"{OUT_VAR}/{bmodel}"]
-    steps.append(Step("", "combine", tuple(combine), work, f"{OUT_VAR}/{bmodel}"))
+    steps.append(Step("", StepAction.COMBINE, tuple(combine), work, f"{OUT_VAR}/{bmodel}"))
     # A mode auto chose (with its symmetry) is regenerated by asking for auto again.
     command = f"tpugraph compile-script OUT --chip {options.chip} --quantize {'auto' if quant_choice else options.quantize}"
     if options.q_group_size and options.q_group_size != DEFAULT_Q_GROUP_SIZE and not quant_choice:

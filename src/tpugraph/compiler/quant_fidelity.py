@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..contract.manifest_records import GgufQuantization, PackedQuantization, read_quantization
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -189,13 +190,16 @@ def _sample(keys: list[str], layers_path: str, sample_layers: int | None) -> lis
     return [k for k in keys if (m := pattern.match(k)) is None or int(m.group(1)) in picked]
 
 
-def measure_source(weights, quantization: dict[str, Any], layers_path: str = "model.layers",
-                   sample_layers: int | None = 4, half: str = "f16") -> CompileChoice:
+def measure_source(weights, quantization: PackedQuantization | GgufQuantization | dict[str, Any],
+                   layers_path: str = "model.layers", sample_layers: int | None = 4, half: str = "f16") -> CompileChoice:
     """Measure both re-quantizations of a quantized source's weights (``checkpoint.open_weights``) and
-    choose the compile mode. ``sample_layers``: measure this many decoder layers (None: all)."""
-    method = quantization.get("method")
-    if method == "gguf":
-        types = {k: t for k, t in quantization["tensor_types"].items() if t in GGUF_BITS and "embed_tokens" not in k}
+    choose the compile mode. ``quantization``: the manifest's record (or the weights' own ``quantization``).
+    ``sample_layers``: measure this many decoder layers (None: all)."""
+    if isinstance(quantization, dict):
+        quantization = read_quantization(quantization)
+    method = quantization.method
+    if isinstance(quantization, GgufQuantization):
+        types = {k: t for k, t in quantization.tensor_types.items() if t in GGUF_BITS and "embed_tokens" not in k}
         if not types:
             raise ModelError("the GGUF source has no quantized matrices (all float): compile it with f16/bf16")
         dominant = max(set(types.values()), key=list(types.values()).count)
@@ -205,11 +209,11 @@ def measure_source(weights, quantization: dict[str, Any], layers_path: str = "mo
         if dominant.startswith("Q5") or dominant.startswith("Q6"):
             notes.append(f"{dominant} has more levels than W4 holds: W8 keeps it (not exactly: a finer grid)")
     elif method in ("gptq", "awq", "auto-round", "compressed-tensors"):
-        bits, group = int(quantization["bits"]), int(quantization["group_size"])
+        bits, group = int(quantization.bits), int(quantization.group_size)
         group = 0 if group == -1 else group
         keys = sorted(k for k in weights.keys() if getattr(weights, "is_packed", lambda _k: False)(k))
         notes = []
-        if quantization.get("desc_act"):
+        if quantization.desc_act:
             notes.append("act-order (desc_act): the checkpoint's groups are not consecutive input features, so "
                          "no q_group_size lines up with them")
     else:
@@ -219,7 +223,7 @@ def measure_source(weights, quantization: dict[str, Any], layers_path: str = "mo
     for key in keys:
         ckpt = weights.get(key).numpy().astype(np.float32)
         if method == "gguf":
-            step = _grid_step(ckpt, GGUF_GROUP.get(quantization["tensor_types"][key], 32))
+            step = _grid_step(ckpt, GGUF_GROUP.get(quantization.tensor_types[key], 32))
         else:
             q, zeros, scales, g_idx = weights.integers(key)
             step = scales.numpy()[g_idx.numpy()].T  # [out, in]: each element's own scale
@@ -242,10 +246,10 @@ def choose_compile_mode(out: str | Path, model_path: str | None = None, sample_l
     from ..source.checkpoint import load_config, open_weights, resolve_model
 
     manifest = read_manifest(Path(out))
-    quantization = manifest.model.get("source_quantization")
+    quantization = manifest.model.source_quantization
     if not quantization:
         return None
-    source = resolve_model(model_path or manifest.model["source"]["path"])
+    source = resolve_model(model_path or manifest.model.source.path)
     config, family = load_config(source)
     weights = open_weights(source, config)
     choice = measure_source(weights, quantization, family.layers_path, sample_layers, half)

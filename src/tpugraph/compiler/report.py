@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CompileError
-from .plan import CompilePlan
+from .plan import CompilePlan, StepAction
 
 
 @dataclass
@@ -86,12 +86,12 @@ def format_table(results: list[SegmentCompileResult]) -> str:
 class SegmentCompileError(CompileError):
     """A tool failed on one segment; carries its log and the results up to there."""
 
-    def __init__(self, segment: str, action: str, reason: str, log_tail: str, log_path: Path,
+    def __init__(self, segment: str, action: StepAction, reason: str, log_tail: str, log_path: Path,
                  report: CompileReport | None = None):
         self.segment, self.action, self.reason = segment, action, reason
         self.log_tail, self.log_path, self.report = log_tail, log_path, report
         where = f"segment '{segment}'" if segment else "combining the bmodels"
-        tool = {"transform": "model_transform.py", "deploy": "model_deploy.py",
-                "combine": "model_tool --combine"}[action]
+        tool = {StepAction.TRANSFORM: "model_transform.py", StepAction.DEPLOY: "model_deploy.py",
+                StepAction.COMBINE: "model_tool --combine"}[action]
         super().__init__(f"tpu-mlir failed on {where} ({tool}): {reason}\n"
                          f"--- {tool}'s output, last lines (full log: {log_path}) ---\n{log_tail}")

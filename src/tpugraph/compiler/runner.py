@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..contract.manifest import read_manifest
+from ..contract.segments import SegmentKind
 from ..errors import UsageError
 from ..scheduling import Task, run_tasks
 from ..tpu_mlir.guest import guest_script
@@ -23,7 +24,7 @@ from ..tpu_mlir.toolchain import check_toolchain, tool_environment
 from ..tpu_mlir.worker import ToolWorker
 from .bmodel_reuse import DRIVER, derive_deploys, plan_deploy_reuse
 from .options import CompileOptions
-from .plan import OUT_VAR, Step, plan_compile
+from .plan import OUT_VAR, Step, StepAction, plan_compile
 from .report import CompileReport, SegmentCompileError, SegmentCompileResult
 from .script import save_script
 
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, str, int, int], None]
 END_TO_END_PROMPT = 4  # tokens of the end-to-end check's random prompt
 END_TO_END_TOKENS = 3  # greedy tokens it compares (each is a full decode step on the cmodel)
-VOCABULARY_KINDS = ("embedding", "embedding_cache", "lm_head")  # a V x H matrix each: the longest transforms
+# a V x H matrix each: the longest transforms
+VOCABULARY_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.LM_HEAD)
 
 
 def run_step(step: Step, out_dir: Path, env: dict[str, str],
@@ -78,10 +80,10 @@ class TransformReuse:
     def __init__(self, steps: list[Step], files: dict[str, str], stop: threading.Event):
         self.files = files  # segment -> its ONNX file, relative to OUT
         self.stop = stop
-        self.transformed = {s.segment: threading.Event() for s in steps if s.action == "transform"}
+        self.transformed = {s.segment: threading.Event() for s in steps if s.action == StepAction.TRANSFORM}
         self.prover: dict[str, str] = {}
         for s in steps:
-            if s.action == "transform" and s.reuse_from:
+            if s.action == StepAction.TRANSFORM and s.reuse_from:
                 self.prover.setdefault(s.reuse_from, s.segment)
         self.proven = {template: threading.Event() for template in self.prover}
         self.holds: dict[str, bool] = {}
@@ -151,19 +153,19 @@ def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, e
         if progress:
             progress(step.segment, step.action, first_index + offset, total)
         t0 = time.perf_counter()
-        if step.action == "transform" and reuse is not None and reuse.try_derive(step, out_dir):
+        if step.action == StepAction.TRANSFORM and reuse is not None and reuse.try_derive(step, out_dir):
             rc, text, log_path = 0, "derived from the transform of " + step.reuse_from, out_dir / step.cwd
             reuse.release(step)
         else:
             rc, text, log_path = run_step(step, out_dir, env, worker)
-            if step.action == "transform" and reuse is not None:
+            if step.action == StepAction.TRANSFORM and reuse is not None:
                 reuse.after_tool(step, rc == 0, out_dir)
         elapsed = time.perf_counter() - t0
         ok = rc == 0
         if result is not None:
             result.seconds += elapsed
             similarity = parse_min_cosine(text) if step.checked else None
-            if step.action == "transform":
+            if step.action == StepAction.TRANSFORM:
                 result.transform_ok, result.transform_similarity = ok, similarity
             else:
                 result.deploy_ok, result.deploy_similarity = ok, similarity
@@ -253,7 +255,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     deferred = {t for r in deploy_reuse for t in r.targets}
     index_of = {steps[0].segment: i for i, (_, steps) in enumerate(groups)}
 
-    def run_part(i: int, action: str) -> None:
+    def run_part(i: int, action: StepAction) -> None:
         first, steps = groups[i]
         part = [(first + k, s) for k, s in enumerate(steps) if s.action == action]
         if stop.is_set() or not part:
@@ -273,7 +275,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     tasks = [Task(f"segment:{i}", partial(run_group, i)) for i in first]
     late = [index_of[t] for r in deploy_reuse for t in r.targets]
     phase1 = tuple(t.name for t in tasks)
-    tasks += [Task(f"transform:{i}", partial(run_part, i, "transform"), phase1) for i in late]
+    tasks += [Task(f"transform:{i}", partial(run_part, i, StepAction.TRANSFORM), phase1) for i in late]
     late_transforms = tuple(f"transform:{i}" for i in late)
     driver = guest_script(DRIVER)
     derived_by: dict[int, bool] = {}
@@ -297,7 +299,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     derivations = [Task(f"derive:{k}", partial(derive, k, r), late_transforms) for k, r in enumerate(deploy_reuse)]
     tasks += derivations
     every_derivation = tuple(t.name for t in derivations)
-    tasks += [Task(f"deploy:{i}", partial(lambda i: None if derived_by.get(i) else run_part(i, "deploy"), i),
+    tasks += [Task(f"deploy:{i}", partial(lambda i: None if derived_by.get(i) else run_part(i, StepAction.DEPLOY), i),
                    every_derivation) for i in late]
     try:
         run_tasks(tasks, jobs, stop, thread_name_prefix="compile")
@@ -321,7 +323,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
         raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,
                                   failure.log_path, report)
     report.bmodel = out_dir / plan.bmodel
-    if manifest.conventions.get("embedding_disk"):  # --embedding-disk: the rows in the compile's float type
+    if manifest.conventions.embedding_disk:  # --embedding-disk: the rows in the compile's float type
         from ..contract.embedding_table import COMPILED_NAME, write_compiled
         from .plan import _float_mode
 

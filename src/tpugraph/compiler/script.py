@@ -12,7 +12,7 @@ from ..errors import OutputError
 from ..tpu_mlir.guest import guest_script
 from ..tpu_mlir.toolchain import TOOLS
 from .options import CompileOptions
-from .plan import OUT_VAR, TRANSFORM_DRIVER, CompilePlan, plan_compile
+from .plan import OUT_VAR, TRANSFORM_DRIVER, CompilePlan, StepAction, plan_compile
 
 
 def _shell_word(arg: str) -> str:
@@ -61,13 +61,13 @@ def render_script(plan: CompilePlan, manifest: Manifest) -> str:
     """The plan as a self-contained bash script that lives in OUT (paths relative to its own folder)."""
     m = manifest.model
     opts = plan.options
-    checked = sum(1 for s in plan.steps if s.action == "transform" and s.checked)
+    checked = sum(1 for s in plan.steps if s.action == StepAction.TRANSFORM and s.checked)
     lines = [
         "#!/usr/bin/env bash",
         f"# Compile the segments of this tpugraph output into {plan.bmodel} with tpu-mlir.",
         f"# Written by tpugraph {__version__}; regenerate with: {plan.command}",
-        f"# Model: {m.get('architecture', '?')} ({m.get('model_type', '?')}), {m.get('num_layers', '?')} layers, "
-        f"SEQ {manifest.options.get('seq_length')}; chip {opts.chip}, {opts.quantize}"
+        f"# Model: {m.architecture} ({m.model_type}), {m.num_layers} layers, "
+        f"SEQ {manifest.options.seq_length}; chip {opts.chip}, {opts.quantize}"
         + (f" (group {opts.q_group_size})" if opts.q_group_size else "") + f", {opts.num_device} device(s).",
         f"# Numerical checks: {checked} of {len(plan.segments)} segments compared by the tools (check mode "
         f"{opts.check}; test data from tpugraph export-and-optimize --with-test-data).",
@@ -90,7 +90,7 @@ def render_script(plan: CompilePlan, manifest: Manifest) -> str:
         if step.segment != current:
             current = step.segment
             lines.append("")
-            if step.action == "combine":
+            if step.action == StepAction.COMBINE:
                 lines.append("# All nets into one bmodel; the runtime finds them by name.")
                 lines.append('cd "$WORK"')
             else:
@@ -98,14 +98,14 @@ def render_script(plan: CompilePlan, manifest: Manifest) -> str:
                 lines.append(f'mkdir -p "$WORK/{step.segment}" && cd "$WORK/{step.segment}"')
         lines.append(_shell_command(step.argv))
     lines += ["", f'echo "wrote $OUT/{plan.bmodel}"']
-    table = manifest.conventions.get("embedding_disk")
+    table = manifest.conventions.embedding_disk
     if table:  # --embedding-disk: the vocabulary rows in the compile's float type, as tpugraph compile writes them
         from ..contract.embedding_table import COMPILED_NAME
         from .plan import _float_mode
 
         lines += ["", f"# {COMPILED_NAME}: the embedding rows the runtime gathers on the host (--embedding-disk), "
                       f"in {_float_mode(opts.quantize)}.",
-                  f'python3 - "$OUT/{table["file"]}" "$OUT/{COMPILED_NAME}" {_float_mode(opts.quantize)} <<\'PY\'',
+                  f'python3 - "$OUT/{table.file}" "$OUT/{COMPILED_NAME}" {_float_mode(opts.quantize)} <<\'PY\'',
                   *_TABLE_SCRIPT, "PY", f'echo "wrote $OUT/{COMPILED_NAME}"']
     if plan.end_to_end:
         lines.append(f'echo "check it end to end: tpugraph verify \\"$OUT\\" --bmodel \\"$OUT/{plan.bmodel}\\""')

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract.manifest import Manifest
+from ..contract.segments import SegmentKind
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ PREFIX = "tpugraph_final_norm/"
 # what the final norm of lm_head may be made of to move into a block unchanged (elementwise, or a reduction over
 # the hidden axis)
 NORM_OPS = {"Pow", "ReduceMean", "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Cast", "Neg"}
-LAST_LAYER_KINDS = ("block", "block_kv", "block_cache")
+LAST_LAYER_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE)
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,12 @@ def plan_sharing(out_dir: Path, manifest: Manifest, num_device: int) -> tuple[Vo
     """Whether (and for which segments) the compile shares the vocabulary matrix; else why not."""
     if num_device != 1:
         return None, "a multi-device compile splits lm_head across devices"
-    by_kind: dict[str, list] = {}
+    by_kind: dict[SegmentKind, list] = {}
     for e in manifest.segments:
         by_kind.setdefault(e.kind, []).append(e)
-    if not by_kind.get("embedding") or len(by_kind.get("lm_head", [])) != 1:
+    if not by_kind.get(SegmentKind.EMBEDDING) or len(by_kind.get(SegmentKind.LM_HEAD, [])) != 1:
         return None, "no embedding net to share with (--embedding-disk, or no lm_head)"
-    lm_entry = by_kind["lm_head"][0]
+    lm_entry = by_kind[SegmentKind.LM_HEAD][0]
     lm = _load(out_dir / lm_entry.file)
     if len(lm.graph.input) != 1:
         return None, "lm_head takes more than the hidden state"
@@ -118,7 +119,7 @@ def plan_sharing(out_dir: Path, manifest: Manifest, num_device: int) -> tuple[Vo
     if any(n.op_type not in NORM_OPS for n in norm):
         return None, f"lm_head's final norm has {sorted({n.op_type for n in norm} - NORM_OPS)}"
     table = next(t for t in lm.graph.initializer if t.name == gemm.input[1])
-    for e in by_kind["embedding"] + by_kind.get("embedding_cache", []):  # at least one: checked above
+    for e in by_kind[SegmentKind.EMBEDDING] + by_kind.get(SegmentKind.EMBEDDING_CACHE, []):  # at least one: checked above
         emb = _load(out_dir / e.file)
         gathers = [n for n in emb.graph.node if n.op_type == "Gather"]
         inits = {t.name: t for t in emb.graph.initializer}

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VerificationError
+from .manifest_records import EmbeddingTableRecord
 
 TABLE_NAME = "embedding.f32.bin"  # in OUT, written by the export
 COMPILED_NAME = "embedding.bin"  # beside the bmodel, written by compile
 ROWS_PER_CHUNK = 4096
 
 
-def write_table(parts, out_dir: Path) -> dict:
+def write_table(parts, out_dir: Path) -> EmbeddingTableRecord:
     """Write OUT/embedding.f32.bin from the model's embedding (in the export dtype, as the net computes it);
     returns the manifest's record of it."""
     import torch
@@ -38,8 +39,8 @@ def write_table(parts, out_dir: Path) -> dict:
             f.write(segment(ids)[0].to(torch.float32).contiguous().numpy().tobytes())
         hidden = int(embed.weight.shape[1])
     tmp.replace(path)
-    return {"file": TABLE_NAME, "shape": [vocab, hidden], "dtype": "float32", "size": path.stat().st_size,
-            "sha256": sha256_file(path)}
+    return EmbeddingTableRecord(file=TABLE_NAME, shape=[vocab, hidden], dtype="float32", size=path.stat().st_size,
+                                sha256=sha256_file(path))
 
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -90,11 +91,11 @@ class EmbeddingTable:
         from .manifest import read_manifest
 
         manifest = manifest or read_manifest(out_dir)
-        record = manifest.conventions.get("embedding_disk")
+        record = manifest.conventions.embedding_disk
         if not record:
             raise VerificationError(f"'{out_dir}' was not exported with --embedding-disk: it has no embedding table")
-        vocab, hidden = record["shape"]
-        return cls(Path(out_dir) / record["file"], int(vocab), int(hidden), "f32")
+        vocab, hidden = record.shape
+        return cls(Path(out_dir) / record.file, int(vocab), int(hidden), "f32")
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ``ids`` ([1, n] ints) as float32 [1, n, H]."""

@@ -10,7 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError, VerificationError
-from .segments import TensorSpec
+from .manifest_records import (
+    Conventions,
+    ExportStats,
+    ExternalDataFile,
+    ModelRecord,
+    PassChainEntry,
+    RecordedOptions,
+    TestDataRecord,
+    ToolVersions,
+)
+from .records import JsonRecord, extra_keys, optional
+from .segments import SegmentKind, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_NAME = ".tpugraph-partial.json"  # the manifest of an unfinished run: finished segments only
@@ -26,41 +37,34 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class SegmentEntry:
+def _read_test_data(value: Any) -> TestDataRecord:
+    # an early tpugraph noted the npz file alone
+    return TestDataRecord(file=value) if isinstance(value, str) else TestDataRecord.from_json(value)
+
+
+@dataclass(kw_only=True)
+class SegmentEntry(JsonRecord):
+    """One exported segment: its file and digests, its I/O, the passes it went through and how it was made."""
+
     name: str
-    kind: str
+    kind: SegmentKind
     layer: int | None
     file: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
     size: int = 0
     sha256: str = ""
-    external_data: list[dict[str, Any]] = field(default_factory=list)  # [{file, size, sha256}]
-    passes: list[dict[str, Any]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    external_data: list[ExternalDataFile] = field(default_factory=list)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    passes: list[dict[str, Any]] = field(default_factory=list)  # each pass's result (passes/base.py PassResult)
+    io_mapping: dict[str, str] | None = optional()  # old -> new I/O names, when a pass renamed them
+    unused_inputs: list[str] | None = optional()  # contract inputs the graph does not read
+    fingerprint: str | None = optional()  # what the segment was made from: a rerun keeps it when unchanged
+    graph_reused_from: str | None = optional()  # weight swapping: the segment whose optimised graph it reuses
+    export_seconds: float | None = optional()
+    test_data: TestDataRecord | None = optional()
+    extra: dict[str, Any] = extra_keys()
 
-    def to_json(self) -> dict[str, Any]:
-        d = {
-            "name": self.name, "kind": self.kind, "layer": self.layer, "file": self.file,
-            "size": self.size, "sha256": self.sha256, "external_data": self.external_data,
-            "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
-            "passes": self.passes,
-        }
-        d.update(self.extra)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "SegmentEntry":
-        known = {"name", "kind", "layer", "file", "size", "sha256", "external_data", "inputs", "outputs", "passes"}
-        return cls(
-            name=d["name"], kind=d["kind"], layer=d.get("layer"), file=d["file"],
-            inputs=[TensorSpec.from_json(t) for t in d["inputs"]],
-            outputs=[TensorSpec.from_json(t) for t in d["outputs"]],
-            size=int(d.get("size", 0)), sha256=d.get("sha256", ""),
-            external_data=list(d.get("external_data", [])), passes=list(d.get("passes", [])),
-            extra={k: v for k, v in d.items() if k not in known},
-        )
+    union_readers = {"test_data": _read_test_data}
 
     def record_files(self, out_dir: Path, digests: dict[str, str] | None = None) -> None:
         """Fill size and sha256 of the segment file and of its external-data files. ``digests`` (file name ->
@@ -70,25 +74,30 @@ class SegmentEntry:
         self.size = path.stat().st_size
         self.sha256 = sha256_file(path)
         for ext in self.external_data:
-            p = out_dir / ext["file"]
-            ext["size"] = p.stat().st_size
-            if ext["file"] not in digests:
-                digests[ext["file"]] = sha256_file(p)
-            ext["sha256"] = digests[ext["file"]]
+            p = out_dir / ext.file
+            ext.size = p.stat().st_size
+            if ext.file not in digests:
+                digests[ext.file] = sha256_file(p)
+            ext.sha256 = digests[ext.file]
 
 
-@dataclass
-class Manifest:
-    model: dict[str, Any]
-    tools: dict[str, Any]
-    conventions: dict[str, Any]
-    options: dict[str, Any]
-    pass_chain: list[dict[str, Any]] = field(default_factory=list)
-    segments: list[SegmentEntry] = field(default_factory=list)
+@dataclass(kw_only=True)
+class Manifest(JsonRecord):
+    """OUT/manifest.json. Its keys, in order, are the fields'; keys this tpugraph does not know are kept."""
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
     complete: bool = False
+    model: ModelRecord
+    tools: ToolVersions
+    conventions: Conventions
+    options: RecordedOptions
+    pass_chain: list[PassChainEntry] = field(default_factory=list)
     # Plain-language statements of where the export is exact and where it is not (sliding windows, rope).
     notes: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)  # how the run went: segments traced, weight-swapped
+    stats: ExportStats = field(default_factory=ExportStats)  # how the run went: segments traced, weight-swapped
+    segments: list[SegmentEntry] = field(default_factory=list)
+    extra: dict[str, Any] = extra_keys()
 
     def segment(self, name: str) -> SegmentEntry:
         for s in self.segments:
@@ -96,14 +105,11 @@ class Manifest:
                 return s
         raise KeyError(name)
 
+    def kinds(self) -> set[SegmentKind]:
+        return {s.kind for s in self.segments}
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "complete": self.complete,
-            "model": self.model, "tools": self.tools, "conventions": self.conventions,
-            "options": self.options, "pass_chain": self.pass_chain, "notes": self.notes,
-            "stats": self.stats,
-            "segments": [s.to_json() for s in self.segments],
-        }
+        return {**super().to_json(), "format": FORMAT, "format_version": FORMAT_VERSION}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Manifest":
@@ -113,11 +119,7 @@ class Manifest:
             raise VerificationError(
                 f"manifest format_version {d.get('format_version')} is newer than this tpugraph reads ({FORMAT_VERSION})"
             )
-        return cls(
-            model=d["model"], tools=d["tools"], conventions=d["conventions"], options=d["options"],
-            pass_chain=d.get("pass_chain", []), segments=[SegmentEntry.from_json(s) for s in d["segments"]],
-            complete=bool(d.get("complete", False)), notes=list(d.get("notes", [])), stats=dict(d.get("stats", {})),
-        )
+        return super().from_json(d)
 
     def write(self, out_dir: Path, name: str = MANIFEST_NAME) -> Path:
         """Atomically replace OUT/manifest.json (or another manifest file name)."""
@@ -169,17 +171,19 @@ def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[str]]
 def validate(out_dir: Path) -> list[str]:
     """Every mismatch between OUT's manifest and its files; empty when all is consistent."""
     out_dir = Path(out_dir)
+    from .json_schema import schema_problems
+
     manifest = read_manifest(out_dir)
-    problems: list[str] = []
+    problems = schema_problems(json.loads((out_dir / MANIFEST_NAME).read_text()))  # manifest.schema.json
     if not manifest.complete:
         problems.append("manifest is marked incomplete: the run that wrote it did not finish")
-    table = manifest.conventions.get("embedding_disk")
+    table = manifest.conventions.embedding_disk
     if table:  # --embedding-disk: the vocabulary rows the host gathers
-        path = out_dir / table["file"]
+        path = out_dir / table.file
         if not path.is_file():
-            problems.append(f"embedding table {table['file']} is missing")
-        elif path.stat().st_size != table["size"] or sha256_file(path) != table["sha256"]:
-            problems.append(f"embedding table {table['file']}: size or sha256 does not match the manifest")
+            problems.append(f"embedding table {table.file} is missing")
+        elif path.stat().st_size != table.size or sha256_file(path) != table.sha256:
+            problems.append(f"embedding table {table.file}: size or sha256 does not match the manifest")
     for seg in manifest.segments:
         path = out_dir / seg.file
         if not path.is_file():
@@ -190,11 +194,11 @@ def validate(out_dir: Path) -> list[str]:
         if sha256_file(path) != seg.sha256:
             problems.append(f"{seg.name}: sha256 of {seg.file} does not match the manifest")
         for ext in seg.external_data:
-            ep = out_dir / ext["file"]
+            ep = out_dir / ext.file
             if not ep.is_file():
-                problems.append(f"{seg.name}: external data {ext['file']} is missing")
-            elif sha256_file(ep) != ext.get("sha256"):
-                problems.append(f"{seg.name}: sha256 of external data {ext['file']} does not match the manifest")
+                problems.append(f"{seg.name}: external data {ext.file} is missing")
+            elif sha256_file(ep) != ext.sha256:
+                problems.append(f"{seg.name}: sha256 of external data {ext.file} does not match the manifest")
         try:
             ins, outs, dyn = _onnx_io(path)
         except Exception as exc:

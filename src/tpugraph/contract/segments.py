@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
+
+from .manifest_records import LayerKv
+from .records import TextEnum
 
 MASK_VALUE = -10000.0
 KV_LAYOUT = "sequence-major [1, SEQ, KVH, D]"
 
 
-class SegmentKind(str, Enum):
+class SegmentKind(TextEnum):
     EMBEDDING = "embedding"
     EMBEDDING_CACHE = "embedding_cache"
     BLOCK = "block"
@@ -38,6 +40,13 @@ class TensorSpec:
     def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
 
+    @staticmethod
+    def json_schema() -> dict[str, Any]:
+        return {"description": "A graph input or output: its name, static shape and numpy dtype name.",
+                "type": "object", "required": ["name", "shape", "dtype"],
+                "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+                               "dtype": {"type": "string"}}}
+
     @classmethod
     def from_value_info(cls, v, dynamic: list[str] | None = None) -> "TensorSpec":
         """The spec of an ONNX ValueInfoProto; each symbolic or unknown dim is -1 and noted in ``dynamic``."""
@@ -63,6 +72,11 @@ class SegmentSpec:
     layer: int | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # The variant, as fields (what exports and reads the segment asks these, not its I/O names):
+    per_layer: bool = False  # per-layer embeddings: an embedding's second output, a block's two extra inputs
+    shared_kv: bool = False  # a block attending over an earlier layer's KV (shared_k/shared_v in, no KV out)
+    greedy_token: bool = False  # an lm_head that takes the top-1 itself: ``token`` [1,1] its first output
+    logits: bool = True  # an lm_head that outputs ``m_logits`` (not the top-k lm_head)
 
     @property
     def filename(self) -> str:
@@ -107,10 +121,10 @@ class ContractDims:
     def kv_source(self, layer: int) -> int | None:
         return self.kv_from[layer] if self.kv_from else None
 
-    def layer_records(self) -> list[dict[str, Any]]:
+    def layer_records(self) -> list[LayerKv]:
         """The manifest's per-layer KV record (model.layers_kv): what the runtime allocates and feeds."""
-        return [{"layer": i, "kv_heads": self.kv_shape(i)[0], "head_dim": self.kv_shape(i)[1],
-                 "kv_from": self.kv_source(i)} for i in range(self.layers)]
+        return [LayerKv(layer=i, kv_heads=self.kv_shape(i)[0], head_dim=self.kv_shape(i)[1],
+                        kv_from=self.kv_source(i)) for i in range(self.layers)]
 
 
 def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm_head: bool = False,
@@ -145,9 +159,11 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
 
     specs = [] if embedding_disk else [
         SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
-                    (T("input_ids", (1, n), i),), (T("input_embed", (1, n, d.hidden), f), *per_layer_out(n))),
+                    (T("input_ids", (1, n), i),), (T("input_embed", (1, n, d.hidden), f), *per_layer_out(n)),
+                    per_layer=bool(d.per_layer)),
         SegmentSpec("embedding_cache", SegmentKind.EMBEDDING_CACHE, None,
-                    (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f), *per_layer_out(1))),
+                    (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f), *per_layer_out(1)),
+                    per_layer=bool(d.per_layer)),
     ]
     states = tuple(T(name, shape, f) for name, shape in d.state_shapes)
     next_states = tuple(T(f"next_{t.name}", t.shape, f) for t in states)
@@ -169,7 +185,8 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
                 (T("hidden_states", (1, 1, d.hidden), f), *next_states),
             ))
             continue
-        if d.kv_source(layer) is None:
+        shared = d.kv_source(layer) is not None
+        if not shared:
             prefill_kv_in, prefill_kv_out = (), (T("past_k", kv_new, f), T("past_v", kv_new, f))
             decode_kv_in = (T("history_k", kv_hist, f), T("history_v", kv_hist, f))
             decode_kv_out = (T("past_k", kv_one, f), T("past_v", kv_one, f))
@@ -181,7 +198,7 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
             f"block_{layer}", SegmentKind.BLOCK, layer,
             (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
              T("attention_mask", (1, 1, n, n), f), *per_layer_in(n), *prefill_kv_in),
-            (T("hidden_states", (1, n, d.hidden), f), *prefill_kv_out),
+            (T("hidden_states", (1, n, d.hidden), f), *prefill_kv_out), per_layer=bool(d.per_layer), shared_kv=shared,
         ))
         if history_kv:
             specs.append(SegmentSpec(
@@ -195,14 +212,14 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
             f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
             (T("input_states", (1, 1, d.hidden), f), T("position_ids", (1, 1), i),
              T("attention_mask", (1, 1, 1, d.seq + 1), f), *per_layer_in(1), *decode_kv_in),
-            (T("hidden_states", (1, 1, d.hidden), f), *decode_kv_out),
+            (T("hidden_states", (1, 1, d.hidden), f), *decode_kv_out), per_layer=bool(d.per_layer), shared_kv=shared,
         ))
     if lm_head_topk:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
-                                 (T("token", (1, 1), i),)))
+                                 (T("token", (1, 1), i),), greedy_token=True, logits=False))
     elif greedy_in_lm_head:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),
-                                 (T("token", (1, 1), i), T("m_logits", (1, d.vocab), f))))
+                                 (T("token", (1, 1), i), T("m_logits", (1, d.vocab), f)), greedy_token=True))
     else:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None,
                                  (T("hidden_states", (1, d.hidden), f),), (T("m_logits", (1, d.vocab), f),)))

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..contract.manifest import PARTIAL_NAME, Manifest, SegmentEntry
+from ..contract.manifest_records import ExternalDataFile
 from ..errors import OutputError
 from .plan import WorkUnit
 
@@ -48,17 +49,17 @@ class UnitWriter:
         self.weights_file = WeightsFile(self.stage, unit.data_file) if unit.data_file else None
         self.files: list[str] = []
 
-    def add(self, built) -> list[dict]:
+    def add(self, built) -> list[ExternalDataFile]:
         """Stage one built segment (export.factory.BuiltSegment); returns its external-data entries."""
         import onnx
 
         spec = built.spec
-        external: list[dict] = []
+        external: list[ExternalDataFile] = []
         try:
             if self.weights_file is not None:
                 self.weights_file.externalize(built.model, built.weights)
                 built.weights = []
-                external.append({"file": self.unit.data_file})
+                external.append(ExternalDataFile(file=self.unit.data_file))
                 onnx.save_model(built.model, str(self.stage / spec.filename))
                 self.files.append(spec.filename)
                 return external

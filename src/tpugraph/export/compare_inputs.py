@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.manifest import Manifest, SegmentEntry, read_manifest
-from ..contract.segments import prefill_inputs
+from ..contract.manifest_records import TestDataRecord
+from ..contract.segments import SegmentKind, prefill_inputs
 from ..errors import OutputError, UsageError
 from ..runtime.loop import KvCache, SegmentRuntime
 
@@ -67,19 +68,20 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
     (garbage rows included, masked as the runtime masks them).
     The sampling head gets the prefill's logits, the prompt as ids and typical sampling parameters.
     """
-    seq = int(manifest.options["seq_length"])
+    seq = int(manifest.options.seq_length)
     if seq < 2:
         raise UsageError(f"test data needs --seq-length >= 2 (a prefill and a decode step); got {seq}")
     n = default_decode_position(seq) if decode_position is None else int(decode_position)
     if not 1 <= n < seq:
         raise UsageError(f"test-data decode position must be within 1..{seq - 1} "
                          f"(SEQ - 1 leaves room to decode); got {n}")
-    prompt = make_prompt(int(manifest.model["vocab_size"]), seq, seed, manifest.model.get("bos_token_id"))
+    prompt = make_prompt(int(manifest.model.vocab_size), seq, seed, manifest.model.bos_token_id)
 
     rt = _RecordingRuntime(out_dir, manifest)
-    names = {s.name for s in manifest.segments}
+    kinds = manifest.kinds()
     # next_token: lm_head and greedy_head, or an lm_head that takes the top-1 itself
-    heads = "lm_head" in names and ("greedy_head" in names or rt.greedy_in_lm_head or rt.token_lm_head)
+    heads = SegmentKind.LM_HEAD in kinds and (SegmentKind.GREEDY_HEAD in kinds or rt.greedy_in_lm_head
+                                              or rt.token_lm_head)
     length = rt.input_length  # L: the prefill nets' tokens (SEQ unless --max-input-length)
     hidden, _ = rt.prefill(prompt[:length])  # records embedding, block_i
     logits = rt.next_token(hidden)[1] if heads else None  # records lm_head, greedy_head
@@ -88,7 +90,7 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
         h = length if length < seq else seq // 2
         _, history = rt.prefill(prompt[:h])
         rt.prefill_on_history(prompt[h: h + length], h, history)  # records block_kv_i
-    if "embedding_cache" in names or rt.table is not None:  # (--embedding-disk: rows gathered on the host)
+    if SegmentKind.EMBEDDING_CACHE in kinds or rt.table is not None:  # (--embedding-disk: rows gathered on the host)
         if decode_position is None and not rt.history_kv:
             n = min(n, length)  # the prompt must fit one prefill
         cache = KvCache()
@@ -100,10 +102,10 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
     for entry in manifest.segments:
         if entry.name in rt.recorded:
             arrays = rt.recorded[entry.name]
-        elif entry.kind == "penalty_sample_head" and logits is not None:
+        elif entry.kind == SegmentKind.PENALTY_SAMPLE_HEAD and logits is not None:
             ids = prefill_inputs(prompt, seq)[0]
             arrays = (logits.reshape(1, -1), ids, *(np.array([v], np.float32) for v in SAMPLE_PARAMS.values()))
-        elif entry.kind == "sample_head" and logits is not None:
+        elif entry.kind == SegmentKind.SAMPLE_HEAD and logits is not None:
             ids = prefill_inputs(prompt, seq)[0]
             p = SAMPLE_PARAMS
             arrays = (logits.reshape(1, -1), ids, np.array([p["penalty"]], np.float32),
@@ -148,7 +150,7 @@ def write_test_data(out_dir: str | Path, manifest: Manifest | None = None, decod
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-        entry.extra["test_data"] = {"file": rel, **how}
+        entry.test_data = TestDataRecord(file=rel, **how)
         written.append(rel)
     manifest.write(out_dir)
     log.info("wrote test inputs of %d segments to %s", len(written), out_dir / TEST_DATA_DIR)

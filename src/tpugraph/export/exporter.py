@@ -93,7 +93,7 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     if parts is None:
         raise ModelError(f"segment '{spec.name}' needs the model's weights")
     fam = parts.family
-    if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) and len(spec.outputs) == 2:
+    if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) and spec.per_layer:
         # Per-layer embeddings (Gemma 4): the second table is gathered by the same segment.
         ple = fam.per_layer_embedding
         with parts.materialized(fam.embed_path, placeholders_from) as embed, \
@@ -118,20 +118,18 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
                 cls = StateBlockSegment if spec.kind == SegmentKind.BLOCK else StateBlockCacheSegment
                 yield _with_float_boundary(cls(layer, _layer_cache_kwarg(layer)), parts)
                 return
-            names = {t.name for t in spec.inputs}
             if fam.per_layer_embedding is not None or fam.kv_sharing != KV_SHARING_NONE:
                 # per_layer_inputs: Gemma 4's extra block inputs (its layers take the shared-KV store either way)
                 cls = ExtraInputsBlockSegment if spec.kind == SegmentKind.BLOCK else ExtraInputsBlockCacheSegment
                 yield _with_float_boundary(cls(layer, rotary, window, fam, parts.skeleton,
                                                fam.layer_type(parts.text_config, spec.layer),
-                                               "per_layer_embeds" in names, "shared_k" in names), parts)
+                                               spec.per_layer, spec.shared_kv), parts)
             else:
                 cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
                        SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
                 yield _with_float_boundary(cls(layer, rotary, window), parts)
     elif spec.kind == SegmentKind.LM_HEAD:
-        greedy = any(t.name == "token" for t in spec.outputs)
-        token_only = len(spec.outputs) == 1 and greedy
+        greedy, token_only = spec.greedy_token, spec.greedy_token and not spec.logits
         with parts.materialized(fam.norm_path, placeholders_from) as norm, \
                 parts.materialized(fam.lm_head_path, placeholders_from) as head:
             yield _with_float_boundary(

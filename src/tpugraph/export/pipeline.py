@@ -13,6 +13,15 @@ from typing import Callable
 
 from .. import __version__
 from ..contract.manifest import MANIFEST_NAME, PARTIAL_NAME, Manifest
+from ..contract.manifest_records import (
+    Conventions,
+    ExportStats,
+    ModelRecord,
+    PassChainEntry,
+    RecordedOptions,
+    ToolVersions,
+    read_quantization,
+)
 from ..contract.segments import KV_LAYOUT, MASK_VALUE, SAMPLE_HEADS, ContractDims, segment_specs
 from ..errors import OutputError, UsageError
 from ..source.checkpoint import ModelSource, load_config, model_facts, open_weights, resolve_model
@@ -78,15 +87,15 @@ class ExportOptions:
             raise UsageError(f"must be within 1..SEQ={self.seq_length}: the prefill nets take at most the "
                              f"decode window (got {self.max_input_length})", option="max_input_length")
 
-    def runtime_options(self) -> dict:
-        """The manifest's record of the runtime options, only where they differ from the default (so the
-        manifest of a default export stays what it was)."""
-        extra: dict = {}
-        if self.max_input_length is not None and self.max_input_length != self.seq_length:
-            extra["max_input_length"] = self.max_input_length
-        if self.history_kv:
-            extra["history_kv"] = True
-        return extra
+    def record(self) -> RecordedOptions:
+        """The manifest's record of the options; the runtime options only where they differ from the default
+        (so the manifest of a default export stays what it was)."""
+        return RecordedOptions(
+            seq_length=self.seq_length, dtype=self.dtype, int_dtype=self.int_dtype, external_data=self.external_data,
+            penalty_head=self.penalty_head, greedy_in_lm_head=self.greedy_in_lm_head, sample_head=self.sample_head,
+            lm_head_topk=self.lm_head_topk, embedding_disk=self.embedding_disk,
+            max_input_length=self.max_input_length if self.max_input_length != self.seq_length else None,
+            history_kv=self.history_kv)
 
 
 def naming_conventions() -> tuple[str, ...]:
@@ -95,7 +104,7 @@ def naming_conventions() -> tuple[str, ...]:
     return tuple(CONVENTIONS)
 
 
-def tool_versions() -> dict[str, str]:
+def tool_versions() -> ToolVersions:
     import onnx
     import torch
     import transformers
@@ -110,7 +119,7 @@ def tool_versions() -> dict[str, str]:
         if exc.type_name not in ("ImportError", "ModuleNotFoundError"):
             raise
         versions["onnxsim"] = "not installed"
-    return versions
+    return ToolVersions(**versions)
 
 
 def prepare_output_dir(out: Path, force: bool) -> None:
@@ -195,18 +204,13 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model={**facts.to_json(), **_state_facts(dims), **layer_records(dims), "source": source.to_json(),
-               **({"source_quantization": weights.quantization} if weights.quantization else {})},
+        model=ModelRecord(**vars(facts), **_state_facts(dims), **layer_records(dims), source=source.record(),
+                          source_quantization=read_quantization(weights.quantization) if weights.quantization else None),
         tools=tools,
-        conventions={"kv_layout": KV_LAYOUT, "mask_value": MASK_VALUE, "opset": DEFAULT_OPSET,
-                     "naming": _naming(chain), "int_dtype": options.int_dtype, "float_dtype": "float32",
-                     "batch": 1},
-        options={"seq_length": options.seq_length, "dtype": options.dtype, "int_dtype": options.int_dtype,
-                 "external_data": options.external_data, "penalty_head": options.penalty_head,
-                 "greedy_in_lm_head": options.greedy_in_lm_head, "sample_head": options.sample_head,
-                 "lm_head_topk": options.lm_head_topk, "embedding_disk": options.embedding_disk,
-                 **options.runtime_options()},
-        pass_chain=[{"name": p.name, "options": p.options()} for p in chain],
+        conventions=Conventions(kv_layout=KV_LAYOUT, mask_value=MASK_VALUE, opset=DEFAULT_OPSET, naming=_naming(chain),
+                                int_dtype=options.int_dtype, float_dtype="float32", batch=1),
+        options=options.record(),
+        pass_chain=[PassChainEntry(name=p.name, options=p.options()) for p in chain],
     )
     config_json = config.to_dict()
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
@@ -219,7 +223,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
 
     def fingerprint(unit: WorkUnit) -> str:
         return unit_fingerprint(unit.specs, unit.weight_prefixes, unit.data_file, weights, config_json,
-                                manifest.options, manifest.pass_chain, tools)
+                                manifest.options.to_json(), [p.to_json() for p in manifest.pass_chain],
+                                tools.to_json())
 
     run = Scheduler(out_dir, previous, Committer(out_dir, manifest), progress, len(specs), make_factory)
     # torch's tracer and transformers warn about what an export does on purpose (legacy exporter, traced
@@ -233,10 +238,10 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         shutil.rmtree(work, ignore_errors=True)
     factory = run.factory
     if factory is not None:
-        manifest.stats = {"segments_traced": factory.traced, "segments_weight_swapped": factory.swapped}
+        manifest.stats = ExportStats(segments_traced=factory.traced, segments_weight_swapped=factory.swapped)
     order = {spec.name: i for i, spec in enumerate(specs)}
     manifest.segments.sort(key=lambda e: order[e.name])
-    unused = {e.name: e.extra["unused_inputs"] for e in manifest.segments if e.extra.get("unused_inputs")}
+    unused = {e.name: e.unused_inputs for e in manifest.segments if e.unused_inputs}
     manifest.notes = export_notes(family, config, options.seq_length, options.dtype) + (
         [unused_inputs_note(unused)] if unused else [])
     for note in manifest.notes:
@@ -244,8 +249,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if options.embedding_disk:  # the rows the host gathers instead of running embedding nets
         from ..contract.embedding_table import write_table
 
-        manifest.conventions["embedding_disk"] = write_table(ModelParts(config, family, weights, options.dtype), out_dir)
-    manifest.model["tokenizer"] = copy_tokenizer(source, out_dir)  # tpugraph run's own tokenizer
+        manifest.conventions.embedding_disk = write_table(ModelParts(config, family, weights, options.dtype), out_dir)
+    manifest.model.tokenizer = copy_tokenizer(source, out_dir)  # tpugraph run's own tokenizer
     manifest.complete = True
     manifest.write(out_dir)
     (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
@@ -272,7 +277,7 @@ def _state_facts(dims: ContractDims) -> dict:
     if not dims.state_layers:
         return {}
     return {"state_layers": list(dims.state_layers),
-            "state_shapes": {name: list(shape) for name, shape in dims.state_shapes}}
+            "state_shapes": {name: list(shape) for name, shape in dims.state_shapes}}  # ModelRecord fields
 
 
 def layer_dims(config, family) -> dict:
@@ -296,7 +301,7 @@ def layer_records(dims: ContractDims) -> dict:
     heads, head dim and the layer whose KV it reuses) and ``per_layer_embedding`` (P). Only when present."""
     if not (dims.layer_kv or dims.kv_from or dims.per_layer):
         return {}
-    return {"layers_kv": dims.layer_records(), "per_layer_embedding": dims.per_layer}
+    return {"layers_kv": dims.layer_records(), "per_layer_embedding": dims.per_layer}  # ModelRecord fields
 
 
 def _resolve_chain(options: ExportOptions):

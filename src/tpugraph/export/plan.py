@@ -89,9 +89,9 @@ def previous_entries(out_dir: Path) -> dict[str, SegmentEntry]:
 def still_valid(entry: SegmentEntry, out_dir: Path, fingerprint: str, digests: dict[str, str]) -> bool:
     """The entry was made from the same inputs and its files are as it recorded them. ``digests`` caches
     the sha256 of files already read in this check (a data file shared by a unit's segments)."""
-    if entry.extra.get("fingerprint") != fingerprint:
+    if entry.fingerprint != fingerprint:
         return False
-    files = [(entry.file, entry.size, entry.sha256)] + [(e["file"], e.get("size"), e.get("sha256")) for e in entry.external_data]
+    files = [(entry.file, entry.size, entry.sha256)] + [(e.file, e.size, e.sha256) for e in entry.external_data]
     for name, size, digest in files:
         path = out_dir / name
         if not path.is_file() or path.stat().st_size != size:

@@ -17,10 +17,9 @@ def segment_weight_prefixes(family: FamilySpec, spec: SegmentSpec) -> list[str]:
     """Checkpoint key prefixes of the weights a segment is made of."""
     ple = family.per_layer_embedding
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
-        return [f"{family.embed_path}."] + ([f"{ple.table_path}."] if len(spec.outputs) == 2 else [])
+        return [f"{family.embed_path}."] + ([f"{ple.table_path}."] if spec.per_layer else [])
     if spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE):
-        extra = [f"{ple.projection_path}.", f"{ple.norm_path}."] if any(
-            t.name == "per_layer_embeds" for t in spec.inputs) else []
+        extra = [f"{ple.projection_path}.", f"{ple.norm_path}."] if spec.per_layer else []
         return [f"{family.layers_path}.{spec.layer}."] + extra
     if spec.kind == SegmentKind.LM_HEAD:
         # A tied head reads the embedding matrix: include it either way, it is what the head is made of.

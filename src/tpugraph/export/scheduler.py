@@ -150,19 +150,19 @@ class Scheduler:
                 self._step(spec.name)
                 t0 = time.perf_counter()
                 built = factory.build(spec)
-                entry = SegmentEntry(name=spec.name, kind=spec.kind.value, layer=spec.layer, file=spec.filename,
+                entry = SegmentEntry(name=spec.name, kind=spec.kind, layer=spec.layer, file=spec.filename,
                                      inputs=list(spec.inputs), outputs=list(spec.outputs))
                 _apply_renames(entry, built.pass_results)
                 if unused := unused_graph_inputs(built.model):
-                    entry.extra["unused_inputs"] = unused
+                    entry.unused_inputs = unused
                 entry.passes = [r.to_json() for r in built.pass_results]
-                entry.extra["fingerprint"] = fingerprint
+                entry.fingerprint = fingerprint
                 swapped_from = built.swapped_from
                 if swapped_from:
-                    entry.extra["graph_reused_from"] = swapped_from
+                    entry.graph_reused_from = swapped_from
                 entry.external_data = writer.add(built)
                 del built
-                entry.extra["export_seconds"] = round(time.perf_counter() - t0, 3)
+                entry.export_seconds = round(time.perf_counter() - t0, 3)
                 log.info("%s done (%.2fs%s)", spec.name, time.perf_counter() - t0,
                          f", weights swapped into the graph of {swapped_from}" if swapped_from else "")
                 entries.append(entry)
@@ -182,4 +182,4 @@ def _apply_renames(entry: SegmentEntry, pass_results) -> None:
             continue
         entry.inputs = [replace(t, name=mapping.get(t.name, t.name)) for t in entry.inputs]
         entry.outputs = [replace(t, name=mapping.get(t.name, t.name)) for t in entry.outputs]
-        entry.extra["io_mapping"] = mapping
+        entry.io_mapping = mapping

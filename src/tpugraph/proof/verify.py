@@ -134,10 +134,10 @@ class TurnReport:
 def _source_folder(manifest: Manifest, model_path: str | None) -> Path:
     if model_path:
         return Path(model_path)
-    src = manifest.model.get("source", {})
-    path = Path(src.get("path", ""))
-    if src.get("preset") and not (path / "config.json").is_file():
-        path = materialize_preset(src["preset"])  # deterministic: the same weights again
+    src = manifest.model.source
+    path = Path(src.path)
+    if src.preset and not (path / "config.json").is_file():
+        path = materialize_preset(src.preset)  # deterministic: the same weights again
     if not ((path / "config.json").is_file() or is_gguf_file(path)):
         raise VerificationError(f"source model '{path}' of this output is gone; pass --model FOLDER")
     return path
@@ -217,8 +217,8 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     if problems:
         more = f" (and {len(problems) - 1} more; see `tpugraph manifest validate`)" if len(problems) > 1 else ""
         raise VerificationError(f"'{out_dir}' does not match its manifest: {problems[0]}{more}")
-    seq = int(manifest.options["seq_length"])
-    vocab = int(manifest.model["vocab_size"])
+    seq = int(manifest.options.seq_length)
+    vocab = int(manifest.model.vocab_size)
     if turns < 1:
         raise UsageError(f"must be >= 1 (got {turns})", option="turns")
     if prompt is None:
@@ -234,7 +234,7 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     from ..runtime.conversation import check_conversation
 
     check_conversation(manifest, len(prompt), turns)
-    eos = _eos_ids(manifest.model.get("eos_token_id"))
+    eos = _eos_ids(manifest.model.eos_token_id)
     backend = None
     if bmodel is not None:  # load and check the bmodel before the (slow) reference runs
         from ..runtime.backends.bmodel_backend import BmodelBackend
@@ -242,7 +242,7 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
         backend = BmodelBackend(bmodel, manifest, tpu_mlir)
         dtype = "bmodel-" + bmodel_mode(backend.bmodel, backend.activation_dtype)
     else:
-        dtype = str(manifest.options.get("dtype", "float32"))
+        dtype = manifest.options.dtype
     try:
         return _compare(out_dir, manifest, prompt, new_tokens, eos, model_path, stream_reference, dtype, backend,
                         mask_check=mask_check, turns=turns, seed=seed)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.manifest import Manifest
+from ..contract.segments import SegmentKind
 from ..errors import UsageError
 from .loop import KvCache, PrefillUnsupported, prefill_length  # noqa: F401 - re-exported
 
@@ -18,9 +19,9 @@ VERIFY_USER_TURNS = ("What is the capital of France?", "And the capital of Italy
 
 def runtime_facts(manifest: Manifest) -> tuple[int, int, bool]:
     """(SEQ, L, has block_kv_i) of an output, from its manifest."""
-    seq = int(manifest.options["seq_length"])
+    seq = int(manifest.options.seq_length)
     length = prefill_length(manifest)
-    return seq, length, any(s.kind == "block_kv" for s in manifest.segments)
+    return seq, length, SegmentKind.BLOCK_KV in manifest.kinds()
 
 
 def check_conversation(manifest: Manifest, prompt_tokens: int, turns: int) -> None:
@@ -61,14 +62,14 @@ class Conversation:
                    chat: bool = True) -> "Conversation":
         """With a chat template in OUT's tokenizer: chat messages (VERIFY_USER_TURNS) through the template;
         otherwise plain ids: the prompt, then each reply and a new random user prompt of the same length."""
-        record = manifest.model.get("tokenizer") or {}
-        if chat and record.get("chat_template") and record.get("files"):
+        record = manifest.model.tokenizer
+        if chat and record and record.chat_template and record.files:
             from ..source.tokenizer import load_output_tokenizer
 
             tokenizer = load_output_tokenizer(out_dir, manifest)
             if getattr(tokenizer, "chat_template", None):
                 return ChatConversation(tokenizer, VERIFY_USER_TURNS)
-        return IdsConversation(prompt, int(manifest.model["vocab_size"]), seed)
+        return IdsConversation(prompt, int(manifest.model.vocab_size), seed)
 
 
 class IdsConversation(Conversation):

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from ..contract.manifest import Manifest, read_manifest
-from ..contract.segments import MASK_VALUE, decode_inputs, history_prefill_inputs, prefill_inputs
+from ..contract.segments import MASK_VALUE, SegmentKind, decode_inputs, history_prefill_inputs, prefill_inputs
 from ..errors import UsageError
 from .backends import SegmentBackend
 from .sampling import SamplingParams, draw, head_inputs, sample_head_of
@@ -79,21 +79,20 @@ class SegmentRuntime:
             backend = OnnxBackend(self.out_dir, self.manifest, keep_bytes)
         self.backend = backend
         self.mask_value = mask_value
-        self.seq = int(self.manifest.options["seq_length"])
-        self.layers = int(self.manifest.model["num_layers"])
+        self.seq = int(self.manifest.options.seq_length)
+        self.layers = int(self.manifest.model.num_layers)
         # --embedding-disk: no embedding nets, the host gathers rows of the vocabulary table the backend names
         self.table = None
-        if "embedding" not in {s.name for s in self.manifest.segments}:
+        if SegmentKind.EMBEDDING not in self.manifest.kinds():  # --embedding-disk
             from ..contract.embedding_table import EmbeddingTable
 
             table_of = getattr(backend, "embedding_table", None)
             self.table = table_of(self.out_dir, self.manifest) if table_of else \
                 EmbeddingTable.of_output(self.out_dir, self.manifest)
-        lm_outputs = self.manifest.segment("lm_head").outputs
         # The seed's variant: lm_head takes the top-1 itself, outputs (token, m_logits), no greedy_head.
-        self.greedy_in_lm_head = len(lm_outputs) == 2
+        self.greedy_in_lm_head = self.manifest.options.greedy_in_lm_head
         # The current runtime's top-k lm_head: the token [1,1] is its only output (no logits at all).
-        self.token_lm_head = len(lm_outputs) == 1 and tuple(lm_outputs[0].shape) == (1, 1)
+        self.token_lm_head = self.manifest.options.lm_head_topk
         self.sampling = sampling
         self.sample_net = None
         if sampling is not None:
@@ -110,12 +109,12 @@ class SegmentRuntime:
         self.input_length = prefill_length(self.manifest)
         # compile --dynamic: the prefill nets run at the prompt's (chunk's) real length, not always L
         self.dynamic_prefill = bool(getattr(backend, "dynamic_prefill", False))
-        self.history_kv = any(s.kind == "block_kv" for s in self.manifest.segments)
+        self.history_kv = SegmentKind.BLOCK_KV in self.manifest.kinds()
         # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
-        self.state_layers = set(self.manifest.model.get("state_layers", ()))
+        self.state_layers = set(self.manifest.model.state_layers or ())
         # Gemma 4 (README "Gemma 4"): the layer whose KV each layer reuses, and per-layer embeddings.
-        self.kv_from = [r.get("kv_from") for r in self.manifest.model.get("layers_kv") or []] or [None] * self.layers
-        self.per_layer = bool(self.manifest.model.get("per_layer_embedding"))
+        self.kv_from = [r.kv_from for r in self.manifest.model.layers_kv or []] or [None] * self.layers
+        self.per_layer = bool(self.manifest.model.per_layer_embedding)
 
     def _extra(self, embedded: list[np.ndarray], layer: int) -> list[np.ndarray]:
         """A block's per-layer embedding inputs: its slice of per_layer_embeds, and the token embedding."""

@@ -57,10 +57,10 @@ def stop_ids(out_dir: Path, manifest: Manifest, tokenizer=None) -> set[int]:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             ids.add(int(v))
 
-    add(manifest.model.get("eos_token_id"))
-    record = manifest.model.get("tokenizer") or {}
-    gen = out_dir / record.get("dir", TOKENIZER_DIR) / "generation_config.json"
-    if "generation_config.json" in record.get("files", []) and gen.is_file():
+    add(manifest.model.eos_token_id)
+    record = manifest.model.tokenizer
+    gen = out_dir / ((record and record.dir) or TOKENIZER_DIR) / "generation_config.json"
+    if record and "generation_config.json" in record.files and gen.is_file():
         add(json.loads(gen.read_text()).get("eos_token_id"))
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
@@ -135,8 +135,8 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
         if chat:
             raise UsageError("--chat applies to --prompt TEXT, not to --prompt-ids")
         ids = list(prompt_ids)
-    seq = int(manifest.options["seq_length"])
-    vocab = int(manifest.model["vocab_size"])
+    seq = int(manifest.options.seq_length)
+    vocab = int(manifest.model.vocab_size)
     if len(ids) > seq:
         raise UsageError(f"the prompt is {len(ids)} tokens, longer than this output's SEQ={seq} "
                          "(export with a larger --seq-length)")

@@ -14,11 +14,12 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..contract.manifest_records import ModelFacts, SourceRecord
 from ..errors import ModelError, UnsupportedModelError
 from .families import FamilySpec, family_for
 from .weights import WeightStore
@@ -108,10 +109,10 @@ class ModelSource:
     def gguf_path(self) -> Path | None:
         return self.path / self.gguf_file if self.gguf_file else None
 
-    def to_json(self) -> dict[str, Any]:
+    def record(self) -> SourceRecord:
         # For a GGUF source "path" is the file itself: what `verify --model` and `export-and-optimize` take.
-        return {"path": str(self.gguf_path or self.path), "preset": self.preset, "random_weights": self.random_weights,
-                **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
+        return SourceRecord(path=str(self.gguf_path or self.path), preset=self.preset,
+                            random_weights=self.random_weights, gguf_file=self.gguf_file)
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -152,30 +153,6 @@ def resolve_model(model: str, gguf_file: str | None = None) -> ModelSource:
     raise ModelError(
         f"model '{model}' not found: give a local model folder or a preset ({', '.join(preset_names())})"
     )
-
-
-@dataclass
-class ModelFacts:
-    """What the exporter and the manifest need to know about a model, read from its config."""
-
-    architecture: str
-    model_type: str
-    family: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_positions: int
-    tie_word_embeddings: bool
-    rope: dict[str, Any] = field(default_factory=dict)
-    bos_token_id: Any = None
-    eos_token_id: Any = None
-    dtype: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")

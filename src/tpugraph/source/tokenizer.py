@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..contract.manifest_records import TokenizerRecord
 from ..errors import OutputError, UsageError
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 ESSENTIAL = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def copy_tokenizer(model: "ModelSource | Path", out_dir: Path) -> dict:
+def copy_tokenizer(model: "ModelSource | Path", out_dir: Path) -> TokenizerRecord:
     """Copy the tokenizer files the source has into OUT/tokenizer/; the manifest record of what was copied.
 
     ``{"dir": "tokenizer", "files": [...], "chat_template": bool}``, or ``{"files": [], "missing": "..."}`` when
@@ -43,7 +44,7 @@ def copy_tokenizer(model: "ModelSource | Path", out_dir: Path) -> dict:
     present = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     if not any(name in present for name in ESSENTIAL):
         # no path in the record: a manifest must not depend on where its source sat (the manifest names it)
-        return {"files": [], "missing": f"the source model has none of {', '.join(ESSENTIAL)}"}
+        return TokenizerRecord(files=[], missing=f"the source model has none of {', '.join(ESSENTIAL)}")
     target = out_dir / TOKENIZER_DIR
     try:
         target.mkdir(exist_ok=True)
@@ -55,10 +56,10 @@ def copy_tokenizer(model: "ModelSource | Path", out_dir: Path) -> dict:
         raise OutputError(f"cannot copy the tokenizer into {target}: {exc.strerror or exc}") from None
     chat = "chat_template.jinja" in present or "chat_template.json" in present or _config_has_template(source)
     log.info("copied %d tokenizer file(s) to %s%s", len(present), target, " (with chat template)" if chat else "")
-    return {"dir": TOKENIZER_DIR, "files": present, "chat_template": chat}
+    return TokenizerRecord(dir=TOKENIZER_DIR, files=present, chat_template=chat)
 
 
-def _save_gguf_tokenizer(model, out_dir: Path) -> dict:
+def _save_gguf_tokenizer(model, out_dir: Path) -> TokenizerRecord:
     from ..errors import ModelError
     from .checkpoint import load_tokenizer
 
@@ -66,7 +67,7 @@ def _save_gguf_tokenizer(model, out_dir: Path) -> dict:
         tokenizer = load_tokenizer(model)
     except ModelError as err:  # a .gguf without tokenizer metadata still exports; run then names what is missing
         log.info("%s", err)
-        return {"files": [], "missing": "the .gguf file has no usable tokenizer metadata"}
+        return TokenizerRecord(files=[], missing="the .gguf file has no usable tokenizer metadata")
     target = out_dir / TOKENIZER_DIR
     stage = out_dir / f".tpugraph-stage-tokenizer-{os.getpid()}"
     try:
@@ -80,7 +81,7 @@ def _save_gguf_tokenizer(model, out_dir: Path) -> dict:
     present = sorted(p.name for p in target.iterdir() if p.is_file())
     chat = bool(getattr(tokenizer, "chat_template", None))
     log.info("saved the GGUF file's tokenizer to %s%s", target, " (with chat template)" if chat else "")
-    return {"dir": TOKENIZER_DIR, "files": present, "chat_template": chat, "from": "gguf metadata"}
+    return TokenizerRecord(dir=TOKENIZER_DIR, files=present, chat_template=chat, from_="gguf metadata")
 
 
 def _config_has_template(source: Path) -> bool:
@@ -94,15 +95,15 @@ def _config_has_template(source: Path) -> bool:
 
 def load_output_tokenizer(out_dir: Path, manifest: Manifest):
     """OUT's copy of the source model's tokenizer, or a UsageError naming what is missing."""
-    record = manifest.model.get("tokenizer")
+    record = manifest.model.tokenizer
     if not record:
         raise UsageError(f"'{out_dir}' has no tokenizer (exported by a tpugraph that did not copy it): "
                          "re-export it, or give token ids with --prompt-ids 1,2,3")
-    if not record.get("files"):
-        raise UsageError(f"'{out_dir}' has no tokenizer: {record.get('missing', 'the source model had none')}; "
+    if not record.files:
+        raise UsageError(f"'{out_dir}' has no tokenizer: {record.missing or 'the source model had none'}; "
                          "give token ids with --prompt-ids 1,2,3")
-    folder = out_dir / record.get("dir", TOKENIZER_DIR)
-    lost = [f for f in record["files"] if not (folder / f).is_file()]
+    folder = out_dir / (record.dir or TOKENIZER_DIR)
+    lost = [f for f in record.files if not (folder / f).is_file()]
     if lost:
         raise UsageError(f"tokenizer file(s) {', '.join(lost)} missing from {folder}: re-export, or use --prompt-ids")
     from transformers import AutoTokenizer

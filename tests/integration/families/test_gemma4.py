@@ -80,10 +80,10 @@ def test_gemma4_verifies(tmp_path, variant):
 def test_manifest_records_each_layers_kv_and_the_shared_inputs(exported):
     _, out = exported
     manifest = read_manifest(out)
-    layers = manifest.model["layers_kv"]
-    assert [(r["kv_heads"], r["head_dim"], r["kv_from"]) for r in layers] == [
+    layers = manifest.model.layers_kv
+    assert [(r.kv_heads, r.head_dim, r.kv_from) for r in layers] == [
         (2, 16, None), (1, 32, None), (2, 16, None), (1, 32, None), (2, 16, 2), (1, 32, 3)]
-    assert manifest.model["per_layer_embedding"] == 8
+    assert manifest.model.per_layer_embedding == 8
 
     def io(name):
         seg = manifest.segment(name)

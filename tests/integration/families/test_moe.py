@@ -34,7 +34,7 @@ CASES = [(family, i) for family, configs in VARIANTS.items() for i in range(len(
 def test_moe_family_verifies(export_verify, family, index):
     result = export_verify(family, **VARIANTS[family][index])
     assert result.report.passed, describe(result.report)
-    assert result.manifest.model["family"] == family
+    assert result.manifest.model.family == family
 
 
 def test_decode_gathers_k_experts_and_prefill_runs_all(export_verify):
@@ -147,7 +147,7 @@ def test_moe_layers_reuse_one_optimised_graph(make_model, tmp_path):
                         head_dim=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     out = tmp_path / "out"
     manifest = export_and_optimize(str(folder), out, ExportOptions(seq_length=16))
-    assert manifest.stats["segments_weight_swapped"] == 2 * 2
-    assert manifest.segment("block_2").extra["graph_reused_from"] == "block_0"
+    assert manifest.stats.segments_weight_swapped == 2 * 2
+    assert manifest.segment("block_2").graph_reused_from == "block_0"
     report = verify(out, prompt_length=6, new_tokens=4)
     assert report.passed, describe(report)

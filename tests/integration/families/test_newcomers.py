@@ -51,7 +51,7 @@ CASES = [(family, i) for family, configs in VARIANTS.items() for i in range(len(
 def test_newcomer_verifies(export_verify, family, index):
     result = export_verify(family, **VARIANTS[family][index])
     assert result.report.passed, describe(result.report)
-    assert result.manifest.model["family"] == family
+    assert result.manifest.model.family == family
 
 
 # ERNIE 4.5 rotates every lane (its apply_rotary_pos_emb has no partial rotary); GLM rotates a part or all.
@@ -95,6 +95,6 @@ def test_internlm3_checkpoint_exports_as_llama(make_model, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     manifest = export_and_optimize(str(folder), out, ExportOptions(seq_length=SEQ, passes=[]))
-    assert manifest.model["family"] == "llama"
+    assert manifest.model.family == "llama"
     report = verify(out, prompt_length=8, new_tokens=8)
     assert report.passed, describe(report)

@@ -72,5 +72,5 @@ def test_manifest_notes_state_the_sliding_window_behaviour(export_verify):
 
 def test_nope_layers_are_noted(export_verify):
     result = export_verify("smollm3", no_rope_layers=[1, 0])
-    assert result.manifest.segment("block_1").extra["unused_inputs"] == ["position_ids"]
+    assert result.manifest.segment("block_1").unused_inputs == ["position_ids"]
     assert any("block_1: position_ids" in n for n in result.manifest.notes)

@@ -19,6 +19,6 @@ def test_there_is_a_preset_per_core_family():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_exports_and_verifies(preset, tmp_path):
     manifest = export_and_optimize(preset, tmp_path / "out", ExportOptions(seq_length=32, passes=[]))
-    assert manifest.model["source"]["random_weights"]
+    assert manifest.model.source.random_weights
     report = verify(tmp_path / "out", prompt_length=6, new_tokens=6)
     assert report.passed, (report.hf_tokens, report.onnx_tokens, report.min_cosine)

@@ -29,16 +29,16 @@ def test_qwen3_5_verifies(export_verify, variant):
     result = export_verify("qwen3_5_text", **VARIANTS[variant])
     assert result.report.passed, describe(result.report)
     model = result.manifest.model
-    assert model["family"] == "qwen3_5_text"
-    layers = model["num_layers"]
+    assert model.family == "qwen3_5_text"
+    layers = model.num_layers
     interval = VARIANTS[variant]["full_attention_interval"]
-    assert model["state_layers"] == [i for i in range(layers) if (i + 1) % interval]
+    assert model.state_layers == [i for i in range(layers) if (i + 1) % interval]
     cfg = VARIANTS[variant]
     conv_dim = 2 * cfg["linear_num_key_heads"] * cfg["linear_key_head_dim"] \
         + cfg["linear_num_value_heads"] * cfg["linear_value_head_dim"]
     conv = [1, conv_dim, cfg["linear_conv_kernel_dim"]]
     recurrent = [1, cfg["linear_num_value_heads"], cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]]
-    assert model["state_shapes"] == {"conv_state": conv, "recurrent_state": recurrent}
+    assert model.state_shapes == {"conv_state": conv, "recurrent_state": recurrent}
     block, cache = result.manifest.segment("block_0"), result.manifest.segment("block_cache_0")
     assert [t.name for t in block.inputs] == ["input_states", "attention_mask"]
     assert [(t.name, list(t.shape)) for t in block.outputs][1:] == [("next_conv_state", conv),

@@ -70,9 +70,9 @@ def test_exports_and_verifies_against_the_independent_dequantization(tmp_path, v
     reference = write_reference_model(tmp_path / "ref", folder, tensors, variant)
     out = tmp_path / "out"
     manifest = export_and_optimize(str(folder), out, ExportOptions(seq_length=32, passes=[]))
-    recorded = manifest.model["source_quantization"]
-    assert recorded["method"] == variant.method and recorded["bits"] == variant.bits
-    assert recorded["group_size"] == variant.group_size and recorded["desc_act"] == variant.desc_act
+    recorded = manifest.model.source_quantization
+    assert recorded.method == variant.method and recorded.bits == variant.bits
+    assert recorded.group_size == variant.group_size and recorded.desc_act == variant.desc_act
     report = verify(out, prompt_length=6, new_tokens=6, model_path=str(reference))
     assert report.passed, (report.hf_tokens, report.onnx_tokens, report.min_cosine)
     assert report.min_cosine > 0.99999

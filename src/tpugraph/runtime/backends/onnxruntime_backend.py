@@ -57,7 +57,7 @@ class OnnxBackend:
         opts.log_severity_level = 3
         self._ort, self._opts = ort, opts
         self._sessions: dict[str, object] = {}
-        self.name = "onnx-reference" if manifest.options.get("dtype") in REFERENCE_DTYPES else "onnxruntime"
+        self.name = "onnx-reference" if manifest.options.dtype in REFERENCE_DTYPES else "onnxruntime"
 
     def _session(self, name: str):
         if name in self._sessions:
@@ -76,7 +76,7 @@ class OnnxBackend:
 
     def _segment_bytes(self, entry: SegmentEntry) -> int:
         """The segment's file, plus its share of data files: a shared data file counts whole for each."""
-        files = [entry.file] + [e["file"] for e in entry.external_data]
+        files = [entry.file] + [e.file for e in entry.external_data]
         return sum((self.out_dir / f).stat().st_size for f in files if (self.out_dir / f).is_file())
 
     def run(self, net: str, *arrays: np.ndarray) -> list[np.ndarray]:
