@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import EXIT_CHECK_FAILED
 from .app import _echo, _state, app, user_errors
 from .options import (
     Chip,
@@ -59,12 +60,16 @@ def compile_script_cmd(
     no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
+    json_out: JsonOut = False,
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
     from ..compiler import write_compile_script
 
     path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
                                                       no_share_vocab, dynamic), script)
+    if json_out:
+        typer.echo(json.dumps({"script": str(path)}))
+        return
     _echo(f"wrote {path}")
     _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
 
@@ -126,7 +131,7 @@ def compile_cmd(
     if report.embedding_table:
         _echo(f"wrote {report.embedding_table} (the vocabulary rows the host gathers: --embedding-disk)")
     if not report.passed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 @app.command("quant-fidelity")

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from ..export.pipeline import EXTERNAL_DATA_MODES, FLOAT_DTYPES, INT_DTYPES
-from .app import _echo, _progress_reporter, _state, app, manifest_app, passes_app, user_errors
+from .app import _echo, _state, app, manifest_app, passes_app, user_errors
+from .progress import export_progress
 from .options import JsonOut, OutFolder, PassOptions, _choices
 
 
@@ -57,7 +58,7 @@ def export_and_optimize_cmd(
         from ..source.checkpoint import resolve_model
 
         model = str(resolve_model(model, gguf_file).gguf_path)
-    with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
+    with export_progress(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
         manifest = export_and_optimize(model, out, opts, progress=progress, pass_progress=passes)
     test_files = [e.extra["test_data"]["file"] for e in manifest.segments if "test_data" in e.extra]
     src = manifest.model["source"]
@@ -76,26 +77,37 @@ def export_and_optimize_cmd(
 
 @manifest_app.command("validate")
 @user_errors
-def manifest_validate_cmd(out: OutFolder) -> None:
+def manifest_validate_cmd(out: OutFolder, json_out: JsonOut = False) -> None:
     """Check that every file of OUT's manifest exists, its hash matches and its I/O shapes equal the manifest."""
     from ..contract.manifest import read_manifest, validate
+    from ..errors import EXIT_INVALID_OUTPUT
 
     problems = validate(out)
-    for p in problems:
-        typer.echo(f"MISMATCH {p}", err=True)
+    segments = len(read_manifest(out).segments)
+    if json_out:
+        typer.echo(json.dumps({"out": str(out), "segments": segments, "ok": not problems, "problems": problems}))
+    else:
+        for p in problems:
+            typer.echo(f"MISMATCH {p}", err=True)
+        if problems:
+            typer.echo(f"error: {len(problems)} problem(s) in {out}", err=True)
+        else:
+            _echo(f"ok: {segments} segments match {out / 'manifest.json'}")
     if problems:
-        typer.echo(f"{len(problems)} problem(s) in {out}", err=True)
-        raise typer.Exit(7)
-    _echo(f"ok: {len(read_manifest(out).segments)} segments match {out / 'manifest.json'}")
+        raise typer.Exit(EXIT_INVALID_OUTPUT)
 
 
 @passes_app.command("list")
 @user_errors
-def passes_list_cmd() -> None:
+def passes_list_cmd(json_out: JsonOut = False) -> None:
     """Name and one line for each registered pass; '*' marks the default chain, in its order."""
     from ..passes import DEFAULT_CHAIN, PASSES
 
-    for name in [*DEFAULT_CHAIN, *[n for n in PASSES if n not in DEFAULT_CHAIN]]:
+    names = [*DEFAULT_CHAIN, *[n for n in PASSES if n not in DEFAULT_CHAIN]]
+    if json_out:
+        typer.echo(json.dumps([{"name": n, "default": n in DEFAULT_CHAIN, "summary": PASSES[n].summary} for n in names]))
+        return
+    for name in names:
         mark = "*" if name in DEFAULT_CHAIN else " "
         _echo(f"{mark} {name:<20} {PASSES[name].summary}")
 
@@ -128,6 +140,10 @@ def passes_run_cmd(
     _echo(f"wrote {out}")
 
 
+def _tensors(specs: list[dict]) -> str:
+    return ", ".join(f"{t['name']}{t['shape']}" for t in specs)
+
+
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
@@ -149,7 +165,7 @@ def inspect_cmd(
         _echo(f"{'segment':<18} {'kind':<16} {'MB':>9} {'nodes':>6}  inputs -> outputs")
         for r in rows:
             _echo(f"{r['name']:<18} {r['kind']:<16} {r['bytes'] / 1e6:>9.2f} {str(r['nodes'] or '-'):>6}  "
-                  f"{', '.join(r['inputs'])} -> {', '.join(r['outputs'])}")
+                  f"{_tensors(r['inputs'])} -> {_tensors(r['outputs'])}")
         return
     summary = inspect_onnx(path)
     if json_out:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract.manifest import read_manifest
-from ..errors import TpugraphError, UsageError, VerificationError
+from ..errors import EXIT_USAGE, TpugraphError, UsageError, VerificationError
 from ..source.tokenizer import load_output_tokenizer
 from .conversation import ChatConversation, KvCache, PrefillUnsupported
 from .loop import SegmentRuntime
@@ -19,7 +19,7 @@ class ConversationFull(TpugraphError):
     """The conversation no longer fits the output's window (SEQ), or its nets cannot take the new turn; the
     session is unchanged and stays usable (``/reset``)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 @dataclass
