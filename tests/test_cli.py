@@ -98,12 +98,16 @@ def test_folder_that_is_not_a_model(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path):
+def test_unsupported_architecture_is_named_and_points_to_families(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
     code, out = run("export-and-optimize", str(tmp_path / "m"), "-o", str(tmp_path / "o"))
-    assert_one_clear_line(code, out, "MambaForCausalLM", "LlamaForCausalLM")
+    assert_one_clear_line(code, out, "MambaForCausalLM", "`tpugraph families`")
+    assert "LlamaForCausalLM" not in out and len(out.strip()) < 200  # not the ~40 supported names
     assert code == 4
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["LLamaForCausalLM"]}))
+    code, out = run("export-and-optimize", str(tmp_path / "m"), "-o", str(tmp_path / "o"))
+    assert_one_clear_line(code, out, "LLamaForCausalLM (did you mean LlamaForCausalLM?)", "`tpugraph families`")
 
 
 @pytest.mark.parametrize("seq", ["0", "-3", "257"])

@@ -96,7 +96,7 @@ def test_remote_code_is_refused_and_never_run(tmp_path):
     with pytest.raises(UnsupportedModelError, match="remote code.*--trust-remote-code"):
         load_config(ModelSource(folder))
     # Even with the flag, an architecture outside the registry is refused before any code is loaded.
-    with pytest.raises(UnsupportedModelError, match="InternLM2ForCausalLM.*supported: "):
+    with pytest.raises(UnsupportedModelError, match="InternLM2ForCausalLM.*`tpugraph families` lists the supported"):
         load_config(ModelSource(folder), trust_remote_code=True)
     assert not sentinel.exists()
 

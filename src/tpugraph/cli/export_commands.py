@@ -155,9 +155,9 @@ def inspect_cmd(
 
     if path.is_dir():
         if not is_output_folder(path):
-            from ..errors import UsageError
+            from ..errors import OutputError
 
-            raise UsageError(f"'{path}' is a folder without manifest.json: give an .onnx file or a tpugraph output")
+            raise OutputError(f"'{path}' has no manifest.json: not a tpugraph output (give one, or an .onnx file)")
         rows = inspect_output(path)
         if json_out:
             typer.echo(json.dumps(rows))
@@ -191,8 +191,18 @@ def families_cmd(json_out: JsonOut = False) -> None:
     if json_out:
         typer.echo(json.dumps([fam.to_json() for fam in FAMILIES]))
         return
+    import shutil
+    import textwrap
+
+    columns = max(60, shutil.get_terminal_size((100, 24)).columns)
     width = max([len("family")] + [len(fam.name) for fam in FAMILIES])
-    _echo(f"{'family':<{width}} {'architectures':<22} {'transformers':<13} {'embeddings':<11} supports")
+    indent = " " * (width + 2)
+    _echo(f"{'family':<{width}}  {'transformers':<13}{'embeddings':<11}architectures")
+    _echo(f"{'':<{width}}  supports")
     for fam in FAMILIES:
-        _echo(f"{fam.name:<{width}} {', '.join(fam.architectures):<22} {'>=' + fam.min_transformers:<13} "
-              f"{fam.embeddings:<11} {fam.describe()}")
+        head = f"{fam.name:<{width}}  {'>=' + fam.min_transformers:<13}{fam.embeddings:<11}"
+        for line in textwrap.wrap(", ".join(fam.architectures), columns - 1, initial_indent=head,
+                                  subsequent_indent=" " * len(head)):
+            _echo(line)
+        for line in textwrap.wrap(fam.describe(), columns - 1, initial_indent=indent, subsequent_indent=indent):
+            _echo(line)

@@ -50,7 +50,7 @@ def load_model_file(path: Path, load_external_data: bool = True) -> onnx.ModelPr
     """Load an ONNX file (with its external data unless told not to); a one-line error for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path}: no such file")
+        raise ModelError(f"{path}: no such file")
     try:
         model = onnx.load_model(str(path), load_external_data=load_external_data)
     except Exception as exc:

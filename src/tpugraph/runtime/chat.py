@@ -45,7 +45,8 @@ class ChatSession:
             raise VerificationError(f"'{out_dir}' is an unfinished export (manifest marked incomplete); rerun the export")
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-        self.tokenizer = load_output_tokenizer(out_dir, manifest)
+        self.tokenizer = load_output_tokenizer(
+            out_dir, manifest, instead=f"a chat needs one ('tpugraph run {out_dir} --prompt-ids 1,2,3' does not)")
         self.conversation = ChatConversation(self.tokenizer)
         self.eos = stop_ids(out_dir, manifest, self.tokenizer)
         self.max_new_tokens = max_new_tokens
