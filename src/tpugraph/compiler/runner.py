@@ -197,8 +197,8 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
 
         jobs = max(os.cpu_count() or 1, 4)
     out_dir = Path(out).resolve()
+    manifest = read_manifest(out_dir)  # the user's own argument first, then the toolchain
     venv = check_toolchain(venv)
-    manifest = read_manifest(out_dir)
     plan = plan_compile(out_dir, options, manifest)
     save_script(plan, manifest, out_dir / plan.script_name)
     env = tool_environment(venv)

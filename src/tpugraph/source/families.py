@@ -693,6 +693,6 @@ def family_for(model_type: str | None, architectures: list[str] | None) -> Famil
                                     "`tpugraph families` lists the supported ones")
     import difflib
 
-    near = difflib.get_close_matches(what, supported_architectures(), n=1, cutoff=0.8)
+    near = difflib.get_close_matches(what, supported_architectures(), n=1, cutoff=0.9)
     raise UnsupportedModelError(f"unsupported architecture {what}" + (f" (did you mean {near[0]}?)" if near else "")
                                 + "; `tpugraph families` lists the supported ones")
