@@ -62,11 +62,13 @@ def export_and_optimize_cmd(
         manifest = export_and_optimize(model, out, opts, progress=progress, pass_progress=passes)
     test_files = [e.extra["test_data"]["file"] for e in manifest.segments if "test_data" in e.extra]
     src = manifest.model["source"]
+    run = manifest.last_run
     if json_out:
-        typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "random_weights": src["random_weights"],
+        typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "kept": len(run.kept),
+                               "built": len(run.built), "seconds": run.seconds, "random_weights": src["random_weights"],
                                "complete": manifest.complete, "test_data": test_files}))
         return
-    _echo(f"wrote {len(manifest.segments)} segments and manifest.json to {out}")
+    _echo(f"{run.summary()} in {out} ({run.seconds:.1f}s)")
     for note in manifest.notes:
         _echo(f"note: {note}")
     if test_files:

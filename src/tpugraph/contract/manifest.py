@@ -77,6 +77,24 @@ class SegmentEntry:
             ext["sha256"] = digests[ext["file"]]
 
 
+@dataclass(frozen=True)
+class ExportRun:
+    """What the export call that returned a manifest did: segments kept from an earlier run (same inputs, files
+    as recorded) and segments built. Not written to manifest.json (a rerun must write the same manifest)."""
+
+    kept: tuple[str, ...]
+    built: tuple[str, ...]
+    seconds: float
+
+    def summary(self) -> str:
+        total = len(self.kept) + len(self.built)
+        if not self.built:
+            return f"kept {total} of {total} segments, nothing to do"
+        if not self.kept:
+            return f"built {total} segments"
+        return f"kept {len(self.kept)}, built {len(self.built)} of {total} segments"
+
+
 @dataclass
 class Manifest:
     model: dict[str, Any]
@@ -89,6 +107,7 @@ class Manifest:
     # Plain-language statements of where the export is exact and where it is not (sliding windows, rope).
     notes: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)  # how the run went: segments traced, weight-swapped
+    last_run: ExportRun | None = field(default=None, compare=False)  # set by the export that returned it
 
     def segment(self, name: str) -> SegmentEntry:
         for s in self.segments:

@@ -92,6 +92,8 @@ class Scheduler:
         self._lock = threading.Lock()  # the progress count
         self._stop = threading.Event()
         self.started: list[str] = []  # units in the order they started (for tests of the constraints)
+        self.kept: list[str] = []  # segments an earlier run finished, kept as they are
+        self.built: list[str] = []  # segments built and handed to the committer
 
     def _factory(self):
         if self.factory is None:  # only ever called before the worker threads start, or without them
@@ -143,6 +145,8 @@ class Scheduler:
                 log.info("%s: unchanged since the last run, kept", entry.name)
                 self._step(entry.name)
             self.commits.keep(kept)
+            with self._lock:
+                self.kept += [entry.name for entry in kept]
             return
         factory = self._factory()
         writer = UnitWriter(self.out_dir, unit)
@@ -174,6 +178,8 @@ class Scheduler:
             writer.discard()
             raise
         self.commits.submit(writer, entries)
+        with self._lock:
+            self.built += [entry.name for entry in entries]
 
     def _in_parallel(self, units: list[WorkUnit], fingerprints: list[Future], jobs: int,
                      after: dict[str, str]) -> None:
