@@ -10,6 +10,7 @@ import typer
 
 from ..errors import EXIT_CHECK_FAILED
 from .app import _echo, _state, app, user_errors
+from .progress import compile_progress
 from .options import (
     Chip,
     CompileCheck,
@@ -94,14 +95,11 @@ def compile_cmd(
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
     from ..compiler import SegmentCompileError, compile_segments, format_table
 
-    def progress(segment: str, action: str, index: int, total: int) -> None:
-        if _state["verbosity"] >= 0 and not json_out and action != "done":
-            typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
-
+    options = _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse, no_share_vocab,
+                               dynamic)
     try:
-        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check,
-                                                                  no_fuse, no_share_vocab, dynamic),
-                                  progress=progress, jobs=jobs)
+        with compile_progress(enabled=_state["verbosity"] >= 0 and not json_out) as progress:
+            report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
             typer.echo(format_table(err.report.results), err=True)

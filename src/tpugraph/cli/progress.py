@@ -50,3 +50,32 @@ def export_progress(enabled: bool, what: str):
             bar.update(tasks["passes"], total=total, completed=index, description=f"  {segment}: {pass_name}")
 
         yield rich_progress, pass_progress
+
+
+@contextlib.contextmanager
+def compile_progress(enabled: bool):
+    """A compile's StepEvent callback: one rich bar with ETA over every step, the end-to-end check included, on a
+    terminal; one line per finished step with its time otherwise."""
+    if not enabled:
+        yield None
+        return
+    if not sys.stderr.isatty():
+        def plain(event) -> None:
+            if event.finished:
+                what = f"{event.segment}: {event.action}" if event.segment else event.action
+                typer.echo(f"[{event.done}/{event.total}] {what} ({event.seconds:.1f}s)"
+                           + ("" if event.ok else " FAILED"), err=True)
+
+        yield plain
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(*_columns(), console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("compile", total=None, what="steps")
+
+        def rich_progress(event) -> None:
+            what = f"{event.segment}: {event.action}" if event.segment else event.action
+            bar.update(task, total=event.total, completed=event.done, description=what)
+
+        yield rich_progress
