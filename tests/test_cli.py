@@ -144,3 +144,16 @@ def test_verify_and_validate_refuse_a_folder_without_manifest(tmp_path):
     assert_one_clear_line(code, out, "manifest.json")
     code, out = run("manifest", "validate", str(tmp_path))
     assert_one_clear_line(code, out, "manifest.json")
+
+
+def test_families_fits_100_columns_and_json_stays_complete():
+    result = runner.invoke(app, ["families"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 100, result.output
+    data = json.loads(runner.invoke(app, ["families", "--json"]).output)
+    from tpugraph.source.families import FAMILIES
+
+    assert [d["name"] for d in data] == [f.name for f in FAMILIES]
+    longest = max(FAMILIES, key=lambda f: len(f.describe()))
+    assert len(longest.describe()) > 100  # the case the wrapping is for
+    assert next(d for d in data if d["name"] == longest.name)["quirks"] == list(longest.quirks)  # not cut

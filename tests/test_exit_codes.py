@@ -59,7 +59,7 @@ CASES = [
     ("run OUT --prompt-ids 1 --max-new-tokens x", "usage", "--max-new-tokens"),
     ("run FOREIGN --prompt-ids 1", "output", "not a tpugraph output"),
     ("run EDITED --prompt-ids 1", "invalid-output", "sha256"),
-    ("chat OUT", "usage", "tokenizer"),
+    ("chat OUT", "usage", "'tpugraph run"),  # a hint the user can follow: chat has no --prompt-ids
     ("chat OUT --bogus", "usage", "--bogus"),
     ("chat FOREIGN", "output", "not a tpugraph output"),
     ("inspect ROOT/missing.onnx", "model", "no such file"),
