@@ -98,12 +98,16 @@ def test_folder_that_is_not_a_model(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path):
+def test_unsupported_architecture_is_named_and_points_to_families(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
     code, out = run("export-and-optimize", str(tmp_path / "m"), "-o", str(tmp_path / "o"))
-    assert_one_clear_line(code, out, "MambaForCausalLM", "LlamaForCausalLM")
+    assert_one_clear_line(code, out, "MambaForCausalLM", "`tpugraph families`")
+    assert "LlamaForCausalLM" not in out and len(out.strip()) < 200  # not the ~40 supported names
     assert code == 4
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["LLamaForCausalLM"]}))
+    code, out = run("export-and-optimize", str(tmp_path / "m"), "-o", str(tmp_path / "o"))
+    assert_one_clear_line(code, out, "LLamaForCausalLM (did you mean LlamaForCausalLM?)", "`tpugraph families`")
 
 
 @pytest.mark.parametrize("seq", ["0", "-3", "257"])
@@ -140,3 +144,16 @@ def test_verify_and_validate_refuse_a_folder_without_manifest(tmp_path):
     assert_one_clear_line(code, out, "manifest.json")
     code, out = run("manifest", "validate", str(tmp_path))
     assert_one_clear_line(code, out, "manifest.json")
+
+
+def test_families_fits_100_columns_and_json_stays_complete():
+    result = runner.invoke(app, ["families"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 100, result.output
+    data = json.loads(runner.invoke(app, ["families", "--json"]).output)
+    from tpugraph.source.families import FAMILIES
+
+    assert [d["name"] for d in data] == [f.name for f in FAMILIES]
+    longest = max(FAMILIES, key=lambda f: len(f.describe()))
+    assert len(longest.describe()) > 100  # the case the wrapping is for
+    assert next(d for d in data if d["name"] == longest.name)["quirks"] == list(longest.quirks)  # not cut

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -358,7 +359,7 @@ def test_compile_runs_the_plan_and_reports(with_data, tmp_path):
     venv = _fake_venv(tmp_path)
     seen = []
     report = compile_segments(out, venv, CompileOptions("bm1684x", "f16", check="all"),
-                              progress=lambda seg, action, i, n: seen.append((seg, action)))
+                              progress=seen.append)
     manifest = read_manifest(out)
     assert report.passed and report.bmodel == out.resolve() / "llama_f16_seq16_bm1684x_1dev.bmodel"
     assert report.bmodel.is_file()
@@ -367,7 +368,11 @@ def test_compile_runs_the_plan_and_reports(with_data, tmp_path):
         assert r.transform_ok and r.deploy_ok and r.checked
         assert r.transform_similarity == pytest.approx(0.999) and r.deploy_similarity == pytest.approx(0.998)
         assert r.min_similarity == pytest.approx(0.998)
-    assert seen[0] == ("embedding", "transform") and ("", "combine") in seen
+    assert (seen[0].segment, seen[0].action, seen[0].finished) == ("embedding", "transform", False)
+    finished = [e for e in seen if e.finished]
+    # every step of the plan ends once, counted 1..total, never past it (no end-to-end check with check=all)
+    assert [e.done for e in finished] == list(range(1, len(finished) + 1)) and finished[-1].done == seen[0].total
+    assert (finished[-1].segment, finished[-1].action) == ("", "combine") and seen[0].total == 2 * len(manifest.segments) + 1
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert len(calls) == 2 * len(manifest.segments) + 1
     assert calls[0].startswith(f"model_transform.py --model_name embedding --model_def {out.resolve()}/embedding.onnx")
@@ -394,6 +399,24 @@ def test_compile_stops_at_the_rejected_segment(with_data, tmp_path):
     calls = (tmp_path / "calls.log").read_text()
     assert "--model_name block_1" not in calls and "--combine" not in calls
     assert not list(out.glob("*.bmodel"))
+
+
+def test_progress_counts_the_end_to_end_check_as_the_last_step(with_data, tmp_path, monkeypatch):
+    """The default check ends with verify --bmodel: it is a step of the count, never [N+1/N]."""
+    from types import SimpleNamespace
+
+    import tpugraph.proof.verify
+
+    monkeypatch.setattr(tpugraph.proof.verify, "verify", lambda *a, **k: SimpleNamespace(passed=True))
+    out = tmp_path / "out"
+    shutil.copytree(with_data, out)
+    seen = []
+    compile_segments(out, _fake_venv(tmp_path), CompileOptions(), progress=seen.append, jobs=2)
+    finished = [e for e in seen if e.finished]
+    total = seen[0].total
+    assert total == 2 * len(read_manifest(out).segments) + 2  # every step, the combine and the end-to-end check
+    assert sorted(e.done for e in finished) == list(range(1, total + 1)) and all(e.done <= e.total for e in seen)
+    assert (finished[-1].action, finished[-1].done) == ("end-to-end check", total)
 
 
 def test_compile_in_parallel(with_data, tmp_path):
@@ -542,6 +565,12 @@ def test_cli_compile(with_data, tmp_path):
     result = runner.invoke(app, ["compile", str(out), "--tpu-mlir", str(venv), "--check", "all"])
     assert result.exit_code == 0, result.output
     assert "block_cache_0" in result.output and "0.998000" in result.output
+    # off a terminal: one line per finished step with its time, counted 1..total
+    total = 2 * len(read_manifest(out).segments) + 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("[")]
+    assert [ln.split("]")[0] for ln in lines] == [f"[{i}/{total}" for i in range(1, total + 1)], result.stderr
+    assert any(re.fullmatch(r"\[\d+/\d+\] embedding: transform \(\d+\.\ds\)", ln) for ln in lines), lines
+    assert lines[-1].startswith(f"[{total}/{total}] combine (")
     # the default check ends with verify --bmodel, which needs the venv's Python: the stand-in venv has none
     result = runner.invoke(app, ["compile", str(out), "--tpu-mlir", str(venv)])
     assert result.exit_code == 2 and "has no bin/python" in result.output and "Traceback" not in result.output

@@ -169,7 +169,7 @@ def test_verify_turns_cli_prints_each_turn(chunked):
     res = runner.invoke(app, ["verify", str(chunked), "--turns", "0"])
     assert res.exit_code == 2 and res.output.strip() == "error: --turns must be >= 1 (got 0)"
     res = runner.invoke(app, ["verify", str(chunked), "--turns", "3", "--prompt-length", "30", "--new-tokens", "8"])
-    assert res.exit_code == 7 and res.output.strip() == (
+    assert res.exit_code == 2 and res.output.strip() == (  # a usage error, as in run (the exit-code table)
         "error: 3 turns of 30 prompt + 8 new tokens take up to 113 tokens and do not fit SEQ=64; use fewer --turns, "
         "--prompt-length or --new-tokens")
 

@@ -86,9 +86,13 @@ def test_ctrl_c_exits_130_keeps_finished_segments_and_rerun_resumes(model_and_re
     assert partial["complete"] is False and len(partial["segments"]) >= 2
     for seg in partial["segments"]:
         assert (out / seg["file"]).is_file()
+    # the message comes from what was actually kept: the partial manifest's segments
+    assert f"interrupted: {len(partial['segments'])} of 16 segments are finished and kept in {out}" in err, err
     r = subprocess.run(_export_cmd(model, out), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("unchanged since the last run, kept") >= len(partial["segments"])
+    kept = r.stderr.count("unchanged since the last run, kept")
+    assert kept >= len(partial["segments"])
+    assert f"kept {kept}, built {16 - kept} of 16 segments in {out}" in r.stdout, r.stdout
     assert _onnx_files(out) == _onnx_files(ref)
 
 
@@ -101,10 +105,12 @@ def test_rerun_of_a_finished_output_keeps_everything(model_and_reference, tmp_pa
     r = subprocess.run(_export_cmd(model, out), capture_output=True, text=True)
     assert r.returncode == 0
     assert r.stderr.count("unchanged since the last run, kept") == 16
+    assert f"kept 16 of 16 segments, nothing to do in {out}" in r.stdout, r.stdout
     # A different option is a different input: nothing may be reused.
     r = subprocess.run(_export_cmd(model, out)[:-1] + ["24"], capture_output=True, text=True)
     assert r.returncode == 0
     assert "unchanged since the last run, kept" not in r.stderr
+    assert f"built 16 segments in {out}" in r.stdout, r.stdout
 
 
 def _manifest_without_timings(out: Path) -> dict:
@@ -124,3 +130,21 @@ def test_parallel_jobs_write_the_same_output_byte_for_byte(model_and_reference, 
     files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "manifest.json"}  # noqa: E731
     assert files(out) == files(ref)
     assert _manifest_without_timings(out) == _manifest_without_timings(ref)
+
+
+def test_ctrl_c_before_any_segment_is_finished_says_nothing_was_kept(tmp_path, monkeypatch):
+    """The interrupt message comes from real state: none finished, so it must not claim segments are kept."""
+    from typer.testing import CliRunner
+
+    from tpugraph.cli import app
+    from tpugraph.export import scheduler
+
+    def interrupted(self, unit, pending):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scheduler.Scheduler, "unit", interrupted)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export-and-optimize", "tiny-llama", "-o", str(out), "--seq-length", SEQ])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: no segment was finished" in result.output and "are finished and kept" not in result.output
+    assert not (out / "manifest.json").exists()

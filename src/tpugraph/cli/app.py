@@ -1,20 +1,57 @@
-"""The typer application every command hangs on: global flags, the one-line error handling of every command, and
-the progress reporters."""
+"""The typer application every command hangs on: global flags (-v, -q, --version), and the one way every command
+fails: one `error: ...` line on stderr (a JSON object on stdout under --json) and the code of errors.EXIT_CODES."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import json
 import logging
 import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpugraphError
+from ..errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, TpugraphError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Hugging Face causal LMs -> the ONNX segments Sophgo's tpu-mlir and LLM-TPU runtime expect.")
+
+if hasattr(typer, "TyperException"):  # typer >= 0.22 carries its own click
+    _ParseError = typer.TyperException
+else:  # pragma: no cover - older typer on click
+    from click import ClickException as _ParseError
+
+
+class OneLineErrors(TyperGroup):
+    """Option parsing errors (an unknown flag, `--seq-length abc`, a missing -o or argument) as one `error:`
+    line naming the command's --help, exit 2, instead of click's boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _ParseError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # `tpugraph`, `tpugraph manifest`: the help
+                if err.format_message():  # (rich prints it already while the error is made)
+                    typer.echo(err.format_message())
+                sys.exit(0)
+            text = " ".join(err.format_message().split()).rstrip(".")
+            text = text[:1].lower() + text[1:]
+            ctx = getattr(err, "ctx", None)
+            path = " ".join(["tpugraph", *(ctx.command_path.split()[1:] if ctx else [])])
+            report_error(f"{text} (see {path} --help)", EXIT_USAGE, json_out="--json" in argv)
+            sys.exit(EXIT_USAGE)
+        except typer.Abort:
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+_EXITS = ", ".join(f"{row.code} {row.name}" for row in EXIT_CODES)
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hugging Face causal LMs -> the ONNX segments Sophgo's tpu-mlir and LLM-TPU runtime expect.",
+                  epilog=f"Exit codes (every command): {_EXITS}. An error is one 'error: ...' line on stderr; under "
+                         '--json it is {"error": ..., "exit_code": N} on stdout.')
 manifest_app = typer.Typer(no_args_is_help=True, help="Read and check OUT/manifest.json.")
 passes_app = typer.Typer(no_args_is_help=True, help="List the graph passes, or run some of them on one file.")
 app.add_typer(manifest_app, name="manifest")
@@ -26,6 +63,10 @@ _state = {"verbosity": 0}
 def _echo(msg: str = "") -> None:
     if _state["verbosity"] >= 0:
         typer.echo(msg)
+
+
+def print_json(value) -> None:
+    typer.echo(json.dumps(value))
 
 
 # Library argument -> the flag that sets it, where the two are not spelled alike.
@@ -43,18 +84,31 @@ def _cli_text(err: TpugraphError) -> str:
     return f"{flag_of(option)} {err.problem}" if option else str(err)
 
 
+def report_error(text: str, code: int, json_out: bool = False) -> None:
+    """`error: TEXT` on stderr, or under --json {"error": TEXT, "exit_code": CODE} on stdout, where the reader
+    of the command's JSON looks."""
+    if json_out:
+        print_json({"error": text, "exit_code": code})
+    else:
+        typer.echo(f"error: {text}", err=True)
+
+
 def user_errors(fn):
-    """Turn a TpugraphError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+    """Turn a TpugraphError into one line (or JSON object) and its exit code; Ctrl-C into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        json_out = bool(kwargs.get("json_out"))
         try:
             return fn(*args, **kwargs)
         except TpugraphError as err:
-            typer.echo(f"error: {_cli_text(err)}", err=True)
+            report_error(_cli_text(err), err.exit_code, json_out)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: finished segments are kept; rerun the same command to finish", err=True)
+        except KeyboardInterrupt as err:  # an export's Interrupted says what it kept; others keep nothing
+            text = f"interrupted: {err}" if str(err) else "interrupted"
+            if json_out:
+                print_json({"error": text, "exit_code": EXIT_INTERRUPTED})
+            typer.echo(text, err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except typer.Exit:
             raise
@@ -66,64 +120,28 @@ def user_errors(fn):
             if _state["verbosity"] >= 2:
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
-            typer.echo(f"error: internal error ({type(exc).__name__}: {first}); rerun with -vv for the traceback "
-                       "and report it", err=True)
+            report_error(f"internal error ({type(exc).__name__}: {first}); rerun with -vv for the traceback and "
+                         "report it", EXIT_INTERNAL, json_out)
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"tpugraph {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
 def main_options(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-vv for debug)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="Print tpugraph's version and exit."),
 ) -> None:
     _state["verbosity"] = -1 if quiet else verbose
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
-@contextlib.contextmanager
-def _progress_reporter(enabled: bool, what: str):
-    """Progress callbacks: (name, index, total) per segment and (segment, pass, index, total) per pass. A rich
-    bar with ETA over the segments and one over the current segment's passes on a terminal; plain lines per
-    segment otherwise."""
-    quiet = lambda *args: None  # noqa: E731
-    if not enabled:
-        yield quiet, quiet
-        return
-    if not sys.stderr.isatty():
-        def plain(name: str, index: int, total: int) -> None:
-            if name != "done":
-                typer.echo(f"[{index + 1}/{total}] {name}", err=True)
-
-        yield plain, quiet
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        tasks: dict[str, object] = {}
-
-        def rich_progress(name: str, index: int, total: int) -> None:
-            if "segments" not in tasks:
-                tasks["segments"] = bar.add_task(name, total=total, what=what)
-            bar.update(tasks["segments"], completed=index, description="done" if name == "done" else name)
-            if name == "done" and "passes" in tasks:
-                bar.remove_task(tasks.pop("passes"))
-
-        def pass_progress(segment: str, pass_name: str, index: int, total: int) -> None:
-            if "passes" not in tasks:
-                tasks["passes"] = bar.add_task("", total=total, what="passes")
-            bar.update(tasks["passes"], total=total, completed=index, description=f"  {segment}: {pass_name}")
-
-        yield rich_progress, pass_progress

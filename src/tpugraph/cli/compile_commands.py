@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
+from ..errors import EXIT_CHECK_FAILED
 from .app import _echo, _state, app, user_errors
+from .progress import compile_progress
 from .options import (
     Chip,
     CompileCheck,
@@ -59,12 +61,16 @@ def compile_script_cmd(
     no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
+    json_out: JsonOut = False,
 ) -> None:
     """Write a bash script with the tpu-mlir commands (model_transform, model_deploy, model_tool --combine) that compile OUT into one bmodel."""
     from ..compiler import write_compile_script
 
     path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
                                                       no_share_vocab, dynamic), script)
+    if json_out:
+        typer.echo(json.dumps({"script": str(path)}))
+        return
     _echo(f"wrote {path}")
     _echo(f'run it with tpu-mlir on PATH: source "$(scripts/setup_tpu_mlir.sh)/bin/activate" && bash {path} {out}')
 
@@ -89,14 +95,11 @@ def compile_cmd(
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
     from ..compiler import SegmentCompileError, compile_segments, format_table
 
-    def progress(segment: str, action: str, index: int, total: int) -> None:
-        if _state["verbosity"] >= 0 and not json_out and action != "done":
-            typer.echo(f"[{index + 1}/{total}] {segment or 'all segments'}: {action}", err=True)
-
+    options = _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse, no_share_vocab,
+                               dynamic)
     try:
-        report = compile_segments(out, tpu_mlir, _compile_options(chip, quantize, q_group_size, num_device, check, no_check,
-                                                                  no_fuse, no_share_vocab, dynamic),
-                                  progress=progress, jobs=jobs)
+        with compile_progress(enabled=_state["verbosity"] >= 0 and not json_out) as progress:
+            report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
             typer.echo(format_table(err.report.results), err=True)
@@ -126,7 +129,7 @@ def compile_cmd(
     if report.embedding_table:
         _echo(f"wrote {report.embedding_table} (the vocabulary rows the host gathers: --embedding-disk)")
     if not report.passed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 @app.command("quant-fidelity")

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from ..export.pipeline import EXTERNAL_DATA_MODES, FLOAT_DTYPES, INT_DTYPES
-from .app import _echo, _progress_reporter, _state, app, manifest_app, passes_app, user_errors
+from .app import _echo, _state, app, manifest_app, passes_app, user_errors
+from .progress import export_progress
 from .options import JsonOut, OutFolder, PassOptions, _choices
 
 
@@ -57,15 +58,17 @@ def export_and_optimize_cmd(
         from ..source.checkpoint import resolve_model
 
         model = str(resolve_model(model, gguf_file).gguf_path)
-    with _progress_reporter(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
+    with export_progress(enabled=_state["verbosity"] >= 0 and not json_out, what="segments") as (progress, passes):
         manifest = export_and_optimize(model, out, opts, progress=progress, pass_progress=passes)
     test_files = [e.test_data.file for e in manifest.segments if e.test_data]
     src = manifest.model.source
+    run = manifest.last_run
     if json_out:
-        typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "random_weights": src.random_weights,
+        typer.echo(json.dumps({"out": str(out), "segments": len(manifest.segments), "kept": len(run.kept),
+                               "built": len(run.built), "seconds": run.seconds, "random_weights": src.random_weights,
                                "complete": manifest.complete, "test_data": test_files}))
         return
-    _echo(f"wrote {len(manifest.segments)} segments and manifest.json to {out}")
+    _echo(f"{run.summary()} in {out} ({run.seconds:.1f}s)")
     for note in manifest.notes:
         _echo(f"note: {note}")
     if test_files:
@@ -76,26 +79,37 @@ def export_and_optimize_cmd(
 
 @manifest_app.command("validate")
 @user_errors
-def manifest_validate_cmd(out: OutFolder) -> None:
+def manifest_validate_cmd(out: OutFolder, json_out: JsonOut = False) -> None:
     """Check that every file of OUT's manifest exists, its hash matches and its I/O shapes equal the manifest."""
     from ..contract.manifest import read_manifest, validate
+    from ..errors import EXIT_INVALID_OUTPUT
 
     problems = validate(out)
-    for p in problems:
-        typer.echo(f"MISMATCH {p}", err=True)
+    segments = len(read_manifest(out).segments)
+    if json_out:
+        typer.echo(json.dumps({"out": str(out), "segments": segments, "ok": not problems, "problems": problems}))
+    else:
+        for p in problems:
+            typer.echo(f"MISMATCH {p}", err=True)
+        if problems:
+            typer.echo(f"error: {len(problems)} problem(s) in {out}", err=True)
+        else:
+            _echo(f"ok: {segments} segments match {out / 'manifest.json'}")
     if problems:
-        typer.echo(f"{len(problems)} problem(s) in {out}", err=True)
-        raise typer.Exit(7)
-    _echo(f"ok: {len(read_manifest(out).segments)} segments match {out / 'manifest.json'}")
+        raise typer.Exit(EXIT_INVALID_OUTPUT)
 
 
 @passes_app.command("list")
 @user_errors
-def passes_list_cmd() -> None:
+def passes_list_cmd(json_out: JsonOut = False) -> None:
     """Name and one line for each registered pass; '*' marks the default chain, in its order."""
     from ..passes import DEFAULT_CHAIN, PASSES
 
-    for name in [*DEFAULT_CHAIN, *[n for n in PASSES if n not in DEFAULT_CHAIN]]:
+    names = [*DEFAULT_CHAIN, *[n for n in PASSES if n not in DEFAULT_CHAIN]]
+    if json_out:
+        typer.echo(json.dumps([{"name": n, "default": n in DEFAULT_CHAIN, "summary": PASSES[n].summary} for n in names]))
+        return
+    for name in names:
         mark = "*" if name in DEFAULT_CHAIN else " "
         _echo(f"{mark} {name:<20} {PASSES[name].summary}")
 
@@ -128,6 +142,10 @@ def passes_run_cmd(
     _echo(f"wrote {out}")
 
 
+def _tensors(specs: list[dict]) -> str:
+    return ", ".join(f"{t['name']}{t['shape']}" for t in specs)
+
+
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
@@ -139,9 +157,9 @@ def inspect_cmd(
 
     if path.is_dir():
         if not is_output_folder(path):
-            from ..errors import UsageError
+            from ..errors import OutputError
 
-            raise UsageError(f"'{path}' is a folder without manifest.json: give an .onnx file or a tpugraph output")
+            raise OutputError(f"'{path}' has no manifest.json: not a tpugraph output (give one, or an .onnx file)")
         rows = inspect_output(path)
         if json_out:
             typer.echo(json.dumps(rows))
@@ -149,7 +167,7 @@ def inspect_cmd(
         _echo(f"{'segment':<18} {'kind':<16} {'MB':>9} {'nodes':>6}  inputs -> outputs")
         for r in rows:
             _echo(f"{r['name']:<18} {r['kind']:<16} {r['bytes'] / 1e6:>9.2f} {str(r['nodes'] or '-'):>6}  "
-                  f"{', '.join(r['inputs'])} -> {', '.join(r['outputs'])}")
+                  f"{_tensors(r['inputs'])} -> {_tensors(r['outputs'])}")
         return
     summary = inspect_onnx(path)
     if json_out:
@@ -175,8 +193,18 @@ def families_cmd(json_out: JsonOut = False) -> None:
     if json_out:
         typer.echo(json.dumps([fam.to_json() for fam in FAMILIES]))
         return
+    import shutil
+    import textwrap
+
+    columns = max(60, shutil.get_terminal_size((100, 24)).columns)
     width = max([len("family")] + [len(fam.name) for fam in FAMILIES])
-    _echo(f"{'family':<{width}} {'architectures':<22} {'transformers':<13} {'embeddings':<11} supports")
+    indent = " " * (width + 2)
+    _echo(f"{'family':<{width}}  {'transformers':<13}{'embeddings':<11}architectures")
+    _echo(f"{'':<{width}}  supports")
     for fam in FAMILIES:
-        _echo(f"{fam.name:<{width}} {', '.join(fam.architectures):<22} {'>=' + fam.min_transformers:<13} "
-              f"{fam.embeddings:<11} {fam.describe()}")
+        head = f"{fam.name:<{width}}  {'>=' + fam.min_transformers:<13}{fam.embeddings:<11}"
+        for line in textwrap.wrap(", ".join(fam.architectures), columns - 1, initial_indent=head,
+                                  subsequent_indent=" " * len(head)):
+            _echo(line)
+        for line in textwrap.wrap(fam.describe(), columns - 1, initial_indent=indent, subsequent_indent=indent):
+            _echo(line)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import EXIT_CHECK_FAILED
 from .app import _echo, _state, app, user_errors
 from .options import JsonOut, OutFolder, TpuMlirVenv
 
@@ -64,7 +65,7 @@ def verify_cmd(
                   f"{'equal' if report.mask_check_ok else 'DIFFER'}")
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 @app.command("run")

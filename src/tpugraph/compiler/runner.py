@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from ..contract.manifest import read_manifest
 from ..contract.segments import SegmentKind
@@ -25,12 +24,12 @@ from ..tpu_mlir.worker import ToolWorker
 from .bmodel_reuse import DRIVER, derive_deploys, plan_deploy_reuse
 from .options import CompileOptions
 from .plan import OUT_VAR, Step, StepAction, plan_compile
+from .progress import ProgressFn, StepCounter
 from .report import CompileReport, SegmentCompileError, SegmentCompileResult
 from .script import save_script
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, str, int, int], None]
 END_TO_END_PROMPT = 4  # tokens of the end-to-end check's random prompt
 END_TO_END_TOKENS = 3  # greedy tokens it compares (each is a full decode step on the cmodel)
 # a V x H matrix each: the longest transforms
@@ -145,13 +144,12 @@ class TransformReuse:
             self.proven[step.reuse_from].set()
 
 
-def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, env: dict[str, str],
-               result: SegmentCompileResult | None, progress: ProgressFn | None,
-               reuse: TransformReuse | None = None, worker: ToolWorker | None = None) -> _Failure | None:
+def _run_steps(steps: list[Step], out_dir: Path, env: dict[str, str], result: SegmentCompileResult | None,
+               counter: StepCounter, reuse: TransformReuse | None = None,
+               worker: ToolWorker | None = None) -> _Failure | None:
     """Run one segment's steps (or the combine) in order; the first failure ends them."""
-    for offset, step in enumerate(steps):
-        if progress:
-            progress(step.segment, step.action, first_index + offset, total)
+    for step in steps:
+        counter.start(step.segment, step.action)
         t0 = time.perf_counter()
         if step.action == StepAction.TRANSFORM and reuse is not None and reuse.try_derive(step, out_dir):
             rc, text, log_path = 0, "derived from the transform of " + step.reuse_from, out_dir / step.cwd
@@ -173,6 +171,7 @@ def _run_steps(steps: list[Step], first_index: int, total: int, out_dir: Path, e
         if ok and not output.is_file():
             ok, text = False, text + f"\n{step.argv[0]} exited 0 but wrote no {output.name}"
         log.info("%s %s: %s (%.1fs)", step.segment or "all", step.action, "ok" if ok else "FAILED", elapsed)
+        counter.finish(step.segment, step.action, elapsed, ok)
         if not ok:
             reason = failure_reason(text)
             if "GLIBC_" in text:
@@ -195,6 +194,7 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
     Stops at the first failing tool (with jobs > 1: lets the running segments finish, starts no other) with a
     SegmentCompileError that names the segment and quotes the tool. Writes the plan's script into OUT too,
     so what ran can be rerun by hand.
+    ``progress`` gets a StepEvent when each step starts and ends, counted over every step and the end-to-end check.
     """
     if jobs < 0:
         raise UsageError(f"jobs must be >= 0 (got {jobs}; 0: max(cores, 4))")
@@ -203,8 +203,8 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
 
         jobs = max(os.cpu_count() or 1, 4)
     out_dir = Path(out).resolve()
+    manifest = read_manifest(out_dir)  # the user's own argument first, then the toolchain
     venv = check_toolchain(venv)
-    manifest = read_manifest(out_dir)
     plan = plan_compile(out_dir, options, manifest)
     save_script(plan, manifest, out_dir / plan.script_name)
     env = tool_environment(venv)
@@ -217,7 +217,7 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
 def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], progress: ProgressFn | None, jobs: int,
              worker: ToolWorker | None) -> CompileReport:
     kinds = {s.name: s.kind for s in manifest.segments}
-    total = len(plan.steps)
+    counter = StepCounter(progress, len(plan.steps) + (1 if plan.end_to_end else 0))
     report = CompileReport(plan=plan)
     t_start = time.perf_counter()
 
@@ -241,7 +241,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
             if stop.is_set():
                 return
             started[i] = True
-            failures[i] = _run_steps(steps, first, total, out_dir, env, results[i], progress, reuse, worker)
+            failures[i] = _run_steps(steps, out_dir, env, results[i], counter, reuse, worker)
             if failures[i] is not None:
                 stop.set()
         finally:
@@ -261,8 +261,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
         if stop.is_set() or not part:
             return
         started[i] = True
-        failure = _run_steps([s for _, s in part], part[0][0], total, out_dir, env, results[i], progress, reuse,
-                             worker)
+        failure = _run_steps([s for _, s in part], out_dir, env, results[i], counter, reuse, worker)
         if failure is not None:
             failures[i] = failure
             stop.set()
@@ -292,8 +291,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
             if name in derived:
                 results[i].deploy_ok, results[i].deploy_derived = True, r.template
                 results[i].seconds += share
-                if progress:
-                    progress(name, "deploy (derived from " + r.template + ")", groups[i][0] + 1, total)
+                counter.finish(name, "deploy (derived from " + r.template + ")", share)
         outcomes[k] = (derived, why)
 
     derivations = [Task(f"derive:{k}", partial(derive, k, r), late_transforms) for k, r in enumerate(deploy_reuse)]
@@ -317,7 +315,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     report.transforms_derived = sorted(reuse.derived)
     failure = next((f for f in failures if f is not None), None)
     if failure is None:
-        failure = _run_steps([plan.steps[-1]], total - 1, total, out_dir, env, None, progress)
+        failure = _run_steps([plan.steps[-1]], out_dir, env, None, counter)
     report.seconds = time.perf_counter() - t_start
     if failure is not None:
         raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,
@@ -331,13 +329,11 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     if plan.end_to_end:
         from ..proof.verify import verify
 
-        if progress:
-            progress("", "end-to-end check", total, total)
+        counter.start("", "end-to-end check")
         t0 = time.perf_counter()
         report.end_to_end = verify(out_dir, prompt_length=END_TO_END_PROMPT, new_tokens=END_TO_END_TOKENS,
                                    bmodel=report.bmodel, tpu_mlir=venv, mask_check=False)  # verify --bmodel does it
         report.end_to_end_seconds = time.perf_counter() - t0
+        counter.finish("", "end-to-end check", report.end_to_end_seconds, report.end_to_end.passed)
         report.seconds = time.perf_counter() - t_start
-    if progress:
-        progress("", "done", total, total)
     return report

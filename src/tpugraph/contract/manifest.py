@@ -20,7 +20,7 @@ from .manifest_records import (
     TestDataRecord,
     ToolVersions,
 )
-from .records import JsonRecord, extra_keys, optional
+from .records import JsonRecord, extra_keys, not_json, optional
 from .segments import SegmentKind, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -81,6 +81,24 @@ class SegmentEntry(JsonRecord):
             ext.sha256 = digests[ext.file]
 
 
+@dataclass(frozen=True)
+class ExportRun:
+    """What the export call that returned a manifest did: segments kept from an earlier run (same inputs, files
+    as recorded) and segments built. Not written to manifest.json (a rerun must write the same manifest)."""
+
+    kept: tuple[str, ...]
+    built: tuple[str, ...]
+    seconds: float
+
+    def summary(self) -> str:
+        total = len(self.kept) + len(self.built)
+        if not self.built:
+            return f"kept {total} of {total} segments, nothing to do"
+        if not self.kept:
+            return f"built {total} segments"
+        return f"kept {len(self.kept)}, built {len(self.built)} of {total} segments"
+
+
 @dataclass(kw_only=True)
 class Manifest(JsonRecord):
     """OUT/manifest.json. Its keys, in order, are the fields'; keys this tpugraph does not know are kept."""
@@ -97,6 +115,7 @@ class Manifest(JsonRecord):
     notes: list[str] = field(default_factory=list)
     stats: ExportStats = field(default_factory=ExportStats)  # how the run went: segments traced, weight-swapped
     segments: list[SegmentEntry] = field(default_factory=list)
+    last_run: ExportRun | None = not_json()  # set by the export call that returned it
     extra: dict[str, Any] = extra_keys()
 
     def segment(self, name: str) -> SegmentEntry:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 OMIT_DEFAULT = "omit_default"
 JSON_KEY = "json_key"
+NOT_JSON = "not_json"
 
 
 class TextEnum(str, Enum):
@@ -31,6 +32,11 @@ def optional(default: Any = None, key: str | None = None) -> Any:
     return dataclasses.field(default=default, metadata={OMIT_DEFAULT: True, **({JSON_KEY: key} if key else {})})
 
 
+def not_json(default: Any = None) -> Any:
+    """A field that lives in memory only: never written to nor read from the JSON (nor in its schema)."""
+    return dataclasses.field(default=default, compare=False, metadata={NOT_JSON: True})
+
+
 def extra_keys() -> Any:
     return dataclasses.field(default_factory=dict)
 
@@ -40,7 +46,7 @@ def _key(f: dataclasses.Field) -> str:
 
 
 def _fields(cls) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.name != "extra"]
+    return [f for f in dataclasses.fields(cls) if f.name != "extra" and not f.metadata.get(NOT_JSON)]
 
 
 class JsonRecord:

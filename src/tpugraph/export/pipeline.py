@@ -6,13 +6,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..contract.manifest import MANIFEST_NAME, PARTIAL_NAME, Manifest
+from ..contract.manifest import MANIFEST_NAME, PARTIAL_NAME, ExportRun, Manifest
 from ..contract.manifest_records import (
     Conventions,
     ExportStats,
@@ -23,7 +24,7 @@ from ..contract.manifest_records import (
     read_quantization,
 )
 from ..contract.segments import KV_LAYOUT, MASK_VALUE, SAMPLE_HEADS, ContractDims, segment_specs
-from ..errors import OutputError, UsageError
+from ..errors import Interrupted, OutputError, UsageError
 from ..source.checkpoint import ModelSource, load_config, model_facts, open_weights, resolve_model
 from .committer import LARGE_MODEL_BYTES, Committer, UnitWriter  # noqa: F401 - re-exported
 from .plan import EXTERNAL_MIN_BYTES, WorkUnit, plan_units, previous_entries  # noqa: F401 - re-exported
@@ -173,6 +174,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     from .notes import export_notes, unused_inputs_note
     from .resume import unit_fingerprint
 
+    started = time.perf_counter()
     options = options or ExportOptions()
     options.check()
     if options.passes is None or any("simplify" in p for p in options.passes):
@@ -234,6 +236,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run.run(units, fingerprint, options.jobs or auto_jobs(weights))
+    except KeyboardInterrupt:  # the scheduler has let the commit in flight finish: the partial manifest is the state
+        raise Interrupted(_interrupted_text(out_dir, len(manifest.segments), len(specs))) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     factory = run.factory
@@ -260,7 +264,15 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         write_test_data(out_dir, manifest)
     if progress:
         progress("done", len(specs), len(specs))
+    manifest.last_run = ExportRun(tuple(run.kept), tuple(run.built), round(time.perf_counter() - started, 3))
     return manifest
+
+
+def _interrupted_text(out_dir: Path, kept: int, total: int) -> str:
+    if not kept:
+        return f"no segment was finished, {out_dir} keeps none; rerun the same command to start again"
+    return (f"{kept} of {total} segments are finished and kept in {out_dir}; rerun the same command to build the "
+            f"other {total - kept}")
 
 
 def _state_dims(config, family) -> dict:

@@ -87,6 +87,8 @@ class Scheduler:
         self._lock = threading.Lock()  # the progress count
         self._stop = threading.Event()
         self.started: list[str] = []  # units in the order they started (for tests of the constraints)
+        self.kept: list[str] = []  # segments an earlier run finished, kept as they are
+        self.built: list[str] = []  # segments built and handed to the committer
 
     def _factory(self):
         if self.factory is None:  # only ever called before the worker threads start, or without them
@@ -139,6 +141,8 @@ class Scheduler:
                 log.info("%s: unchanged since the last run, kept", entry.name)
                 self._step(entry.name)
             self.commits.keep(kept)
+            with self._lock:
+                self.kept += [entry.name for entry in kept]
             return
         factory = self._factory()
         writer = UnitWriter(self.out_dir, unit)
@@ -170,6 +174,8 @@ class Scheduler:
             writer.discard()
             raise
         self.commits.submit(writer, entries)
+        with self._lock:
+            self.built += [entry.name for entry in entries]
 
 
 def _apply_renames(entry: SegmentEntry, pass_results) -> None:

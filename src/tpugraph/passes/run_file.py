@@ -13,7 +13,7 @@ from typing import Any
 
 import onnx
 
-from tpugraph.errors import ModelError, OutputError, UsageError, VerificationError
+from tpugraph.errors import CheckFailedError, ModelError, OutputError, UsageError
 
 from . import _graph, _numerics
 from .base import PassContext, PassFailed, PassResult, failure_reason
@@ -50,7 +50,7 @@ def load_model_file(path: Path, load_external_data: bool = True) -> onnx.ModelPr
     """Load an ONNX file (with its external data unless told not to); a one-line error for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path}: no such file")
+        raise ModelError(f"{path}: no such file")
     try:
         model = onnx.load_model(str(path), load_external_data=load_external_data)
     except Exception as exc:
@@ -89,7 +89,7 @@ def run_passes_on_file(in_path: Path | str, out_path: Path | str, names: list[st
 
     OUT appears only when everything succeeded (written under a temporary name, then renamed);
     IN is never written unless it is also OUT. With ``check``, IN and OUT run in onnxruntime on the
-    same random inputs and VerificationError is raised if an output differs by more than ``tolerance``.
+    same random inputs and CheckFailedError is raised if an output differs by more than ``tolerance``.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     chain = resolve_chain(_as_list(names), options=options)
@@ -107,12 +107,12 @@ def run_passes_on_file(in_path: Path | str, out_path: Path | str, names: list[st
             diffs = reference.diffs(result, perms, work_dir)
         except Exception as exc:
             reason = failure_reason(exc)
-            raise VerificationError(f"{out_path.name}: cannot compare with {in_path.name}: {reason}") from exc
+            raise CheckFailedError(f"{out_path.name}: cannot compare with {in_path.name}: {reason}") from exc
         report.max_abs_diff = diffs
         bad = {k: v for k, v in diffs.items() if not v <= tolerance}
         if bad:
             listed = ", ".join(f"{k}: {v:.3g}" for k, v in bad.items())
-            raise VerificationError(f"{out_path.name} differs from {in_path.name} above tolerance {tolerance:g} "
+            raise CheckFailedError(f"{out_path.name} differs from {in_path.name} above tolerance {tolerance:g} "
                                     f"({listed}); not written")
     try:
         write_model_atomic(result, out_path)
@@ -128,7 +128,7 @@ def _reference(model: onnx.ModelProto, in_path: Path, work_dir: Path | None) -> 
         raise UsageError(f"--check needs static input shapes: {exc}") from exc
     except Exception as exc:
         reason = failure_reason(exc)
-        raise VerificationError(f"{in_path.name} does not run in onnxruntime, cannot --check: {reason}") from exc
+        raise ModelError(f"{in_path.name} does not run in onnxruntime, cannot --check: {reason}") from exc
 
 
 def _as_list(names: list[str] | str) -> list[str]:

@@ -74,8 +74,8 @@ def inspect_output(out: str | Path) -> list[dict[str, Any]]:
         rows.append({
             "name": seg.name, "kind": seg.kind, "layer": seg.layer, "file": seg.file,
             "bytes": seg.size + sum(int(e.get("size", 0)) for e in seg.external_data),
-            "inputs": [f"{t.name}{list(t.shape)}" for t in seg.inputs],
-            "outputs": [f"{t.name}{list(t.shape)}" for t in seg.outputs],
+            "inputs": [t.to_json() for t in seg.inputs],  # {name, shape: list of ints, dtype}
+            "outputs": [t.to_json() for t in seg.outputs],
             "passes": [p.get("name") for p in seg.passes if p.get("modified")],
             "nodes": seg.passes[-1].get("nodes_after") if seg.passes else None,
         })

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.manifest import Manifest, read_manifest, validate
-from ..errors import UsageError, VerificationError
+from ..errors import ModelError, UsageError, VerificationError
 from ..runtime.loop import PrefillUnsupported, SegmentRuntime
 from ..source.checkpoint import is_gguf_file, materialize_preset
 
@@ -139,7 +139,7 @@ def _source_folder(manifest: Manifest, model_path: str | None) -> Path:
     if src.preset and not (path / "config.json").is_file():
         path = materialize_preset(src.preset)  # deterministic: the same weights again
     if not ((path / "config.json").is_file() or is_gguf_file(path)):
-        raise VerificationError(f"source model '{path}' of this output is gone; pass --model FOLDER")
+        raise ModelError(f"source model '{path}' of this output is gone; pass --model FOLDER")
     return path
 
 
@@ -228,9 +228,8 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
         rng = np.random.default_rng(seed)
         prompt = rng.integers(3, vocab, size=prompt_length).tolist()
     if len(prompt) + new_tokens - 1 > seq:
-        raise VerificationError(
-            f"prompt length {len(prompt)} + {new_tokens} new tokens does not fit SEQ={seq}"
-        )
+        raise UsageError(f"prompt length {len(prompt)} + {new_tokens} new tokens does not fit SEQ={seq}; use a "
+                         "smaller --prompt-length or --new-tokens")
     from ..runtime.conversation import check_conversation
 
     check_conversation(manifest, len(prompt), turns)
@@ -261,7 +260,7 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
     conversation = Conversation.for_verify(out_dir, manifest, prompt, seed, chat=turns > 1)
     longest = conversation.longest(turns, new_tokens)
     if longest is not None and longest > runtime.seq:
-        raise VerificationError(f"{turns} turns of {len(prompt)} prompt + {new_tokens} new tokens take up to {longest} "
+        raise UsageError(f"{turns} turns of {len(prompt)} prompt + {new_tokens} new tokens take up to {longest} "
                                 f"tokens and do not fit SEQ={runtime.seq}; use fewer --turns, --prompt-length or "
                                 "--new-tokens")
     source = _source_folder(manifest, model_path)
@@ -277,7 +276,7 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
     for turn in range(1, turns + 1):
         ids = conversation.prompt_ids()
         if len(ids) + new_tokens - 1 > runtime.seq:
-            raise VerificationError(f"turn {turn}: the conversation ({len(ids)} tokens) + {new_tokens} new tokens "
+            raise UsageError(f"turn {turn}: the conversation ({len(ids)} tokens) + {new_tokens} new tokens "
                                     f"does not fit SEQ={runtime.seq}; use fewer --turns or --new-tokens")
         hf_tokens, hf_logits = hf_greedy(reference, ids, new_tokens, eos, stream_reference)
         forced = hf_tokens if report.teacher_forced else None
@@ -285,7 +284,7 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
         try:
             trace = runtime.generate(ids, new_tokens, eos, forced=forced, cache=cache)
         except PrefillUnsupported as exc:
-            raise VerificationError(f"turn {turn}: {exc}") from None
+            raise UsageError(f"turn {turn}: {exc}") from None
         if turn == 1:
             report.prompt = ids
             first = (ids, forced, trace.tokens)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract.manifest import read_manifest
-from ..errors import TpugraphError, UsageError, VerificationError
+from ..errors import EXIT_USAGE, TpugraphError, UsageError, VerificationError
 from ..source.tokenizer import load_output_tokenizer
 from .conversation import ChatConversation, KvCache, PrefillUnsupported
 from .loop import SegmentRuntime
@@ -19,7 +19,7 @@ class ConversationFull(TpugraphError):
     """The conversation no longer fits the output's window (SEQ), or its nets cannot take the new turn; the
     session is unchanged and stays usable (``/reset``)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 @dataclass
@@ -45,7 +45,8 @@ class ChatSession:
             raise VerificationError(f"'{out_dir}' is an unfinished export (manifest marked incomplete); rerun the export")
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-        self.tokenizer = load_output_tokenizer(out_dir, manifest)
+        self.tokenizer = load_output_tokenizer(
+            out_dir, manifest, instead=f"a chat needs one ('tpugraph run {out_dir} --prompt-ids 1,2,3' does not)")
         self.conversation = ChatConversation(self.tokenizer)
         self.eos = stop_ids(out_dir, manifest, self.tokenizer)
         self.max_new_tokens = max_new_tokens

@@ -690,7 +690,9 @@ def family_for(model_type: str | None, architectures: list[str] | None) -> Famil
     known = [a for a in architectures or [] if a in NOT_YET]
     if known:
         raise UnsupportedModelError(f"architecture {known[0]} is not supported yet: {NOT_YET[known[0]]}; "
-                                    f"supported: {', '.join(supported_architectures())}")
-    raise UnsupportedModelError(
-        f"unsupported architecture {what}; supported: {', '.join(supported_architectures())}"
-    )
+                                    "`tpugraph families` lists the supported ones")
+    import difflib
+
+    near = difflib.get_close_matches(what, supported_architectures(), n=1, cutoff=0.9)
+    raise UnsupportedModelError(f"unsupported architecture {what}" + (f" (did you mean {near[0]}?)" if near else "")
+                                + "; `tpugraph families` lists the supported ones")

@@ -93,19 +93,24 @@ def _config_has_template(source: Path) -> bool:
         return False
 
 
-def load_output_tokenizer(out_dir: Path, manifest: Manifest):
-    """OUT's copy of the source model's tokenizer, or a UsageError naming what is missing."""
+IDS_INSTEAD = "give token ids instead with --prompt-ids 1,2,3"
+REEXPORT = "or export a model folder that has its tokenizer files (tokenizer.json or tokenizer.model)"
+
+
+def load_output_tokenizer(out_dir: Path, manifest: Manifest, instead: str = IDS_INSTEAD):
+    """OUT's copy of the source model's tokenizer, or a UsageError naming what is missing and what the user can
+    do ``instead`` (run takes token ids; a chat needs text, so it points elsewhere)."""
     record = manifest.model.tokenizer
     if not record:
         raise UsageError(f"'{out_dir}' has no tokenizer (exported by a tpugraph that did not copy it): "
-                         "re-export it, or give token ids with --prompt-ids 1,2,3")
+                         f"re-export it, or {instead}")
     if not record.files:
         raise UsageError(f"'{out_dir}' has no tokenizer: {record.missing or 'the source model had none'}; "
-                         "give token ids with --prompt-ids 1,2,3")
+                         f"{instead}, {REEXPORT}")
     folder = out_dir / (record.dir or TOKENIZER_DIR)
     lost = [f for f in record.files if not (folder / f).is_file()]
     if lost:
-        raise UsageError(f"tokenizer file(s) {', '.join(lost)} missing from {folder}: re-export, or use --prompt-ids")
+        raise UsageError(f"tokenizer file(s) {', '.join(lost)} missing from {folder}: re-export, or {instead}")
     from transformers import AutoTokenizer
 
     from .checkpoint import quiet_transformers

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from tpugraph.errors import ModelError, PassError, UsageError, VerificationError
+from tpugraph.errors import CheckFailedError, ModelError, PassError, UsageError
 from tpugraph.passes import PASSES, GraphPass, _graph, run_passes_on_file
 from tpugraph.passes.run_file import context_for_file
 
@@ -82,8 +82,9 @@ def test_check_failure_writes_nothing(block_file, tmp_path, monkeypatch):
 
     monkeypatch.setitem(PASSES, "skew", Skew)
     out_path = tmp_path / "skewed.onnx"
-    with pytest.raises(VerificationError, match="hidden_states: .* not written"):
+    with pytest.raises(CheckFailedError, match="hidden_states: .* not written") as info:
         run_passes_on_file(block_file, out_path, ["skew"], check=True, tolerance=1e-3)
+    assert info.value.exit_code == 1  # a check that ran and failed, as a verify FAIL
     assert not out_path.exists()
 
 
@@ -106,7 +107,7 @@ def test_big_outputs_get_external_data(tmp_path, monkeypatch):
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
-    with pytest.raises(UsageError, match="no such file"):
+    with pytest.raises(ModelError, match="no such file"):  # a missing input is a model error (exit 3) everywhere
         run_passes_on_file(tmp_path / "missing.onnx", tmp_path / "o.onnx", ["simplify"])
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00\xffnot a protobuf at all" * 10)
@@ -130,7 +131,7 @@ def test_check_needs_a_runnable_static_input(tmp_path):
     model = parse(BLOCK)
     model.graph.node[0].op_type = "NotAnOp"
     onnx.save(model, custom)
-    with pytest.raises(VerificationError, match="custom.onnx does not run in onnxruntime"):
+    with pytest.raises(ModelError, match="custom.onnx does not run in onnxruntime"):
         run_passes_on_file(custom, tmp_path / "o.onnx", ["remove_unused"], check=True)
     assert not (tmp_path / "o.onnx").exists()
 

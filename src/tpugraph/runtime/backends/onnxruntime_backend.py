@@ -64,10 +64,19 @@ class OnnxBackend:
             return self._sessions[name]
         entry = self.manifest.segment(name)
         path = str(self.out_dir / entry.file)
-        if self.name == "onnx-reference":
-            session = _ReferenceSession(path)
-        else:
-            session = self._ort.InferenceSession(path, self._opts, providers=["CPUExecutionProvider"])
+        try:
+            if self.name == "onnx-reference":
+                session = _ReferenceSession(path)
+            else:
+                session = self._ort.InferenceSession(path, self._opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # the file changed since the export (run does not hash every file as verify does)
+            from ...contract.manifest import validate
+            from ...errors import VerificationError
+
+            problems = [p for p in validate(self.out_dir) if p.startswith(f"{name}:")]
+            if not problems:
+                raise
+            raise VerificationError(f"'{self.out_dir}' does not match its manifest: {problems[0]}") from exc
         size = self._segment_bytes(entry)
         if self._kept_bytes + size <= self.keep_bytes:
             self._sessions[name] = session
