@@ -81,13 +81,20 @@ def families_page() -> str:
     families = json.loads(_invoke(["families", "--json"]))
     lines = ["# Model families", "", GENERATED.format(what="src/tpugraph/source/families.py"), "",
              "The output of `tpugraph families --json`, one row per family (`source/families.py`). *transformers* is "
-             "the oldest release the family was checked on; an older one is refused for it.", "",
+             "the oldest release the family was checked on; an older one is refused for it. Each family has a tiny "
+             "random-weight test that exports it and passes `verify` (`tests/families/`). Sliding-window layers are "
+             "exact: when SEQ exceeds the window the block masks keys outside it itself. Models tpugraph refuses, "
+             "and why: [troubleshooting](../guides/troubleshooting.md).", "",
              "| family | architectures | model_type | transformers | embeddings | sliding window | quirks |",
              "|---|---|---|---|---|---|---|"]
     for fam in families:
         lines.append("| " + " | ".join(_cell(c) for c in (
             f"`{fam['name']}`", ", ".join(fam["architectures"]), ", ".join(fam["model_types"]),
             ">=" + fam["min_transformers"], fam["embeddings"], fam["sliding_window"], "; ".join(fam["quirks"]))) + " |")
+    from tpugraph.source.checkpoint import preset_names
+
+    lines += ["", "Presets with random weights for trying a family without a download: "
+              + ", ".join(f"`{name}`" for name in sorted(preset_names())) + "."]
     return "\n".join(lines) + "\n"
 
 
