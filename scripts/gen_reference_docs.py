@@ -9,20 +9,19 @@ on the machine: --help is rendered at a fixed width without colour, and nothing 
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
+import re
+import sys
+from pathlib import Path
 
-# Before typer/rich are imported: they read the terminal width (and colour wishes) from the environment.
+# Before typer/rich are imported (lazily, below): they read the terminal width and colour wishes from the environment.
 WIDTH = "100"
 os.environ.update(COLUMNS=WIDTH, TERMINAL_WIDTH=WIDTH, NO_COLOR="1", TERM="dumb")
 os.environ.pop("FORCE_COLOR", None)
 os.environ.pop("FORCE_TERMINAL", None)
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -66,8 +65,8 @@ def _command_paths() -> list[list[str]]:
 
 def cli_page() -> str:
     lines = ["# Command line reference", "", GENERATED.format(what="a command or its help"), "",
-             "Every command's `--help`, as printed at a terminal width of 100. Global flags (`-v`, `-vv`, `-q`) may "
-             "be given anywhere on the line.", ""]
+             ("Every command's `--help`, as printed at a terminal width of 100. Global flags (`-v`, `-vv`, `-q`) may "
+             "be given anywhere on the line."), ""]
     for path in _command_paths():
         lines += [f"## `tpugraph{''.join(' ' + p for p in path)}`", "", "```text", _invoke([*path, "--help"]), "```", ""]
     return "\n".join(lines)
@@ -80,11 +79,11 @@ def _cell(text: str) -> str:
 def families_page() -> str:
     families = json.loads(_invoke(["families", "--json"]))
     lines = ["# Model families", "", GENERATED.format(what="src/tpugraph/source/families.py"), "",
-             "The output of `tpugraph families --json`, one row per family (`source/families.py`). *transformers* is "
+             ("The output of `tpugraph families --json`, one row per family (`source/families.py`). *transformers* is "
              "the oldest release the family was checked on; an older one is refused for it. Each family has a tiny "
              "random-weight test that exports it and passes `verify` (`tests/families/`). Sliding-window layers are "
              "exact: when SEQ exceeds the window the block masks keys outside it itself. Models tpugraph refuses, "
-             "and why: [troubleshooting](../guides/troubleshooting.md).", "",
+             "and why: [troubleshooting](../guides/troubleshooting.md)."), "",
              "| family | architectures | model_type | transformers | embeddings | sliding window | quirks |",
              "|---|---|---|---|---|---|---|"]
     for fam in families:
@@ -103,9 +102,9 @@ def passes_page() -> str:
 
     order = [*DEFAULT_CHAIN, *[n for n in PASSES if n not in DEFAULT_CHAIN]]
     lines = ["# Graph passes", "", GENERATED.format(what="a pass or the default chain (src/tpugraph/passes)"), "",
-             "Every registered pass (`passes.chain.PASSES`); the numbered ones form the default chain "
+             ("Every registered pass (`passes.chain.PASSES`); the numbered ones form the default chain "
              "(`DEFAULT_CHAIN`), in its order. Choose a chain with `--passes a,b,c` / `--skip-pass x`, set an option "
-             "with `--option PASS.KEY=VALUE`, run passes alone with `tpugraph passes run`.", "",
+             "with `--option PASS.KEY=VALUE`, run passes alone with `tpugraph passes run`."), "",
              "| # | pass | module | what it does | options (defaults) |", "|---|---|---|---|---|"]
     for name in order:
         cls = PASSES[name]
@@ -148,8 +147,8 @@ def _exit_code_rows(errors) -> list[tuple[int, str, str]]:
 def exit_codes_page() -> str:
     errors = importlib.import_module("tpugraph.errors")
     lines = ["# Exit codes", "", GENERATED.format(what="src/tpugraph/errors.py"), "",
-             "Every error a user can cause is one line on stderr starting with `error:` and one of these exit codes "
-             "(`src/tpugraph/errors.py`).", "", "| code | meaning | raised as |", "|---:|---|---|"]
+             ("Every error a user can cause is one line on stderr starting with `error:` and one of these exit codes "
+             "(`src/tpugraph/errors.py`)."), "", "| code | meaning | raised as |", "|---:|---|---|"]
     for code, meaning, raised in _exit_code_rows(errors):
         lines.append(f"| {code} | {_cell(meaning)} | {f'`{raised}`' if raised else ''} |")
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ NEEDS_TPU_MLIR = re.compile(r"tpugraph compile\b|--backend bmodel|--bmodel\b")
 def bash_commands(document: Path) -> list[str]:
     """The commands of the document's ```bash blocks, one per line (a trailing backslash continues it)."""
     commands: list[str] = []
-    for block in re.findall(r"^```bash\n(.*?)^```", document.read_text(encoding="utf-8"), flags=re.S | re.M):
+    for block in re.findall(r"^```bash\n(.*?)^```", document.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE):
         for line in block.replace("\\\n", " ").splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 commands.append(line.strip())
@@ -112,7 +112,7 @@ def test_document_commands_run(document, workspace):
         if command in workspace["done"]:
             continue
         result = subprocess.run(_shell(command), shell=True, executable="/bin/bash", cwd=workspace["folder"], env=env,
-                                capture_output=True, text=True, timeout=3600)
+                                capture_output=True, text=True, timeout=3600, check=False)
         assert result.returncode == 0, (f"{document.name}: `{command}` exited {result.returncode}:\n"
                                         f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
         workspace["done"].add(command)
