@@ -81,7 +81,7 @@ def families_page() -> str:
     lines = ["# Model families", "", GENERATED.format(what="src/tpugraph/source/families.py"), "",
              ("The output of `tpugraph families --json`, one row per family (`source/families.py`). *transformers* is "
              "the oldest release the family was checked on; an older one is refused for it. Each family has a tiny "
-             "random-weight test that exports it and passes `verify` (`tests/families/`). Sliding-window layers are "
+             "random-weight test that exports it and passes `verify` (`tests/integration/families/`). Sliding-window layers are "
              "exact: when SEQ exceeds the window the block masks keys outside it itself. Models tpugraph refuses, "
              "and why: [troubleshooting](../guides/troubleshooting.md)."), "",
              "| family | architectures | model_type | transformers | embeddings | sliding window | quirks |",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs" / "tutorials").glob("*.md"))]
 SETUP = re.compile(r"python3 -m venv|pip install|scripts/make_smollm2\.py|scripts/setup_tpu_mlir\.sh|-m pytest")
 NEEDS_MODEL = re.compile(r"\bsmollm2\b")
