@@ -19,7 +19,7 @@ from ..source.tokenizer import TOKENIZER_DIR
 from .vision import VisionConfig, expand_image_tokens
 
 PROCESSOR_FILE = "preprocessor_config.json"
-SYNTHETIC = "synthetic"  # --image synthetic: the built-in test image
+SYNTHETIC = "synthetic"  # the source label of the built-in test image
 
 
 @dataclass
@@ -47,22 +47,22 @@ def open_image(path: str | Path):
 
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"image '{path}' not found", option="image")
+        raise UsageError(f"'{path}' not found", option="image")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except UnidentifiedImageError:
         raise UsageError(f"'{path}' is not an image PIL can read", option="image") from None
     except OSError as exc:
-        raise UsageError(f"cannot read image '{path}': {exc.strerror or exc}", option="image") from None
+        raise UsageError(f"'{path}' cannot be read: {exc.strerror or exc}", option="image") from None
 
 
 def vision_of(out_dir: Path, manifest: Manifest) -> VisionConfig:
     """OUT's vit settings, or one line saying OUT takes no images."""
     vision = VisionConfig.of(manifest)
     if vision is None:
-        raise UsageError(f"'{out_dir}' is a text-only model ({manifest.model.get('architecture')}): it takes no "
-                         "image", option="image")
+        raise UsageError(f"given, but '{out_dir}' is a text-only model ({manifest.model.get('architecture')}) and "
+                         "takes no image", option="image")
     return vision
 
 
@@ -99,9 +99,9 @@ def process_image(processor, image, vision: VisionConfig, source: str) -> Proces
 
 
 def load_image(out_dir: Path, manifest: Manifest, image: str | Path | None) -> ProcessedImage:
-    """``image`` (a file, or None / "synthetic" for the built-in test picture) through OUT's processor."""
+    """``image`` (a file, or None for the built-in test picture) through OUT's processor."""
     vision = vision_of(out_dir, manifest)
-    if image is None or str(image) == SYNTHETIC:
+    if image is None:
         picture, source = synthetic_image(), SYNTHETIC
     else:
         picture, source = open_image(image), str(image)
