@@ -4,7 +4,7 @@ prompt, and the vit output vs transformers' vision features."""
 
 from __future__ import annotations
 
-import logging
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,6 @@ from ..errors import UsageError
 from ..runtime.images import ProcessedImage, image_prompt_ids, load_image, vision_of
 from ..runtime.loop import SegmentRuntime
 from ..runtime.vision import VisionConfig, encode_image
-
-log = logging.getLogger(__name__)
 
 MIN_VIT_COSINE = 0.9999  # fp32 export vs fp32 reference; float16/bfloat16 exports: their logits' bound
 
@@ -53,10 +51,13 @@ def hf_image_generate(model, ids: list[int], image: ProcessedImage, image_token:
     gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=sorted(eos) or None,
                            pad_token_id=min(eos) if eos else 0, output_logits=True, return_dict_in_generate=True)
     t = torch.tensor([ids], dtype=torch.long)
+    extra = {}
+    # transformers 5.25 computes the 3-D positions from mm_token_type_ids (without it: text positions)
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        extra["mm_token_type_ids"] = (t == image_token).int()
     with torch.no_grad():
         out = model.generate(t, attention_mask=torch.ones_like(t), pixel_values=torch.from_numpy(image.pixel_values),
-                             image_grid_thw=torch.tensor([image.grid]), mm_token_type_ids=(t == image_token).int(),
-                             generation_config=gen)
+                             image_grid_thw=torch.tensor([image.grid]), generation_config=gen, **extra)
     return out.sequences[0, len(ids):].tolist(), [step[0].float().numpy() for step in out.logits]
 
 
