@@ -5,6 +5,7 @@ prompt, and the vit output vs transformers' vision features."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +62,28 @@ def hf_image_generate(model, ids: list[int], image: ProcessedImage, image_token:
     return out.sequences[0, len(ids):].tolist(), [step[0].float().numpy() for step in out.logits]
 
 
-def compare_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, prompt: list[int] | None,
-                       prompt_length: int, new_tokens: int, seed: int, eos: set[int], source: Path, backend=None):
-    """The image verify behind ``verify.verify`` (``image`` None: the built-in synthetic picture). Returns the
-    VerifyReport with its ``vision`` record (vit cosine against transformers' features)."""
+@dataclass
+class ImageRun:
+    """Both sides of an image verify, for ``verify`` to compare step by step."""
+
+    prompt: list[int]
+    hf_tokens: list[int]
+    hf_logits: list[np.ndarray]
+    trace: object  # runtime.loop.GenerationTrace
+    forced: list[int] | None  # transformers' tokens fed back (reduced precision), else None
+    backend: str
+    vision: dict  # the report's vision record
+
+
+def run_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, prompt: list[int] | None,
+                   prompt_length: int, new_tokens: int, seed: int, eos: set[int], source: Path,
+                   free_running: tuple[str, ...], min_cosine: float) -> ImageRun:
+    """``image`` (None: the built-in synthetic picture) in front of the prompt, through OUT's vit and segments and
+    through transformers. ``free_running``: the export dtypes compared without teacher forcing; ``min_cosine``:
+    the vit's bound for a reduced-precision export."""
     from .reference import load_full
-    from .verify import FREE_RUNNING, THRESHOLDS, VerifyReport, _compare_steps
 
     vision = vision_of(out_dir, manifest)
-    if backend is not None:
-        raise UsageError("verify --bmodel of a vision-language output is not supported yet (the vit is not "
-                         "compiled yet): verify OUT's ONNX segments", option="bmodel")
     processed = load_image(out_dir, manifest, image)
     seq = int(manifest.options["seq_length"])
     text = list(prompt) if prompt is not None else random_text_ids(int(manifest.model["vocab_size"]),
@@ -85,19 +97,15 @@ def compare_with_image(out_dir: Path, manifest: Manifest, image: str | Path | No
     hf_tokens, hf_logits = hf_image_generate(model, ids, processed, vision.token_ids["image"], new_tokens, eos)
     del model
     dtype = str(manifest.options.get("dtype", "float32"))
-    forced = None if dtype in FREE_RUNNING else hf_tokens  # reduced precision: transformers' tokens fed back
+    forced = None if dtype in free_running else hf_tokens  # reduced precision: transformers' tokens fed back
     runtime = SegmentRuntime(out_dir, manifest)
     try:
         merged = encode_image(runtime, ids, processed.pixel_values, processed.grid, vision)
         trace = runtime.generate(ids, new_tokens, eos, forced=forced, image=merged)
     finally:
         runtime.close()
-    report = VerifyReport(prompt=ids, hf_tokens=hf_tokens, onnx_tokens=trace.tokens, dtype=dtype,
-                          backend=runtime.backend.name, teacher_forced=forced is not None)
-    _compare_steps(report, 1, hf_tokens, hf_logits, trace, forced)
-    report.vision = {"image": processed.source, "grid_thw": list(processed.grid), "image_tokens": len(merged.rows),
-                     "vit_cosine": cosine(merged.embeds, reference),
-                     "vit_max_abs_diff": float(np.max(np.abs(merged.embeds - reference))),
-                     "min_vit_cosine": MIN_VIT_COSINE if dtype == "float32" else THRESHOLDS[dtype][0],
-                     "rope_delta": merged.delta}
-    return report
+    record = {"image": processed.source, "grid_thw": list(processed.grid), "image_tokens": len(merged.rows),
+              "vit_cosine": cosine(merged.embeds, reference),
+              "vit_max_abs_diff": float(np.max(np.abs(merged.embeds - reference))),
+              "min_vit_cosine": MIN_VIT_COSINE if dtype == "float32" else min_cosine, "rope_delta": merged.delta}
+    return ImageRun(ids, hf_tokens, hf_logits, trace, forced, runtime.backend.name, record)

@@ -42,6 +42,8 @@ def test_vit_segment_contract(vlm):
     import onnx
 
     _, out, manifest = vlm
+    assert manifest.model["family"] == "qwen2_5_vl" and manifest.model["architecture"] == \
+        "Qwen2_5_VLForConditionalGeneration"
     assert manifest.segments[0].name == "vit"  # the runtime's first net
     patches = MAX_PIXELS // (14 * 14)
     vit = onnx.load(str(out / "vit.onnx"))
