@@ -148,6 +148,12 @@ def test_run_with_an_image_and_the_bad_cases(vlm, tmp_path, make_model):
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert len(result["tokens"]) == 4 and result["prompt_ids"].count(TOKEN_IDS["image_token_id"]) > 1
+    plain = _cli("run", str(out), "--image", str(image), "--prompt", "w3 w4", "--max-new-tokens", "2", "--json")
+    assert plain.returncode == 0, plain.stderr
+    ids = json.loads(plain.stdout)["prompt_ids"]  # no --chat: the bracketed image goes in front of the prompt
+    assert ids[0] == TOKEN_IDS["vision_start_token_id"] and ids[-3] == TOKEN_IDS["vision_end_token_id"]
+    checked = _cli("verify", str(out), "--image", str(image), "--prompt-length", "3", "--new-tokens", "3")
+    assert checked.returncode == 0 and "PASS" in checked.stdout and "vit cosine" in checked.stdout, checked.stderr
     missing = _cli("run", str(out), "--image", str(tmp_path / "nope.png"), "--prompt", "w3")
     assert missing.returncode == 2 and "--image" in missing.stderr and "not found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
