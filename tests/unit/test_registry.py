@@ -35,11 +35,15 @@ def test_every_family_has_a_tiny_model_test(family):
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_spec_matches_installed_transformers(family):
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
 
+    # the mapping of the auto class the family builds its models with (vision-language: image-text-to-text)
+    mapping = {"AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+               "AutoModelForImageTextToText": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}[family.auto_class]
     assert Version(transformers.__version__) >= Version(family.min_transformers)
     for model_type in family.model_types:
-        assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) in family.architectures
+        assert mapping.get(model_type) in family.architectures
+    assert (family.vision is None) == (family.auto_class == "AutoModelForCausalLM")
     assert family.sliding_layers in (SLIDING_NONE, SLIDING_ALL, SLIDING_BY_LAYER_TYPE)
     assert family.embeddings in ("tied", "untied", "either")
     assert family.describe() and json.dumps(family.to_json())

@@ -29,6 +29,7 @@ def verify_cmd(
              "model would take over half the available memory, e.g. 7B on 24 GB)."),
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
     tpu_mlir: TpuMlirVenv = None,
+    image: Optional[Path] = typer.Option(None, "--image", help="A vision-language output: verify with this image in front of the prompt (default: a built-in synthetic picture); the vit output is also compared with transformers' vision features."),
     turns: int = typer.Option(1, "--turns", help="Verify a conversation of this many turns (OUT's chat template when its tokenizer has one, else the prompt, each reply and a new random prompt): each turn is compared with transformers on the whole conversation so far, while the runtime keeps the KV cache and prefills only the new tokens (block_kv_i, --history-kv)."),
 ) -> None:
     """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
@@ -36,7 +37,7 @@ def verify_cmd(
     from ..proof.verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
-                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns)
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns, image=image)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
@@ -59,6 +60,10 @@ def verify_cmd(
               + ("; transformers' tokens fed back (teacher forcing)" if report.teacher_forced else "")
               + ("; reference layers streamed" if report.reference == "streamed" else "")
               + ("" if report.logits_compared else "; tokens only: the top-k lm_head returns no logits"))
+        if report.vision is not None:
+            v = report.vision
+            _echo(f"image {v['image']} (grid {v['grid_thw']}, {v['image_tokens']} tokens): vit cosine "
+                  f"{v['vit_cosine']:.7f} (>= {v['min_vit_cosine']}) against transformers' vision features")
         if report.mask_check is not None:
             m = report.mask_check
             _echo(f"mask {m['pattern']} (read as {m['value']:.4g}) instead of -10000: tokens {m['tokens']} "
@@ -74,6 +79,7 @@ def run_cmd(
     out: OutFolder,
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text (tokenized with OUT's own tokenizer)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn with the model's chat template."),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image for a vision-language output (resized within its --max-pixels by the model's own image processor); it goes in front of the prompt, or at the prompt's image placeholder."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens (or at EOS, or when the window is full)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (works without a tokenizer)."),
     backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
@@ -94,7 +100,8 @@ def run_cmd(
     stream = None if json_out or _state["verbosity"] < 0 else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
                         chat=chat, max_new_tokens=max_new_tokens, backend=backend, bmodel=bmodel, venv=tpu_mlir,
-                        on_text=stream, sampling=SamplingParams(temperature, top_p, top_k, penalty, seed) if sample else None)
+                        on_text=stream, sampling=SamplingParams(temperature, top_p, top_k, penalty, seed) if sample else None,
+                        image=image)
     if json_out:
         typer.echo(json.dumps(result.to_json()))
         return

@@ -81,6 +81,24 @@ def read_quantization(data: dict[str, Any]) -> PackedQuantization | GgufQuantiza
 
 
 @record
+class VisionRecord(JsonRecord):
+    """What the host needs of the vit net (runtime/vision.py): its compiled size and the processor's geometry."""
+
+    kind: str
+    max_pixels: int
+    patches: int  # P, the vit's compiled number of patches
+    patch_dim: int
+    tokens: int  # P / spatial_merge_size**2: the image's rows in the language model
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    window_size: int
+    fullatt_block_indexes: list[int]
+    token_ids: dict[str, int]  # image, start, end
+    extra: dict[str, Any] = extra_keys()
+
+
+@record
 class ModelFacts(JsonRecord):
     """What the exporter needs to know about a model, read from its config (source/checkpoint.py model_facts)."""
 
@@ -110,6 +128,8 @@ class ModelRecord(ModelFacts):
     state_shapes: dict[str, list[int]] | None = optional()
     layers_kv: list[LayerKv] | None = optional()  # when layers differ (per-layer KV shapes, shared KV)
     per_layer_embedding: int | None = optional()  # P of the per-layer embeddings (with layers_kv)
+    mrope_section: list[int] | None = optional()  # multimodal rotary: the blocks take position_ids [3, L]
+    vision: VisionRecord | None = optional()  # vision-language models: what the host does around the vit
     source: SourceRecord
     source_quantization: PackedQuantization | GgufQuantization | None = optional()
     tokenizer: TokenizerRecord | None = optional()  # set once every segment is written
@@ -142,6 +162,7 @@ class RecordedOptions(JsonRecord):
     embedding_disk: bool = False
     max_input_length: int | None = optional()  # L, when it is not SEQ
     history_kv: bool = optional(False)
+    max_pixels: int | None = optional()  # vision-language models: the vit's compiled image size
     extra: dict[str, Any] = extra_keys()
 
     @property

@@ -13,6 +13,7 @@ KV_LAYOUT = "sequence-major [1, SEQ, KVH, D]"
 
 
 class SegmentKind(TextEnum):
+    VIT = "vit"
     EMBEDDING = "embedding"
     EMBEDDING_CACHE = "embedding_cache"
     BLOCK = "block"
@@ -87,6 +88,22 @@ class SegmentSpec:
 
 
 @dataclass(frozen=True)
+class VisionDims:
+    """The ``vit`` segment's static sizes (docs/guides/vision-language.md): ``patches`` P = max_pixels /
+    patch_size^2 patchified pixels of ``patch_dim`` = channels x temporal_patch_size x patch_size^2 each, merged
+    ``merge_unit`` (spatial_merge_size^2) at a time into P / merge_unit rows of the language model's hidden size."""
+
+    patches: int
+    patch_dim: int
+    merge_unit: int
+    max_pixels: int
+
+    @property
+    def tokens(self) -> int:
+        return self.patches // self.merge_unit
+
+
+@dataclass(frozen=True)
 class ContractDims:
     """The symbols of the contract for one model and one export."""
 
@@ -114,6 +131,10 @@ class ContractDims:
     kv_from: tuple[int | None, ...] = ()
     # Width P of the per-layer embeddings (Gemma 4), 0 = none.
     per_layer: int = 0
+    # Rows of the blocks' position_ids: 1, or 3 for multimodal rotary (mrope: [3, L]).
+    position_rows: int = 1
+    # The vit segment's sizes (vision-language models), or None.
+    vision: VisionDims | None = None
 
     def kv_shape(self, layer: int) -> tuple[int, int]:
         return self.layer_kv[layer] if self.layer_kv else (self.kv_heads, self.head_dim)
@@ -157,7 +178,8 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
         return ((T("per_layer_embeds", (1, s, d.per_layer), f), T("inputs_embeds", (1, s, d.hidden), f))
                 if d.per_layer else ())
 
-    specs = [] if embedding_disk else [
+    specs = [vit_spec(d)] if d.vision is not None else []
+    specs += [] if embedding_disk else [
         SegmentSpec("embedding", SegmentKind.EMBEDDING, None,
                     (T("input_ids", (1, n), i),), (T("input_embed", (1, n, d.hidden), f), *per_layer_out(n)),
                     per_layer=bool(d.per_layer)),
@@ -196,7 +218,7 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
             decode_kv_in, decode_kv_out = (T("shared_k", kv_all, f), T("shared_v", kv_all, f)), ()
         specs.append(SegmentSpec(
             f"block_{layer}", SegmentKind.BLOCK, layer,
-            (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
+            (T("input_states", (1, n, d.hidden), f), T("position_ids", (d.position_rows, n), i),
              T("attention_mask", (1, 1, n, n), f), *per_layer_in(n), *prefill_kv_in),
             (T("hidden_states", (1, n, d.hidden), f), *prefill_kv_out), per_layer=bool(d.per_layer), shared_kv=shared,
         ))
@@ -210,7 +232,7 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
             ))
         specs.append(SegmentSpec(
             f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
-            (T("input_states", (1, 1, d.hidden), f), T("position_ids", (1, 1), i),
+            (T("input_states", (1, 1, d.hidden), f), T("position_ids", (d.position_rows, 1), i),
              T("attention_mask", (1, 1, 1, d.seq + 1), f), *per_layer_in(1), *decode_kv_in),
             (T("hidden_states", (1, 1, d.hidden), f), *decode_kv_out), per_layer=bool(d.per_layer), shared_kv=shared,
         ))
@@ -242,6 +264,19 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
             (T("probs", (1, k), f), T("token", (1, k), i)),
         ))
     return specs
+
+
+def vit_spec(d: ContractDims) -> SegmentSpec:
+    """The vision encoder + merger (tpu-mlir llm_convert's Qwen2.5-VL ``vit`` net): patchified pixels in window
+    order, their (h, w) rotary positions, the full and window attention masks, and the index that puts the merged
+    rows back in image order -> the image's embedding rows [P / merge_unit, H]."""
+    v, f, i, T = d.vision, d.float_dtype, d.int_dtype, TensorSpec
+    p = v.patches
+    return SegmentSpec("vit", SegmentKind.VIT, None,
+                       (T("pixel_values", (p, v.patch_dim), f), T("position_ids", (p, 2), i),
+                        T("full_attn_mask", (1, 1, p, p), f), T("window_attn_mask", (1, 1, p, p), f),
+                        T("reverse_index", (v.tokens,), i)),
+                       (T("vit_embeds", (v.tokens, d.hidden), f),))
 
 
 # The mask value as LLM-TPU's demos write it: a raw 16-bit pattern (CONTRACT.md, second table).

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,9 +45,8 @@ def _example_inputs(spec: SegmentSpec, seq: int) -> tuple[torch.Tensor, ...]:
     for t in spec.inputs:
         if t.dtype.startswith("int"):
             dtype = NP_TO_TORCH_INT[t.dtype]
-            if t.name == "position_ids":
-                n = int(np.prod(t.shape))
-                x = torch.arange(n, dtype=dtype).reshape(t.shape)
+            if t.name == "position_ids":  # each row 0, 1, ... (mrope's three rows; a vit patch's (h, w))
+                x = torch.arange(t.shape[-1], dtype=dtype).expand(t.shape).contiguous()
             else:
                 x = torch.ones(t.shape, dtype=dtype)
         elif t.name == "attention_mask":
@@ -93,6 +91,12 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     if parts is None:
         raise ModelError(f"segment '{spec.name}' needs the model's weights")
     fam = parts.family
+    if spec.kind == SegmentKind.VIT:  # export/vision.py: the vision tower with host-made window bookkeeping
+        from .vision import vit_segment
+
+        with parts.materialized(fam.vision.path, placeholders_from) as visual:
+            yield _with_float_boundary(vit_segment(fam.vision.kind, visual, spec.inputs[0].shape[0]), parts)
+        return
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) and spec.per_layer:
         # Per-layer embeddings (Gemma 4): the second table is gathered by the same segment.
         ple = fam.per_layer_embedding

@@ -17,7 +17,7 @@ from ..source.families import FamilySpec
 from ..source.weights import WeightStore
 from .fused_weights import with_fused_weights
 from .per_layer_inputs import attach_per_layer_modules, with_per_layer_weights
-from .wrappers import RotaryTable
+from .wrappers import MropeRotaryTable, RotaryTable
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,11 +54,13 @@ def _parameters_on_meta(min_bytes: int = 0) -> Iterator[None]:
         yield
 
 
-def _build_skeleton(config) -> nn.Module:
+def _build_skeleton(config, auto_class: str = "AutoModelForCausalLM") -> nn.Module:
     """The model with its big tensors on meta. A buffer that came out on meta (a constructor computed a
-    big one) is built again with a threshold above it, so every buffer is real."""
-    from transformers import AutoModelForCausalLM
+    big one) is built again with a threshold above it, so every buffer is real. ``auto_class``: the
+    transformers auto class of the family (FamilySpec.auto_class)."""
+    import transformers
 
+    AutoModelForCausalLM = getattr(transformers, auto_class)
     min_bytes = META_MIN_BYTES
     for _ in range(4):
         with _parameters_on_meta(min_bytes):
@@ -97,7 +99,7 @@ class ModelParts:
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
         config._attn_implementation = "eager"
-        self.skeleton = _build_skeleton(config)
+        self.skeleton = _build_skeleton(config, family.auto_class)
         self.skeleton.eval()
         self._init_views()
         # Per-layer embeddings (Gemma 4): each layer's rows of the model-level projection, as its own weights.
@@ -192,7 +194,9 @@ class ModelParts:
             path, kwargs = fam.rotary_module_path(self.text_config, layer), {}
         key = (seq, path, tuple(sorted(kwargs.items())))
         if key not in self._rotary_tables:
-            self._rotary_tables[key] = RotaryTable.from_hf(self._submodule(path), seq, self.dtype, **kwargs)
+            table = RotaryTable.from_hf(self._submodule(path), seq, self.dtype, **kwargs)
+            sections = fam.mrope_section(self.text_config)
+            self._rotary_tables[key] = MropeRotaryTable.of(table, sections) if sections else table
         return self._rotary_tables[key]
 
     def sliding_window(self, layer: int) -> int | None:

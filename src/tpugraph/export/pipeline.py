@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ from ..contract.manifest_records import (
     PassChainEntry,
     RecordedOptions,
     ToolVersions,
+    VisionRecord,
     read_quantization,
 )
 from ..contract.segments import KV_LAYOUT, MASK_VALUE, SAMPLE_HEADS, ContractDims, segment_specs
@@ -60,6 +61,7 @@ class ExportOptions:
     with_test_data: bool = False  # also write OUT/test_data/<segment>_input.npz (compare_inputs.write_test_data)
     max_input_length: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
     history_kv: bool = False  # also export block_kv_i: prefill on top of the KV history (multi-turn, chunks)
+    max_pixels: int | None = None  # vision-language models: the vit segment's image size (None: the family's)
 
     def check(self) -> None:
         """UsageError naming the field at fault (``option``), in the library's terms."""
@@ -189,6 +191,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")
+    if options.max_pixels is not None and family.vision is None:
+        raise UsageError(f"is for vision-language models; family {family.name} has no vision encoder",
+                         option="max_pixels")
     weights = open_weights(source, config)  # plain, quantized (dequantized per tensor) or GGUF
     chain = _resolve_chain(options)
     prepare_output_dir(out_dir, options.force)
@@ -199,19 +204,20 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
                         int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family),
-                        **layer_dims(config, family))
+                        **layer_dims(config, family), **vision_fields(config, family, options))
     specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
                           sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
                           embedding_disk=options.embedding_disk, history_kv=options.history_kv)
     units = plan_units(specs, family, weights, DTYPE_BYTES[options.dtype], options.external_data)
     tools = tool_versions()
     manifest = Manifest(
-        model=ModelRecord(**vars(facts), **_state_facts(dims), **layer_records(dims), source=source.record(),
+        model=ModelRecord(**vars(facts), **_state_facts(dims), **layer_records(dims),
+                          **vision_record(config, family, dims), source=source.record(),
                           source_quantization=read_quantization(weights.quantization) if weights.quantization else None),
         tools=tools,
         conventions=Conventions(kv_layout=KV_LAYOUT, mask_value=MASK_VALUE, opset=DEFAULT_OPSET, naming=_naming(chain),
                                 int_dtype=options.int_dtype, float_dtype="float32", batch=1),
-        options=options.record(),
+        options=replace(options.record(), max_pixels=dims.vision.max_pixels) if dims.vision else options.record(),
         pass_chain=[PassChainEntry(name=p.name, options=p.options()) for p in chain],
     )
     config_json = config.to_dict()
@@ -306,6 +312,36 @@ def layer_dims(config, family) -> dict:
     if family.per_layer_embedding is not None and family.per_layer_embedding.width(text):
         dims["per_layer"] = family.per_layer_embedding.width(text)
     return dims
+
+
+def vision_fields(config, family, options: ExportOptions) -> dict:
+    """ContractDims fields of a vision-language family (mrope position rows, the vit's sizes); empty otherwise.
+    The largest image's tokens must fit in SEQ with room for a prompt."""
+    fields: dict = {"position_rows": 3} if family.mrope else {}
+    if family.vision is None:
+        return fields
+    from .vision import vision_dims
+
+    vision = vision_dims(config, family, options.max_pixels)
+    if vision.tokens + 2 >= options.seq_length:
+        raise UsageError(f"{options.seq_length} leaves no room for a prompt beside the {vision.tokens} tokens of a "
+                         f"max_pixels={vision.max_pixels} image (and its 2 bracket tokens): raise --seq-length or "
+                         "lower --max-pixels", option="seq_length")
+    return {**fields, "vision": vision}
+
+
+def vision_record(config, family, dims: ContractDims) -> dict:
+    """ModelRecord fields of what the host does around the vit (runtime/vision.py); none for text models."""
+    record: dict = {"mrope_section": list(family.mrope_section(config.get_text_config()))} if family.mrope else {}
+    if dims.vision is None:
+        return record
+    v = config.vision_config
+    return {**record, "vision": VisionRecord(
+        kind=family.vision.kind, max_pixels=dims.vision.max_pixels, patches=dims.vision.patches,
+        patch_dim=dims.vision.patch_dim, tokens=dims.vision.tokens, patch_size=int(v.patch_size),
+        temporal_patch_size=int(v.temporal_patch_size), spatial_merge_size=int(v.spatial_merge_size),
+        window_size=int(v.window_size), fullatt_block_indexes=[int(i) for i in v.fullatt_block_indexes],
+        token_ids=family.vision.token_ids(config))}
 
 
 def layer_records(dims: ContractDims) -> dict:

@@ -64,6 +64,37 @@ class RotaryTable(nn.Module):
         return self.cos[position_ids], self.sin[position_ids]
 
 
+class MropeRotaryTable(RotaryTable):
+    """Qwen2-VL's multimodal rotary: position_ids [3, L] (temporal, height, width rows) -> cos/sin [1, L, D].
+
+    The lanes of each half of the head dim are split by ``mrope_section``; section i reads row i % 3 (as
+    transformers' recomposition does). A text token has three equal rows, which gives the plain rotary. Static:
+    one Gather per table, then a Slice per section and a Concat.
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, sections: tuple[int, ...]):
+        super().__init__(cos, sin, cos.dtype)
+        half = int(cos.shape[-1]) // 2
+        if sum(sections) != half:
+            raise ValueError(f"mrope_section {list(sections)} does not cover half the head dim ({half})")
+        self.lanes: list[tuple[int, int, int]] = []  # (row, first lane, end lane)
+        for offset in (0, half):
+            start = offset
+            for i, width in enumerate(sections):
+                self.lanes.append((i % 3, start, start + width))
+                start += width
+
+    @classmethod
+    def of(cls, table: RotaryTable, sections: tuple[int, ...]) -> "MropeRotaryTable":
+        return cls(table.cos, table.sin, tuple(sections))
+
+    def _pick(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows[row:row + 1, :, start:end] for row, start, end in self.lanes], dim=-1)
+
+    def forward(self, position_ids: torch.Tensor):
+        return self._pick(self.cos[position_ids]), self._pick(self.sin[position_ids])
+
+
 class EmbeddingSegment(nn.Module):
     def __init__(self, embed: nn.Module, scale: float | None = None):
         super().__init__()

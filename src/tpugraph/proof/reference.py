@@ -14,14 +14,17 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import UnsupportedModelError
 from ..source.checkpoint import (
     is_gguf_file,
     load_config,
     open_weights,
     quantization_config,
     quiet_transformers,
+    read_config_json,
     resolve_model,
 )
+from ..source.families import family_for
 from ..source.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -69,21 +72,28 @@ def load_full(model_dir: Path):
     the streamed model with tpugraph's dequantized weights (for an independent reference, pass a float
     checkpoint to ``verify --model``)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     quiet_transformers()
     model_dir = Path(model_dir)
     kwargs: dict = {"attn_implementation": "eager"}
+    auto = transformers.AutoModelForCausalLM
     if is_gguf_file(model_dir):
         model_dir, kwargs["gguf_file"] = model_dir.parent, model_dir.name
     elif quantization_config(resolve_model(str(model_dir))) is not None:
         log.info("%s is a quantized checkpoint: the reference runs transformers' modules on its dequantized weights",
                  model_dir)
         return load_streamed(model_dir)
+    else:  # the family's own auto class (a vision-language model is no causal LM to transformers' mapping)
+        raw = read_config_json(model_dir)
+        try:
+            auto = getattr(transformers, family_for(raw.get("model_type"), raw.get("architectures") or []).auto_class)
+        except UnsupportedModelError:
+            pass
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
+        model = auto.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
     except TypeError:  # transformers < 4.56 calls it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32, **kwargs)
+        model = auto.from_pretrained(str(model_dir), torch_dtype=torch.float32, **kwargs)
     return model.eval()
 
 

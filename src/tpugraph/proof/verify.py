@@ -71,6 +71,13 @@ class VerifyReport:
     # {"pattern", "value", "tokens", "expected"}; its tokens must equal the first turn's under the contract's mask.
     mask_check: dict | None = None
     turns: list["TurnReport"] = field(default_factory=list)  # one per conversation turn (verify --turns)
+    # With an image (proof/vision_verify.py): the image, its grid and tokens, and the vit output's cosine against
+    # transformers' vision features ({"vit_cosine", "min_vit_cosine", ...}); None for a text prompt.
+    vision: dict | None = None
+
+    @property
+    def vision_ok(self) -> bool:
+        return self.vision is None or self.vision["vit_cosine"] >= self.vision["min_vit_cosine"]
 
     @property
     def mask_check_ok(self) -> bool:
@@ -104,7 +111,8 @@ class VerifyReport:
     def passed(self) -> bool:
         same_tokens = self.tokens_equal or (self.teacher_forced and len(self.hf_tokens) == len(self.onnx_tokens)
                                             and all(len(t.hf_tokens) == len(t.onnx_tokens) for t in self.turns))
-        return same_tokens and bool(self.steps) and all(s.ok for s in self.steps) and self.mask_check_ok
+        return (same_tokens and bool(self.steps) and all(s.ok for s in self.steps) and self.mask_check_ok
+                and self.vision_ok)
 
     def to_json(self) -> dict:
         return {
@@ -115,7 +123,7 @@ class VerifyReport:
             "dtype": self.dtype, "backend": self.backend, "teacher_forced": self.teacher_forced,
             "reference": self.reference, "mask_check": self.mask_check, "logits_compared": self.logits_compared,
             "steps": [s.__dict__ | {"ok": s.ok} for s in self.steps],
-            "turns": [t.__dict__ for t in self.turns],
+            "turns": [t.__dict__ for t in self.turns], "vision": self.vision,
         }
 
 
@@ -200,7 +208,8 @@ def other_mask_value(net_dtype: str) -> tuple[str, float]:
 def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, seed: int = 0,
            model_path: str | None = None, prompt: list[int] | None = None,
            stream_reference: bool | None = None, bmodel: str | Path | None = None,
-           tpu_mlir: str | Path | None = None, mask_check: bool = True, turns: int = 1) -> VerifyReport:
+           tpu_mlir: str | Path | None = None, mask_check: bool = True, turns: int = 1,
+           image: str | Path | None = None) -> VerifyReport:
     """``stream_reference``: stream the reference's layer weights (None: when the fp32 model would take
     over half the memory available). The segments are likewise kept loaded only while they fit.
     ``bmodel``: the system under test is that combined bmodel on tpu-mlir's cmodel (venv ``tpu_mlir``),
@@ -208,7 +217,8 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     driven a second time with the other mask encoding (``other_mask_value``) and must give the same tokens.
     ``turns``: a conversation of that many turns, each compared with transformers' greedy generate on the whole
     conversation so far; the runtime keeps the KV cache between turns and prefills only each turn's new tokens
-    (block_kv_i, see ``conversation``)."""
+    (block_kv_i, see ``conversation``). ``image``: a vision-language output is verified with this image file
+    (default: the built-in synthetic picture) in front of the prompt (proof/vision_verify.py)."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest.complete:
@@ -221,6 +231,9 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     vocab = int(manifest.model.vocab_size)
     if turns < 1:
         raise UsageError(f"must be >= 1 (got {turns})", option="turns")
+    if image is not None or manifest.model.vision:
+        return _verify_image(out_dir, manifest, image, prompt, prompt_length, new_tokens, seed, model_path, bmodel,
+                             turns)
     if prompt is None:
         for option, value in (("prompt_length", prompt_length), ("new_tokens", new_tokens)):
             if value < 1:
@@ -248,6 +261,29 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     finally:
         if backend is not None:
             backend.close()
+
+
+def _verify_image(out_dir: Path, manifest: Manifest, image, prompt, prompt_length: int, new_tokens: int, seed: int,
+                  model_path: str | None, bmodel, turns: int) -> VerifyReport:
+    """A vision-language output: one turn with an image (proof/vision_verify.py), its vit output compared too."""
+    from .vision_verify import run_with_image
+
+    if turns > 1:
+        raise UsageError("a conversation with an image is not verified yet: use one turn", option="turns")
+    if bmodel is not None:
+        raise UsageError("with an image is not supported yet (the vit is not compiled yet): verify OUT's ONNX "
+                         "segments", option="bmodel")
+    for option, value in (("prompt_length", prompt_length), ("new_tokens", new_tokens)):
+        if value < 1:
+            raise UsageError(f"must be >= 1 (got {value})", option=option)
+    dtype = str(manifest.options.dtype)
+    run = run_with_image(out_dir, manifest, image, prompt, prompt_length, new_tokens, seed,
+                         _eos_ids(manifest.model.eos_token_id), _source_folder(manifest, model_path),
+                         FREE_RUNNING, THRESHOLDS[dtype][0])
+    report = VerifyReport(prompt=run.prompt, hf_tokens=run.hf_tokens, onnx_tokens=run.trace.tokens, dtype=dtype,
+                          backend=run.backend, teacher_forced=run.forced is not None, vision=run.vision)
+    _compare_steps(report, 1, run.hf_tokens, run.hf_logits, run.trace, run.forced)
+    return report
 
 
 def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: int, eos: set[int],

@@ -115,6 +115,16 @@ class SegmentRuntime:
         # Gemma 4 (README "Gemma 4"): the layer whose KV each layer reuses, and per-layer embeddings.
         self.kv_from = [r.kv_from for r in self.manifest.model.layers_kv or []] or [None] * self.layers
         self.per_layer = bool(self.manifest.model.per_layer_embedding)
+        # Multimodal rotary (mrope): the blocks take position_ids [3, L]; a text token's three rows are equal, and
+        # after an image every position is shifted by the prompt's rope delta (runtime/vision.py).
+        self.position_rows = 3 if self.manifest.model.mrope_section else 1
+        self.rope_delta = 0
+
+    def _positions(self, pos: np.ndarray, shift: int = 0) -> np.ndarray:
+        """The contract's [1, L] positions as the blocks take them: one row, or mrope's three (+ ``shift``)."""
+        if self.position_rows == 1:
+            return pos
+        return np.repeat(pos, self.position_rows, axis=0) + shift
 
     def _extra(self, embedded: list[np.ndarray], layer: int) -> list[np.ndarray]:
         """A block's per-layer embedding inputs: its slice of per_layer_embeds, and the token embedding."""
@@ -163,12 +173,18 @@ class SegmentRuntime:
             (token,) = self.run("greedy_head", logits)
         return int(np.asarray(token).reshape(-1)[0]), np.asarray(logits, dtype=np.float32).reshape(-1)
 
-    def prefill(self, prompt: list[int]):
+    def prefill(self, prompt: list[int], image=None):
         """The first chunk of a prompt (at most L tokens) through ``block_i``: (hidden of its last token,
-        [(k, v)] per layer as SEQ-row history buffers: the block's L rows, garbage past the prompt included)."""
+        [(k, v)] per layer as SEQ-row history buffers: the block's L rows, garbage past the prompt included).
+        ``image``: a runtime.vision.PromptImage whose vit rows replace the placeholder tokens' embeddings and
+        whose 3-D positions are the prompt's."""
         ids, pos, mask = prefill_inputs(prompt, self.input_length, self.mask_value)
         embedded = self.embed("embedding", ids)
         hidden = embedded[0]
+        pos = self._positions(pos)
+        if image is not None:
+            hidden = image.merge(hidden)
+            pos[:, : len(prompt)] = image.positions
         if self.dynamic_prefill:  # the n prompt rows only: [1,n,H], [1,n], [1,1,n,n] (as LLM-TPU's net_launch_dyn)
             n = len(prompt)
             hidden, pos, mask = hidden[:, :n], pos[:, :n], np.ascontiguousarray(mask[:, :, :n, :n])
@@ -199,6 +215,7 @@ class SegmentRuntime:
         into the history buffers at rows h..h+n-1. Returns the hidden state of the chunk's last token."""
         ids, pos, mask = history_prefill_inputs(chunk, h, self.input_length, self.seq, self.mask_value)
         hidden = self.embed("embedding", ids)[0]
+        pos = self._positions(pos)
         n = len(chunk)
         if self.dynamic_prefill:  # the n new rows; mask columns: the SEQ history ones, then the n new ones
             hidden, pos = hidden[:, :n], pos[:, :n]
@@ -221,7 +238,7 @@ class SegmentRuntime:
             keep += 1
         return keep
 
-    def feed(self, cache: KvCache, tokens: list[int]) -> np.ndarray:
+    def feed(self, cache: KvCache, tokens: list[int], image=None) -> np.ndarray:
         """Prefill ``tokens`` after what ``cache`` holds: an empty cache starts with ``block_i`` on the first L
         tokens, every further chunk of at most L goes through ``block_kv_i``. Returns the last token's hidden."""
         if not tokens:
@@ -230,9 +247,11 @@ class SegmentRuntime:
             raise ValueError(f"{cache.length} cached + {len(tokens)} new tokens exceed SEQ={self.seq}")
         self.check_prompt(len(tokens), cache.length)
         L = self.input_length
+        if image is not None and (cache.length or len(tokens) > L):
+            raise PrefillUnsupported("an image is prefilled with its whole prompt in one piece, on an empty cache")
         start = 0
         if cache.length == 0:
-            hidden, cache.layers = self.prefill(tokens[:L])
+            hidden, cache.layers = self.prefill(tokens[:L], image)
             cache.tokens = list(tokens[:L])
             start = L
         for at in range(start, len(tokens), L):
@@ -243,6 +262,7 @@ class SegmentRuntime:
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
         ids, pos, mask = decode_inputs(token, n, self.seq, self.mask_value)
+        pos = self._positions(pos, self.rope_delta)
         embedded = self.embed("embedding_cache", ids)
         hidden = embedded[0]
         new: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -268,23 +288,26 @@ class SegmentRuntime:
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
                  forced: list[int] | None = None, on_token: TokenFn | None = None,
-                 cache: KvCache | None = None) -> GenerationTrace:
+                 cache: KvCache | None = None, image=None) -> GenerationTrace:
         """Greedy generation; with ``forced``, step i feeds forced[i] back instead of its own top-1
         (teacher forcing: the logits of every step are then comparable with another run's). ``on_token`` is
         called with each token as soon as it is known (streaming).
 
         ``cache``: a conversation's KV cache, kept across calls (multi-turn). ``prompt`` is then the whole
         conversation so far: the rows of its longest common prefix with what the cache holds are reused and
-        only the rest is prefilled (on the history, with block_kv_i); the generated tokens fed back stay in it."""
+        only the rest is prefilled (on the history, with block_kv_i); the generated tokens fed back stay in it.
+
+        ``image``: the prompt's image (runtime.vision.PromptImage, its vit rows already computed)."""
         if not 1 <= len(prompt) <= self.seq:
             raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
         cache = KvCache() if cache is None else cache
-        keep = self.reusable_prefix(cache, prompt)
+        keep = 0 if image is not None else self.reusable_prefix(cache, prompt)
         self.check_prompt(len(prompt) - keep, keep)
+        self.rope_delta = image.delta if image is not None else 0
         del cache.tokens[keep:]
         trace = GenerationTrace()
         t0 = time.perf_counter()
-        hidden = self.feed(cache, list(prompt[keep:]))
+        hidden = self.feed(cache, list(prompt[keep:]), image)
         history = cache.layers
         n = len(prompt)
         while True:

@@ -35,12 +35,16 @@ class RunResult:
         return dict(self.__dict__)
 
 
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, text: str, chat: bool, image: bool = False) -> list[int]:
+    """``image``: the user turn holds an image first (structured content for the chat template)."""
     if not chat:
         return [int(t) for t in tokenizer(text)["input_ids"]]
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("--chat needs a chat template, and this model's tokenizer has none: drop --chat")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+    from .images import image_chat_messages
+
+    messages = image_chat_messages(text) if image else [{"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
@@ -114,9 +118,10 @@ def stop_reason(tokens: list[int], eos: set[int], max_new_tokens: int) -> str:
 def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
                max_new_tokens: int = 64, backend: str = "onnx", bmodel: str | Path | None = None,
                venv: str | Path | None = None, on_text: TextFn | None = None,
-               sampling: SamplingParams | None = None) -> RunResult:
+               sampling: SamplingParams | None = None, image: str | Path | None = None) -> RunResult:
     """Generate from OUT with the chosen backend, greedily or (``sampling``) drawing from OUT's sample head;
-    ``on_text`` gets each new piece of text as it comes."""
+    ``on_text`` gets each new piece of text as it comes. ``image``: an image file in front of the prompt (or at
+    its image placeholder), for a vision-language output (runtime/images.py)."""
     from .backends.choice import open_backend
 
     out_dir = Path(out)
@@ -127,16 +132,23 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
         raise UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    from .images import image_prompt_ids, load_image
+    from .vision import VisionConfig
+
+    processed = load_image(out_dir, manifest, image) if image is not None else None
     tokenizer = None
     if prompt is not None:
         tokenizer = load_output_tokenizer(out_dir, manifest)
-        ids = encode_prompt(tokenizer, prompt, chat)
+        ids = encode_prompt(tokenizer, prompt, chat, image=processed is not None)
     else:
         if chat:
             raise UsageError("--chat applies to --prompt TEXT, not to --prompt-ids")
         ids = list(prompt_ids)
     seq = int(manifest.options.seq_length)
     vocab = int(manifest.model.vocab_size)
+    vision = VisionConfig.of(manifest)
+    if vision is not None:
+        ids = image_prompt_ids(ids, vision, processed, seq)
     if len(ids) > seq:
         raise UsageError(f"the prompt is {len(ids)} tokens, longer than this output's SEQ={seq} "
                          "(export with a larger --seq-length)")
@@ -157,7 +169,12 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
         raise
     stream = TextStream(tokenizer, on_text)
     try:
-        trace = runtime.generate(ids, max_new_tokens, eos, on_token=stream)
+        merged = None
+        if processed is not None:
+            from .vision import encode_image
+
+            merged = encode_image(runtime, ids, processed.pixel_values, processed.grid, vision)
+        trace = runtime.generate(ids, max_new_tokens, eos, on_token=stream, image=merged)
     finally:
         runtime.close()
     stop = stop_reason(trace.tokens, eos, max_new_tokens)

@@ -262,12 +262,15 @@ def open_weights(source: ModelSource, config):
         from .gguf import GgufWeights
 
         return GgufWeights(source.gguf_path, config)
+    from .weights import with_module_paths
+
+    family = family_for(getattr(config, "model_type", None), list(getattr(config, "architectures", None) or []))
     qc = quantization_config(source)
     if qc is None:
-        return WeightStore(source.path)
+        return with_module_paths(WeightStore(source.path), family)
     from .quantized import QuantizedWeights, scheme_from_config
 
-    return QuantizedWeights(WeightStore(source.path), scheme_from_config(qc), config)
+    return QuantizedWeights(with_module_paths(WeightStore(source.path), family), scheme_from_config(qc), config)
 
 
 def load_tokenizer(source: ModelSource):

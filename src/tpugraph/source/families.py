@@ -57,6 +57,25 @@ class PerLayerEmbedding:
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """A vision encoder in front of the language model (vision-language families). ``kind`` names the ``vit``
+    segment's wrapper (export/vision.py) and the host code that prepares its inputs (runtime/vision.py); the
+    paths and config attributes are read from the model. docs/guides/vision-language.md has the vit contract."""
+
+    kind: str  # "qwen2_5_vl"
+    path: str  # the vision tower inside the model (module path)
+    image_token_attr: str = "image_token_id"  # config attributes of the prompt's image tokens
+    vision_start_attr: str = "vision_start_token_id"
+    vision_end_attr: str = "vision_end_token_id"
+    default_max_pixels: int = 224 * 224  # --max-pixels when none is given: 256 patches, 64 image tokens
+
+    def token_ids(self, config: Any) -> dict[str, int]:
+        """The image placeholder and its brackets, by role (image, start, end)."""
+        return {role: int(getattr(config, attr)) for role, attr in (
+            ("image", self.image_token_attr), ("start", self.vision_start_attr), ("end", self.vision_end_attr))}
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """How one family of Hugging Face causal LMs maps onto the TPU segments."""
 
@@ -124,6 +143,24 @@ class FamilySpec:
     # Permute, Tile...): gemma2, gemma3, glm4, phi3 at run time, even at the full length, phi at deploy. So only
     # the families checked are compiled --dynamic; the others are refused with one line.
     dynamic_prefill: bool = False
+    # The transformers auto class that builds the whole model from its config (vision-language models are not
+    # causal LMs to transformers' auto mapping).
+    auto_class: str = "AutoModelForCausalLM"
+    # Checkpoints saved in an older layout than transformers' module tree: (module path prefix, checkpoint prefix)
+    # pairs, tried in order (source/weights.py RenamedWeights). Every path above is a module path.
+    checkpoint_prefixes: tuple[tuple[str, str], ...] = ()
+    # Multimodal rotary positions (Qwen2-VL's mrope): block position_ids are [3, L] (temporal, height, width) and
+    # the rotary lanes take their row by config.rope_parameters["mrope_section"]; text tokens have three equal rows.
+    mrope: bool = False
+    # The vision encoder of a vision-language family (the ``vit`` segment), or None.
+    vision: VisionSpec | None = None
+
+    def mrope_section(self, text_config: Any) -> tuple[int, ...]:
+        """The rotary lanes (of half the head dim) each position row drives; () without mrope."""
+        if not self.mrope:
+            return ()
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        return tuple(int(x) for x in rope.get("mrope_section", (16, 24, 24)))
 
     def describe(self) -> str:
         return ", ".join(self.quirks) if self.quirks else "standard pre-norm decoder"
@@ -653,6 +690,39 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 "logits / logits_scaling"),
     ),
 )
+
+
+# Vision-language families (docs/guides/vision-language.md): a ``vit`` segment beside the language model's.
+VISION_FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec(
+        name="qwen2_5_vl",
+        model_types=("qwen2_5_vl",),
+        architectures=("Qwen2_5_VLForConditionalGeneration",),
+        min_transformers="5.24",
+        auto_class="AutoModelForImageTextToText",
+        layers_path="model.language_model.layers",
+        embed_path="model.language_model.embed_tokens",
+        norm_path="model.language_model.norm",
+        rotary_path="model.language_model.rotary_emb",
+        # Qwen's own checkpoints (and transformers' save_pretrained) keep the original layout.
+        checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
+        mrope=True,
+        vision=VisionSpec(kind="qwen2_5_vl", path="model.visual"),
+        refused_options=(
+            ("history_kv", (False,), "a prefill on top of a KV history would need the image's 3-D positions and "
+                                     "rope delta carried across turns, which the runtime does not do yet"),
+            ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
+                                          "takes the whole window, SEQ)"),
+            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
+                                         "host-side gather is not wired to images yet"),
+            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+        ),
+        quirks=("Qwen2.5-VL (3B/7B/32B/72B)", "vit segment: window + full attention, 2x2 patch merger, host-side "
+                "window index and masks", "mrope: block position_ids [3, L] (temporal, height, width)",
+                "q/k/v bias", "tied (3B) or untied embeddings"),
+    ),
+)
+FAMILIES = FAMILIES + VISION_FAMILIES
 
 
 # Architectures tpugraph knows it cannot export yet, and why: refused naming the reason (exit 4), not a

@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
-# What transformers' tokenizers read (fast and slow), the chat template in its own files, and the generation
-# config (its eos_token_id may list more stop tokens than config.json, e.g. a chat model's end-of-turn).
+# What transformers' tokenizers read (fast and slow), the chat template in its own files, the generation config
+# (its eos_token_id may list more stop tokens than config.json, e.g. a chat model's end-of-turn) and the image
+# processor's settings.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+                   "chat_template.json", "generation_config.json",
+                   "preprocessor_config.json")  # a vision-language model's image processor (runtime/images.py)
 # Any one of these makes a usable tokenizer.
 ESSENTIAL = ("tokenizer.json", "tokenizer.model", "vocab.json")
 

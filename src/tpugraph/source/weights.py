@@ -68,6 +68,43 @@ class WeightStore:
         return tuple(int(d) for d in view.get_shape()), str(view.get_dtype())
 
 
+class RenamedWeights:
+    """A weight store seen under the model's module paths when its checkpoint keeps an older layout: each
+    (module prefix, checkpoint prefix) pair of ``FamilySpec.checkpoint_prefixes`` maps the keys that start with
+    the checkpoint prefix (Qwen2.5-VL's ``visual.`` -> ``model.visual.``); other keys pass through."""
+
+    def __init__(self, store, prefixes: tuple[tuple[str, str], ...]):
+        self.store = store
+        self.quantization = getattr(store, "quantization", None)
+        self._source: dict[str, str] = {}
+        for key in store.keys():
+            new = next((module + key[len(old):] for module, old in prefixes
+                        if key.startswith(old) and not key.startswith(module)), key)
+            self._source[new] = key
+
+    def keys(self) -> list[str]:
+        return list(self._source)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._source
+
+    def _key(self, key: str) -> str:
+        if key not in self._source:
+            raise ModelError(f"weight '{key}' is missing from the model's safetensors")
+        return self._source[key]
+
+    def get(self, key: str):
+        return self.store.get(self._key(key))
+
+    def shape_and_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
+        return self.store.shape_and_dtype(self._key(key))
+
+
+def with_module_paths(store, family):
+    """``store`` under the family's module paths (itself when the family declares no checkpoint layout)."""
+    return RenamedWeights(store, family.checkpoint_prefixes) if family.checkpoint_prefixes else store
+
+
 def meta_parameter_shapes(config) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the model ``config`` describes (built on the meta device: no memory)."""
     return {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}

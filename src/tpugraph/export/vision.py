@@ -1,0 +1,97 @@
+"""A vision tower (transformers' module, its own weights) -> the ``vit`` segment: static shapes for a fixed
+number of patches, the window bookkeeping left to the host (runtime/vision.py).
+
+transformers' Qwen2.5-VL vision forward computes the rotary positions, the window order and the attention
+splits (``cu_seqlens``) from ``grid_thw`` with data-dependent loops and splits. The segment takes them as
+inputs instead, as tpu-mlir's llm_convert ``vit`` net does: the pixels already in window order, each patch's
+(h, w) position, a full and a window attention mask (0 inside a sequence or window, -10000 elsewhere, which
+is the split attention exactly) and the reverse index of the window order. docs/guides/vision-language.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .wrappers import clamp_mask
+
+
+class QwenVitSegment(nn.Module):
+    """(pixel_values [P, C*T*p*p], position_ids [P, 2], full_attn_mask [1,1,P,P], window_attn_mask [1,1,P,P],
+    reverse_index [P/4]) -> vit_embeds [P/4, H]: Qwen2.5-VL's patch embedding, vision blocks and merger."""
+
+    def __init__(self, visual: nn.Module, patches: int):
+        super().__init__()
+        for part in ("patch_embed", "rotary_pos_emb", "blocks", "merger", "fullatt_block_indexes"):
+            if not hasattr(visual, part):
+                raise ModelError(f"{type(visual).__name__}: the Qwen2.5-VL vit wrapper expects a vision tower with "
+                                 f"{part}; this one has none")
+        self.visual = visual
+        self.patches = patches
+        rotary = visual.rotary_pos_emb
+        # cos/sin of every coordinate 0..P-1 for each frequency (the coordinates of P patches are below P),
+        # computed as transformers computes them per patch.
+        freqs = torch.arange(patches, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None]
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        self.full_blocks = {int(i) for i in visual.fullatt_block_indexes}
+        self.rotate = sys.modules[type(visual).__module__].apply_rotary_pos_emb_vision
+
+    def _rotary(self, table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # [P, 2, F] -> the h lanes then the w lanes [P, 2F], twice over the head dim (transformers' layout)
+        pair = table[position_ids].reshape(self.patches, -1)
+        return torch.cat([pair, pair], dim=-1)
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, mask: torch.Tensor) -> torch.Tensor:
+        p = self.patches
+        qkv = attn.qkv(x).reshape(p, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = self.rotate(qkv[0], qkv[1], cos, sin)  # [P, heads, d]
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, qkv[2]))  # [1, heads, P, d]
+        scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(p, -1)
+        return attn.proj(out)
+
+    def forward(self, pixel_values, position_ids, full_attn_mask, window_attn_mask, reverse_index):
+        visual = self.visual
+        conv = visual.patch_embed.proj  # a Conv3d whose kernel is the patch: one MatMul over the flat patch
+        x = torch.matmul(pixel_values.to(conv.weight.dtype), conv.weight.reshape(conv.weight.shape[0], -1).t())
+        cos, sin = self._rotary(self.cos, position_ids), self._rotary(self.sin, position_ids)
+        full, window = clamp_mask(full_attn_mask), clamp_mask(window_attn_mask)
+        for index, block in enumerate(visual.blocks):
+            mask = full if index in self.full_blocks else window
+            x = x + self._attention(block.attn, block.norm1(x), cos, sin, mask)
+            x = x + block.mlp(block.norm2(x))
+        merged = visual.merger(x)  # [P / merge_unit, H], in window order
+        return merged[reverse_index]
+
+
+VIT_WRAPPERS = {"qwen2_5_vl": QwenVitSegment}
+
+
+def vit_segment(kind: str, visual: nn.Module, patches: int) -> nn.Module:
+    return VIT_WRAPPERS[kind](visual, patches)
+
+
+def vision_dims(config, family, max_pixels: int | None):
+    """The vit segment's VisionDims for ``max_pixels`` (the family's default when None), or a UsageError saying
+    what a valid value is."""
+    from ..contract.segments import VisionDims
+    from ..errors import UsageError
+
+    v = config.vision_config
+    patch, merge = int(v.patch_size), int(v.spatial_merge_size)
+    max_pixels = family.vision.default_max_pixels if max_pixels is None else int(max_pixels)
+    unit = (patch * merge) ** 2
+    if max_pixels < unit or max_pixels % unit:
+        raise UsageError(f"must be a positive multiple of (patch_size x spatial_merge_size)^2 = {unit} "
+                         f"(got {max_pixels}; e.g. {unit * 16} for a {patch * merge * 4}x{patch * merge * 4} image)",
+                         option="max_pixels")
+    patches = max_pixels // (patch * patch)
+    in_channels = int(getattr(v, "in_channels", None) or getattr(v, "in_chans", 3))
+    return VisionDims(patches=patches, patch_dim=in_channels * int(v.temporal_patch_size) * patch * patch,
+                      merge_unit=merge * merge, max_pixels=max_pixels)

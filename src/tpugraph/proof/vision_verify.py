@@ -1,0 +1,111 @@
+"""End-to-end parity with an image: OUT's vit + segments driven like the TPU runtime (the host merging the image
+rows and computing the 3-D rotary positions) vs transformers' own greedy ``generate`` on the same image and
+prompt, and the vit output vs transformers' vision features."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..contract.manifest import Manifest
+from ..errors import UsageError
+from ..runtime.images import ProcessedImage, image_prompt_ids, load_image, vision_of
+from ..runtime.loop import SegmentRuntime
+from ..runtime.vision import VisionConfig, encode_image
+
+MIN_VIT_COSINE = 0.9999  # fp32 export vs fp32 reference; float16/bfloat16 exports: their logits' bound
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def random_text_ids(vocab: int, length: int, seed: int, vision: VisionConfig) -> list[int]:
+    """verify's random prompt, without the image tokens (a stray placeholder would be a second image)."""
+    special = set(vision.token_ids.values())
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    while len(ids) < length:
+        ids += [int(t) for t in rng.integers(3, vocab, size=length) if int(t) not in special]
+    return ids[:length]
+
+
+def hf_image_features(model, image: ProcessedImage) -> np.ndarray:
+    """transformers' vision features of the image (the rows it merges into the prompt)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.model.get_image_features(torch.from_numpy(image.pixel_values), torch.tensor([image.grid]))
+    return torch.cat(list(out.pooler_output), dim=0).float().numpy()
+
+
+def hf_image_generate(model, ids: list[int], image: ProcessedImage, image_token: int, new_tokens: int,
+                      eos: set[int]):
+    """transformers' own greedy generate with the image: tokens and the per-step logits."""
+    import torch
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=sorted(eos) or None,
+                           pad_token_id=min(eos) if eos else 0, output_logits=True, return_dict_in_generate=True)
+    t = torch.tensor([ids], dtype=torch.long)
+    extra = {}
+    # transformers 5.25 computes the 3-D positions from mm_token_type_ids (without it: text positions)
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        extra["mm_token_type_ids"] = (t == image_token).int()
+    with torch.no_grad():
+        out = model.generate(t, attention_mask=torch.ones_like(t), pixel_values=torch.from_numpy(image.pixel_values),
+                             image_grid_thw=torch.tensor([image.grid]), generation_config=gen, **extra)
+    return out.sequences[0, len(ids):].tolist(), [step[0].float().numpy() for step in out.logits]
+
+
+@dataclass
+class ImageRun:
+    """Both sides of an image verify, for ``verify`` to compare step by step."""
+
+    prompt: list[int]
+    hf_tokens: list[int]
+    hf_logits: list[np.ndarray]
+    trace: object  # runtime.loop.GenerationTrace
+    forced: list[int] | None  # transformers' tokens fed back (reduced precision), else None
+    backend: str
+    vision: dict  # the report's vision record
+
+
+def run_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, prompt: list[int] | None,
+                   prompt_length: int, new_tokens: int, seed: int, eos: set[int], source: Path,
+                   free_running: tuple[str, ...], min_cosine: float) -> ImageRun:
+    """``image`` (None: the built-in synthetic picture) in front of the prompt, through OUT's vit and segments and
+    through transformers. ``free_running``: the export dtypes compared without teacher forcing; ``min_cosine``:
+    the vit's bound for a reduced-precision export."""
+    from .reference import load_full
+
+    vision = vision_of(out_dir, manifest)
+    processed = load_image(out_dir, manifest, image)
+    seq = int(manifest.options.seq_length)
+    text = list(prompt) if prompt is not None else random_text_ids(int(manifest.model.vocab_size),
+                                                                    prompt_length, seed, vision)
+    ids = image_prompt_ids(text, vision, processed, seq)
+    if len(ids) + new_tokens - 1 > seq:
+        raise UsageError(f"the prompt with its image ({len(ids)} tokens) + {new_tokens} new tokens does not fit "
+                         f"SEQ={seq}; use fewer --new-tokens or --prompt-length")
+    model = load_full(source)
+    reference = hf_image_features(model, processed)
+    hf_tokens, hf_logits = hf_image_generate(model, ids, processed, vision.token_ids["image"], new_tokens, eos)
+    del model
+    dtype = str(manifest.options.dtype)
+    forced = None if dtype in free_running else hf_tokens  # reduced precision: transformers' tokens fed back
+    runtime = SegmentRuntime(out_dir, manifest)
+    try:
+        merged = encode_image(runtime, ids, processed.pixel_values, processed.grid, vision)
+        trace = runtime.generate(ids, new_tokens, eos, forced=forced, image=merged)
+    finally:
+        runtime.close()
+    record = {"image": processed.source, "grid_thw": list(processed.grid), "image_tokens": len(merged.rows),
+              "vit_cosine": cosine(merged.embeds, reference),
+              "vit_max_abs_diff": float(np.max(np.abs(merged.embeds - reference))),
+              "min_vit_cosine": MIN_VIT_COSINE if dtype == "float32" else min_cosine, "rope_delta": merged.delta}
+    return ImageRun(ids, hf_tokens, hf_logits, trace, forced, runtime.backend.name, record)

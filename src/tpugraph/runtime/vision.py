@@ -1,0 +1,185 @@
+"""The host side of a vision-language output (docs/guides/vision-language.md): an image's patches -> the vit
+net's inputs (window order, rotary positions, masks, reverse index), the prompt's 3-D rotary positions (mrope),
+and the vit rows merged into the embedding of the image placeholder tokens.
+
+numpy re-implementations of what transformers' Qwen2.5-VL computes from ``grid_thw`` (``get_vision_position_ids``,
+``get_vision_window_index``, ``get_rope_index``), so the runtime needs neither torch nor transformers' models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..contract.segments import MASK_VALUE
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """What the host needs of the vit (the manifest's model.vision record)."""
+
+    patches: int  # P, the vit's compiled number of patches
+    patch_dim: int
+    tokens: int  # P / merge_unit
+    max_pixels: int
+    patch_size: int
+    spatial_merge_size: int
+    window_size: int
+    token_ids: dict  # image, start, end
+
+    @classmethod
+    def of(cls, manifest) -> "VisionConfig | None":
+        v = manifest.model.vision
+        if v is None:
+            return None
+        return cls(patches=v.patches, patch_dim=v.patch_dim, tokens=v.tokens, max_pixels=v.max_pixels,
+                   patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                   token_ids={k: int(x) for k, x in v.token_ids.items()})
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size ** 2
+
+
+def vision_position_ids(grid: tuple[int, int, int], merge: int) -> np.ndarray:
+    """[t*h*w, 2] (h, w) of each patch, in the processor's order: merge x merge blocks, row-major."""
+    t, h, w = grid
+    hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // merge, merge, w // merge, merge)
+    hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    wpos = wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    return np.tile(np.stack([hpos, wpos], axis=-1), (t, 1))
+
+
+def window_index(grid: tuple[int, int, int], merge: int, window_size: int, patch_size: int):
+    """(the merged units in window order [t*h*w / merge^2], window lengths in patches): transformers'
+    ``get_vision_window_index`` for one image."""
+    t, h, w = grid
+    side = window_size // merge // patch_size
+    gh, gw = h // merge, w // merge
+    index = np.arange(t * gh * gw).reshape(t, gh, gw)
+    pad_h, pad_w = side - gh % side, side - gw % side
+    nh, nw = (gh + pad_h) // side, (gw + pad_w) // side
+    padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
+    padded = padded.reshape(t, nh, side, nw, side).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, side, side)
+    lengths = (padded != -100).sum(axis=(2, 3)).reshape(-1) * merge * merge
+    flat = padded.reshape(-1)
+    return flat[flat != -100], [int(n) for n in lengths if n > 0]
+
+
+@dataclass
+class VitInputs:
+    """The vit net's five inputs (in its order) and how many of its output rows are the image's."""
+
+    arrays: tuple[np.ndarray, ...]
+    rows: int
+
+
+def vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: VisionConfig,
+               mask_value: float = MASK_VALUE) -> VitInputs:
+    """pixel_values [n, patch_dim] of one image (the processor's output) -> the vit's inputs padded to P patches."""
+    n = int(np.prod(grid))
+    unit = vision.merge_unit
+    if pixel_values.shape != (n, vision.patch_dim):
+        raise UsageError(f"the image processor gave pixel_values {list(pixel_values.shape)}; the vit takes "
+                         f"[{n}, {vision.patch_dim}] for grid {list(grid)}: is OUT's preprocessor_config.json "
+                         "the model's own?")
+    if n > vision.patches:
+        raise UsageError(f"the image has {n} patches, more than the {vision.patches} the vit was exported for "
+                         f"(--max-pixels {vision.max_pixels})")
+    order, lengths = window_index(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
+    p = vision.patches
+
+    def windowed(rows: np.ndarray) -> np.ndarray:
+        return rows.reshape(n // unit, unit, -1)[order].reshape(n, -1)
+
+    pixels = np.zeros((p, vision.patch_dim), dtype=np.float32)
+    pixels[:n] = windowed(np.asarray(pixel_values, dtype=np.float32))
+    positions = np.zeros((p, 2), dtype=np.int64)
+    positions[:n] = windowed(vision_position_ids(grid, vision.spatial_merge_size))
+    full = np.full((1, 1, p, p), mask_value, dtype=np.float32)
+    window = np.full((1, 1, p, p), mask_value, dtype=np.float32)
+    frame = grid[1] * grid[2]  # full attention is per frame (one frame for an image)
+    for start in range(0, n, frame):
+        full[0, 0, start:start + frame, start:start + frame] = 0.0
+    start = 0
+    for length in lengths:
+        window[0, 0, start:start + length, start:start + length] = 0.0
+        start += length
+    for pad in range(n, p):  # padding rows see themselves only: finite, and never read
+        full[0, 0, pad, pad] = window[0, 0, pad, pad] = 0.0
+    reverse = np.arange(p // unit, dtype=np.int64)
+    reverse[: n // unit] = np.argsort(order)
+    return VitInputs((pixels, positions, full, window, reverse), n // unit)
+
+
+def expand_image_tokens(ids: list[int], vision: VisionConfig, grid: tuple[int, int, int]) -> list[int]:
+    """The prompt with its one image placeholder repeated once per vit row (as the processor does); a prompt
+    without the placeholder gets the bracketed image in front."""
+    image, start, end = (vision.token_ids[k] for k in ("image", "start", "end"))
+    count = int(np.prod(grid)) // vision.merge_unit
+    places = [i for i, t in enumerate(ids) if t == image]
+    if len(places) > 1:
+        raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
+    if not places:
+        ids = [start, image, end] + list(ids)
+        places = [1]
+    at = places[0]
+    return list(ids[:at]) + [image] * count + list(ids[at + 1:])
+
+
+def rope_index(ids: list[int], image_token: int, grid: tuple[int, int, int] | None,
+               merge: int) -> tuple[np.ndarray, int]:
+    """([3, n] mrope positions of the prompt, rope delta): transformers' ``get_rope_index`` for one image.
+
+    Text tokens count on one by one on all three rows; the image's tokens take (t, h, w) grid positions from
+    where the text stopped, and the text after it goes on from the largest of them + 1. A decode step's three
+    rows are all ``index + delta``."""
+    n = len(ids)
+    positions = np.zeros((3, n), dtype=np.int64)
+    at, current = 0, 0
+    while at < n:
+        if ids[at] != image_token or grid is None:
+            positions[:, at] = current
+            at += 1
+            current += 1
+            continue
+        t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+        count = t * h * w
+        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+        positions[:, at:at + count] = np.stack([tt, hh, ww]).reshape(3, -1) + current
+        at += count
+        current += max(h, w)
+    delta = int(positions.max()) + 1 - n if n else 0
+    return positions, delta
+
+
+@dataclass
+class PromptImage:
+    """An image merged into a prompt: its vit rows, where they go, and the prompt's rotary positions."""
+
+    embeds: np.ndarray  # [k, H]
+    rows: np.ndarray  # the k prompt indices of the image placeholder
+    positions: np.ndarray  # [3, n]
+    delta: int  # decode positions: index + delta
+
+    def merge(self, hidden: np.ndarray) -> np.ndarray:
+        """The embedding net's [1, L, H] with the image rows in place of the placeholder tokens' embeddings."""
+        hidden = np.array(hidden, copy=True)
+        hidden[0, self.rows] = self.embeds
+        return hidden
+
+
+def encode_image(runtime, ids: list[int], pixel_values: np.ndarray, grid: tuple[int, int, int],
+                 vision: VisionConfig) -> PromptImage:
+    """Run the vit on one image (``runtime.run``) and place its rows at the placeholder tokens of ``ids`` (already
+    expanded: ``expand_image_tokens``)."""
+    inputs = vit_inputs(pixel_values, grid, vision, runtime.mask_value)
+    (embeds,) = runtime.run("vit", *inputs.arrays)
+    rows = np.flatnonzero(np.asarray(ids) == vision.token_ids["image"])
+    if len(rows) != inputs.rows:
+        raise UsageError(f"the prompt has {len(rows)} image tokens for an image of {inputs.rows} vit rows")
+    positions, delta = rope_index(ids, vision.token_ids["image"], grid, vision.spatial_merge_size)
+    return PromptImage(np.asarray(embeds)[: inputs.rows], rows, positions, delta)

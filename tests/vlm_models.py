@@ -1,0 +1,61 @@
+"""A tiny random-weight Qwen2.5-VL built in code: Qwen2_5_VLConfig with small text and vision configs, saved with
+save_pretrained beside a word-level tokenizer (with the image tokens and a chat template that places the image)
+and the model's own image processor settings (preprocessor_config.json). Shared by the vision-language tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+         "<|video_pad|>"]
+TOKEN_IDS = dict(vision_start_token_id=5, vision_end_token_id=6, image_token_id=7, video_token_id=8)
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {% if m.content is string %}{{ m.content }} {% else %}"
+                 "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> "
+                 "{% else %}{{ c.text }} {% endif %}{% endfor %}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+MAX_PIXELS = 112 * 112  # 64 patches of 14x14, 16 image tokens: the tests' vit
+TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 3, 3]})
+# window_size 56: windows of 2x2 merged units (4x4 patches), so window and full attention differ on a 6x8 grid
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=56,
+              fullatt_block_indexes=[1], patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
+              initializer_range=0.2)
+
+
+def save_vlm_tokenizer(folder: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = WORDS + [f"w{i}" for i in range(vocab_size - len(WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def build_qwen2_5_vl(folder: Path, seed: int = 0, text: dict | None = None, vision: dict | None = None,
+                     tokenizer: bool = True, processor: bool = True) -> Path:
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    text_config = {**TEXT, **(text or {})}
+    config = Qwen2_5_VLConfig(text_config=text_config, vision_config={**VISION, **(vision or {})},
+                              tie_word_embeddings=text_config.pop("tie_word_embeddings", False), **TOKEN_IDS)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ("norm" in name or "ln_q" in name) and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones
+    model.save_pretrained(folder)
+    if tokenizer:
+        save_vlm_tokenizer(folder, text_config["vocab_size"])
+    if processor:
+        v = config.vision_config
+        Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                 merge_size=v.spatial_merge_size).save_pretrained(folder)
+    return folder
