@@ -32,10 +32,10 @@ from pathlib import Path
 def block_estimate(model: str, work: Path, seq: int, length: int, options, venv: Path) -> tuple[float | None, float]:
     """Export MODEL with prefill length ``length``, compile its block_0 with ``options``: (estimated ms or None
     when the profile has none, seconds taken)."""
-    import tpugraph
     from tpugraph.compiler.plan import TRANSFORM_DRIVER, plan_compile
     from tpugraph.compiler.runner import run_step
     from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.tpu_mlir.guest import guest_script
     from tpugraph.tpu_mlir.toolchain import tool_environment
 
     start = time.time()
@@ -43,7 +43,7 @@ def block_estimate(model: str, work: Path, seq: int, length: int, options, venv:
     if not (out / "manifest.json").is_file():
         export_and_optimize(model, out, ExportOptions(seq_length=seq, max_input_length=length))
     plan = plan_compile(out, options)
-    driver = Path(tpugraph.__file__).with_name(TRANSFORM_DRIVER)
+    driver = guest_script(TRANSFORM_DRIVER)
     (out / plan.work_dir).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(driver, out / plan.work_dir / TRANSFORM_DRIVER)
     env = tool_environment(venv)

@@ -24,9 +24,11 @@ HEAD_KINDS = (SegmentKind.GREEDY_HEAD, SegmentKind.PENALTY_SAMPLE_HEAD, SegmentK
 # keeps an f32 output because the heads (F32) take its logits. On int inputs and on the F32 heads there is
 # no cast to strip: the flag changes nothing there (checked with tpu-mlir 1.30.2) and is kept as CONTRACT.md
 # lists it.
-QUANT_OUTPUT_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.BLOCK, SegmentKind.BLOCK_KV,
-                      SegmentKind.BLOCK_CACHE)
-QUANT_INPUT_KINDS = (*QUANT_OUTPUT_KINDS, SegmentKind.LM_HEAD, *HEAD_KINDS)
+_STREAM_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.BLOCK, SegmentKind.BLOCK_KV,
+                 SegmentKind.BLOCK_CACHE)
+QUANT_INPUT_KINDS = (*_STREAM_KINDS, SegmentKind.LM_HEAD, *HEAD_KINDS)
+# (the vit's rows go on into the embedding stream: --quant_output; the host hands it float32 pixels: no --quant_input)
+QUANT_OUTPUT_KINDS = (*_STREAM_KINDS, SegmentKind.VIT)
 # The decode blocks read their KV history from buffers the runtime keeps across steps.
 # sample_head as llm_convert deploys it (CONTRACT.md, second table): io_alone and --dynamic, since the
 # runtime may hand it fewer recent tokens than SEQ for the repetition penalty.
@@ -35,6 +37,12 @@ DYNAMIC_KINDS = (SegmentKind.SAMPLE_HEAD,)
 # compile --dynamic: the prefill nets too, so the runtime runs them at the prompt's (chunk's) length
 # (llm_convert's --dynamic; their Reshapes get a free sequence axis in the transform, tpu_mlir_transform.py).
 DYNAMIC_PREFILL_KINDS = (SegmentKind.BLOCK, SegmentKind.BLOCK_KV)
+# The vision encoder (a vision-language output's vit) as llm_convert deploys it (LlmConverter.compile_vit): in the
+# mode's float type whatever the language model's weights (a W4/W8 mode keeps it F16/BF16), --quant_output (above),
+# and --high_precision, which llm_convert gives every net and tpugraph the vit only: tpu-mlir keeps some ops
+# (norms, softmax) in F32, and a vision tower's activations are far larger than a language model's.
+FLOAT_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentKind.VIT)
+HIGH_PRECISION_KINDS = (SegmentKind.VIT,)
 CHECK_MODES = ("representative", "all", "none")
 
 

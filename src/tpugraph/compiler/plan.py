@@ -14,7 +14,9 @@ from .options import (
     DEFAULT_Q_GROUP_SIZE,
     DYNAMIC_KINDS,
     DYNAMIC_PREFILL_KINDS,
+    FLOAT_KINDS,
     HEAD_KINDS,
+    HIGH_PRECISION_KINDS,
     IO_ALONE_KINDS,
     QUANT_INPUT_KINDS,
     QUANT_OUTPUT_KINDS,
@@ -91,10 +93,11 @@ def _float_mode(quantize: str) -> str:
 
 def deploy_flags(kind: SegmentKind, options: CompileOptions, float_weights: bool = False) -> list[str]:
     """model_deploy.py's quantization, device and I/O flags for one segment kind. ``float_weights``: the net's
-    weights stay in the mode's float type (an lm_head sharing the embedding's matrix, as the embedding)."""
+    weights stay in the mode's float type (an lm_head sharing the embedding's matrix, as the embedding). The vit
+    keeps the mode's float type too, whatever the language model's weights (options.FLOAT_KINDS)."""
     flags: list[str] = []
     if kind not in HEAD_KINDS:  # the heads: no --quantize, i.e. F32
-        floating = kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) or float_weights
+        floating = kind in FLOAT_KINDS or float_weights
         quantize = _float_mode(options.quantize) if floating else options.quantize
         flags += ["--quantize", quantize.upper()]
         if quantize.startswith("w") and options.q_group_size:
@@ -110,6 +113,8 @@ def deploy_flags(kind: SegmentKind, options: CompileOptions, float_weights: bool
         flags.append("--quant_input")
     if kind in QUANT_OUTPUT_KINDS:
         flags.append("--quant_output")
+    if kind in HIGH_PRECISION_KINDS:
+        flags.append("--high_precision")
     if kind in IO_ALONE_KINDS:
         flags += ["--addr_mode", "io_alone"]
     if kind in DYNAMIC_KINDS or (options.dynamic and kind in DYNAMIC_PREFILL_KINDS):

@@ -67,6 +67,7 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
     prefilled, its greedy next token decoded at index ``decode_position`` with the prefill's KV as history
     (garbage rows included, masked as the runtime masks them).
     The sampling head gets the prefill's logits, the prompt as ids and typical sampling parameters.
+    The vit (a vision-language output): the built-in synthetic picture through OUT's image processor.
     """
     seq = int(manifest.options.seq_length)
     if seq < 2:
@@ -97,6 +98,8 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
         hidden = rt.feed(cache, prompt[:n])  # the same segments again: already recorded
         token = rt.next_token(hidden)[0] if heads else prompt[n]
         rt.decode(token, n, cache.layers)  # records embedding_cache, block_cache_i
+    if manifest.model.vision is not None:
+        _record_vit(rt, out_dir, manifest)
 
     inputs: dict[str, dict[str, np.ndarray]] = {}
     for entry in manifest.segments:
@@ -116,6 +119,16 @@ def realistic_inputs(out_dir: Path, manifest: Manifest, decode_position: int | N
                              "the runtime driver does not run it")
         inputs[entry.name] = _named(entry, arrays)
     return inputs, {"prefill_tokens": length, "decode_position": n, "seed": seed}
+
+
+def _record_vit(rt: SegmentRuntime, out_dir: Path, manifest: Manifest) -> None:
+    """The vit's inputs for the built-in synthetic picture through OUT's own image processor, as run/verify make
+    them (window order, positions, masks, reverse index; rows past the image are padding)."""
+    from ..runtime.images import load_image
+    from ..runtime.vision import VisionConfig, vit_inputs
+
+    image = load_image(out_dir, manifest, None)
+    rt.run("vit", *vit_inputs(image.pixel_values, image.grid, VisionConfig.of(manifest), rt.mask_value).arrays)
 
 
 def _named(entry: SegmentEntry, arrays: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:

@@ -38,6 +38,12 @@ class QwenVitSegment(nn.Module):
         scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        # The patch embedding (a Conv3d whose kernel is the patch) as one MatMul over the flat patch, its weight stored
+        # already flat and transposed [C, hidden] as llm_convert stores it: a Reshape of a weight kept in external data
+        # is not folded (fold_constants never duplicates a weight) and tpu-mlir's front end cannot read one
+        # ("operand visual.patch_embed.proj.weight not found", a 3B-sized vit).
+        conv = visual.patch_embed.proj.weight.detach()
+        self.register_buffer("patch_weight", conv.reshape(conv.shape[0], -1).t().contiguous(), persistent=False)
         self.full_blocks = {int(i) for i in visual.fullatt_block_indexes}
         self.rotate = sys.modules[type(visual).__module__].apply_rotary_pos_emb_vision
 
@@ -58,8 +64,7 @@ class QwenVitSegment(nn.Module):
 
     def forward(self, pixel_values, position_ids, full_attn_mask, window_attn_mask, reverse_index):
         visual = self.visual
-        conv = visual.patch_embed.proj  # a Conv3d whose kernel is the patch: one MatMul over the flat patch
-        x = torch.matmul(pixel_values.to(conv.weight.dtype), conv.weight.reshape(conv.weight.shape[0], -1).t())
+        x = torch.matmul(pixel_values.to(self.patch_weight.dtype), self.patch_weight)
         cos, sin = self._rotary(self.cos, position_ids), self._rotary(self.sin, position_ids)
         full, window = clamp_mask(full_attn_mask), clamp_mask(window_attn_mask)
         for index, block in enumerate(visual.blocks):

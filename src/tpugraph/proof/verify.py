@@ -233,7 +233,7 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
         raise UsageError(f"must be >= 1 (got {turns})", option="turns")
     if image is not None or manifest.model.vision:
         return _verify_image(out_dir, manifest, image, prompt, prompt_length, new_tokens, seed, model_path, bmodel,
-                             turns)
+                             tpu_mlir, turns)
     if prompt is None:
         for option, value in (("prompt_length", prompt_length), ("new_tokens", new_tokens)):
             if value < 1:
@@ -247,14 +247,7 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
 
     check_conversation(manifest, len(prompt), turns)
     eos = _eos_ids(manifest.model.eos_token_id)
-    backend = None
-    if bmodel is not None:  # load and check the bmodel before the (slow) reference runs
-        from ..runtime.backends.bmodel_backend import BmodelBackend
-
-        backend = BmodelBackend(bmodel, manifest, tpu_mlir)
-        dtype = "bmodel-" + bmodel_mode(backend.bmodel, backend.activation_dtype)
-    else:
-        dtype = manifest.options.dtype
+    backend, dtype = _system_under_test(manifest, bmodel, tpu_mlir)
     try:
         return _compare(out_dir, manifest, prompt, new_tokens, eos, model_path, stream_reference, dtype, backend,
                         mask_check=mask_check, turns=turns, seed=seed)
@@ -263,23 +256,36 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
             backend.close()
 
 
+def _system_under_test(manifest: Manifest, bmodel, tpu_mlir) -> tuple[object, str]:
+    """(backend, the thresholds' dtype): OUT's ONNX segments (None), or the bmodel on the cmodel, loaded and
+    checked against the manifest before the (slow) reference runs."""
+    if bmodel is None:
+        return None, str(manifest.options.dtype)
+    from ..runtime.backends.bmodel_backend import BmodelBackend
+
+    backend = BmodelBackend(bmodel, manifest, tpu_mlir)
+    return backend, "bmodel-" + bmodel_mode(backend.bmodel, backend.activation_dtype)
+
+
 def _verify_image(out_dir: Path, manifest: Manifest, image, prompt, prompt_length: int, new_tokens: int, seed: int,
-                  model_path: str | None, bmodel, turns: int) -> VerifyReport:
-    """A vision-language output: one turn with an image (proof/vision_verify.py), its vit output compared too."""
+                  model_path: str | None, bmodel, tpu_mlir, turns: int) -> VerifyReport:
+    """A vision-language output: one turn with an image (proof/vision_verify.py), its vit output compared too; on
+    OUT's segments or a bmodel with its vit net on the cmodel (no second mask encoding: the text path checks it)."""
     from .vision_verify import run_with_image
 
     if turns > 1:
         raise UsageError("a conversation with an image is not verified yet: use one turn", option="turns")
-    if bmodel is not None:
-        raise UsageError("with an image is not supported yet (the vit is not compiled yet): verify OUT's ONNX "
-                         "segments", option="bmodel")
     for option, value in (("prompt_length", prompt_length), ("new_tokens", new_tokens)):
         if value < 1:
             raise UsageError(f"must be >= 1 (got {value})", option=option)
-    dtype = str(manifest.options.dtype)
-    run = run_with_image(out_dir, manifest, image, prompt, prompt_length, new_tokens, seed,
-                         _eos_ids(manifest.model.eos_token_id), _source_folder(manifest, model_path),
-                         FREE_RUNNING, THRESHOLDS[dtype][0])
+    backend, dtype = _system_under_test(manifest, bmodel, tpu_mlir)
+    try:
+        run = run_with_image(out_dir, manifest, image, prompt, prompt_length, new_tokens, seed,
+                             _eos_ids(manifest.model.eos_token_id), _source_folder(manifest, model_path),
+                             FREE_RUNNING, THRESHOLDS[dtype][0], dtype, backend)
+    finally:
+        if backend is not None:
+            backend.close()
     report = VerifyReport(prompt=run.prompt, hf_tokens=run.hf_tokens, onnx_tokens=run.trace.tokens, dtype=dtype,
                           backend=run.backend, teacher_forced=run.forced is not None, vision=run.vision)
     _compare_steps(report, 1, run.hf_tokens, run.hf_logits, run.trace, run.forced)

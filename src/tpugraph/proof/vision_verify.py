@@ -77,10 +77,11 @@ class ImageRun:
 
 def run_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, prompt: list[int] | None,
                    prompt_length: int, new_tokens: int, seed: int, eos: set[int], source: Path,
-                   free_running: tuple[str, ...], min_cosine: float) -> ImageRun:
-    """``image`` (None: the built-in synthetic picture) in front of the prompt, through OUT's vit and segments and
-    through transformers. ``free_running``: the export dtypes compared without teacher forcing; ``min_cosine``:
-    the vit's bound for a reduced-precision export."""
+                   free_running: tuple[str, ...], min_cosine: float, dtype: str, backend=None) -> ImageRun:
+    """``image`` (None: the built-in synthetic picture) in front of the prompt, through OUT's vit and segments (or
+    ``backend``: a bmodel on the cmodel, its vit net included) and through transformers. ``dtype``: the thresholds'
+    name ("float32", "float16", "bmodel-f16"...); ``free_running``: those compared without teacher forcing;
+    ``min_cosine``: the vit's bound for a reduced-precision export or bmodel."""
     from .reference import load_full
 
     vision = vision_of(out_dir, manifest)
@@ -96,9 +97,8 @@ def run_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, 
     reference = hf_image_features(model, processed)
     hf_tokens, hf_logits = hf_image_generate(model, ids, processed, vision.token_ids["image"], new_tokens, eos)
     del model
-    dtype = str(manifest.options.dtype)
     forced = None if dtype in free_running else hf_tokens  # reduced precision: transformers' tokens fed back
-    runtime = SegmentRuntime(out_dir, manifest)
+    runtime = SegmentRuntime(out_dir, manifest, backend=backend)
     try:
         merged = encode_image(runtime, ids, processed.pixel_values, processed.grid, vision)
         trace = runtime.generate(ids, new_tokens, eos, forced=forced, image=merged)

@@ -129,6 +129,9 @@ class BmodelBackend:
 def check_against_manifest(nets: dict[str, NetInfo], manifest: Manifest, bmodel: Path) -> None:
     """Every segment of the manifest is a net of the bmodel with the same input and output shapes."""
     missing = [s.name for s in manifest.segments if s.name not in nets]
+    if missing == ["vit"]:  # the language model's nets without the vision encoder's
+        raise VerificationError(f"{bmodel.name} has no vit net, which this vision-language output needs for an "
+                                "image: compile OUT again (tpugraph compile OUT compiles its vit too)")
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise VerificationError(f"{bmodel.name} was not compiled from this output: it lacks the net(s) {shown} "
