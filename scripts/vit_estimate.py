@@ -76,6 +76,12 @@ def build_model(folder: Path) -> Path:
                               **TOKEN_IDS)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ("norm" in name or ".ln_q." in name) and name.endswith("weight"):
+                # A trained norm's weight is not all ones; ones would be folded away at export and leave a norm
+                # without its weight, a graph no real checkpoint gives (and tpu-mlir fuses differently).
+                param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     save_vlm_tokenizer(folder, TEXT["vocab_size"])
     Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2).save_pretrained(folder)

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 from typer.testing import CliRunner
-from vlm_models import MAX_PIXELS, build_qwen2_5_vl
+from vlm_models import MAX_PIXELS, VISION, build_qwen2_5_vl
 
 from tpugraph.cli import app
 from tpugraph.compiler import CompileOptions, compile_segments
@@ -71,6 +71,18 @@ def test_verify_bmodel_with_an_image_passes_token_for_token(compiled, exported, 
     assert proof["hf_tokens"] == proof["onnx_tokens"] and len(proof["hf_tokens"]) == 3 and not proof["teacher_forced"]
     assert proof["vision"]["image"] == str(picture) and proof["vision"]["image_tokens"] > 0
     assert proof["vision"]["vit_cosine"] >= proof["vision"]["min_vit_cosine"]
+
+
+def test_every_vit_block_attention_is_one_flash_attention_op(compiled, exported):
+    """The vit's attention is exported in the layout tpu-mlir fuses (scripts/vit_estimate.py: the Qwen2.5-VL-3B vit
+    at llm_convert's estimate): one FAttention per vision block, and none of the Permutes it keeps otherwise."""
+    mode, report = compiled
+    if mode != "f16":
+        pytest.skip("the fusion does not depend on the precision: the F16 compile shows it")
+    depth = VISION["depth"]  # build_qwen2_5_vl's vision tower
+    (tpu_mlir,) = exported.glob(f"compile/{mode}_*/vit/vit_*_tpu.mlir")
+    text = tpu_mlir.read_text()
+    assert text.count('"tpu.FAttention"') == depth and '"tpu.Permute"' not in text
 
 
 def test_run_backend_bmodel_with_an_image_gives_the_onnx_tokens(compiled, exported, toolchain, picture):

@@ -10,8 +10,6 @@ is the split attention exactly) and the reverse index of the window order. docs/
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
@@ -45,18 +43,25 @@ class QwenVitSegment(nn.Module):
         conv = visual.patch_embed.proj.weight.detach()
         self.register_buffer("patch_weight", conv.reshape(conv.shape[0], -1).t().contiguous(), persistent=False)
         self.full_blocks = {int(i) for i in visual.fullatt_block_indexes}
-        self.rotate = sys.modules[type(visual).__module__].apply_rotary_pos_emb_vision
 
     def _rotary(self, table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # [P, 2, F] -> the h lanes then the w lanes [P, 2F], twice over the head dim (transformers' layout)
+        # [P, 2, F] -> the h lanes then the w lanes [P, 2F], twice over the head dim (transformers' layout), as
+        # [1, P, 1, d]: computed once for every block, broadcast over the heads
         pair = table[position_ids].reshape(self.patches, -1)
-        return torch.cat([pair, pair], dim=-1)
+        return torch.cat([pair, pair], dim=-1).reshape(1, self.patches, 1, -1)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, mask: torch.Tensor) -> torch.Tensor:
-        p = self.patches
-        qkv = attn.qkv(x).reshape(p, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
-        q, k = self.rotate(qkv[0], qkv[1], cos, sin)  # [P, heads, d]
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, qkv[2]))  # [1, heads, P, d]
+        # The language model's layout [1, P, heads, d] -> [1, heads, P, d] (permutes tpu-mlir folds into its
+        # head-batched MatMul), not transformers' [P, heads, d] transposes, which it keeps as Permute ops.
+        p, heads = self.patches, attn.num_heads
+        q, k, v = attn.qkv(x).reshape(1, p, 3 * heads, -1).split(heads, dim=2)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [1, heads, P, d]
         scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(p, -1)
