@@ -96,3 +96,35 @@ def test_qwen3_5_every_segment_kind_compiles_f16_with_compares(toolchain, make_m
     report = compile_segments_of(folder, tmp_path / "out", toolchain, segments, seq=80)
     assert [r.segment for r in report.results] == list(segments)
     assert_compiled(report)
+
+
+# Qwen3-Next / Qwen3.5-MoE (hybrid + experts): the linear-attention layer with its MoE MLP (shared expert, TopK
+# routing; decode Gathers the k experts) compiled F16 with the tools' compares, prefill and decode; then the
+# whole model compiled BF16 and driven on the cmodel by verify --bmodel, token for token. Qwen3-Next (its
+# DeltaNet projections fused per key head) on every run; Qwen3.5-MoE differs from it and from qwen3_5_text only
+# in the projection layout and declaratively, so it compiles with TPUGRAPH_ALL_FAMILY_COMPILES=1.
+HYBRID_MOE = dict(QWEN3_5, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+                  num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe_text"])
+def test_hybrid_moe_compiles_f16_with_compares_and_verifies_as_bf16_bmodel(toolchain, make_model, tmp_path, family):
+    from family_harness import TPU_MLIR_SEQ
+
+    from tpugraph.compiler import CompileOptions, compile_segments
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.proof.verify import verify
+
+    if family != "qwen3_next" and not ALL_FAMILY_COMPILES:
+        pytest.skip(f"{family}'s blocks differ from qwen3_next's and qwen3_5_text's only in the DeltaNet projection "
+                    "layout and declaratively; set TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile it too")
+    folder = make_model(family, **{**TINY, **HYBRID_MOE})
+    report = compile_segments_of(folder, tmp_path / "f16", toolchain, BOTH)  # layer 0: linear attention + MoE
+    assert [r.segment for r in report.results] == list(BOTH)
+    assert_compiled(report)
+    out = tmp_path / "bf16"
+    export_and_optimize(str(folder), out, ExportOptions(seq_length=TPU_MLIR_SEQ))
+    compiled = compile_segments(out, toolchain, CompileOptions(chip="bm1684x", quantize="bf16", check="none"), jobs=2)
+    result = verify(out, prompt_length=5, new_tokens=3, bmodel=compiled.bmodel, tpu_mlir=toolchain)
+    assert result.dtype == "bmodel-bf16" and result.backend.startswith("bmodel on the cmodel")
+    assert result.tokens_equal and len(result.hf_tokens) == 3 and result.passed, result.to_json()

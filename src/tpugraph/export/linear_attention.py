@@ -1,4 +1,5 @@
-"""Gated DeltaNet linear attention (Qwen3.5) -> static-shape segments whose states are explicit inputs/outputs.
+"""Gated DeltaNet linear attention (Qwen3.5, Qwen3-Next) -> static-shape segments whose states are explicit
+inputs/outputs.
 
 A linear-attention layer carries two states instead of a KV cache: the depthwise causal conv's last K inputs
 (``conv_state`` [1, conv_dim, K]) and the delta rule's recurrent state (``recurrent_state`` [1, Hv, Dk, Dv]).
@@ -156,16 +157,36 @@ class StateCapture:
         self.next_recurrent_state: torch.Tensor | None = None
 
 
+def _separate_projections(self, hidden_states, batch: int, seq: int):
+    """Qwen3.5's four input projections -> (q|k|v [1, C, S], z [1, S, Hv, Dv], b [1, S, Hv], a [1, S, Hv])."""
+    mixed = self.in_proj_qkv(hidden_states).transpose(1, 2)
+    z = self.in_proj_z(hidden_states).reshape(batch, seq, -1, self.head_v_dim)
+    return mixed, z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
+
+
+def _grouped_projections(self, hidden_states, batch: int, seq: int):
+    """Qwen3-Next's two fused projections, whose rows are grouped per key head ([q k v z] and [b a] of each
+    head's share), as ``fix_query_key_value_ordering`` reads them -> the same four tensors as
+    ``_separate_projections``, with static reshapes and slices."""
+    hk, dk, dv = int(self.num_k_heads), int(self.head_k_dim), int(self.head_v_dim)
+    rep = int(self.num_v_heads) // hk
+    qkvz = self.in_proj_qkvz(hidden_states).reshape(batch, seq, hk, 2 * dk + 2 * rep * dv)
+    query, key, value, z = torch.split(qkvz, [dk, dk, rep * dv, rep * dv], dim=3)
+    ba = self.in_proj_ba(hidden_states).reshape(batch, seq, hk, 2 * rep)
+    b, a = torch.split(ba, [rep, rep], dim=3)
+    mixed = torch.cat([x.reshape(batch, seq, -1) for x in (query, key, value)], dim=-1).transpose(1, 2)
+    heads = hk * rep
+    return mixed, z.reshape(batch, seq, heads, dv), b.reshape(batch, seq, heads), a.reshape(batch, seq, heads)
+
+
 def _gated_deltanet_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-    """Qwen3_5GatedDeltaNet.forward with static shapes; states through ``cache`` (a StateCapture)."""
+    """Qwen3_5GatedDeltaNet.forward (Qwen3NextGatedDeltaNet.forward) with static shapes; states through
+    ``cache`` (a StateCapture)."""
     if not isinstance(cache, StateCapture):
         raise ModelError("the static gated-DeltaNet layer runs only inside tpugraph's state segments")
     # Python ints, not traced shape values: every Reshape of the segment gets a constant shape.
     batch, seq = int(hidden_states.shape[0]), int(hidden_states.shape[1])
-    mixed = self.in_proj_qkv(hidden_states).transpose(1, 2)  # [1, C, S]
-    z = self.in_proj_z(hidden_states).reshape(batch, seq, -1, self.head_v_dim)
-    b = self.in_proj_b(hidden_states)
-    a = self.in_proj_a(hidden_states)
+    mixed, z, b, a = self._tpugraph_projections(hidden_states, batch, seq)  # mixed: q|k|v [1, C, S]
     weight = self.conv1d.weight.squeeze(1)  # [C, K]
     k_size = int(weight.shape[-1])
     if cache.conv_state is None:  # prefill from an empty state
@@ -204,8 +225,12 @@ def _gated_deltanet_forward(self, hidden_states, cache=None, attention_mask=None
     return self.out_proj(out.reshape(batch, seq, -1))
 
 
-_DELTANET_PARTS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "norm", "out_proj", "A_log",
-                   "dt_bias", "head_k_dim", "head_v_dim", "key_dim", "value_dim")
+_DELTANET_PARTS = ("conv1d", "norm", "out_proj", "A_log", "dt_bias", "head_k_dim", "head_v_dim", "key_dim",
+                   "value_dim")
+# The input projections, as transformers lays them out: Qwen3.5's four, or Qwen3-Next's two grouped per key head.
+_PROJECTIONS = ((("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"), _separate_projections),
+                (("in_proj_qkvz", "in_proj_ba", "num_k_heads", "num_v_heads"), _grouped_projections))
+_SILU = ("silu", "swish")  # the conv's activation the static forward applies (F.silu)
 
 
 def rewrite_gated_deltanet(layer: nn.Module, config: Any) -> None:
@@ -215,9 +240,15 @@ def rewrite_gated_deltanet(layer: nn.Module, config: Any) -> None:
     if attn is None:
         return
     missing = [p for p in _DELTANET_PARTS if not hasattr(attn, p)]
+    layouts = [project for parts, project in _PROJECTIONS if all(hasattr(attn, p) for p in parts)]
+    if not layouts:
+        missing.append("in_proj_qkv/z/b/a or in_proj_qkvz/ba")
+    if getattr(attn, "activation", "silu") not in _SILU:
+        missing.append(f"a SiLU conv activation (not {attn.activation})")
     if missing:
         raise ModelError(f"{type(attn).__name__}: the static gated-DeltaNet rewrite expects {', '.join(missing)}; "
                          "this layer differs")
+    attn._tpugraph_projections = types.MethodType(layouts[0], attn)
     attn.forward = types.MethodType(_gated_deltanet_forward, attn)
 
 

@@ -292,6 +292,17 @@ class FamilySpec:
 QWEN_EXPERTS = (("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")),
                 ("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj.weight",)))
 
+# What the state segments of gated-DeltaNet layers (export/linear_attention.py) cannot honour.
+GATED_DELTANET_REFUSALS = (
+    ("naming", (None, "llm-tpu"), "the conv and recurrent state inputs/outputs of its linear-attention "
+                                  "layers have names only in the llm-tpu convention"),
+    ("history_kv", (False, None), "its linear-attention layers would need a prefill that starts from "
+                                  "their conv and recurrent state, which tpugraph does not export yet"),
+    ("max_input_length", (None,), "a prompt fed in chunks would need its linear-attention layers to "
+                                  "prefill from their conv and recurrent state, which tpugraph does not "
+                                  "export yet (the prefill takes the whole window, SEQ)"),
+)
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
@@ -572,20 +583,44 @@ FAMILIES: tuple[FamilySpec, ...] = (
         layer_rewrites=("gated_deltanet",),
         state_layer_type="linear_attention",
         state_kind="gated_deltanet",
-        refused_options=(
-            ("naming", (None, "llm-tpu"), "the conv and recurrent state inputs/outputs of its linear-attention "
-                                          "layers have names only in the llm-tpu convention"),
-            ("history_kv", (False, None), "its linear-attention layers would need a prefill that starts from "
-                                          "their conv and recurrent state, which tpugraph does not export yet"),
-            ("max_input_length", (None,), "a prompt fed in chunks would need its linear-attention layers to "
-                                          "prefill from their conv and recurrent state, which tpugraph does not "
-                                          "export yet (the prefill takes the whole window, SEQ)"),
-        ),
+        refused_options=GATED_DELTANET_REFUSALS,
         quirks=("Qwen3.5 (text)", "hybrid: gated DeltaNet linear attention with conv + recurrent state segments "
                 "(static chunked delta rule), every full_attention_interval-th layer gated full attention",
                 "q_proj gives query and sigmoid output gate", "q/k RMSNorm (1 + w)", "partial rotary (mrope, text "
                 "positions)", "GQA", "delta rule kept within 4-D tensors (tpu-mlir 1.30 miscomputes 5-D batched "
                 "MatMul)", "--naming llm-tpu only"),
+    ),
+    FamilySpec(
+        name="qwen3_5_moe_text",
+        model_types=("qwen3_5_moe_text",),
+        architectures=("Qwen3_5MoeForCausalLM",),
+        min_transformers="5.24",
+        layer_rewrites=("gated_deltanet", "sparse_moe"),
+        fused_weights=QWEN_EXPERTS,
+        state_layer_type="linear_attention",
+        state_kind="gated_deltanet",
+        refused_options=GATED_DELTANET_REFUSALS,
+        quirks=("Qwen3.5-MoE, text model (not the vision-language checkpoint)", "hybrid: gated DeltaNet linear attention with "
+                "conv + recurrent state segments (as qwen3_5_text), every full_attention_interval-th layer gated "
+                "full attention", "top-k experts, normalised (static: gathered for decode, all weighted for "
+                "prefill)", "sigmoid-gated shared expert", "q/k RMSNorm (1 + w)", "partial rotary (mrope, text "
+                "positions)", "--naming llm-tpu only"),
+    ),
+    FamilySpec(
+        name="qwen3_next",
+        model_types=("qwen3_next",),
+        architectures=("Qwen3NextForCausalLM",),
+        min_transformers="5.24",
+        layer_rewrites=("gated_deltanet", "sparse_moe"),
+        fused_weights=QWEN_EXPERTS,
+        state_layer_type="linear_attention",
+        state_kind="gated_deltanet",
+        refused_options=GATED_DELTANET_REFUSALS,
+        quirks=("Qwen3-Next (80B-A3B)", "hybrid: gated DeltaNet linear attention with conv + recurrent state "
+                "segments, every full_attention_interval-th layer gated full attention", "DeltaNet input "
+                "projections fused per key head (qkvz, ba; split with static slices)", "top-k experts (static: "
+                "gathered for decode, all weighted for prefill)", "sigmoid-gated shared expert",
+                "optional dense layers", "q/k RMSNorm (1 + w)", "partial rotary", "--naming llm-tpu only"),
     ),
     FamilySpec(
         name="gemma4_text",
@@ -728,10 +763,9 @@ FAMILIES = FAMILIES + VISION_FAMILIES
 # Architectures tpugraph knows it cannot export yet, and why: refused naming the reason (exit 4), not a
 # silent "unsupported". Each needs segments the contract (CONTRACT.md) and the runtime do not have.
 NOT_YET: dict[str, str] = {
-    "Qwen3_5MoeForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
-                             "segments (family qwen3_5_text) are not combined with experts yet",
-    "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
-                            "segments (family qwen3_5_text) are not combined with experts yet",
+    "Qwen3_5MoeForConditionalGeneration": "the vision-language Qwen3.5-MoE needs its vision tower and the 3-D "
+                                          "rotary positions of images, which tpugraph does not export for it; its "
+                                          "text model is family qwen3_5_moe_text (Qwen3_5MoeForCausalLM)",
     "Lfm2ForCausalLM": "short-convolution layers carry a conv state instead of a KV cache; the contract has no "
                        "state segments yet",
 }
