@@ -141,7 +141,7 @@ def test_notes_flag_sequence_dependent_rope():
     assert export_notes(phi3, config, seq=4096) == []  # transformers picks the same factors
 
 
-@pytest.mark.parametrize("arch", ["Qwen3NextForCausalLM", "Lfm2ForCausalLM"])
+@pytest.mark.parametrize("arch", ["Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM"])
 def test_known_unsupported_architecture_names_the_reason(arch):
     with pytest.raises(UnsupportedModelError) as err:
         family_for(None, [arch])

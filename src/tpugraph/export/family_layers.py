@@ -227,8 +227,15 @@ def _rewrite_gated_deltanet(layer: nn.Module, config: Any) -> None:
     rewrite_gated_deltanet(layer, config)
 
 
+def _rewrite_short_conv(layer: nn.Module, config: Any) -> None:
+    from .short_conv import rewrite_short_conv
+
+    rewrite_short_conv(layer, config)
+
+
 REWRITES: dict[str, Callable[[nn.Module, Any], None]] = {
     "gated_deltanet": _rewrite_gated_deltanet,  # Qwen3.5 linear attention: static, states in and out
+    "short_conv": _rewrite_short_conv,  # LFM2 gated short convolution: static, conv state in and out
     "gpt_oss_moe": _rewrite_gpt_oss_moe,
     "interleaved_rotary": _rewrite_interleaved_rotary,
     "sparse_moe": _rewrite_sparse_moe,

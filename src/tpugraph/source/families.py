@@ -130,7 +130,8 @@ class FamilySpec:
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
     # Layers that carry a state instead of a KV cache (export/linear_attention.py): the config.layer_types value
-    # of such layers, and the kind of state ("gated_deltanet": conv state + recurrent state).
+    # of such layers, and the kind of state ("gated_deltanet": conv state + recurrent state; "short_conv": a conv
+    # state only).
     state_layer_type: str | None = None
     state_kind: str | None = None
     quirks: tuple[str, ...] = field(default_factory=tuple)
@@ -200,9 +201,11 @@ class FamilySpec:
 
     def state_shapes(self, text_config: Any) -> dict[str, tuple[int, ...]]:
         """Shapes of a state layer's states, by input name; empty for a family without state layers."""
+        c = text_config
+        if self.state_kind == "short_conv":  # LFM2: the last K inputs of the depthwise conv over B * x
+            return {"conv_state": (1, int(c.hidden_size), int(c.conv_L_cache))}
         if self.state_kind != "gated_deltanet":
             return {}
-        c = text_config
         key_dim = int(c.linear_num_key_heads) * int(c.linear_key_head_dim)
         value_dim = int(c.linear_num_value_heads) * int(c.linear_value_head_dim)
         return {"conv_state": (1, 2 * key_dim + value_dim, int(c.linear_conv_kernel_dim)),
@@ -588,6 +591,28 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 "MatMul)", "--naming llm-tpu only"),
     ),
     FamilySpec(
+        name="lfm2",
+        model_types=("lfm2",),
+        architectures=("Lfm2ForCausalLM",),
+        min_transformers="5.24",
+        norm_path="model.embedding_norm",  # LFM2's final norm (applied after the last layer, despite its name)
+        layer_rewrites=("short_conv",),
+        state_layer_type="conv",
+        state_kind="short_conv",
+        refused_options=(
+            ("naming", (None, "llm-tpu"), "the conv state inputs/outputs of its short-convolution layers have "
+                                          "names only in the llm-tpu convention"),
+            ("history_kv", (False, None), "its short-convolution layers would need a prefill that starts from "
+                                          "their conv state, which tpugraph does not export yet"),
+            ("max_input_length", (None,), "a prompt fed in chunks would need its short-convolution layers to "
+                                          "prefill from their conv state, which tpugraph does not export yet "
+                                          "(the prefill takes the whole window, SEQ)"),
+        ),
+        quirks=("LFM2 (350M-2.6B)", "hybrid: gated short-convolution layers with a conv state segment "
+                "(B * x through a depthwise causal conv, times C), the other layers full attention",
+                "q/k RMSNorm", "GQA", "final norm model.embedding_norm", "--naming llm-tpu only"),
+    ),
+    FamilySpec(
         name="gemma4_text",
         model_types=("gemma4_text",),
         architectures=("Gemma4ForCausalLM",),
@@ -732,8 +757,6 @@ NOT_YET: dict[str, str] = {
                              "segments (family qwen3_5_text) are not combined with experts yet",
     "Qwen3NextForCausalLM": "hybrid gated DeltaNet layers with mixture-of-experts MLPs: the contract's state "
                             "segments (family qwen3_5_text) are not combined with experts yet",
-    "Lfm2ForCausalLM": "short-convolution layers carry a conv state instead of a KV cache; the contract has no "
-                       "state segments yet",
 }
 
 
