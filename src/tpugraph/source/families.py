@@ -613,6 +613,32 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 "q/k RMSNorm", "GQA", "final norm model.embedding_norm", "--naming llm-tpu only"),
     ),
     FamilySpec(
+        name="lfm2_moe",
+        model_types=("lfm2_moe",),
+        architectures=("Lfm2MoeForCausalLM",),
+        min_transformers="5.24",
+        norm_path="model.embedding_norm",
+        rotary_path="model.pos_emb",
+        layer_rewrites=("short_conv", "sparse_moe"),
+        fused_weights=(("feed_forward.experts.gate_up_proj", ("feed_forward.experts.{e}.w1.weight",
+                                                              "feed_forward.experts.{e}.w3.weight")),
+                       ("feed_forward.experts.down_proj", ("feed_forward.experts.{e}.w2.weight",))),
+        state_layer_type="conv",
+        state_kind="short_conv",
+        refused_options=(
+            ("naming", (None, "llm-tpu"), "the conv state inputs/outputs of its short-convolution layers have "
+                                          "names only in the llm-tpu convention"),
+            ("history_kv", (False, None), "its short-convolution layers would need a prefill that starts from "
+                                          "their conv state, which tpugraph does not export yet"),
+            ("max_input_length", (None,), "a prompt fed in chunks would need its short-convolution layers to "
+                                          "prefill from their conv state, which tpugraph does not export yet "
+                                          "(the prefill takes the whole window, SEQ)"),
+        ),
+        quirks=("LFM2-MoE (8B-A1B)", "LFM2's hybrid layout: short-convolution layers with a conv state segment, "
+                "full-attention layers", "first num_dense_layers layers dense, then top-k experts with sigmoid "
+                "routing and expert bias (static: gathered for decode, all weighted for prefill)", "--naming llm-tpu only"),
+    ),
+    FamilySpec(
         name="gemma4_text",
         model_types=("gemma4_text",),
         architectures=("Gemma4ForCausalLM",),

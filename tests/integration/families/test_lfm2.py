@@ -88,3 +88,12 @@ def test_options_the_conv_state_segments_cannot_honour_are_refused():
     assert family.refused_option(SimpleNamespace(history_kv=True))[0] == "history_kv"
     assert family.refused_option(SimpleNamespace(max_input_length=16))[0] == "max_input_length"
     assert family.refused_option(SimpleNamespace(history_kv=False, naming="llm-tpu")) is None
+
+
+def test_lfm2_moe_verifies(export_verify):
+    """LFM2-MoE: layer 0 dense, then 4 experts (top 2) with sigmoid routing and an expert bias; the checkpoint
+    stores one w1/w3/w2 per expert (fused on load, as transformers does)."""
+    result = export_verify("lfm2_moe", num_hidden_layers=3, layer_types=[CONV, FULL, CONV], num_dense_layers=1,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, tie_word_embeddings=True)
+    assert result.report.passed, describe(result.report)
+    assert result.manifest.model.family == "lfm2_moe" and result.manifest.model.state_layers == [0, 2]
