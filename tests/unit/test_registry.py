@@ -148,3 +148,17 @@ def test_known_unsupported_architecture_names_the_reason(arch):
     message = str(err.value)
     assert f"architecture {arch} is not supported yet: " in message and "contract" in message
     assert "`tpugraph families`" in message and "\n" not in message
+
+
+def test_a_refused_config_attribute_names_itself_and_the_reason():
+    """refused_configs (no family sets one since Gemma 4's MoE is exported): a truthy attribute is refused
+    with the reason, exit 4; unset or false passes."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    fam = replace(family_for("llama", None), refused_configs=(("use_magic", "magic is not exported"),))
+    with pytest.raises(UnsupportedModelError) as err:
+        fam.check_config(SimpleNamespace(use_magic=True))
+    assert "use_magic" in str(err.value) and "magic is not exported" in str(err.value) and err.value.exit_code == 4
+    fam.check_config(SimpleNamespace(use_magic=False))
+    fam.check_config(SimpleNamespace())

@@ -665,10 +665,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
                                                        "per-layer-embedding inputs at that length, not made yet"),
                          ("embedding_disk", (False,), "the per-layer embeddings are gathered by the embedding nets; "
                                                       "the host-side gather does not read that table yet")),
-        refused_configs=(("enable_moe_block", "the mixture-of-experts Gemma 4 (26B-A4B) runs a dense MLP and "
-                                              "routed experts side by side; only dense checkpoints are exported"),),
+        layer_rewrites=("sparse_moe",),  # enable_moe_block: layer.experts beside the dense mlp (none when dense)
         embeddings="tied",
-        quirks=("Gemma 4 text, dense (E2B/E4B, 31B)", "per-layer embeddings (block inputs per_layer_embeds, "
+        quirks=("Gemma 4 text (E2B/E4B, 31B; 26B-A4B MoE)", "MoE (enable_moe_block): dense MLP and top-k routed "
+                "experts side by side in every layer (static: gathered for decode, all weighted for prefill)", "per-layer embeddings (block inputs per_layer_embeds, "
                 "inputs_embeds)", "last layers reuse an earlier layer's KV (block inputs shared_k/shared_v)",
                 "head dim and KV heads per layer type", "proportional partial rope on full layers",
                 "attention_k_eq_v", "v_norm", "layer_scalar", "plain RMSNorm (w)", "final logit soft-capping",
