@@ -96,3 +96,28 @@ def test_qwen3_5_every_segment_kind_compiles_f16_with_compares(toolchain, make_m
     report = compile_segments_of(folder, tmp_path / "out", toolchain, segments, seq=80)
     assert [r.segment for r in report.results] == list(segments)
     assert_compiled(report)
+
+
+# Mixture-of-experts layouts beside a family's own (TPUGRAPH_ALL_FAMILY_COMPILES=1): Gemma 4's dense MLP and routed
+# experts side by side (a prefill block weighting every expert, the decode blocks gathering the top 2, one of them
+# on shared KV), and LFM2-MoE's experts after a short-convolution layer (its conv decode block and an attention
+# decode block, both with gathered experts).
+MOE_CASES = {
+    "gemma4_text": ({**CASES["gemma4_text"][0], "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                     "moe_intermediate_size": 32}, ("block_0", "block_cache_1", "block_cache_3")),
+    "lfm2_moe": (dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], num_dense_layers=1,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+                 ("block_cache_1", "block_cache_2")),
+}
+
+
+@pytest.mark.parametrize("family", list(MOE_CASES))
+def test_moe_layouts_compile_f16_with_compares(toolchain, make_model, tmp_path, family):
+    if not ALL_FAMILY_COMPILES:
+        pytest.skip(f"{family}'s experts are the sparse_moe rewrite qwen2_moe compiles on every run; set "
+                    "TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile its MoE layout too (about 30 s a segment)")
+    config, segments = MOE_CASES[family]
+    folder = make_model(family, **{**TINY, **config})
+    report = compile_segments_of(folder, tmp_path / "out", toolchain, segments)
+    assert [r.segment for r in report.results] == list(segments)
+    assert_compiled(report)
