@@ -636,7 +636,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         quirks=("LFM2-MoE (8B-A1B)", "LFM2's hybrid layout: short-convolution layers with a conv state segment, "
                 "full-attention layers", "first num_dense_layers layers dense, then top-k experts with sigmoid "
-                "routing and expert bias (static: gathered for decode, all weighted for prefill)", "--naming llm-tpu only"),
+                "routing and expert bias (static: gathered for decode, all weighted for prefill)",
+                "--naming llm-tpu only"),
     ),
     FamilySpec(
         name="gemma4_text",
@@ -668,8 +669,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         layer_rewrites=("sparse_moe",),  # enable_moe_block: layer.experts beside the dense mlp (none when dense)
         embeddings="tied",
         quirks=("Gemma 4 text (E2B/E4B, 31B; 26B-A4B MoE)", "MoE (enable_moe_block): dense MLP and top-k routed "
-                "experts side by side in every layer (static: gathered for decode, all weighted for prefill)", "per-layer embeddings (block inputs per_layer_embeds, "
-                "inputs_embeds)", "last layers reuse an earlier layer's KV (block inputs shared_k/shared_v)",
+                "experts side by side in every layer (static: gathered for decode, all weighted for prefill)",
+                "per-layer embeddings (block inputs per_layer_embeds, inputs_embeds)", "last layers reuse an earlier layer's KV (block inputs shared_k/shared_v)",
                 "head dim and KV heads per layer type", "proportional partial rope on full layers",
                 "attention_k_eq_v", "v_norm", "layer_scalar", "plain RMSNorm (w)", "final logit soft-capping",
                 "sliding-window layers"),

@@ -1,6 +1,7 @@
-"""Gemma 4 text (dense, and the mixture-of-experts layout): per-layer embeddings, the last layers reusing an earlier layer's KV, other head dims
-and KV heads on full layers, proportional partial rope on full layers, attention_k_eq_v, v_norm, layer_scalar,
-plain RMSNorm, final logit soft-capping; exported and verified against transformers token for token."""
+"""Gemma 4 text (dense, and the mixture-of-experts layout): per-layer embeddings, the last layers reusing an
+earlier layer's KV, other head dims and KV heads on full layers, proportional partial rope on full layers,
+attention_k_eq_v, v_norm, layer_scalar, plain RMSNorm, final logit soft-capping; exported and verified against
+transformers token for token."""
 
 from __future__ import annotations
 
