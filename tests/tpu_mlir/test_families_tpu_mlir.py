@@ -128,3 +128,28 @@ def test_hybrid_moe_compiles_f16_with_compares_and_verifies_as_bf16_bmodel(toolc
     result = verify(out, prompt_length=5, new_tokens=3, bmodel=compiled.bmodel, tpu_mlir=toolchain)
     assert result.dtype == "bmodel-bf16" and result.backend.startswith("bmodel on the cmodel")
     assert result.tokens_equal and len(result.hf_tokens) == 3 and result.passed, result.to_json()
+
+
+# Mixture-of-experts layouts beside a family's own (TPUGRAPH_ALL_FAMILY_COMPILES=1): Gemma 4's dense MLP and routed
+# experts side by side (a prefill block weighting every expert, the decode blocks gathering the top 2, one of them
+# on shared KV), and LFM2-MoE's experts after a short-convolution layer (its conv decode block and an attention
+# decode block, both with gathered experts).
+MOE_CASES = {
+    "gemma4_text": ({**CASES["gemma4_text"][0], "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                     "moe_intermediate_size": 32}, ("block_0", "block_cache_1", "block_cache_3")),
+    "lfm2_moe": (dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], num_dense_layers=1,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+                 ("block_cache_1", "block_cache_2")),
+}
+
+
+@pytest.mark.parametrize("family", list(MOE_CASES))
+def test_moe_layouts_compile_f16_with_compares(toolchain, make_model, tmp_path, family):
+    if not ALL_FAMILY_COMPILES:
+        pytest.skip(f"{family}'s experts are the sparse_moe rewrite qwen2_moe compiles on every run; set "
+                    "TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile its MoE layout too (about 30 s a segment)")
+    config, segments = MOE_CASES[family]
+    folder = make_model(family, **{**TINY, **config})
+    report = compile_segments_of(folder, tmp_path / "out", toolchain, segments)
+    assert [r.segment for r in report.results] == list(segments)
+    assert_compiled(report)

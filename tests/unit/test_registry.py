@@ -141,8 +141,7 @@ def test_notes_flag_sequence_dependent_rope():
     assert export_notes(phi3, config, seq=4096) == []  # transformers picks the same factors
 
 
-@pytest.mark.parametrize("arch,why", [("Lfm2ForCausalLM", "contract"),
-                                      ("Qwen3_5MoeForConditionalGeneration", "vision tower")])
+@pytest.mark.parametrize("arch,why", [("Qwen3_5MoeForConditionalGeneration", "vision tower")])
 def test_known_unsupported_architecture_names_the_reason(arch, why):
     with pytest.raises(UnsupportedModelError) as err:
         family_for(None, [arch])
@@ -155,3 +154,17 @@ def test_hybrid_moe_architectures_are_families_now():
     """Issue #24: the gated-DeltaNet state segments combined with experts; no longer refused as not yet."""
     assert family_for(None, ["Qwen3NextForCausalLM"]).name == "qwen3_next"
     assert family_for(None, ["Qwen3_5MoeForCausalLM"]).name == "qwen3_5_moe_text"
+
+
+def test_a_refused_config_attribute_names_itself_and_the_reason():
+    """refused_configs (no family sets one since Gemma 4's MoE is exported): a truthy attribute is refused
+    with the reason, exit 4; unset or false passes."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    fam = replace(family_for("llama", None), refused_configs=(("use_magic", "magic is not exported"),))
+    with pytest.raises(UnsupportedModelError) as err:
+        fam.check_config(SimpleNamespace(use_magic=True))
+    assert "use_magic" in str(err.value) and "magic is not exported" in str(err.value) and err.value.exit_code == 4
+    fam.check_config(SimpleNamespace(use_magic=False))
+    fam.check_config(SimpleNamespace())

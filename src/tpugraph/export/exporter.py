@@ -120,7 +120,8 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
                 from .wrappers import _layer_cache_kwarg
 
                 cls = StateBlockSegment if spec.kind == SegmentKind.BLOCK else StateBlockCacheSegment
-                yield _with_float_boundary(cls(layer, _layer_cache_kwarg(layer)), parts)
+                yield _with_float_boundary(cls(layer, _layer_cache_kwarg(layer),
+                                               tuple(fam.state_shapes(parts.text_config))), parts)
                 return
             if fam.per_layer_embedding is not None or fam.kv_sharing != KV_SHARING_NONE:
                 # per_layer_inputs: Gemma 4's extra block inputs (its layers take the shared-KV store either way)

@@ -146,11 +146,25 @@ def _static_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return moe_experts_all(self, hidden_states, top_k_index, top_k_weights)
 
 
+# Where a decoder layer keeps its routed experts: mlp.experts (Qwen-MoE, Mixtral), feed_forward.experts (LFM2-MoE),
+# experts (Gemma 4's MoE, beside its dense mlp).
+_EXPERTS_PATHS = (("mlp", "experts"), ("feed_forward", "experts"), ("experts",))
+
+
+def _layer_experts(layer: nn.Module) -> nn.Module | None:
+    for path in _EXPERTS_PATHS:
+        module = layer
+        for name in path:
+            module = getattr(module, name, None)
+        if module is not None:
+            return module
+    return None
+
+
 def _rewrite_sparse_moe(layer: nn.Module, config: Any, decode: str = "gather") -> None:
-    mlp = getattr(layer, "mlp", None)
-    experts = getattr(mlp, "experts", None)
+    experts = _layer_experts(layer)
     if experts is None:
-        return  # a dense layer of an MoE model (mlp_only_layers, decoder_sparse_step)
+        return  # a dense layer of an MoE model (mlp_only_layers, decoder_sparse_step), or a dense checkpoint
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     ok = isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3 \
         and down.dim() == 3 and down.shape[1] == gate_up.shape[2] and down.shape[2] * 2 == gate_up.shape[1] \
@@ -227,8 +241,15 @@ def _rewrite_gated_deltanet(layer: nn.Module, config: Any) -> None:
     rewrite_gated_deltanet(layer, config)
 
 
+def _rewrite_short_conv(layer: nn.Module, config: Any) -> None:
+    from .short_conv import rewrite_short_conv
+
+    rewrite_short_conv(layer, config)
+
+
 REWRITES: dict[str, Callable[[nn.Module, Any], None]] = {
     "gated_deltanet": _rewrite_gated_deltanet,  # Qwen3.5 linear attention: static, states in and out
+    "short_conv": _rewrite_short_conv,  # LFM2 gated short convolution: static, conv state in and out
     "gpt_oss_moe": _rewrite_gpt_oss_moe,
     "interleaved_rotary": _rewrite_interleaved_rotary,
     "sparse_moe": _rewrite_sparse_moe,

@@ -144,6 +144,17 @@ def recurrent_gated_delta_step(query, key, value, g, beta, state):
     return out.transpose(1, 2).to(dtype), state
 
 
+def last_columns(x: torch.Tensor, n: torch.Tensor, k_size: int) -> torch.Tensor:
+    """Columns n-K..n-1 of ``x`` [1, C, S] (zeros where n - K + j < 0): the conv state a prompt of n tokens
+    leaves, as a MatMul by a one-hot [S, K] (static: n is a traced value)."""
+    seq = int(x.shape[-1])
+    # one-hot [S, K]: column j picks position n - K + j (none when negative: zero left padding)
+    positions = torch.arange(seq, dtype=x.dtype).unsqueeze(-1)
+    wanted = (n - k_size + torch.arange(k_size, dtype=x.dtype)).unsqueeze(0)
+    pick = torch.relu(1.0 - torch.abs(positions - wanted))
+    return x @ pick
+
+
 class StateCapture:
     """Stand-in for transformers' cache in a linear-attention layer: the states in, the new ones out, and
     (prefill) which positions are prompt tokens."""
@@ -196,12 +207,7 @@ def _gated_deltanet_forward(self, hidden_states, cache=None, attention_mask=None
         conv = F.conv1d(mixed.to(wide), weight.unsqueeze(1).to(wide), bias, padding=k_size - 1,
                         groups=int(mixed.shape[1]))
         conv = conv[:, :, :seq].to(mixed.dtype)
-        n = cache.valid.sum()
-        # one-hot [S, K]: column j picks position n - K + j (none when negative: zero left padding)
-        positions = torch.arange(seq, dtype=mixed.dtype).unsqueeze(-1)
-        wanted = (n - k_size + torch.arange(k_size, dtype=mixed.dtype)).unsqueeze(0)
-        pick = torch.relu(1.0 - torch.abs(positions - wanted))
-        cache.next_conv_state = mixed @ pick
+        cache.next_conv_state = last_columns(mixed, cache.valid.sum(), k_size)
     else:  # one decode step
         full = torch.cat([cache.conv_state.to(mixed.dtype), mixed], dim=-1)  # [1, C, K + 1]
         cache.next_conv_state = full[:, :, 1:]
@@ -262,32 +268,35 @@ def _prompt_rows(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class StateBlockSegment(nn.Module):
-    """Prefill of a linear-attention layer: (input_states, attention_mask) ->
-    (hidden_states, next_conv_state, next_recurrent_state)."""
+    """Prefill of a state layer: (input_states, attention_mask) -> (hidden_states, next_<state>...), the states
+    named by ``state_names`` (FamilySpec.state_shapes: conv_state and recurrent_state, or conv_state alone)."""
 
-    def __init__(self, layer: nn.Module, cache_kwarg: str = "cache"):
+    def __init__(self, layer: nn.Module, cache_kwarg: str = "cache",
+                 state_names: tuple[str, ...] = ("conv_state", "recurrent_state")):
         super().__init__()
         self.layer = layer
         self.cache_kwarg = cache_kwarg
+        self.state_names = state_names
 
     def forward(self, input_states, attention_mask):
         state = StateCapture(valid=_prompt_rows(attention_mask))
         out = self.layer(input_states, position_embeddings=None, attention_mask=None, **{self.cache_kwarg: state})
         hidden = out[0] if isinstance(out, tuple) else out
-        return hidden, state.next_conv_state, state.next_recurrent_state
+        return (hidden, *(getattr(state, f"next_{name}") for name in self.state_names))
 
 
 class StateBlockCacheSegment(nn.Module):
-    """Decode of a linear-attention layer: (input_states, conv_state, recurrent_state) ->
-    (hidden_states, next_conv_state, next_recurrent_state)."""
+    """Decode of a state layer: (input_states, <state>...) -> (hidden_states, next_<state>...)."""
 
-    def __init__(self, layer: nn.Module, cache_kwarg: str = "cache"):
+    def __init__(self, layer: nn.Module, cache_kwarg: str = "cache",
+                 state_names: tuple[str, ...] = ("conv_state", "recurrent_state")):
         super().__init__()
         self.layer = layer
         self.cache_kwarg = cache_kwarg
+        self.state_names = state_names
 
-    def forward(self, input_states, conv_state, recurrent_state):
-        state = StateCapture(conv_state=conv_state, recurrent_state=recurrent_state)
+    def forward(self, input_states, *states):
+        state = StateCapture(**dict(zip(self.state_names, states)))
         out = self.layer(input_states, position_embeddings=None, attention_mask=None, **{self.cache_kwarg: state})
         hidden = out[0] if isinstance(out, tuple) else out
-        return hidden, state.next_conv_state, state.next_recurrent_state
+        return (hidden, *(getattr(state, f"next_{name}") for name in self.state_names))

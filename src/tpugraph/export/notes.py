@@ -49,7 +49,12 @@ def export_notes(family: FamilySpec, config, seq: int, dtype: str = "float32") -
                          f"longer than {original}; shorter conversations differ from transformers")
             break
     state_layers = family.state_layers(text_config)
-    if state_layers:
+    if state_layers and family.state_kind == "short_conv":
+        notes.append(f"state layers: {_ranges(list(state_layers))} are short convolutions with a conv state "
+                     "instead of a KV cache; their block_i takes (input_states, attention_mask) and starts from a "
+                     "zero state, their block_cache_i takes (input_states, conv_state); both return (hidden_states, "
+                     "next_conv_state), and the runtime keeps the state per layer (README, 'State segments')")
+    elif state_layers:
         notes.append(f"state layers: {_ranges(list(state_layers))} are linear attention with a conv state and a "
                      "recurrent state instead of a KV cache; their block_i takes (input_states, attention_mask) "
                      "and starts from a zero state, their block_cache_i takes (input_states, conv_state, "

@@ -34,7 +34,7 @@ class KvCache:
     ``length`` rows hold. Rows past ``length`` are garbage by contract (masked), so dropping tokens from the
     end is just a smaller ``length``: a new turn whose ids share a prefix with ``tokens`` reuses those rows."""
 
-    layers: list = field(default_factory=list)  # [(k, v)] per layer
+    layers: list = field(default_factory=list)  # [(k, v)] per layer (a state layer: its states)
     tokens: list[int] = field(default_factory=list)
 
     @property
@@ -110,7 +110,8 @@ class SegmentRuntime:
         # compile --dynamic: the prefill nets run at the prompt's (chunk's) real length, not always L
         self.dynamic_prefill = bool(getattr(backend, "dynamic_prefill", False))
         self.history_kv = SegmentKind.BLOCK_KV in self.manifest.kinds()
-        # Hybrid models: these layers carry (conv state, recurrent state) instead of KV (README "State segments").
+        # Hybrid models: these layers carry states instead of KV (README "State segments"): (conv state, recurrent
+        # state) for gated DeltaNet, (conv state,) for LFM2's short convolution.
         self.state_layers = set(self.manifest.model.state_layers or ())
         # Gemma 4 (README "Gemma 4"): the layer whose KV each layer reuses, and per-layer embeddings.
         self.kv_from = [r.kv_from for r in self.manifest.model.layers_kv or []] or [None] * self.layers
@@ -195,8 +196,8 @@ class SegmentRuntime:
                 (hidden,) = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i), *history[src])
                 history.append(None)
             elif i in self.state_layers:  # from a zero state; the mask's diagonal tells the prompt rows
-                hidden, k, v = self.run(f"block_{i}", hidden, mask)
-                history.append((np.array(k, copy=True), np.array(v, copy=True)))
+                hidden, *states = self.run(f"block_{i}", hidden, mask)  # (conv, recurrent) or (conv,)
+                history.append(tuple(np.array(state, copy=True) for state in states))
             else:
                 hidden, k, v = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i))
                 history.append((self._history_buffer(k), self._history_buffer(v)))
@@ -274,12 +275,12 @@ class SegmentRuntime:
                 shared = (np.concatenate([hk, k], axis=1), np.concatenate([hv, v], axis=1))
                 (hidden,) = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), *shared)
                 continue
-            hk, hv = history[i]
             if i in self.state_layers:  # the next states replace the buffers' contents (same addresses)
-                hidden, conv, recurrent = self.run(f"block_cache_{i}", hidden, hk, hv)
-                hk[...] = conv
-                hv[...] = recurrent
+                hidden, *states = self.run(f"block_cache_{i}", hidden, *history[i])
+                for buffer, state in zip(history[i], states):
+                    buffer[...] = state
                 continue
+            hk, hv = history[i]
             hidden, k, v = self.run(f"block_cache_{i}", hidden, pos, mask, *self._extra(embedded, i), hk, hv)
             new[i] = (np.array(k, copy=True), np.array(v, copy=True))
             hk[0, n] = k[0, 0]

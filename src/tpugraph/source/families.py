@@ -130,7 +130,8 @@ class FamilySpec:
     # Embedding tying the family ships with: "tied", "untied" or "either" (both exist in the wild).
     embeddings: str = "either"
     # Layers that carry a state instead of a KV cache (export/linear_attention.py): the config.layer_types value
-    # of such layers, and the kind of state ("gated_deltanet": conv state + recurrent state).
+    # of such layers, and the kind of state ("gated_deltanet": conv state + recurrent state; "short_conv": a conv
+    # state only).
     state_layer_type: str | None = None
     state_kind: str | None = None
     quirks: tuple[str, ...] = field(default_factory=tuple)
@@ -200,9 +201,11 @@ class FamilySpec:
 
     def state_shapes(self, text_config: Any) -> dict[str, tuple[int, ...]]:
         """Shapes of a state layer's states, by input name; empty for a family without state layers."""
+        c = text_config
+        if self.state_kind == "short_conv":  # LFM2: the last K inputs of the depthwise conv over B * x
+            return {"conv_state": (1, int(c.hidden_size), int(c.conv_L_cache))}
         if self.state_kind != "gated_deltanet":
             return {}
-        c = text_config
         key_dim = int(c.linear_num_key_heads) * int(c.linear_key_head_dim)
         value_dim = int(c.linear_num_value_heads) * int(c.linear_value_head_dim)
         return {"conv_state": (1, 2 * key_dim + value_dim, int(c.linear_conv_kernel_dim)),
@@ -623,6 +626,55 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 "optional dense layers", "q/k RMSNorm (1 + w)", "partial rotary", "--naming llm-tpu only"),
     ),
     FamilySpec(
+        name="lfm2",
+        model_types=("lfm2",),
+        architectures=("Lfm2ForCausalLM",),
+        min_transformers="5.24",
+        norm_path="model.embedding_norm",  # LFM2's final norm (applied after the last layer, despite its name)
+        layer_rewrites=("short_conv",),
+        state_layer_type="conv",
+        state_kind="short_conv",
+        refused_options=(
+            ("naming", (None, "llm-tpu"), "the conv state inputs/outputs of its short-convolution layers have "
+                                          "names only in the llm-tpu convention"),
+            ("history_kv", (False, None), "its short-convolution layers would need a prefill that starts from "
+                                          "their conv state, which tpugraph does not export yet"),
+            ("max_input_length", (None,), "a prompt fed in chunks would need its short-convolution layers to "
+                                          "prefill from their conv state, which tpugraph does not export yet "
+                                          "(the prefill takes the whole window, SEQ)"),
+        ),
+        quirks=("LFM2 (350M-2.6B)", "hybrid: gated short-convolution layers with a conv state segment "
+                "(B * x through a depthwise causal conv, times C), the other layers full attention",
+                "q/k RMSNorm", "GQA", "final norm model.embedding_norm", "--naming llm-tpu only"),
+    ),
+    FamilySpec(
+        name="lfm2_moe",
+        model_types=("lfm2_moe",),
+        architectures=("Lfm2MoeForCausalLM",),
+        min_transformers="5.24",
+        norm_path="model.embedding_norm",
+        rotary_path="model.pos_emb",
+        layer_rewrites=("short_conv", "sparse_moe"),
+        fused_weights=(("feed_forward.experts.gate_up_proj", ("feed_forward.experts.{e}.w1.weight",
+                                                              "feed_forward.experts.{e}.w3.weight")),
+                       ("feed_forward.experts.down_proj", ("feed_forward.experts.{e}.w2.weight",))),
+        state_layer_type="conv",
+        state_kind="short_conv",
+        refused_options=(
+            ("naming", (None, "llm-tpu"), "the conv state inputs/outputs of its short-convolution layers have "
+                                          "names only in the llm-tpu convention"),
+            ("history_kv", (False, None), "its short-convolution layers would need a prefill that starts from "
+                                          "their conv state, which tpugraph does not export yet"),
+            ("max_input_length", (None,), "a prompt fed in chunks would need its short-convolution layers to "
+                                          "prefill from their conv state, which tpugraph does not export yet "
+                                          "(the prefill takes the whole window, SEQ)"),
+        ),
+        quirks=("LFM2-MoE (8B-A1B)", "LFM2's hybrid layout: short-convolution layers with a conv state segment, "
+                "full-attention layers", "first num_dense_layers layers dense, then top-k experts with sigmoid "
+                "routing and expert bias (static: gathered for decode, all weighted for prefill)",
+                "--naming llm-tpu only"),
+    ),
+    FamilySpec(
         name="gemma4_text",
         model_types=("gemma4_text",),
         architectures=("Gemma4ForCausalLM",),
@@ -649,11 +701,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
                                                        "per-layer-embedding inputs at that length, not made yet"),
                          ("embedding_disk", (False,), "the per-layer embeddings are gathered by the embedding nets; "
                                                       "the host-side gather does not read that table yet")),
-        refused_configs=(("enable_moe_block", "the mixture-of-experts Gemma 4 (26B-A4B) runs a dense MLP and "
-                                              "routed experts side by side; only dense checkpoints are exported"),),
+        layer_rewrites=("sparse_moe",),  # enable_moe_block: layer.experts beside the dense mlp (none when dense)
         embeddings="tied",
-        quirks=("Gemma 4 text, dense (E2B/E4B, 31B)", "per-layer embeddings (block inputs per_layer_embeds, "
-                "inputs_embeds)", "last layers reuse an earlier layer's KV (block inputs shared_k/shared_v)",
+        quirks=("Gemma 4 text (E2B/E4B, 31B; 26B-A4B MoE)", "MoE (enable_moe_block): dense MLP and top-k routed "
+                "experts side by side in every layer (static: gathered for decode, all weighted for prefill)",
+                "per-layer embeddings (block inputs per_layer_embeds, inputs_embeds)", "last layers reuse an earlier layer's KV (block inputs shared_k/shared_v)",
                 "head dim and KV heads per layer type", "proportional partial rope on full layers",
                 "attention_k_eq_v", "v_norm", "layer_scalar", "plain RMSNorm (w)", "final logit soft-capping",
                 "sliding-window layers"),
@@ -766,8 +818,6 @@ NOT_YET: dict[str, str] = {
     "Qwen3_5MoeForConditionalGeneration": "the vision-language Qwen3.5-MoE needs its vision tower and the 3-D "
                                           "rotary positions of images, which tpugraph does not export for it; its "
                                           "text model is family qwen3_5_moe_text (Qwen3_5MoeForCausalLM)",
-    "Lfm2ForCausalLM": "short-convolution layers carry a conv state instead of a KV cache; the contract has no "
-                       "state segments yet",
 }
 
 

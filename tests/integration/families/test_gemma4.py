@@ -1,6 +1,7 @@
-"""Gemma 4 text (dense): per-layer embeddings, the last layers reusing an earlier layer's KV, other head dims
-and KV heads on full layers, proportional partial rope on full layers, attention_k_eq_v, v_norm, layer_scalar,
-plain RMSNorm, final logit soft-capping; exported and verified against transformers token for token."""
+"""Gemma 4 text (dense, and the mixture-of-experts layout): per-layer embeddings, the last layers reusing an
+earlier layer's KV, other head dims and KV heads on full layers, proportional partial rope on full layers,
+attention_k_eq_v, v_norm, layer_scalar, plain RMSNorm, final logit soft-capping; exported and verified against
+transformers token for token."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from tpugraph.cli import app
 from tpugraph.contract.manifest import read_manifest
-from tpugraph.errors import UnsupportedModelError, UsageError
+from tpugraph.errors import UsageError
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
 
@@ -156,17 +157,49 @@ def test_naming_refusal_is_one_line_exit_2(exported, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: --naming") and "llm-tpu" in errors[0], result.output
 
 
-def test_moe_checkpoint_is_refused_with_the_reason(tmp_path):
-    config = dict(TINY_GEMMA4, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
-                  architectures=["Gemma4ForCausalLM"], model_type="gemma4_text")
-    folder = tmp_path / "moe"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    from tpugraph.source.checkpoint import load_config, resolve_model
+# The mixture-of-experts layout (26B-A4B): every layer runs the dense MLP and 4 routed experts (top 2) side by side,
+# with per-layer embeddings and shared KV as in the dense variants (4 layers, 2 and 3 reusing 0's and 1's KV).
+# hidden 64: transformers runs the experts with torch._grouped_mm, whose strides must be multiples of 16 bytes.
+MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24, hidden_size=64,
+           num_hidden_layers=4, layer_types=[SLIDING, FULL, SLIDING, FULL])
 
-    with pytest.raises(UnsupportedModelError) as err:
-        load_config(resolve_model(str(folder)))
-    assert "enable_moe_block" in str(err.value) and err.value.exit_code == 4
+
+def build_gemma4_moe(folder, seed: int = 0, **overrides):
+    """build_gemma4 with experts, the router's scales and the extra norms off ones (checkpoints carry trained
+    values: ones would hide a dropped per_expert_scale or a swapped norm)."""
+    import torch
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    config = Gemma4TextConfig(**{**TINY_GEMMA4, **MOE, **overrides})
+    config.architectures = ["Gemma4ForCausalLM"]
+    torch.manual_seed(seed)
+    model = Gemma4ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ("norm" in name and name.endswith("weight")) or name.endswith(("router.scale", "per_expert_scale")):
+                param.add_(torch.randn_like(param) * 0.1)
+        for i, layer in enumerate(model.model.layers):
+            layer.layer_scalar.fill_(0.6 + 0.15 * i)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_gemma4_moe_verifies(tmp_path):
+    """Exact against transformers: the prefill runs every expert weighted by the routing, each decode step gathers
+    the 2 chosen experts' matrices (Gather by the router's indices, as qwen3_moe's sparse_moe)."""
+    import onnx
+
+    folder = build_gemma4_moe(tmp_path / "model")
+    out = tmp_path / "out"
+    export_and_optimize(str(folder), out, ExportOptions(seq_length=SEQ, passes=[]))
+    report = verify(out, prompt_length=10, new_tokens=8)
+    assert report.passed and report.tokens_equal, describe(report)
+    assert report.min_cosine >= 0.9999 and report.max_rel_diff <= 1e-3
+    for name in ("block_cache_1", "block_cache_3"):  # a layer with its own KV, a shared one: both gather experts
+        graph = onnx.load(str(out / f"{name}.onnx"), load_external_data=False).graph
+        stacked = {t.name for t in graph.initializer if len(t.dims) == 3 and t.dims[0] == MOE["num_experts"]}
+        gathered = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in stacked]
+        assert len(gathered) == 2 and "TopK" in {n.op_type for n in graph.node}, name  # gate_up and down
 
 
 def test_runtime_options_its_blocks_cannot_take_are_refused():

@@ -1,0 +1,70 @@
+"""LFM2's gated short convolution -> static-shape segments whose conv state is an explicit input/output.
+
+A short-convolution layer carries one state instead of a KV cache: the last K inputs of its depthwise causal
+conv (``conv_state`` [1, H, K], K = config.conv_L_cache), the conv's input being B * x of the layer's in_proj.
+
+- Prefill ``block_i``: (input_states [1,SEQ,H], attention_mask) -> (hidden_states, next_conv_state). The state
+  starts at zero; the conv is causal, so the pad rows after the prompt change no prompt row, and the next
+  state is the last K prompt columns (zero-padded on the left when n < K), picked by the same one-hot MatMul
+  as the gated-DeltaNet prefill (export/linear_attention.py: the mask's diagonal tells the prompt rows).
+- Decode ``block_cache_i``: (input_states [1,1,H], conv_state) -> (hidden_states, next_conv_state): the state
+  shifted by one column with the new input appended, and the conv as a product with the kernel summed over K.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+from .linear_attention import StateCapture, last_columns
+
+
+def _short_conv_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """Lfm2ShortConv.forward with static shapes; the conv state through ``cache`` (a StateCapture)."""
+    if not isinstance(cache, StateCapture):
+        raise ModelError("the static short-convolution layer runs only inside tpugraph's state segments")
+    seq = int(hidden_states.shape[1])
+    bcx = self.in_proj(hidden_states).transpose(-1, -2)  # [1, 3H, S]
+    b, c, x = bcx.chunk(3, dim=-2)
+    bx = b * x  # [1, H, S]
+    weight = self.conv.weight.squeeze(1)  # [H, K]
+    k_size = int(weight.shape[-1])
+    bias = self.conv.bias
+    if cache.conv_state is None:  # prefill from an empty state
+        # ONNX Conv has no bfloat16 kernel type: with --dtype bfloat16 the conv runs in float32.
+        wide = torch.float32 if bx.dtype == torch.bfloat16 else bx.dtype
+        conv = F.conv1d(bx.to(wide), weight.unsqueeze(1).to(wide), None if bias is None else bias.to(wide),
+                        padding=k_size - 1, groups=int(bx.shape[1]))
+        conv = conv[:, :, :seq].to(bx.dtype)
+        cache.next_conv_state = last_columns(bx, cache.valid.sum(), k_size)
+    else:  # one decode step
+        full = torch.cat([cache.conv_state.to(bx.dtype), bx], dim=-1)  # [1, H, K + 1]
+        cache.next_conv_state = full[:, :, 1:]
+        conv = (cache.next_conv_state * weight).sum(dim=-1, keepdim=True)
+        if bias is not None:
+            conv = conv + bias.unsqueeze(-1)
+    y = (c * conv).transpose(-1, -2).contiguous()
+    return self.out_proj(y)
+
+
+_SHORT_CONV_PARTS = ("in_proj", "conv", "out_proj")
+
+
+def rewrite_short_conv(layer: nn.Module, config: Any) -> None:
+    """Replace a short-convolution layer's forward (the exporter's own copy) by the static one; an attention
+    layer of the same model is left as transformers made it."""
+    conv = getattr(layer, "conv", None)
+    if conv is None:
+        return
+    missing = [p for p in _SHORT_CONV_PARTS if not hasattr(conv, p)]
+    inner = getattr(conv, "conv", None)
+    if missing or not isinstance(inner, nn.Conv1d) or inner.groups != inner.in_channels \
+            or inner.in_channels != inner.out_channels:
+        raise ModelError(f"{type(conv).__name__}: the static short-convolution rewrite expects in_proj, a depthwise "
+                         f"conv and out_proj{'; missing ' + ', '.join(missing) if missing else ''}; this layer differs")
+    conv.forward = types.MethodType(_short_conv_forward, conv)
