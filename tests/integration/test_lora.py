@@ -69,12 +69,17 @@ def test_merged_export_equals_transformers_with_peft(base, adapter, tmp_path):
     assert base_tokens != report.onnx_tokens  # the adapter changes the model: the comparison above means something
 
 
-def test_merged_export_refuses_another_adapter_at_verify(base, adapter, tmp_path):
+def test_merged_export_refuses_another_adapter_at_verify_and_rebuilds_with_it(base, adapter, tmp_path):
     out = tmp_path / "out"
     export_and_optimize(str(base), out, ExportOptions(seq_length=SEQ, lora=str(adapter)))
-    other = make_adapter(base, tmp_path / "other", seed=5, target_modules=TARGETS)
+    other = make_adapter(base, tmp_path / "other", seed=5, target_modules=("q_proj",))
     code, output = run("verify", out, "--lora", other)
     one_line(code, output, 2, "is another one")
+    # The same OUT with the other adapter: resume keeps only what the adapter leaves unchanged (no block here)
+    again = export_and_optimize(str(base), out, ExportOptions(seq_length=SEQ, lora=str(other)))
+    assert {s for s in again.last_run.built if s.startswith("block")} == {
+        s.name for s in again.segments if s.name.startswith("block")}
+    assert "lm_head" in again.last_run.kept and again.model.lora.sha256 == read_adapter(other).sha256
 
 
 runner = CliRunner()
@@ -180,6 +185,16 @@ def test_run_with_adapter_cli(adapter, with_inputs):
                                  "--lora", adapter)
     assert code == code_lora == 0, (output, output_lora)
     assert output.splitlines()[0] != output_lora.splitlines()[0]
+
+
+def test_lora_inputs_with_history_kv_conversation(base, adapter, tmp_path):
+    """block_kv_i takes the LoRA inputs too: a 2-turn conversation prefilling each turn on the KV history."""
+    out = tmp_path / "out"
+    export_and_optimize(str(base), out, ExportOptions(seq_length=SEQ, lora_max_rank=RANK, history_kv=True,
+                                                      max_input_length=8))
+    assert read_manifest(out).segment("block_kv_0").inputs[-1].name == "mlp.down_proj.lora_B"
+    report = verify(out, prompt_length=5, new_tokens=4, seed=3, turns=2, lora=adapter)
+    assert report.passed and report.tokens_equal, (report.hf_tokens, report.onnx_tokens)
 
 
 def test_lora_inputs_refuse_a_larger_rank(base, with_inputs, tmp_path):
