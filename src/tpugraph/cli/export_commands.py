@@ -41,6 +41,8 @@ def export_and_optimize_cmd(
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="L: tokens the prefill nets (embedding, block_i, block_kv_i) take, 1..SEQ (default SEQ); the decode nets keep SEQ. LLM-TPU's runtime reads L from embedding's input."),
     history_kv: bool = typer.Option(False, "--history-kv", help="Also export block_kv_i per layer: a prefill of up to L new tokens on top of the KV history (multi-turn chat keeps the cache between turns; a prompt longer than L is fed in chunks of L)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Vision-language models: the largest image (in pixels, a multiple of (patch x merge)^2, e.g. 784 for Qwen2.5-VL) the static vit segment takes; larger images are resized within it (default: 50176, 224x224)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into the exported weights (W + scale * B @ A per targeted linear); the manifest records it."),
+    lora_max_rank: Optional[int] = typer.Option(None, "--lora-max-rank", help="R: each block net also takes LoRA inputs, per linear of the layer A [R, in] and B [R, out] (named <linear>.lora_A/.lora_B), which the runtime fills with an adapter of rank <= R (zeros: the base model); run/verify --lora ADAPTER_DIR fill them."),
     json_out: JsonOut = False,
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
@@ -53,7 +55,8 @@ def export_and_optimize_cmd(
                          greedy_in_lm_head=lm_head_greedy, sample_head=sample_head, lm_head_topk=lm_head_topk,
                          embedding_disk=embedding_disk, external_data=external_data, weight_swap=weight_swap,
                          jobs=jobs, with_test_data=with_test_data, max_input_length=max_input_length,
-                         history_kv=history_kv, max_pixels=max_pixels)
+                         history_kv=history_kv, max_pixels=max_pixels, lora=str(lora) if lora is not None else None,
+                         lora_max_rank=lora_max_rank)
 
     if gguf_file:
         from ..source.checkpoint import resolve_model

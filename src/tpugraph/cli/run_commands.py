@@ -30,6 +30,7 @@ def verify_cmd(
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
     tpu_mlir: TpuMlirVenv = None,
     image: Optional[Path] = typer.Option(None, "--image", help="A vision-language output: verify with this image in front of the prompt (default: a built-in synthetic picture); the vit output is also compared with transformers' vision features."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="A PEFT LoRA adapter folder: the reference is transformers with it loaded by PEFT; an export with --lora-max-rank is fed its A and B (without --lora: zeros, the base model). An export with an adapter merged is compared with that adapter by default."),
     turns: int = typer.Option(1, "--turns", help="Verify a conversation of this many turns (OUT's chat template when its tokenizer has one, else the prompt, each reply and a new random prompt): each turn is compared with transformers on the whole conversation so far, while the runtime keeps the KV cache and prefills only the new tokens (block_kv_i, --history-kv)."),
 ) -> None:
     """Drive OUT's segments (or, with --bmodel, the compiled bmodel on the cmodel) like the TPU runtime and compare
@@ -37,7 +38,8 @@ def verify_cmd(
     from ..proof.verify import verify
 
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
-                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns, image=image)
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns, image=image,
+                    lora=lora)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
@@ -91,6 +93,7 @@ def run_cmd(
     top_k: int = typer.Option(50, "--top-k", help="With --sample: the most likely tokens to keep, 1..50."),
     penalty: float = typer.Option(1.0, "--penalty", help="With --sample: repetition penalty on the tokens so far (1: none)."),
     seed: int = typer.Option(0, "--seed", help="With --sample: seed of the host's draws (the same seed gives the same tokens)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="A PEFT LoRA adapter folder whose A and B fill the LoRA inputs of an output exported with --lora-max-rank (without it: zeros, the base model)."),
     json_out: JsonOut = False,
 ) -> None:
     """Generate text from OUT the way the TPU runtime drives the nets (greedy, or --sample), streaming tokens as they come."""
@@ -101,7 +104,7 @@ def run_cmd(
     result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
                         chat=chat, max_new_tokens=max_new_tokens, backend=backend, bmodel=bmodel, venv=tpu_mlir,
                         on_text=stream, sampling=SamplingParams(temperature, top_p, top_k, penalty, seed) if sample else None,
-                        image=image)
+                        image=image, lora=lora)
     if json_out:
         typer.echo(json.dumps(result.to_json()))
         return

@@ -99,6 +99,24 @@ class VisionRecord(JsonRecord):
 
 
 @record
+class LoraRecord(JsonRecord):
+    """A PEFT LoRA adapter (source/lora.py): ``merged`` into the weights (export --lora), or ``inputs``: the block
+    nets take each targeted linear's A [R, in] and B [R, out] (scale folded in) as inputs (--lora-max-rank R)."""
+
+    mode: str  # merged | inputs
+    path: str | None = optional()  # the adapter merged (mode merged)
+    sha256: str | None = optional()  # of its adapter_config.json and adapter_model.safetensors
+    rank: int | None = optional()
+    alpha: float | None = optional()
+    rslora: bool | None = optional()
+    targets: list[str] = field(default_factory=list)  # the linears (their names inside a block)
+    modules: int | None = optional()  # targeted linears in all
+    modules_to_save: list[str] | None = optional()
+    max_rank: int | None = optional()  # R of the LoRA inputs (mode inputs)
+    extra: dict[str, Any] = extra_keys()
+
+
+@record
 class ModelFacts(JsonRecord):
     """What the exporter needs to know about a model, read from its config (source/checkpoint.py model_facts)."""
 
@@ -133,6 +151,7 @@ class ModelRecord(ModelFacts):
     source: SourceRecord
     source_quantization: PackedQuantization | GgufQuantization | None = optional()
     tokenizer: TokenizerRecord | None = optional()  # set once every segment is written
+    lora: LoraRecord | None = optional()  # a LoRA adapter merged in, or the blocks' LoRA inputs
 
     union_readers = {"source_quantization": read_quantization}
 

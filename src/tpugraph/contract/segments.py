@@ -78,6 +78,7 @@ class SegmentSpec:
     shared_kv: bool = False  # a block attending over an earlier layer's KV (shared_k/shared_v in, no KV out)
     greedy_token: bool = False  # an lm_head that takes the top-1 itself: ``token`` [1,1] its first output
     logits: bool = True  # an lm_head that outputs ``m_logits`` (not the top-k lm_head)
+    lora_linears: tuple[str, ...] = ()  # a block net's LoRA inputs: these linears' A and B follow its other inputs
 
     @property
     def filename(self) -> str:
@@ -135,6 +136,20 @@ class ContractDims:
     position_rows: int = 1
     # The vit segment's sizes (vision-language models), or None.
     vision: VisionDims | None = None
+    # --lora-max-rank R: each block net also takes, per linear of the layer (its path inside the layer, in
+    # features, out features), that linear's LoRA A [R, in] and B [R, out] (source/lora.py).
+    lora_rank: int = 0
+    lora_linears: tuple[tuple[str, int, int], ...] = ()
+
+    def lora_inputs(self) -> tuple[TensorSpec, ...]:
+        """The block nets' LoRA inputs (none without --lora-max-rank), after the contract's own inputs."""
+        if not self.lora_rank:
+            return ()
+        out: list[TensorSpec] = []
+        for path, fan_in, fan_out in self.lora_linears:
+            out += [TensorSpec(f"{path}.lora_A", (self.lora_rank, fan_in), self.float_dtype),
+                    TensorSpec(f"{path}.lora_B", (self.lora_rank, fan_out), self.float_dtype)]
+        return tuple(out)
 
     def kv_shape(self, layer: int) -> tuple[int, int]:
         return self.layer_kv[layer] if self.layer_kv else (self.kv_heads, self.head_dim)
@@ -187,6 +202,8 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
                     (T("input_ids", (1, 1), i),), (T("input_embed", (1, 1, d.hidden), f), *per_layer_out(1)),
                     per_layer=bool(d.per_layer)),
     ]
+    lora = d.lora_inputs()
+    lora_paths = tuple(path for path, _, _ in d.lora_linears) if d.lora_rank else ()
     states = tuple(T(name, shape, f) for name, shape in d.state_shapes)
     next_states = tuple(T(f"next_{t.name}", t.shape, f) for t in states)
     for layer in range(d.layers):
@@ -219,22 +236,25 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
         specs.append(SegmentSpec(
             f"block_{layer}", SegmentKind.BLOCK, layer,
             (T("input_states", (1, n, d.hidden), f), T("position_ids", (d.position_rows, n), i),
-             T("attention_mask", (1, 1, n, n), f), *per_layer_in(n), *prefill_kv_in),
+             T("attention_mask", (1, 1, n, n), f), *per_layer_in(n), *prefill_kv_in, *lora),
             (T("hidden_states", (1, n, d.hidden), f), *prefill_kv_out), per_layer=bool(d.per_layer), shared_kv=shared,
+            lora_linears=lora_paths,
         ))
         if history_kv:
             specs.append(SegmentSpec(
                 f"block_kv_{layer}", SegmentKind.BLOCK_KV, layer,
                 (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
                  T("attention_mask", (1, 1, n, d.seq + n), f), T("history_k", kv_hist, f),
-                 T("history_v", kv_hist, f)),
+                 T("history_v", kv_hist, f), *lora),
                 (T("hidden_states", (1, n, d.hidden), f), T("past_k", kv_new, f), T("past_v", kv_new, f)),
+                lora_linears=lora_paths,
             ))
         specs.append(SegmentSpec(
             f"block_cache_{layer}", SegmentKind.BLOCK_CACHE, layer,
             (T("input_states", (1, 1, d.hidden), f), T("position_ids", (d.position_rows, 1), i),
-             T("attention_mask", (1, 1, 1, d.seq + 1), f), *per_layer_in(1), *decode_kv_in),
+             T("attention_mask", (1, 1, 1, d.seq + 1), f), *per_layer_in(1), *decode_kv_in, *lora),
             (T("hidden_states", (1, 1, d.hidden), f), *decode_kv_out), per_layer=bool(d.per_layer), shared_kv=shared,
+            lora_linears=lora_paths,
         ))
     if lm_head_topk:
         specs.append(SegmentSpec("lm_head", SegmentKind.LM_HEAD, None, (T("hidden_states", (1, d.hidden), f),),

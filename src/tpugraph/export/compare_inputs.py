@@ -51,7 +51,8 @@ class _RecordingRuntime(SegmentRuntime):
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         if name not in self.recorded:
-            self.recorded[name] = tuple(np.array(a, copy=True) for a in arrays)
+            # with a block's LoRA inputs (zeros: the base model), which SegmentRuntime.run adds
+            self.recorded[name] = tuple(np.array(a, copy=True) for a in (*arrays, *self._lora_inputs(name)))
         return super().run(name, *arrays)
 
 

@@ -29,6 +29,7 @@ from .wrappers import (
     FloatBoundary,
     GreedyHeadSegment,
     LmHeadSegment,
+    LoraInputs,
     PenaltySampleHeadSegment,
     SampleHeadSegment,
 )
@@ -132,7 +133,10 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
             else:
                 cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
                        SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
-                yield _with_float_boundary(cls(layer, rotary, window), parts)
+                block = cls(layer, rotary, window)
+                if spec.lora_linears:  # --lora-max-rank: each linear's A and B follow the block's own inputs
+                    block = LoraInputs(block, layer, spec.lora_linears, len(spec.inputs) - 2 * len(spec.lora_linears))
+                yield _with_float_boundary(block, parts)
     elif spec.kind == SegmentKind.LM_HEAD:
         greedy, token_only = spec.greedy_token, spec.greedy_token and not spec.logits
         with parts.materialized(fam.norm_path, placeholders_from) as norm, \

@@ -62,6 +62,8 @@ class ExportOptions:
     max_input_length: int | None = None  # L: tokens of one prefill (embedding, block_i, block_kv_i); None = SEQ
     history_kv: bool = False  # also export block_kv_i: prefill on top of the KV history (multi-turn, chunks)
     max_pixels: int | None = None  # vision-language models: the vit segment's image size (None: the family's)
+    lora: str | None = None  # a PEFT LoRA adapter folder merged into the weights (source/lora.py)
+    lora_max_rank: int | None = None  # R: the block nets take each linear's LoRA A [R, in] and B [R, out] as inputs
 
     def check(self) -> None:
         """UsageError naming the field at fault (``option``), in the library's terms."""
@@ -86,6 +88,12 @@ class ExportOptions:
         if self.lm_head_topk and self.greedy_in_lm_head:
             raise UsageError("and --lm-head-greedy are two layouts of the same lm_head: choose one",
                              option="lm_head_topk")
+        if self.lora_max_rank is not None and self.lora_max_rank < 1:
+            raise UsageError(f"must be >= 1 (got {self.lora_max_rank})", option="lora_max_rank")
+        if self.lora_max_rank is not None and self.lora is not None:
+            raise UsageError("and --lora do not go together: --lora merges one adapter into the weights, "
+                             "--lora-max-rank leaves the adapter to the runtime (LoRA inputs): choose one",
+                             option="lora_max_rank")
         if self.max_input_length is not None and not 1 <= self.max_input_length <= self.seq_length:
             raise UsageError(f"must be within 1..SEQ={self.seq_length}: the prefill nets take at most the "
                              f"decode window (got {self.max_input_length})", option="max_input_length")
@@ -195,6 +203,19 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         raise UsageError(f"is for vision-language models; family {family.name} has no vision encoder",
                          option="max_pixels")
     weights = open_weights(source, config)  # plain, quantized (dequantized per tensor) or GGUF
+    lora_dims = {}
+    if options.lora_max_rank is not None:  # the block nets' LoRA inputs
+        from ..source.lora import lora_dims as lora_input_dims
+
+        lora_dims = lora_input_dims(config, family, options.lora_max_rank, layer_dims(config, family))
+    adapter = None
+    from ..source.lora import lora_inputs_record
+
+    if options.lora is not None:  # merged at the weight source: every reader (streaming included) sees W + sBA
+        from ..source.lora import read_adapter
+
+        adapter = read_adapter(options.lora)
+        weights = adapter.merged_into(weights)
     chain = _resolve_chain(options)
     prepare_output_dir(out_dir, options.force)
     previous = previous_entries(out_dir)
@@ -204,7 +225,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     dims = ContractDims(seq=options.seq_length, hidden=facts.hidden_size, kv_heads=facts.num_kv_heads,
                         head_dim=facts.head_dim, vocab=facts.vocab_size, layers=facts.num_layers,
                         int_dtype=options.int_dtype, max_input=options.max_input_length, **_state_dims(config, family),
-                        **layer_dims(config, family), **vision_fields(config, family, options))
+                        **layer_dims(config, family), **vision_fields(config, family, options), **lora_dims)
     specs = segment_specs(dims, with_penalty_head=options.penalty_head, greedy_in_lm_head=options.greedy_in_lm_head,
                           sample_head=options.sample_head, lm_head_topk=options.lm_head_topk,
                           embedding_disk=options.embedding_disk, history_kv=options.history_kv)
@@ -213,7 +234,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     manifest = Manifest(
         model=ModelRecord(**vars(facts), **_state_facts(dims), **layer_records(dims),
                           **vision_record(config, family, dims), source=source.record(),
-                          source_quantization=read_quantization(weights.quantization) if weights.quantization else None),
+                          source_quantization=read_quantization(weights.quantization) if weights.quantization else None,
+                          lora=adapter.record("merged") if adapter else lora_inputs_record(lora_dims)),
         tools=tools,
         conventions=Conventions(kv_layout=KV_LAYOUT, mask_value=MASK_VALUE, opset=DEFAULT_OPSET, naming=_naming(chain),
                                 int_dtype=options.int_dtype, float_dtype="float32", batch=1),

@@ -203,6 +203,33 @@ class BlockKvSegment(BlockCacheSegment):
     """
 
 
+class LoraInputs(nn.Module):
+    """A block segment whose linears also take LoRA inputs (--lora-max-rank): after the segment's own inputs, per
+    linear of ``linears`` (its path inside ``layer``), A [R, in] and B [R, out] (the runtime folds the scale into
+    B and pads a rank r <= R with zero rows), and the linear's output becomes ``W x + (x A^T) B``. Zeros give the
+    base model. The additions are forward hooks on this export's own copy of the layer, removed after the call."""
+
+    def __init__(self, inner: nn.Module, layer: nn.Module, linears: tuple[str, ...], n_inputs: int):
+        super().__init__()
+        self.inner = inner
+        self._layer = [layer]  # the inner segment's own layer (not registered twice)
+        self.linears = linears
+        self.n_inputs = n_inputs
+
+    def forward(self, *args):
+        inputs, lora = args[: self.n_inputs], args[self.n_inputs:]
+        handles = []
+        for i, path in enumerate(self.linears):
+            a, b = lora[2 * i], lora[2 * i + 1]
+            hook = lambda _m, x, y, a=a, b=b: y + torch.matmul(torch.matmul(x[0], a.t()), b)  # noqa: E731
+            handles.append(self._layer[0].get_submodule(path).register_forward_hook(hook))
+        try:
+            return self.inner(*inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 class _LinearTransB(torch.autograd.Function):
     """x @ W.T (+ b), exported as one Gemm(transB=1) on W as stored, not MatMul on a transposed copy."""
 

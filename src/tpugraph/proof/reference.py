@@ -97,6 +97,35 @@ def load_full(model_dir: Path):
     return model.eval()
 
 
+def with_adapter(model, adapter_dir: Path):
+    """transformers' model with a PEFT LoRA adapter loaded on it (not merged: PEFT's own forward, the reference a
+    merged export or the LoRA inputs are compared with)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def reference_adapter(manifest, lora: str | Path | None):
+    """The LoRA adapter (source/lora.LoraAdapter) the reference loads and the runtime feeds, or None: ``lora`` (read
+    and checked), else the one merged into OUT. UsageError for an adapter OUT cannot take."""
+    from ..errors import UsageError
+    from ..source.lora import read_adapter
+
+    record = manifest.model.lora
+    if record is None:
+        if lora is not None:
+            raise UsageError("OUT has no LoRA adapter merged and no LoRA inputs: export with --lora ADAPTER_DIR "
+                             "(merged) or --lora-max-rank R (inputs)", option="lora")
+        return None
+    if record.mode == "merged":
+        adapter = read_adapter(lora if lora is not None else record.path)
+        if adapter.sha256 != record.sha256:
+            raise UsageError(f"OUT has the adapter {record.path} merged (sha256 {record.sha256[:12]}); "
+                             f"'{adapter.path}' is another one (sha256 {adapter.sha256[:12]})", option="lora")
+        return adapter
+    return read_adapter(lora) if lora is not None else None
+
+
 def load_streamed(model_dir: Path):
     """The model with only its non-layer weights in memory; layers load theirs around their forward."""
     import torch

@@ -209,7 +209,7 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
            model_path: str | None = None, prompt: list[int] | None = None,
            stream_reference: bool | None = None, bmodel: str | Path | None = None,
            tpu_mlir: str | Path | None = None, mask_check: bool = True, turns: int = 1,
-           image: str | Path | None = None) -> VerifyReport:
+           image: str | Path | None = None, lora: str | Path | None = None) -> VerifyReport:
     """``stream_reference``: stream the reference's layer weights (None: when the fp32 model would take
     over half the memory available). The segments are likewise kept loaded only while they fit.
     ``bmodel``: the system under test is that combined bmodel on tpu-mlir's cmodel (venv ``tpu_mlir``),
@@ -218,7 +218,10 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
     ``turns``: a conversation of that many turns, each compared with transformers' greedy generate on the whole
     conversation so far; the runtime keeps the KV cache between turns and prefills only each turn's new tokens
     (block_kv_i, see ``conversation``). ``image``: a vision-language output is verified with this image file
-    (default: the built-in synthetic picture) in front of the prompt (proof/vision_verify.py)."""
+    (default: the built-in synthetic picture) in front of the prompt (proof/vision_verify.py). ``lora``: a PEFT
+    LoRA adapter folder; the reference is transformers with it loaded by PEFT, and an export with LoRA inputs
+    (--lora-max-rank) is fed its A and B (without it: zeros, the base model). An export with an adapter merged
+    is compared with transformers + PEFT and that adapter (``lora`` may name it again, not another one)."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest.complete:
@@ -247,10 +250,13 @@ def verify(out_dir: str | Path, prompt_length: int = 8, new_tokens: int = 8, see
 
     check_conversation(manifest, len(prompt), turns)
     eos = _eos_ids(manifest.model.eos_token_id)
+    from .reference import reference_adapter
+
+    adapter = reference_adapter(manifest, lora)
     backend, dtype = _system_under_test(manifest, bmodel, tpu_mlir)
     try:
         return _compare(out_dir, manifest, prompt, new_tokens, eos, model_path, stream_reference, dtype, backend,
-                        mask_check=mask_check, turns=turns, seed=seed)
+                        mask_check=mask_check, turns=turns, seed=seed, adapter=adapter)
     finally:
         if backend is not None:
             backend.close()
@@ -294,10 +300,10 @@ def _verify_image(out_dir: Path, manifest: Manifest, image, prompt, prompt_lengt
 
 def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: int, eos: set[int],
              model_path: str | None, stream_reference: bool | None, dtype: str, backend, mask_check: bool = True, turns: int = 1,
-             seed: int = 0) -> VerifyReport:
+             seed: int = 0, adapter=None) -> VerifyReport:
     from ..runtime.conversation import Conversation, KvCache
 
-    runtime = SegmentRuntime(out_dir, manifest, backend=backend)
+    runtime = SegmentRuntime(out_dir, manifest, backend=backend, lora=adapter)
     # One turn keeps verify's random-id prompt; a conversation uses OUT's chat template when it has one.
     conversation = Conversation.for_verify(out_dir, manifest, prompt, seed, chat=turns > 1)
     longest = conversation.longest(turns, new_tokens)
@@ -306,11 +312,17 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
                                 f"tokens and do not fit SEQ={runtime.seq}; use fewer --turns, --prompt-length or "
                                 "--new-tokens")
     source = _source_folder(manifest, model_path)
-    if stream_reference is None:
-        from .reference import should_stream
+    if adapter is not None:  # transformers + PEFT: the whole model (PEFT wraps transformers' modules, not streamed ones)
+        from .reference import with_adapter
 
-        stream_reference = should_stream(source)
-    reference = reference_model(source, stream_reference) if turns > 1 else source  # loaded once per conversation
+        stream_reference = False
+        reference = with_adapter(reference_model(source), adapter.path)
+    else:
+        if stream_reference is None:
+            from .reference import should_stream
+
+            stream_reference = should_stream(source)
+        reference = reference_model(source, stream_reference) if turns > 1 else source  # loaded once per conversation
     cache = KvCache()
     report = VerifyReport(prompt=prompt, hf_tokens=[], onnx_tokens=[], dtype=dtype, backend=runtime.backend.name,
                           teacher_forced=dtype not in FREE_RUNNING,
@@ -342,7 +354,7 @@ def _compare(out_dir: Path, manifest: Manifest, prompt: list[int], new_tokens: i
     if mask_check and dtype.startswith("bmodel-"):  # the first turn again, with the other mask encoding
         ids, forced, tokens = first
         pattern, value = other_mask_value(backend.activation_dtype)
-        other = SegmentRuntime(out_dir, manifest, backend=backend, mask_value=value)
+        other = SegmentRuntime(out_dir, manifest, backend=backend, mask_value=value, lora=adapter)
         again = other.generate(ids, new_tokens, eos, forced=forced)
         # compared with the first turn's tokens under the contract's mask (a conversation has more turns)
         report.mask_check = {"pattern": pattern, "value": value, "tokens": again.tokens, "expected": tokens}

@@ -67,10 +67,12 @@ class SegmentRuntime:
 
     def __init__(self, out_dir: Path, manifest: Manifest | None = None, keep_bytes: int | None = None,
                  backend: SegmentBackend | None = None, mask_value: float = MASK_VALUE,
-                 sampling: SamplingParams | None = None):
+                 sampling: SamplingParams | None = None, lora=None):
         """``keep_bytes``: for the default onnxruntime backend, see OnnxBackend. ``mask_value``: what the
         masks hold where a position is masked (a runtime's raw 16-bit pattern as the net reads it). ``sampling``:
-        draw each token from the output's sample head (sample_head or penalty_sample_head) instead of greedy."""
+        draw each token from the output's sample head (sample_head or penalty_sample_head) instead of greedy.
+        ``lora``: a PEFT adapter (source/lora.LoraAdapter) whose A and B fill the blocks' LoRA inputs of an export
+        with --lora-max-rank (None: zeros, the base model); ignored by an export without LoRA inputs."""
         self.out_dir = Path(out_dir)
         self.manifest = manifest or read_manifest(self.out_dir)
         if backend is None:
@@ -120,6 +122,28 @@ class SegmentRuntime:
         # after an image every position is shifted by the prompt's rope delta (runtime/vision.py).
         self.position_rows = 3 if self.manifest.model.mrope_section else 1
         self.rope_delta = 0
+        self.lora = lora
+        self._lora_arrays: dict[str, list[np.ndarray]] = {}
+        if lora is not None:
+            self._check_lora(lora)
+
+    def _check_lora(self, adapter) -> None:
+        """UsageError unless this output's LoRA inputs can take ``adapter`` (an output with the adapter merged in
+        takes it as it is: nothing to feed)."""
+        record = self.manifest.model.lora
+        if record is not None and record.mode == "merged":
+            return
+        if record is None or record.mode != "inputs":
+            raise UsageError("this output has no LoRA inputs: export with --lora-max-rank R (or merge the adapter "
+                             "with export --lora)", option="lora")
+        from ..source.families import family_by_name
+        from ..source.lora import check_fits_inputs
+
+        block = self.manifest.segment("block_0")
+        shapes = {t.name: tuple(t.shape) for t in block.inputs}
+        linears = {path: (shapes[f"{path}.lora_A"][1], shapes[f"{path}.lora_B"][1]) for path in record.targets}
+        check_fits_inputs(adapter, family_by_name(self.manifest.model.family).layers_path, linears,
+                          int(record.max_rank), self.layers)
 
     def _positions(self, pos: np.ndarray, shift: int = 0) -> np.ndarray:
         """The contract's [1, L] positions as the blocks take them: one row, or mrope's three (+ ``shift``)."""
@@ -145,8 +169,24 @@ class SegmentRuntime:
                                      "in chunks")
 
     def run(self, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
-        """Run segment ``name`` with ``arrays`` in the contract's input order."""
-        return self.backend.run(name, *arrays)
+        """Run segment ``name`` with ``arrays`` in the contract's input order (a block's LoRA inputs added here)."""
+        return self.backend.run(name, *arrays, *self._lora_inputs(name))
+
+    def _lora_inputs(self, name: str) -> list[np.ndarray]:
+        """A block net's LoRA inputs (--lora-max-rank): the adapter's A and scaled B, zero-padded to R, or zeros."""
+        if name not in self._lora_arrays:
+            record = self.manifest.model.lora
+            arrays: list[np.ndarray] = []
+            if record is not None and record.mode == "inputs" and name.startswith("block"):
+                from ..source.families import family_by_name
+                from ..source.lora import lora_input_arrays
+
+                entry = self.manifest.segment(name)
+                shapes = {t.name: tuple(t.shape) for t in entry.inputs}
+                prefix = f"{family_by_name(self.manifest.model.family).layers_path}.{entry.layer}."
+                arrays = lora_input_arrays(self.lora, prefix, tuple(record.targets), int(record.max_rank), shapes)
+            self._lora_arrays[name] = arrays
+        return self._lora_arrays[name]
 
     def embed(self, net: str, ids: np.ndarray) -> list[np.ndarray]:
         """The embedding net's outputs (the token embedding first; Gemma 4's per-layer embeddings second), or

@@ -118,10 +118,12 @@ def stop_reason(tokens: list[int], eos: set[int], max_new_tokens: int) -> str:
 def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
                max_new_tokens: int = 64, backend: str = "onnx", bmodel: str | Path | None = None,
                venv: str | Path | None = None, on_text: TextFn | None = None,
-               sampling: SamplingParams | None = None, image: str | Path | None = None) -> RunResult:
+               sampling: SamplingParams | None = None, image: str | Path | None = None,
+               lora: str | Path | None = None) -> RunResult:
     """Generate from OUT with the chosen backend, greedily or (``sampling``) drawing from OUT's sample head;
     ``on_text`` gets each new piece of text as it comes. ``image``: an image file in front of the prompt (or at
-    its image placeholder), for a vision-language output (runtime/images.py)."""
+    its image placeholder), for a vision-language output (runtime/images.py). ``lora``: a PEFT LoRA adapter folder
+    fed to the blocks' LoRA inputs of an export with --lora-max-rank (without it: zeros, the base model)."""
     from .backends.choice import open_backend
 
     out_dir = Path(out)
@@ -161,9 +163,14 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
     eos = stop_ids(out_dir, manifest, tokenizer)
     if sampling is not None:  # refuse before a backend starts: an output without a sample head is one line
         sample_head_of({s.name for s in manifest.segments}, out_dir)
+    adapter = None
+    if lora is not None:  # read and checked before a backend starts
+        from ..source.lora import read_adapter
+
+        adapter = read_adapter(lora)
     engine = open_backend(backend, out_dir, manifest, bmodel, venv)
     try:
-        runtime = SegmentRuntime(out_dir, manifest, backend=engine, sampling=sampling)
+        runtime = SegmentRuntime(out_dir, manifest, backend=engine, sampling=sampling, lora=adapter)
     except BaseException:
         engine.close()
         raise
