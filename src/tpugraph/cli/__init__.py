@@ -8,7 +8,7 @@ import sys
 from ..errors import EXIT_INTERRUPTED
 # isort: off
 # Each registers its commands on app; in this order they appear in --help (the pipeline: export, run, compile).
-from . import export_commands, run_commands, compile_commands  # noqa: F401
+from . import export_commands, run_commands, compile_commands, serve_commands  # noqa: F401
 # isort: on
 from .app import app
 

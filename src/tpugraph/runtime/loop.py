@@ -62,6 +62,11 @@ class GenerationTrace:
 TokenFn = Callable[[int], None]
 
 
+class StopGeneration(Exception):
+    """Raised by an ``on_token`` callback: that token is the last one, ``generate`` returns its trace (a stop
+    string seen, a client gone). The KV cache stays consistent: it holds every token fed back so far."""
+
+
 class SegmentRuntime:
     """Runs prefill + decode over OUT's nets, feeding inputs by position, on a backend (default: onnxruntime)."""
 
@@ -95,19 +100,9 @@ class SegmentRuntime:
         self.greedy_in_lm_head = self.manifest.options.greedy_in_lm_head
         # The current runtime's top-k lm_head: the token [1,1] is its only output (no logits at all).
         self.token_lm_head = self.manifest.options.lm_head_topk
-        self.sampling = sampling
+        self.sampling = None
         self.sample_net = None
-        if sampling is not None:
-            names = {s.name for s in self.manifest.segments}
-            self.sample_net = sample_head_of(names, self.out_dir)
-            if self.token_lm_head:
-                raise UsageError("this output's lm_head returns the greedy token only (--lm-head-topk): "
-                                 "nothing to sample from")
-            k = int(self.manifest.segment(self.sample_net).outputs[0].shape[-1])
-            if self.sample_net == "penalty_sample_head" and sampling.top_k != k:
-                raise UsageError(f"penalty_sample_head (--sample-head legacy) has no top_k input, it always keeps "
-                                 f"{k}: re-export with --sample-head for top-k", option="top_k")
-            sampling.check(k)
+        self.use_sampling(sampling)
         self.input_length = prefill_length(self.manifest)
         # compile --dynamic: the prefill nets run at the prompt's (chunk's) real length, not always L
         self.dynamic_prefill = bool(getattr(backend, "dynamic_prefill", False))
@@ -144,6 +139,27 @@ class SegmentRuntime:
         linears = {path: (shapes[f"{path}.lora_A"][1], shapes[f"{path}.lora_B"][1]) for path in record.targets}
         check_fits_inputs(adapter, family_by_name(self.manifest.model.family).layers_path, linears,
                           int(record.max_rank), self.layers)
+
+    def use_sampling(self, sampling: SamplingParams | None) -> None:
+        """Draw the next tokens from the output's sample head with ``sampling`` (None: greedy again); a
+        UsageError, the runtime unchanged, when the output cannot sample with them."""
+        if sampling is None:
+            self.sampling = None
+            return
+        net = sample_head_of({s.name for s in self.manifest.segments}, self.out_dir)
+        if self.token_lm_head:
+            raise UsageError("this output's lm_head returns the greedy token only (--lm-head-topk): "
+                             "nothing to sample from")
+        k = self.sample_head_k(net)
+        if net == "penalty_sample_head" and sampling.top_k != k:
+            raise UsageError(f"penalty_sample_head (--sample-head legacy) has no top_k input, it always keeps "
+                             f"{k}: re-export with --sample-head for top-k", option="top_k")
+        sampling.check(k)
+        self.sampling, self.sample_net = sampling, net
+
+    def sample_head_k(self, net: str) -> int:
+        """K, the most tokens the sample head ``net`` keeps (its outputs' last dimension)."""
+        return int(self.manifest.segment(net).outputs[0].shape[-1])
 
     def _positions(self, pos: np.ndarray, shift: int = 0) -> np.ndarray:
         """The contract's [1, L] positions as the blocks take them: one row, or mrope's three (+ ``shift``)."""
@@ -332,7 +348,7 @@ class SegmentRuntime:
                  cache: KvCache | None = None, image=None) -> GenerationTrace:
         """Greedy generation; with ``forced``, step i feeds forced[i] back instead of its own top-1
         (teacher forcing: the logits of every step are then comparable with another run's). ``on_token`` is
-        called with each token as soon as it is known (streaming).
+        called with each token as soon as it is known (streaming); it may raise StopGeneration to end there.
 
         ``cache``: a conversation's KV cache, kept across calls (multi-turn). ``prompt`` is then the whole
         conversation so far: the rows of its longest common prefix with what the cache holds are reused and
@@ -361,7 +377,10 @@ class SegmentRuntime:
             trace.tokens.append(token)
             trace.logits.append(logits)
             if on_token:
-                on_token(token)
+                try:
+                    on_token(token)
+                except StopGeneration:
+                    return trace
             fed = token if forced is None else forced[len(trace.tokens) - 1]
             if (len(trace.tokens) >= max_new_tokens or (eos_ids and fed in eos_ids) or n >= self.seq
                     or (forced is not None and len(trace.tokens) >= len(forced))):

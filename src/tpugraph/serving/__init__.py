@@ -1,0 +1,1 @@
+"""tpugraph serve: an OpenAI-compatible HTTP server over the runtime (FastAPI and uvicorn, the `serve` extra)."""
