@@ -79,3 +79,14 @@ def test_cli_max_ppl_increase_needs_quantize_auto(tmp_path):
     r = CliRunner().invoke(app, ["compile", str(tmp_path), "--quantize", "bf16", "--max-ppl-increase", "1"])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [
         "error: --max-ppl-increase chooses the mode itself: use it with --quantize auto, not bf16"]
+
+
+def test_a_group_size_that_does_not_divide_the_hidden_size_is_not_measured():
+    calls: list[str] = []
+    # SmolLM2: hidden 576 = 9 x 64, not a multiple of 128
+    choice = choose_by_perplexity(5.0, measured_from(PERPLEXITY, calls), hidden_size=576)
+    assert calls == ["w4bf16 g64"] and choice.chosen.label == "w4bf16 g64"
+    assert choice.skipped == ["w4bf16 g128: 128 does not divide the hidden size 576"]
+    assert "not measured: w4bf16 g128" in choice.table()
+    calls.clear()
+    assert choose_by_perplexity(10.0, measured_from(PERPLEXITY, calls), hidden_size=1024).chosen.label == "w4bf16 g128"

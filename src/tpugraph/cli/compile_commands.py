@@ -153,7 +153,11 @@ def _choose_by_perplexity(out, tpu_mlir, options, max_increase: float, windows: 
         raise UsageError(f"--max-ppl-increase chooses the mode itself: use it with --quantize auto, not {options.quantize}")
     if windows < 1:
         raise UsageError(f"--ppl-windows must be >= 1 (got {windows})")
-    choice = choose_by_perplexity(max_increase, cmodel_measure(out, tpu_mlir, options.chip, windows, jobs=jobs))
+    from ..contract.manifest import read_manifest
+
+    hidden = int(read_manifest(out).model.hidden_size)
+    choice = choose_by_perplexity(max_increase, cmodel_measure(out, tpu_mlir, options.chip, windows, jobs=jobs),
+                                  hidden_size=hidden)
     if not json_out:
         _echo(choice.table())
         _echo(f"quantize auto: {choice.summary()}")

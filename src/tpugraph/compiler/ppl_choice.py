@@ -3,7 +3,7 @@
 
 The candidates go from the fewest bits per weight to the most (W4 in groups of 128, W4 in groups of 64, W8, BF16);
 each is compiled with the evaluation head and scored on the cmodel (tpugraph eval --bmodel) until one is within the
-bound, so a W4 that is good enough costs one compile and one evaluation. The choice keeps every measurement it made:
+bound (a group size that does not divide the model's hidden size is skipped: tpu-mlir cannot group those matrices), so a W4 that is good enough costs one compile and one evaluation. The choice keeps every measurement it made:
 the table says why the cheaper modes were passed over. ``choose_by_perplexity`` takes the measuring function as a
 parameter: the real one compiles and runs the cmodel (``cmodel_measure``), a test hands it measured values.
 """
@@ -50,6 +50,7 @@ class Measured:
     perplexity: float
     reference_perplexity: float  # transformers' on the same windows
     seconds: float = 0.0  # compile and evaluation
+    bmodel_bytes: int | None = None  # what the mode really costs (a tpu-mlir fallback to BF16 shows here)
 
     @property
     def increase_percent(self) -> float:
@@ -59,7 +60,7 @@ class Measured:
         return {"quantize": self.candidate.quantize, "q_group_size": self.candidate.q_group_size,
                 "bits_per_weight": self.candidate.bits_per_weight, "perplexity": self.perplexity,
                 "reference_perplexity": self.reference_perplexity, "increase_percent": self.increase_percent,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "bmodel_bytes": self.bmodel_bytes}
 
 
 @dataclass
@@ -67,14 +68,17 @@ class PerplexityChoice:
     max_increase_percent: float
     measured: list[Measured] = field(default_factory=list)  # in the order measured (cheapest first)
     chosen: Candidate | None = None  # None: no candidate was within the bound
+    skipped: list[str] = field(default_factory=list)  # candidates not measured, and why
 
     def table(self) -> str:
-        lines = [f"{'mode':<12} {'bits/weight':>11} {'perplexity':>11} {'transformers':>12} {'increase':>9}  within"]
+        lines = [f"{'mode':<12} {'bits/weight':>11} {'bmodel':>9} {'perplexity':>11} {'transformers':>12} "
+                 f"{'increase':>9}  within"]
         for m in self.measured:
             within = "yes" if m.increase_percent <= self.max_increase_percent else "no"
-            lines.append(f"{m.candidate.label:<12} {m.candidate.bits_per_weight:>11.3f} {m.perplexity:>11.4f} "
+            size = f"{m.bmodel_bytes / 1e6:.0f} MB" if m.bmodel_bytes else "-"
+            lines.append(f"{m.candidate.label:<12} {m.candidate.bits_per_weight:>11.3f} {size:>9} {m.perplexity:>11.4f} "
                          f"{m.reference_perplexity:>12.4f} {m.increase_percent:>+8.3f}%  {within}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"not measured: {note}" for note in self.skipped])
 
     def summary(self) -> str:
         if self.chosen is None:
@@ -104,16 +108,23 @@ MeasureFn = Callable[[Candidate], Measured]
 
 
 def choose_by_perplexity(max_increase_percent: float, measure: MeasureFn,
-                         candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES, measure_all: bool = False
-                         ) -> PerplexityChoice:
+                         candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES, measure_all: bool = False,
+                         hidden_size: int | None = None) -> PerplexityChoice:
     """The cheapest candidate (fewest bits per weight) whose measured perplexity is within ``max_increase_percent``
     of transformers'. ``measure`` compiles and scores one candidate; candidates are measured cheapest first and
-    the search stops at the first within the bound unless ``measure_all``."""
+    the search stops at the first within the bound unless ``measure_all``. ``hidden_size``: the model's; a group
+    size that does not divide it is not measured (the matrices reading the hidden state cannot be grouped by it:
+    tpu-mlir leaves them in the float type, so the mode is neither what it says nor cheap)."""
     if not max_increase_percent >= 0:
         raise UsageError(f"must be a percentage >= 0 (got {max_increase_percent})", option="max_ppl_increase")
     if not candidates:
         raise UsageError("no candidate modes to measure")
     choice = PerplexityChoice(max_increase_percent)
+    if hidden_size:
+        for c in candidates:
+            if c.q_group_size and hidden_size % c.q_group_size:
+                choice.skipped.append(f"{c.label}: {c.q_group_size} does not divide the hidden size {hidden_size}")
+        candidates = tuple(c for c in candidates if not (c.q_group_size and hidden_size % c.q_group_size))
     for candidate in sorted(candidates, key=lambda c: c.bits_per_weight):
         measured = measure(candidate)
         choice.measured.append(measured)
@@ -143,12 +154,13 @@ def cmodel_measure(out: str | Path, venv: str | Path | None = None, chip: str = 
                                  check="none", eval_head=True)
         report = compile_segments(out_dir, venv, options, jobs=jobs)
         try:
+            size = report.bmodel.stat().st_size
             scored = evaluate(out_dir, text=text, builtin=text is None, windows=windows, bmodel=report.bmodel,
                               tpu_mlir=venv)
         finally:
             report.bmodel.unlink(missing_ok=True)
             shutil.rmtree(out_dir / report.plan.work_dir, ignore_errors=True)
             (out_dir / report.plan.script_name).unlink(missing_ok=True)
-        return Measured(candidate, scored.perplexity, scored.reference_perplexity, time.perf_counter() - t0)
+        return Measured(candidate, scored.perplexity, scored.reference_perplexity, time.perf_counter() - t0, size)
 
     return measure
