@@ -15,6 +15,7 @@ from .options import (
     Chip,
     CompileCheck,
     Dynamic,
+    EvalHead,
     JsonOut,
     NoCheck,
     NoFuse,
@@ -29,14 +30,15 @@ from .options import (
 
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
                      no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
-                     dynamic: bool = False):
+                     dynamic: bool = False, eval_head: bool = False):
     from ..compiler import CompileOptions
     from ..errors import UsageError
 
     try:
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
                               check="none" if no_check else check, fuse=not no_fuse,
-                              share_vocab=not no_share_vocab, dynamic=dynamic).check_options()
+                              share_vocab=not no_share_vocab, dynamic=dynamic,
+                              eval_head=eval_head).check_options()
     except UsageError as err:  # the library names what is wrong; the command line names its flag
         flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
                 "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
@@ -60,6 +62,7 @@ def compile_script_cmd(
     no_fuse: NoFuse = False,
     no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
+    eval_head: EvalHead = False,
     script: Optional[Path] = typer.Option(None, "--output", "-o", help="Script path (default OUT/compile_<quantize>_<chip>_<N>dev.sh)."),
     json_out: JsonOut = False,
 ) -> None:
@@ -67,7 +70,7 @@ def compile_script_cmd(
     from ..compiler import write_compile_script
 
     path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
-                                                      no_share_vocab, dynamic), script)
+                                                      no_share_vocab, dynamic, eval_head), script)
     if json_out:
         typer.echo(json.dumps({"script": str(path)}))
         return
@@ -89,14 +92,22 @@ def compile_cmd(
     no_fuse: NoFuse = False,
     no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
+    eval_head: EvalHead = False,
     jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="With --quantize auto: measure the modes from the cheapest (W4BF16 g128, W4BF16 g64, W8BF16, BF16), each compiled with the evaluation head and scored on the cmodel against transformers (tpugraph eval --bmodel, the built-in text), and compile the first whose perplexity is at most this many percent above transformers'. Slow: minutes per mode on the cmodel."),
+    ppl_windows: int = typer.Option(2, "--ppl-windows", help="With --max-ppl-increase: windows of the built-in text scored per mode (L tokens each)."),
     json_out: JsonOut = False,
 ) -> None:
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
     from ..compiler import SegmentCompileError, compile_segments, format_table
 
     options = _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse, no_share_vocab,
-                               dynamic)
+                               dynamic, eval_head)
+    ppl_choice = None
+    if max_ppl_increase is not None:
+        ppl_choice = _choose_by_perplexity(out, tpu_mlir, options, max_ppl_increase, ppl_windows, jobs, json_out)
+        options = _compile_options(chip, ppl_choice.chosen.quantize, ppl_choice.chosen.q_group_size, num_device, check,
+                                   no_check, no_fuse, no_share_vocab, dynamic, eval_head)
     try:
         with compile_progress(enabled=_state["verbosity"] >= 0 and not json_out) as progress:
             report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs)
@@ -105,7 +116,7 @@ def compile_cmd(
             typer.echo(format_table(err.report.results), err=True)
         raise
     if json_out:
-        typer.echo(json.dumps(report.to_json()))
+        typer.echo(json.dumps(report.to_json() | ({"ppl_choice": ppl_choice.to_json()} if ppl_choice else {})))
         return
     if report.plan.quant_choice is not None:
         _echo(f"quantize auto: {report.plan.quant_choice.summary()}")
@@ -130,6 +141,29 @@ def compile_cmd(
         _echo(f"wrote {report.embedding_table} (the vocabulary rows the host gathers: --embedding-disk)")
     if not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _choose_by_perplexity(out, tpu_mlir, options, max_increase: float, windows: int, jobs: int, json_out: bool):
+    """compile --quantize auto --max-ppl-increase X: the cheapest mode within X (compiler/ppl_choice.py), with its
+    measured table printed; a one-line error (exit 1) when none is within."""
+    from ..compiler.ppl_choice import choose_by_perplexity, cmodel_measure
+    from ..errors import CheckFailedError, UsageError
+
+    if options.quantize != "auto":
+        raise UsageError(f"--max-ppl-increase chooses the mode itself: use it with --quantize auto, not {options.quantize}")
+    if windows < 1:
+        raise UsageError(f"--ppl-windows must be >= 1 (got {windows})")
+    from ..contract.manifest import read_manifest
+
+    hidden = int(read_manifest(out).model.hidden_size)
+    choice = choose_by_perplexity(max_increase, cmodel_measure(out, tpu_mlir, options.chip, windows, jobs=jobs),
+                                  hidden_size=hidden)
+    if not json_out:
+        _echo(choice.table())
+        _echo(f"quantize auto: {choice.summary()}")
+    if choice.chosen is None:
+        raise CheckFailedError(choice.summary())
+    return choice
 
 
 @app.command("quant-fidelity")

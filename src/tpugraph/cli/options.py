@@ -39,6 +39,10 @@ Dynamic = Annotated[bool, typer.Option(
     "at the prompt's real length instead of always L tokens (run/verify --bmodel then do). Writes "
     "..._dynamic.bmodel.")]
 
+EvalHead = Annotated[bool, typer.Option(
+    "--eval-head", help="Also compile lm_head_all, lm_head over every position of a prefill, for tpugraph eval --bmodel "
+    "(perplexity on the cmodel); no runtime uses it, so only when asked. Writes ..._eval.bmodel.")]
+
 
 def _choices(values) -> str:
     return ", ".join(values)

@@ -158,3 +158,36 @@ def chat_cmd(
                        f"{session.seq} tokens, {reply.prefilled} prefilled this turn; {reply.seconds:.2f}s]", err=True)
     finally:
         session.close()
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    out: OutFolder,
+    text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file to score (tokenized with OUT's tokenizer)."),
+    builtin: bool = typer.Option(False, "--builtin", help="Score the text that ships with tpugraph instead: chapters 1 to 3 of Jane Austen's Pride and Prejudice (public domain, about 3,600 tokens)."),
+    windows: int = typer.Option(4, "--windows", help="Windows to score: the text's first N consecutive windows (fewer if it holds fewer)."),
+    window_length: Optional[int] = typer.Option(None, "--window-length", help="Tokens per window, 2..L (default L, the prefill nets' input length); each window is scored from its own start."),
+    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Score this combined bmodel on tpu-mlir's cmodel instead of OUT's ONNX segments; compile it with --eval-head."),
+    tpu_mlir: TpuMlirVenv = None,
+    model: Optional[str] = typer.Option(None, "--model", help="Source model folder, if it moved since the export."),
+    json_out: JsonOut = False,
+) -> None:
+    """Perplexity of OUT's segments (onnxruntime) or of a bmodel (cmodel) and of transformers on the same windows of a
+    text, side by side, with the top-1 agreement of their next-token predictions. Each window is one prefill and one
+    run of lm_head_all (lm_head over every position)."""
+    from ..proof.perplexity import evaluate
+
+    report = evaluate(out, text=text, builtin=builtin, windows=windows, window_length=window_length, bmodel=bmodel,
+                      tpu_mlir=tpu_mlir, model_path=model)
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    _echo(f"text: {report.text}, {report.text_tokens} tokens; {len(report.windows)} window(s) of "
+          f"{report.window_length} tokens, {report.positions} positions scored")
+    _echo(f"{'':<34} {'perplexity':>12}  {'seconds':>8}")
+    _echo(f"{report.reference:<34} {report.reference_perplexity:>12.4f}  {report.reference_seconds:>8.1f}")
+    _echo(f"{(report.mode + ' on ' + report.backend):<34} {report.perplexity:>12.4f}  {report.backend_seconds:>8.1f}")
+    typer.echo(f"perplexity difference {100 * report.relative_difference:+.4f}% of transformers'; top-1 agreement "
+               f"{100 * report.top1_agreement:.2f}% ({round(report.top1_agreement * report.positions)} of "
+               f"{report.positions} positions)")

@@ -63,6 +63,9 @@ class CompileOptions:
     share_vocab: bool = True
     # the prefill nets (block_i, block_kv_i) compiled --dynamic: run at the real prompt length (forward_dynamic)
     dynamic: bool = False
+    # also compile lm_head_all (compiler/eval_head.py), the evaluation's head over every position of a prefill, for
+    # tpugraph eval --bmodel; a net no runtime uses, so only when asked (the bmodel's name ends in _eval)
+    eval_head: bool = False
 
     def check_options(self) -> "CompileOptions":
         """Validate and normalise (lowercase names, the default group size); raises UsageError."""
@@ -88,11 +91,12 @@ class CompileOptions:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
                               check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
-                              share_vocab=self.share_vocab, dynamic=bool(self.dynamic))
+                              share_vocab=self.share_vocab, dynamic=bool(self.dynamic), eval_head=bool(self.eval_head))
 
     @property
     def tag(self) -> str:
-        return f"{self.quantize}_{self.chip}_{self.num_device}dev" + ("_dynamic" if self.dynamic else "")
+        return (f"{self.quantize}_{self.chip}_{self.num_device}dev" + ("_dynamic" if self.dynamic else "")
+                + ("_eval" if self.eval_head else ""))
 
 
 

@@ -217,6 +217,8 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
 def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], progress: ProgressFn | None, jobs: int,
              worker: ToolWorker | None) -> CompileReport:
     kinds = {s.name: s.kind for s in manifest.segments}
+    if plan.eval_head:  # compile --eval-head: an lm_head over every position, not a segment of OUT
+        kinds[plan.eval_head] = SegmentKind.LM_HEAD
     counter = StepCounter(progress, len(plan.steps) + (1 if plan.end_to_end else 0))
     report = CompileReport(plan=plan)
     t_start = time.perf_counter()

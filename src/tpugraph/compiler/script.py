@@ -136,6 +136,12 @@ def save_script(plan: CompilePlan, manifest: Manifest, target: Path) -> Path:
         from .vocab_sharing import write_shared
 
         write_shared(out_dir, manifest, plan.vocab_sharing, plan.work_dir)
+    if plan.eval_head:  # compile --eval-head: lm_head_all, derived from OUT's lm_head (eval_head.py)
+        from .eval_head import write_eval_head
+        from .vocab_sharing import rewritten_file
+
+        write_eval_head(out_dir, manifest, out_dir / rewritten_file(plan.work_dir, plan.eval_head),
+                        shared=plan.vocab_sharing is not None)
     return target
 
 

@@ -286,6 +286,17 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
     return specs
 
 
+EVAL_HEAD = "lm_head_all"
+
+
+def eval_head_spec(rows: int, hidden: int, vocab: int, float_dtype: str = "float32") -> SegmentSpec:
+    """``lm_head_all``, the evaluation's head (tpugraph eval, compile --eval-head): lm_head over the ``rows`` = L
+    hidden states of a prefill at once, hidden_states [L, H] -> m_logits [L, V]. Not a segment of OUT (no runtime
+    uses it): it is derived from OUT's lm_head (export/eval_head.py) for scoring every position of a window."""
+    return SegmentSpec(EVAL_HEAD, SegmentKind.LM_HEAD, None, (TensorSpec("hidden_states", (rows, hidden), float_dtype),),
+                       (TensorSpec("m_logits", (rows, vocab), float_dtype),))
+
+
 def vit_spec(d: ContractDims) -> SegmentSpec:
     """The vision encoder + merger (tpu-mlir llm_convert's Qwen2.5-VL ``vit`` net): patchified pixels in window
     order, their (h, w) rotary positions, the full and window attention masks, and the index that puts the merged

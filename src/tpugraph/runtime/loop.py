@@ -235,6 +235,12 @@ class SegmentRuntime:
         [(k, v)] per layer as SEQ-row history buffers: the block's L rows, garbage past the prompt included).
         ``image``: a runtime.vision.PromptImage whose vit rows replace the placeholder tokens' embeddings and
         whose 3-D positions are the prompt's."""
+        hidden, history = self.prefill_states(prompt, image)
+        return hidden[0, len(prompt) - 1], history
+
+    def prefill_states(self, prompt: list[int], image=None):
+        """``prefill``, with the last block's whole output: (hidden states [1, L, H], the n prompt rows first;
+        [1, n, H] with a dynamic prefill), history)."""
         ids, pos, mask = prefill_inputs(prompt, self.input_length, self.mask_value)
         embedded = self.embed("embedding", ids)
         hidden = embedded[0]
@@ -257,7 +263,7 @@ class SegmentRuntime:
             else:
                 hidden, k, v = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i))
                 history.append((self._history_buffer(k), self._history_buffer(v)))
-        return hidden[0, len(prompt) - 1], history
+        return hidden, history
 
     def _history_buffer(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)

@@ -57,11 +57,23 @@ class OnnxBackend:
         opts.log_severity_level = 3
         self._ort, self._opts = ort, opts
         self._sessions: dict[str, object] = {}
+        self._extra: dict[str, Path] = {}  # nets beside OUT's segments (add_net), by name
         self.name = "onnx-reference" if manifest.options.dtype in REFERENCE_DTYPES else "onnxruntime"
+
+    def add_net(self, name: str, path: Path) -> None:
+        """A net that is not one of OUT's segments (the evaluation's lm_head_all), run by name like them; its
+        inputs are float32."""
+        self._extra[name] = Path(path)
 
     def _session(self, name: str):
         if name in self._sessions:
             return self._sessions[name]
+        if name in self._extra:
+            path = str(self._extra[name])
+            session = _ReferenceSession(path) if self.name == "onnx-reference" else \
+                self._ort.InferenceSession(path, self._opts, providers=["CPUExecutionProvider"])
+            self._sessions[name] = session
+            return session
         entry = self.manifest.segment(name)
         path = str(self.out_dir / entry.file)
         try:
@@ -89,6 +101,10 @@ class OnnxBackend:
         return sum((self.out_dir / f).stat().st_size for f in files if (self.out_dir / f).is_file())
 
     def run(self, net: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        if net in self._extra:
+            sess = self._session(net)
+            return sess.run(None, {d.name: np.asarray(a, dtype=np.float32) for d, a in zip(sess.get_inputs(), arrays,
+                                                                                          strict=True)})
         entry: SegmentEntry = self.manifest.segment(net)
         sess = self._session(net)
         feeds = {}
