@@ -23,6 +23,7 @@ from .options import (
     CompileOptions,
     resolve_auto,
 )
+from .tensor_parallel import NOT_SPLIT_NOTE, tensor_split
 from .vocab_sharing import VocabSharing, plan_sharing, rewritten_file
 
 OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" in the script, the real path here
@@ -69,6 +70,7 @@ class CompilePlan:
     vocab_sharing_note: str = ""  # why the matrix is not shared (when the option asked for it)
     # compile --eval-head: lm_head_all's steps, from the file written into the work folder (compiler/eval_head.py)
     eval_head: str = ""
+    tensor_parallel_note: str = ""  # --num-device N > 1: what the devices hold (tensor_parallel.NOT_SPLIT_NOTE)
 
     @property
     def script_name(self) -> str:
@@ -187,6 +189,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         raise UsageError(f"{out_dir}/manifest.json lists no segments")
     if options.dynamic:
         check_dynamic_prefill(manifest)
+    if options.num_device > 1:  # one line for a model whose heads have no even split (tensor_parallel.py)
+        tensor_split(manifest.model.num_heads, manifest.model.num_kv_heads, options.num_device)
     work = f"compile/{options.tag}"
     compared = {"all": {e.name for e in manifest.segments}, "representative": representatives(manifest),
                 "none": set()}[options.check]
@@ -247,7 +251,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
     return CompilePlan(options=options, work_dir=work, bmodel=bmodel, steps=steps,
                        segments=[s.name for s in manifest.segments], command=command, quant_choice=quant_choice,
                        vocab_sharing=sharing, vocab_sharing_note=sharing_note,
-                       eval_head=EVAL_HEAD if options.eval_head else "")
+                       eval_head=EVAL_HEAD if options.eval_head else "",
+                       tensor_parallel_note=NOT_SPLIT_NOTE if options.num_device > 1 else "")
 
 
 def _eval_head_steps(manifest: Manifest, options: CompileOptions, work: str, float_weights: bool) -> list[Step]:

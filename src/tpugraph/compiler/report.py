@@ -59,7 +59,8 @@ class CompileReport:
                 "end_to_end_seconds": round(self.end_to_end_seconds, 2),
                 "embedding_table": str(self.embedding_table) if self.embedding_table else None,
                 "transforms_derived": self.transforms_derived, "deploys_derived": self.deploys_derived,
-                "deploy_reuse_notes": self.deploy_reuse_notes, "vocab_sharing": self.vocab_sharing}
+                "deploy_reuse_notes": self.deploy_reuse_notes, "vocab_sharing": self.vocab_sharing,
+                "tensor_parallel": self.plan.tensor_parallel_note or None}
 
     @property
     def vocab_sharing(self) -> str:

@@ -77,6 +77,7 @@ def render_script(plan: CompilePlan, manifest: Manifest) -> str:
            f"{', '.join(plan.vocab_sharing.last_layer)} are compiled from the rewritten files in "
            f"{plan.work_dir}/ (the final norm moved into the last layer; tpugraph vocab_sharing.py)."]
           if plan.vocab_sharing else []),
+        *([f"# {opts.num_device} devices: {plan.tensor_parallel_note}."] if plan.tensor_parallel_note else []),
         "set -euo pipefail",
         'OUT="$(cd "${1:-$(dirname "${BASH_SOURCE[0]}")}" && pwd)"',
         f"WORK=\"$OUT/{plan.work_dir}\"",
