@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,12 +23,14 @@ import pytest
 from conftest import TINY_LLAMA, build_model_dir, save_word_tokenizer
 from serve_harness import ServerThread, client, streamed
 
+from tpugraph.errors import UsageError
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.runtime.backends.onnxruntime_backend import OnnxBackend
 from tpugraph.runtime.conversation import apply_chat_template
 from tpugraph.runtime.text import run_prompt
 from tpugraph.serving.engine import Engine
 from tpugraph.serving.openai_app import create_app
+from tpugraph.serving.server import listen
 
 SEQ = 64
 L = 16
@@ -283,3 +286,35 @@ def test_serve_without_the_extra_is_one_line(tmp_path):
     assert res.returncode == 2, res.stderr
     expected = "error: tpugraph serve needs fastapi (the serve extra): pip install tpugraph[serve]"
     assert res.stderr.strip().splitlines() == [expected]
+
+
+def test_the_serve_command_answers_and_ctrl_c_stops_it(served):
+    out, *_ = served
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "tpugraph", "serve", str(out), "--port", "0", "--model-name", "cli"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        while line and not line.startswith("serving "):
+            line = proc.stderr.readline()
+        assert f"serving {out} as 'cli' on http://127.0.0.1:" in line and "SEQ=64, queue 16" in line, line
+        url = line.split(" on ")[1].split()[0]
+        assert [m.id for m in client(url).models.list()] == ["cli"]
+        assert client(url).completions.create(model="cli", prompt="w3 w4", max_tokens=3).usage.completion_tokens
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130  # Ctrl-C, as for every command (errors.py): uvicorn shut down, then re-raised it
+        rest = proc.stderr.read()
+        assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_a_port_in_use_is_one_line():
+    taken = listen("127.0.0.1", 0)
+    try:
+        with pytest.raises(UsageError, match=r"cannot listen on 127\.0\.0\.1:\d+: Address already in use"):
+            listen("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()

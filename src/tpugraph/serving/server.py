@@ -25,7 +25,7 @@ def require_serve_extra() -> None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A bound socket (uvicorn listens on it), or a UsageError saying why not; port 0 takes a free one."""
+    """A listening socket for uvicorn, or a UsageError saying why not; port 0 takes a free one."""
     if not 0 <= port <= 65535:
         raise UsageError(f"must be within 0..65535 (got {port})", option="port")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -33,6 +33,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # clients queue in the backlog until uvicorn accepts (uvicorn's own default backlog)
     except OSError as exc:
         sock.close()
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
