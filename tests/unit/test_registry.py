@@ -141,19 +141,26 @@ def test_notes_flag_sequence_dependent_rope():
     assert export_notes(phi3, config, seq=4096) == []  # transformers picks the same factors
 
 
-@pytest.mark.parametrize("arch,why", [("Qwen3_5MoeForConditionalGeneration", "vision tower")])
-def test_known_unsupported_architecture_names_the_reason(arch, why):
+def test_known_unsupported_architecture_names_the_reason(monkeypatch):
+    """NOT_YET (empty since issue #24's families are exported): an architecture listed there is refused with its
+    reason, exit 4, in one line."""
+    from tpugraph.source import families
+
+    arch, why = "HybridMadeUpForCausalLM", "its made-up layers need segments the contract does not have"
+    monkeypatch.setitem(families.NOT_YET, arch, why)
     with pytest.raises(UnsupportedModelError) as err:
         family_for(None, [arch])
     message = str(err.value)
-    assert f"architecture {arch} is not supported yet: " in message and why in message
-    assert "`tpugraph families`" in message and "\n" not in message
+    assert f"architecture {arch} is not supported yet: " in message and "contract" in message
+    assert "`tpugraph families`" in message and "\n" not in message and err.value.exit_code == 4
 
 
 def test_hybrid_moe_architectures_are_families_now():
     """Issue #24: the gated-DeltaNet state segments combined with experts; no longer refused as not yet."""
     assert family_for(None, ["Qwen3NextForCausalLM"]).name == "qwen3_next"
     assert family_for(None, ["Qwen3_5MoeForCausalLM"]).name == "qwen3_5_moe_text"
+    # the vision-language checkpoint: its text model
+    assert family_for("qwen3_5_moe", ["Qwen3_5MoeForConditionalGeneration"]).name == "qwen3_5_moe_text"
 
 
 def test_a_refused_config_attribute_names_itself_and_the_reason():

@@ -595,15 +595,19 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
     FamilySpec(
         name="qwen3_5_moe_text",
-        model_types=("qwen3_5_moe_text",),
-        architectures=("Qwen3_5MoeForCausalLM",),
+        # The vision-language checkpoint (Qwen3_5MoeForConditionalGeneration, model_type qwen3_5_moe) is exported as
+        # its text model, as transformers' AutoModelForCausalLM loads it: the vision tower is left out.
+        model_types=("qwen3_5_moe_text", "qwen3_5_moe"),
+        architectures=("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
         min_transformers="5.24",
+        checkpoint_prefixes=(("model.", "model.language_model."),),
         layer_rewrites=("gated_deltanet", "sparse_moe"),
         fused_weights=QWEN_EXPERTS,
         state_layer_type="linear_attention",
         state_kind="gated_deltanet",
         refused_options=GATED_DELTANET_REFUSALS,
-        quirks=("Qwen3.5-MoE, text model (not the vision-language checkpoint)", "hybrid: gated DeltaNet linear attention with "
+        quirks=("Qwen3.5-MoE (35B-A3B...), text model; of a vision-language checkpoint its language model only "
+                "(no vit segment)", "hybrid: gated DeltaNet linear attention with "
                 "conv + recurrent state segments (as qwen3_5_text), every full_attention_interval-th layer gated "
                 "full attention", "top-k experts, normalised (static: gathered for decode, all weighted for "
                 "prefill)", "sigmoid-gated shared expert", "q/k RMSNorm (1 + w)", "partial rotary (mrope, text "
@@ -815,9 +819,6 @@ FAMILIES = FAMILIES + VISION_FAMILIES
 # Architectures tpugraph knows it cannot export yet, and why: refused naming the reason (exit 4), not a
 # silent "unsupported". Each needs segments the contract (CONTRACT.md) and the runtime do not have.
 NOT_YET: dict[str, str] = {
-    "Qwen3_5MoeForConditionalGeneration": "the vision-language Qwen3.5-MoE needs its vision tower and the 3-D "
-                                          "rotary positions of images, which tpugraph does not export for it; its "
-                                          "text model is family qwen3_5_moe_text (Qwen3_5MoeForCausalLM)",
 }
 
 

@@ -71,7 +71,9 @@ class WeightStore:
 class RenamedWeights:
     """A weight store seen under the model's module paths when its checkpoint keeps an older layout: each
     (module prefix, checkpoint prefix) pair of ``FamilySpec.checkpoint_prefixes`` maps the keys that start with
-    the checkpoint prefix (Qwen2.5-VL's ``visual.`` -> ``model.visual.``); other keys pass through."""
+    the checkpoint prefix (Qwen2.5-VL's ``visual.`` -> ``model.visual.``; the text model of a vision-language
+    Qwen3.5-MoE, ``model.language_model.`` -> ``model.``); other keys pass through, and so does a key already
+    under a module prefix that extends its checkpoint prefix (a checkpoint saved in the module layout)."""
 
     def __init__(self, store, prefixes: tuple[tuple[str, str], ...]):
         self.store = store
@@ -79,7 +81,7 @@ class RenamedWeights:
         self._source: dict[str, str] = {}
         for key in store.keys():
             new = next((module + key[len(old):] for module, old in prefixes
-                        if key.startswith(old) and not key.startswith(module)), key)
+                        if key.startswith(old) and not (module.startswith(old) and key.startswith(module))), key)
             self._source[new] = key
 
     def keys(self) -> list[str]:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import onnx
 import pytest
-from family_harness import describe, export_verify  # noqa: F401
+from family_harness import TINY, describe, export_verify  # noqa: F401
 
 # GQA in both kinds of layers (4 query heads on 2 KV heads; 2 key heads shared by 4 value heads), 4 experts, top 2.
 HYBRID = dict(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
@@ -67,3 +67,37 @@ def test_state_options_are_refused_as_for_qwen3_5(family):
     assert spec.refused_option(SimpleNamespace(history_kv=True))[0] == "history_kv"
     assert spec.refused_option(SimpleNamespace(max_input_length=16))[0] == "max_input_length"
     assert spec.refused_option(SimpleNamespace(history_kv=False, naming="llm-tpu")) is None
+
+
+def test_the_text_model_of_the_vision_language_checkpoint_verifies(tmp_path):
+    """Qwen3.5-MoE ships as Qwen3_5MoeForConditionalGeneration (model_type qwen3_5_moe; text weights under
+    model.language_model., a vision tower beside them): exported as its text model, as AutoModelForCausalLM
+    loads it, and verified against that; no vit segment, the vision weights left unread."""
+    import torch
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from tpugraph.export.pipeline import ExportOptions, export_and_optimize
+    from tpugraph.proof.verify import verify
+    from tpugraph.source.weights import WeightStore
+
+    text = dict(TINY, **HYBRID, initializer_range=0.2)
+    tie = text.pop("tie_word_embeddings")
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+    config = Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, image_token_id=250,
+                              video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+    torch.manual_seed(0)
+    model = Qwen3_5MoeForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    keys = WeightStore(folder).keys()
+    assert any(k.startswith("model.language_model.layers.") for k in keys) and any(".visual." in k for k in keys)
+    manifest = export_and_optimize(str(folder), tmp_path / "out", ExportOptions(seq_length=32, passes=[]))
+    assert manifest.model.family == "qwen3_5_moe_text" and manifest.model.state_layers == [0]
+    assert not any(s.name.startswith("vit") for s in manifest.segments)
+    report = verify(tmp_path / "out", prompt_length=8, new_tokens=8)
+    assert report.passed, describe(report)
