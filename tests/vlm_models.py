@@ -59,3 +59,41 @@ def build_qwen2_5_vl(folder: Path, seed: int = 0, text: dict | None = None, visi
         Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
                                  merge_size=v.spatial_merge_size).save_pretrained(folder)
     return folder
+
+
+# Qwen3-VL: a Qwen3 text model (q/k norms, head_dim apart) with interleaved mrope, and a vit of 16x16 patches with
+# learned position embeddings (a 4x4 table interpolated to each grid) and deepstack features from blocks 0 and 1.
+QWEN3_VL_MAX_PIXELS = 128 * 128  # 64 patches of 16x16, 16 image tokens
+QWEN3_VL_TEXT = {**TEXT, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [2, 3, 3], "mrope_interleaved": True}}
+QWEN3_VL_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                       temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+                       deepstack_visual_indexes=[0, 1], initializer_range=0.2)
+
+
+def build_qwen3_vl(folder: Path, seed: int = 0, text: dict | None = None, vision: dict | None = None,
+                   tokenizer: bool = True, processor: bool = True) -> Path:
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    text_config = {**QWEN3_VL_TEXT, **(text or {})}
+    config = Qwen3VLConfig(text_config=text_config, vision_config={**QWEN3_VL_VISION, **(vision or {})},
+                           tie_word_embeddings=text_config.pop("tie_word_embeddings", False), **TOKEN_IDS)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones
+            elif "pos_embed" in name:
+                param.normal_(0.0, 1.0)  # position embeddings that move the vit's output
+    model.save_pretrained(folder)
+    if tokenizer:
+        save_vlm_tokenizer(folder, text_config["vocab_size"])
+    if processor:  # Qwen3-VL's processor: Qwen2-VL's, 16x16 patches, mean and std 0.5
+        v = config.vision_config
+        Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                 merge_size=v.spatial_merge_size, image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3).save_pretrained(folder)
+    return folder

@@ -40,7 +40,7 @@ def export_and_optimize_cmd(
     with_test_data: bool = typer.Option(False, "--with-test-data", help="Also write OUT/test_data/<segment>_input.npz: realistic inputs (a prompt driven through the segments) for tpu-mlir's numerical compares."),
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="L: tokens the prefill nets (embedding, block_i, block_kv_i) take, 1..SEQ (default SEQ); the decode nets keep SEQ. LLM-TPU's runtime reads L from embedding's input."),
     history_kv: bool = typer.Option(False, "--history-kv", help="Also export block_kv_i per layer: a prefill of up to L new tokens on top of the KV history (multi-turn chat keeps the cache between turns; a prompt longer than L is fed in chunks of L)."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Vision-language models: the largest image (in pixels, a multiple of (patch x merge)^2, e.g. 784 for Qwen2.5-VL) the static vit segment takes; larger images are resized within it (default: 50176, 224x224)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Vision-language models: the largest image (in pixels, a multiple of (patch x merge)^2, e.g. 784 for Qwen2.5-VL) the static vit segment takes; larger images are resized within it (default: the family's, 50176 = 224x224 for Qwen2.5-VL, 65536 = 256x256 for Qwen3-VL)."),
     json_out: JsonOut = False,
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""

@@ -95,6 +95,38 @@ class MropeRotaryTable(RotaryTable):
         return self._pick(self.cos[position_ids]), self._pick(self.sin[position_ids])
 
 
+class InterleavedMropeRotaryTable(RotaryTable):
+    """Qwen3-VL's interleaved multimodal rotary: position_ids [3, L] -> cos/sin [1, L, D], lane j of each half of
+    the head dim reading row 1 when j % 3 == 1 and j < 3 * section[1], row 2 when j % 3 == 2 and
+    j < 3 * section[2], else row 0 (transformers' ``recomposition_frequencies``). Static: one Gather per table,
+    then one Gather of the D lanes out of the three rows laid side by side (llm_convert's mrope_interleave_idx)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, sections: tuple[int, ...]):
+        super().__init__(cos, sin, cos.dtype)
+        dim = int(cos.shape[-1])
+        half = dim // 2
+        if len(sections) != 3:
+            raise ValueError(f"interleaved mrope takes 3 sections (t, h, w), not {list(sections)}")
+        rows = [0] * half
+        for row in (1, 2):
+            for lane in range(row, min(3 * sections[row], half), 3):  # a slice of the half, as transformers'
+                rows[lane] = row
+        lanes = [rows[j % half] * dim + j for j in range(dim)]
+        self.register_buffer("lanes", torch.tensor(lanes, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def of(cls, table: RotaryTable, sections: tuple[int, ...]) -> "InterleavedMropeRotaryTable":
+        return cls(table.cos, table.sin, tuple(sections))
+
+    def _pick(self, rows: torch.Tensor) -> torch.Tensor:
+        three, length, dim = rows.shape  # [3, L, D] -> [L, 3*D] -> the D lanes [1, L, D]
+        side = rows.permute(1, 0, 2).reshape(length, three * dim)
+        return torch.index_select(side, 1, self.lanes).unsqueeze(0)
+
+    def forward(self, position_ids: torch.Tensor):
+        return self._pick(self.cos[position_ids]), self._pick(self.sin[position_ids])
+
+
 class EmbeddingSegment(nn.Module):
     def __init__(self, embed: nn.Module, scale: float | None = None):
         super().__init__()

@@ -200,6 +200,8 @@ class SegmentRuntime:
             else:
                 hidden, k, v = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i))
                 history.append((self._history_buffer(k), self._history_buffer(v)))
+            if image is not None:  # Qwen3-VL's deepstack: the image rows of the first blocks' outputs
+                hidden = image.add_deepstack(hidden, i)
         return hidden[0, len(prompt) - 1], history
 
     def _history_buffer(self, rows: np.ndarray) -> np.ndarray:

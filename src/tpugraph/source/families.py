@@ -62,7 +62,7 @@ class VisionSpec:
     segment's wrapper (export/vision.py) and the host code that prepares its inputs (runtime/vision.py); the
     paths and config attributes are read from the model. docs/guides/vision-language.md has the vit contract."""
 
-    kind: str  # "qwen2_5_vl"
+    kind: str  # "qwen2_5_vl", "qwen3_vl"
     path: str  # the vision tower inside the model (module path)
     image_token_attr: str = "image_token_id"  # config attributes of the prompt's image tokens
     vision_start_attr: str = "vision_start_token_id"
@@ -152,6 +152,10 @@ class FamilySpec:
     # Multimodal rotary positions (Qwen2-VL's mrope): block position_ids are [3, L] (temporal, height, width) and
     # the rotary lanes take their row by config.rope_parameters["mrope_section"]; text tokens have three equal rows.
     mrope: bool = False
+    # Qwen3-VL's interleaved mrope: the rotary lanes cycle t, h, w (lane j of half the head dim reads row 1 when
+    # j % 3 == 1 and j < 3 * section[1], row 2 when j % 3 == 2 and j < 3 * section[2], else row 0) instead of
+    # taking contiguous runs of mrope_section lanes.
+    mrope_interleaved: bool = False
     # The vision encoder of a vision-language family (the ``vit`` segment), or None.
     vision: VisionSpec | None = None
 
@@ -720,6 +724,35 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
         quirks=("Qwen2.5-VL (3B/7B/32B/72B)", "vit segment: window + full attention, 2x2 patch merger, host-side "
                 "window index and masks", "mrope: block position_ids [3, L] (temporal, height, width)",
                 "q/k/v bias", "tied (3B) or untied embeddings"),
+    ),
+    FamilySpec(
+        name="qwen3_vl",
+        model_types=("qwen3_vl",),
+        architectures=("Qwen3VLForConditionalGeneration",),
+        min_transformers="5.24",
+        auto_class="AutoModelForImageTextToText",
+        layers_path="model.language_model.layers",
+        embed_path="model.language_model.embed_tokens",
+        norm_path="model.language_model.norm",
+        rotary_path="model.language_model.rotary_emb",
+        mrope=True,
+        mrope_interleaved=True,
+        # 256 patches of 16x16, 64 image tokens
+        vision=VisionSpec(kind="qwen3_vl", path="model.visual", default_max_pixels=256 * 256),
+        refused_options=(
+            ("history_kv", (False,), "a prefill on top of a KV history would need the image's 3-D positions and "
+                                     "rope delta carried across turns, which the runtime does not do yet"),
+            ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
+                                          "takes the whole window, SEQ), the deepstack rows added after the first "
+                                          "blocks included"),
+            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
+                                         "host-side gather is not wired to images yet"),
+            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+        ),
+        quirks=("Qwen3-VL, dense (2B/4B/8B/32B)", "vit segment: full attention, learned position embeddings "
+                "interpolated on the host (pos_idx, pos_weight), deepstack features as extra vit outputs, added by "
+                "the host after the first blocks", "interleaved mrope: block position_ids [3, L]", "q/k norm",
+                "tied or untied embeddings"),
     ),
 )
 FAMILIES = FAMILIES + VISION_FAMILIES
