@@ -97,3 +97,40 @@ def build_qwen3_vl(folder: Path, seed: int = 0, text: dict | None = None, vision
                                  merge_size=v.spatial_merge_size, image_mean=[0.5] * 3,
                                  image_std=[0.5] * 3).save_pretrained(folder)
     return folder
+
+
+# Gemma 3: a Gemma 3 text model (sliding and full layers, the sliding window shorter than the image block so the
+# bidirectional image attention meets the window) behind a SigLIP vit at a fixed 64x64 (8x8 patches of 8), pooled
+# 2x2 to 16 image tokens by the projector. <boi> = 5, <eoi> = 6, the image token 7 (the Qwen words above).
+GEMMA3_TOKEN_IDS = dict(boi_token_index=5, eoi_token_index=6, image_token_index=7)
+GEMMA3_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=8, max_position_embeddings=256,
+                   layer_types=["sliding_attention", "full_attention"], sliding_window=8, bos_token_id=1,
+                   eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+GEMMA3_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                     patch_size=8, vision_use_head=False)
+
+
+def build_gemma3(folder: Path, seed: int = 0, tokenizer: bool = True, processor: bool = True) -> Path:
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    config = Gemma3Config(text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION, mm_tokens_per_image=16,
+                          **GEMMA3_TOKEN_IDS)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones (nor zeros: 1 + w)
+            elif "mm_input_projection_weight" in name:
+                param.normal_(0.0, 0.2)  # transformers starts it at zeros: the image would reach nothing
+    model.save_pretrained(folder)
+    if tokenizer:
+        save_vlm_tokenizer(folder, GEMMA3_TEXT["vocab_size"])
+    if processor:
+        size = GEMMA3_VISION["image_size"]
+        Gemma3ImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3).save_pretrained(folder)
+    return folder

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from vlm_models import QWEN3_VL_MAX_PIXELS, build_qwen3_vl
+from vlm_models import QWEN3_VL_MAX_PIXELS, build_gemma3, build_qwen3_vl
 
 from tpugraph.compiler import CompileOptions, compile_segments
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
@@ -15,11 +15,11 @@ from tpugraph.proof.verify import verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.environ.get("TPUGRAPH_ALL_FAMILY_COMPILES") != "1",
-    reason="the Qwen3-VL compile (about 3 minutes per precision) runs with TPUGRAPH_ALL_FAMILY_COMPILES=1; "
-           "test_vlm_bmodel.py compiles Qwen2.5-VL's on every run")]
+    reason="the Qwen3-VL and Gemma 3 compiles (about a minute per family and precision) run with "
+           "TPUGRAPH_ALL_FAMILY_COMPILES=1; test_vlm_bmodel.py compiles Qwen2.5-VL's on every run")]
 
 SEQ = 32
-BUILDERS = {"qwen3_vl": (build_qwen3_vl, QWEN3_VL_MAX_PIXELS)}
+BUILDERS = {"qwen3_vl": (build_qwen3_vl, QWEN3_VL_MAX_PIXELS), "gemma3_vl": (build_gemma3, None)}
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))

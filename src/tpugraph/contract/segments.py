@@ -276,6 +276,8 @@ def vit_spec(d: ContractDims) -> SegmentSpec:
     p = v.patches
     if v.kind == "qwen3_vl":
         return qwen3_vit_spec(d)
+    if v.kind == "gemma3":
+        return gemma3_vit_spec(d)
     return SegmentSpec("vit", SegmentKind.VIT, None,
                        (T("pixel_values", (p, v.patch_dim), f), T("position_ids", (p, 2), i),
                         T("full_attn_mask", (1, 1, p, p), f), T("window_attn_mask", (1, 1, p, p), f),
@@ -300,6 +302,16 @@ def qwen3_vit_spec(d: ContractDims) -> SegmentSpec:
                         T("pos_idx", (p, POSITION_TAPS), i), T("pos_weight", (p, POSITION_TAPS, 1), f),
                         T("attention_mask", (1, 1, p, p), f)),
                        (T("vit_embeds", rows, f), *(T(f"deepstack_{k}", rows, f) for k in range(v.deepstack))))
+
+
+def gemma3_vit_spec(d: ContractDims) -> SegmentSpec:
+    """Gemma 3's SigLIP vision tower at its fixed image size + the multimodal projector: the processor's image
+    [1, 3, S, S] -> its mm_tokens_per_image embedding rows [P / merge_unit, H] (P = (S / patch)^2 patches,
+    average-pooled merge_unit at a time)."""
+    v, f, T = d.vision, d.float_dtype, TensorSpec
+    side = int(round((v.max_pixels) ** 0.5))
+    return SegmentSpec("vit", SegmentKind.VIT, None, (T("pixel_values", (1, 3, side, side), f),),
+                       (T("vit_embeds", (v.tokens, d.hidden), f),))
 
 
 # The mask value as LLM-TPU's demos write it: a raw 16-bit pattern (CONTRACT.md, second table).

@@ -338,14 +338,15 @@ def vision_record(config, family, dims: ContractDims) -> dict:
     v = config.vision_config
     # A vit without windows (Qwen3-VL): window_size 0, every block full attention.
     full = getattr(v, "fullatt_block_indexes", None)
-    full = range(int(v.depth)) if full is None else full
+    full = range(int(getattr(v, "depth", None) or v.num_hidden_layers)) if full is None else full
+    merge = getattr(v, "spatial_merge_size", None) or int(round(dims.vision.merge_unit ** 0.5))  # Gemma 3: the pooling
     learned = {"num_position_embeddings": int(v.num_position_embeddings),
                "deepstack_visual_indexes": [int(i) for i in v.deepstack_visual_indexes]} \
         if dims.vision.kind == "qwen3_vl" else {}
     return {**record, "vision": VisionRecord(
         kind=family.vision.kind, max_pixels=dims.vision.max_pixels, patches=dims.vision.patches,
         patch_dim=dims.vision.patch_dim, tokens=dims.vision.tokens, patch_size=int(v.patch_size),
-        temporal_patch_size=int(v.temporal_patch_size), spatial_merge_size=int(v.spatial_merge_size),
+        temporal_patch_size=int(getattr(v, "temporal_patch_size", 1)), spatial_merge_size=int(merge),
         window_size=int(getattr(v, "window_size", 0) or 0), fullatt_block_indexes=[int(i) for i in full],
         token_ids=family.vision.token_ids(config), **learned)}
 

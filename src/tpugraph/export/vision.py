@@ -119,10 +119,29 @@ class Qwen3VitSegment(QwenVitSegment):
         return (visual.merger(x), *features)
 
 
+class Gemma3VitSegment(nn.Module):
+    """(pixel_values [1, 3, S, S]) -> vit_embeds [mm_tokens_per_image, H]: Gemma 3's SigLIP tower (static at its
+    fixed image size: nothing for the host to compute) and the multimodal projector (average pooling, RMSNorm,
+    projection), as transformers' ``get_image_features``."""
+
+    def __init__(self, visual: nn.Module, projector: nn.Module):
+        super().__init__()
+        if projector is None:
+            raise ModelError("the Gemma 3 vit wrapper needs the multimodal projector beside the vision tower")
+        self.visual = visual
+        self.projector = projector
+
+    def forward(self, pixel_values):
+        hidden = self.visual(pixel_values=pixel_values).last_hidden_state
+        return self.projector(hidden)[0]
+
+
 VIT_WRAPPERS = {"qwen2_5_vl": QwenVitSegment, "qwen3_vl": Qwen3VitSegment}
 
 
-def vit_segment(kind: str, visual: nn.Module, patches: int) -> nn.Module:
+def vit_segment(kind: str, visual: nn.Module, patches: int, projector: nn.Module | None = None) -> nn.Module:
+    if kind == "gemma3":
+        return Gemma3VitSegment(visual, projector)
     return VIT_WRAPPERS[kind](visual, patches)
 
 
@@ -133,6 +152,8 @@ def vision_dims(config, family, max_pixels: int | None):
     from ..errors import UsageError
 
     v = config.vision_config
+    if family.vision.kind == "gemma3":
+        return fixed_vision_dims(config, family, max_pixels)
     patch, merge = int(v.patch_size), int(v.spatial_merge_size)
     max_pixels = family.vision.default_max_pixels if max_pixels is None else int(max_pixels)
     unit = (patch * merge) ** 2
@@ -145,3 +166,19 @@ def vision_dims(config, family, max_pixels: int | None):
     return VisionDims(patches=patches, patch_dim=in_channels * int(v.temporal_patch_size) * patch * patch,
                       merge_unit=merge * merge, max_pixels=max_pixels, kind=family.vision.kind,
                       deepstack=len(getattr(v, "deepstack_visual_indexes", None) or ()))
+
+
+def fixed_vision_dims(config, family, max_pixels: int | None):
+    """A vit at one fixed image size (Gemma 3's SigLIP): --max-pixels is that size or nothing."""
+    from ..contract.segments import VisionDims
+    from ..errors import UsageError
+
+    v = config.vision_config
+    size, patch = int(v.image_size), int(v.patch_size)
+    if max_pixels is not None and int(max_pixels) != size * size:
+        raise UsageError(f"this vit takes images of {size}x{size} only (the processor resizes every image to it): "
+                         f"leave it out or give {size * size}", option="max_pixels")
+    patches = (size // patch) ** 2
+    tokens = int(config.mm_tokens_per_image)
+    return VisionDims(patches=patches, patch_dim=int(getattr(v, "num_channels", 3)) * patch * patch,
+                      merge_unit=patches // tokens, max_pixels=size * size, kind=family.vision.kind)

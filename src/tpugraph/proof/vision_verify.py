@@ -39,8 +39,11 @@ def hf_image_features(model, image: ProcessedImage) -> list[np.ndarray]:
     features it adds after the first layers."""
     import torch
 
+    pixels = torch.from_numpy(image.pixel_values)
     with torch.no_grad():
-        out = model.model.get_image_features(torch.from_numpy(image.pixel_values), torch.tensor([image.grid]))
+        if getattr(model.config, "mm_tokens_per_image", None):  # Gemma 3: one fixed-size image, no grid
+            return [model.model.get_image_features(pixels).pooler_output[0].float().numpy()]
+        out = model.model.get_image_features(pixels, torch.tensor([image.grid]))
     deepstack = [torch.cat(list(feature), dim=0) for feature in getattr(out, "deepstack_features", None) or ()]
     return [t.float().numpy() for t in (torch.cat(list(out.pooler_output), dim=0), *deepstack)]
 
@@ -54,13 +57,16 @@ def hf_image_generate(model, ids: list[int], image: ProcessedImage, image_token:
     gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=sorted(eos) or None,
                            pad_token_id=min(eos) if eos else 0, output_logits=True, return_dict_in_generate=True)
     t = torch.tensor([ids], dtype=torch.long)
-    extra = {}
+    extra = {"image_grid_thw": torch.tensor([image.grid])}
+    params = inspect.signature(model.forward).parameters
     # transformers 5.25 computes the 3-D positions from mm_token_type_ids (without it: text positions)
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+    if "mm_token_type_ids" in params:
         extra["mm_token_type_ids"] = (t == image_token).int()
+    if "token_type_ids" in params:  # Gemma 3: the image tokens' bidirectional attention; no grid
+        extra = {"token_type_ids": (t == image_token).long()}
     with torch.no_grad():
         out = model.generate(t, attention_mask=torch.ones_like(t), pixel_values=torch.from_numpy(image.pixel_values),
-                             image_grid_thw=torch.tensor([image.grid]), generation_config=gen, **extra)
+                             generation_config=gen, **extra)
     return out.sequences[0, len(ids):].tolist(), [step[0].float().numpy() for step in out.logits]
 
 

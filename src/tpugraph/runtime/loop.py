@@ -185,6 +185,7 @@ class SegmentRuntime:
         if image is not None:
             hidden = image.merge(hidden)
             pos[:, : len(prompt)] = image.positions
+            mask = image.attend(mask)
         if self.dynamic_prefill:  # the n prompt rows only: [1,n,H], [1,n], [1,1,n,n] (as LLM-TPU's net_launch_dyn)
             n = len(prompt)
             hidden, pos, mask = hidden[:, :n], pos[:, :n], np.ascontiguousarray(mask[:, :, :n, :n])

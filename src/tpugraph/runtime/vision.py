@@ -32,17 +32,24 @@ class VisionConfig:
     kind: str = "qwen2_5_vl"
     position_embeddings: int = 0  # Qwen3-VL: rows of the learned position table (a square grid)
     deepstack: int = 0  # Qwen3-VL: the vit's deepstack outputs, added after language-model blocks 0..deepstack-1
+    placeholder: str = "image"  # the token role the image goes at (VisionSpec.placeholder)
+    bidirectional: bool = False  # the image tokens attend to each other both ways in the prefill (Gemma 3)
+    mrope: bool = True  # 3-D rotary positions (Qwen); else the plain 1-D ones
 
     @classmethod
     def of(cls, manifest) -> "VisionConfig | None":
+        from ..source.families import family_by_name
+
         v = manifest.model.vision
         if v is None:
             return None
+        spec = family_by_name(manifest.model.family).vision
         return cls(patches=v.patches, patch_dim=v.patch_dim, tokens=v.tokens, max_pixels=v.max_pixels,
                    patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
                    token_ids={k: int(x) for k, x in v.token_ids.items()}, kind=v.kind,
                    position_embeddings=int(v.num_position_embeddings or 0),
-                   deepstack=len(v.deepstack_visual_indexes or ()))
+                   deepstack=len(v.deepstack_visual_indexes or ()), placeholder=spec.placeholder,
+                   bidirectional=spec.bidirectional_image, mrope=bool(manifest.model.mrope_section))
 
     @property
     def merge_unit(self) -> int:
@@ -100,6 +107,12 @@ def vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: Vis
     """pixel_values [n, patch_dim] of one image (the processor's output) -> the vit's inputs padded to P patches."""
     if vision.kind == "qwen3_vl":
         return qwen3_vit_inputs(pixel_values, grid, vision, mask_value)
+    if vision.kind == "gemma3":  # the processor's image as it is: [1, 3, S, S]
+        side = int(round(vision.max_pixels ** 0.5))
+        if pixel_values.shape != (1, 3, side, side):
+            raise UsageError(f"the image processor gave pixel_values {list(pixel_values.shape)}; the vit takes "
+                             f"[1, 3, {side}, {side}]: is OUT's preprocessor_config.json the model's own?")
+        return VitInputs((np.asarray(pixel_values, dtype=np.float32),), vision.tokens)
     n = _check_patches(pixel_values, grid, vision)
     unit = vision.merge_unit
     order, lengths = window_index(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
@@ -178,6 +191,12 @@ def expand_image_tokens(ids: list[int], vision: VisionConfig, grid: tuple[int, i
     without the placeholder gets the bracketed image in front."""
     image, start, end = (vision.token_ids[k] for k in ("image", "start", "end"))
     count = int(np.prod(grid)) // vision.merge_unit
+    if vision.placeholder == "start":  # Gemma 3: <start_of_image> -> <start_of_image> image x count <end_of_image>
+        places = [i for i, t in enumerate(ids) if t == start]
+        if len(places) > 1:
+            raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
+        at = places[0] if places else 0
+        return list(ids[:at]) + [start] + [image] * count + [end] + list(ids[at + 1 if places else 0:])
     places = [i for i, t in enumerate(ids) if t == image]
     if len(places) > 1:
         raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
@@ -224,6 +243,15 @@ class PromptImage:
     delta: int  # decode positions: index + delta
     # Qwen3-VL's deepstack features, [k, H] each: the i-th is added to the image rows of block i's output (prefill).
     deepstack: tuple = ()
+    bidirectional: bool = False  # Gemma 3: the image rows attend to each other both ways in the prefill
+
+    def attend(self, mask: np.ndarray) -> np.ndarray:
+        """The prefill mask [1, 1, L, L] with the image rows seeing each other (itself when not bidirectional)."""
+        if not self.bidirectional:
+            return mask
+        mask = np.array(mask, copy=True)
+        mask[0, 0, self.rows[:, None], self.rows[None, :]] = 0.0
+        return mask
 
     def add_deepstack(self, hidden: np.ndarray, layer: int) -> np.ndarray:
         """Block ``layer``'s output [1, L, H] with its deepstack rows added at the image tokens (itself when the
@@ -250,6 +278,9 @@ def encode_image(runtime, ids: list[int], pixel_values: np.ndarray, grid: tuple[
     rows = np.flatnonzero(np.asarray(ids) == vision.token_ids["image"])
     if len(rows) != inputs.rows:
         raise UsageError(f"the prompt has {len(rows)} image tokens for an image of {inputs.rows} vit rows")
-    positions, delta = rope_index(ids, vision.token_ids["image"], grid, vision.spatial_merge_size)
+    if vision.mrope:
+        positions, delta = rope_index(ids, vision.token_ids["image"], grid, vision.spatial_merge_size)
+    else:
+        positions, delta = np.arange(len(ids), dtype=np.int64)[None], 0
     return PromptImage(np.asarray(embeds)[: inputs.rows], rows, positions, delta,
-                       tuple(np.asarray(d)[: inputs.rows] for d in deepstack))
+                       tuple(np.asarray(d)[: inputs.rows] for d in deepstack), vision.bidirectional)

@@ -62,12 +62,18 @@ class VisionSpec:
     segment's wrapper (export/vision.py) and the host code that prepares its inputs (runtime/vision.py); the
     paths and config attributes are read from the model. docs/guides/vision-language.md has the vit contract."""
 
-    kind: str  # "qwen2_5_vl", "qwen3_vl"
+    kind: str  # "qwen2_5_vl", "qwen3_vl", "gemma3"
     path: str  # the vision tower inside the model (module path)
+    projector_path: str | None = None  # a projector outside the tower, in the vit segment too (Gemma 3)
     image_token_attr: str = "image_token_id"  # config attributes of the prompt's image tokens
     vision_start_attr: str = "vision_start_token_id"
     vision_end_attr: str = "vision_end_token_id"
     default_max_pixels: int = 224 * 224  # --max-pixels when none is given: 256 patches, 64 image tokens
+    # The prompt token the image goes at: "image" (Qwen: the placeholder between its brackets, repeated) or "start"
+    # (Gemma 3: <start_of_image>, followed by the image tokens and <end_of_image>).
+    placeholder: str = "image"
+    # The image tokens attend to each other both ways in the prefill (Gemma 3), besides causally to the text.
+    bidirectional_image: bool = False
 
     def token_ids(self, config: Any) -> dict[str, int]:
         """The image placeholder and its brackets, by role (image, start, end)."""
@@ -753,6 +759,43 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
                 "interpolated on the host (pos_idx, pos_weight), deepstack features as extra vit outputs, added by "
                 "the host after the first blocks", "interleaved mrope: block position_ids [3, L]", "q/k norm",
                 "tied or untied embeddings"),
+    ),
+    FamilySpec(
+        name="gemma3_vl",
+        model_types=("gemma3",),
+        architectures=("Gemma3ForConditionalGeneration",),
+        min_transformers="5.24",
+        auto_class="AutoModelForImageTextToText",
+        layers_path="model.language_model.layers",
+        embed_path="model.language_model.embed_tokens",
+        norm_path="model.language_model.norm",
+        rotary_path="model.language_model.rotary_emb",
+        embedding_multiplier="sqrt_hidden",
+        final_softcap_attr="final_logit_softcapping",
+        rotary_per_layer_type=True,
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        # transformers' save_pretrained (and Google's checkpoints) keep the original layout.
+        checkpoint_prefixes=(("model.language_model.", "language_model.model."),
+                             ("model.vision_tower.", "vision_tower."),
+                             ("model.multi_modal_projector.", "multi_modal_projector.")),
+        vision=VisionSpec(kind="gemma3", path="model.vision_tower", projector_path="model.multi_modal_projector",
+                          image_token_attr="image_token_index", vision_start_attr="boi_token_index",
+                          vision_end_attr="eoi_token_index", default_max_pixels=0, placeholder="start",
+                          bidirectional_image=True),
+        refused_options=(
+            ("history_kv", (False,), "a prefill on top of a KV history would need the image block's bidirectional "
+                                     "mask carried across turns, which the runtime does not do yet"),
+            ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
+                                          "takes the whole window, SEQ)"),
+            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
+                                         "host-side gather is not wired to images yet"),
+            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+        ),
+        embeddings="tied",
+        quirks=("Gemma 3 with images (4B/12B/27B)", "vit segment: SigLIP at its fixed image size + projector "
+                "(avg-pooled to mm_tokens_per_image, RMSNorm, projection)", "bidirectional attention among the image "
+                "tokens in the prefill (host-made mask)", "Gemma 3 text blocks (sliding-window layers, rope per "
+                "layer type, embedding scaled by sqrt(hidden))"),
     ),
 )
 FAMILIES = FAMILIES + VISION_FAMILIES
