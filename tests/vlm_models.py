@@ -59,3 +59,78 @@ def build_qwen2_5_vl(folder: Path, seed: int = 0, text: dict | None = None, visi
         Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
                                  merge_size=v.spatial_merge_size).save_pretrained(folder)
     return folder
+
+
+# Qwen3-VL: a Qwen3 text model (q/k norms, head_dim apart) with interleaved mrope, and a vit of 16x16 patches with
+# learned position embeddings (a 4x4 table interpolated to each grid) and deepstack features from blocks 0 and 1.
+QWEN3_VL_MAX_PIXELS = 128 * 128  # 64 patches of 16x16, 16 image tokens
+QWEN3_VL_TEXT = {**TEXT, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [2, 3, 3], "mrope_interleaved": True}}
+QWEN3_VL_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                       temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+                       deepstack_visual_indexes=[0, 1], initializer_range=0.2)
+
+
+def build_qwen3_vl(folder: Path, seed: int = 0, text: dict | None = None, vision: dict | None = None,
+                   tokenizer: bool = True, processor: bool = True) -> Path:
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    text_config = {**QWEN3_VL_TEXT, **(text or {})}
+    config = Qwen3VLConfig(text_config=text_config, vision_config={**QWEN3_VL_VISION, **(vision or {})},
+                           tie_word_embeddings=text_config.pop("tie_word_embeddings", False), **TOKEN_IDS)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones
+            elif "pos_embed" in name:
+                param.normal_(0.0, 1.0)  # position embeddings that move the vit's output
+    model.save_pretrained(folder)
+    if tokenizer:
+        save_vlm_tokenizer(folder, text_config["vocab_size"])
+    if processor:  # Qwen3-VL's processor: Qwen2-VL's, 16x16 patches, mean and std 0.5
+        v = config.vision_config
+        Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                 merge_size=v.spatial_merge_size, image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3).save_pretrained(folder)
+    return folder
+
+
+# Gemma 3: a Gemma 3 text model (sliding and full layers, the sliding window shorter than the image block so the
+# bidirectional image attention meets the window) behind a SigLIP vit at a fixed 64x64 (8x8 patches of 8), pooled
+# 2x2 to 16 image tokens by the projector. <boi> = 5, <eoi> = 6, the image token 7 (the Qwen words above).
+GEMMA3_TOKEN_IDS = dict(boi_token_index=5, eoi_token_index=6, image_token_index=7)
+GEMMA3_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=8, max_position_embeddings=256,
+                   layer_types=["sliding_attention", "full_attention"], sliding_window=8, bos_token_id=1,
+                   eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+GEMMA3_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                     patch_size=8, vision_use_head=False)
+
+
+def build_gemma3(folder: Path, seed: int = 0, tokenizer: bool = True, processor: bool = True) -> Path:
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    config = Gemma3Config(text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION, mm_tokens_per_image=16,
+                          **GEMMA3_TOKEN_IDS)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones (nor zeros: 1 + w)
+            elif "mm_input_projection_weight" in name:
+                param.normal_(0.0, 0.2)  # transformers starts it at zeros: the image would reach nothing
+    model.save_pretrained(folder)
+    if tokenizer:
+        save_vlm_tokenizer(folder, GEMMA3_TEXT["vocab_size"])
+    if processor:
+        size = GEMMA3_VISION["image_size"]
+        Gemma3ImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3).save_pretrained(folder)
+    return folder

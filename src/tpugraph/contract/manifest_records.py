@@ -92,9 +92,13 @@ class VisionRecord(JsonRecord):
     patch_size: int
     temporal_patch_size: int
     spatial_merge_size: int
-    window_size: int
+    window_size: int  # 0: no window attention (Qwen3-VL)
     fullatt_block_indexes: list[int]
     token_ids: dict[str, int]  # image, start, end
+    # Qwen3-VL: the learned position table's rows (a square grid the host interpolates), and the vit blocks whose
+    # deepstack features the host adds to the image rows after language-model blocks 0, 1, ...
+    num_position_embeddings: int | None = optional()
+    deepstack_visual_indexes: list[int] | None = optional()
     extra: dict[str, Any] = extra_keys()
 
 

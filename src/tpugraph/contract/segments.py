@@ -1,4 +1,8 @@
-"""The segment contract of ../shared/CONTRACT.md as data: names, input order, static shapes, dtypes."""
+"""The segment contract of ../shared/CONTRACT.md as data: names, input order, static shapes, dtypes.
+
+Why this module is long: it is the contract itself, every net's inputs and outputs in one place (the language
+model's, the heads', the eval head's and each vision family's vit), beside the host-side inputs (prefill, decode,
+history masks) that must agree with them. Splitting it would put one contract in several files."""
 
 from __future__ import annotations
 
@@ -98,6 +102,8 @@ class VisionDims:
     patch_dim: int
     merge_unit: int
     max_pixels: int
+    kind: str = "qwen2_5_vl"  # VisionSpec.kind: which inputs the vit takes (vit_spec)
+    deepstack: int = 0  # Qwen3-VL: the deepstack feature outputs beside vit_embeds, one per early block
 
     @property
     def tokens(self) -> int:
@@ -303,10 +309,43 @@ def vit_spec(d: ContractDims) -> SegmentSpec:
     rows back in image order -> the image's embedding rows [P / merge_unit, H]."""
     v, f, i, T = d.vision, d.float_dtype, d.int_dtype, TensorSpec
     p = v.patches
+    if v.kind == "qwen3_vl":
+        return qwen3_vit_spec(d)
+    if v.kind == "gemma3":
+        return gemma3_vit_spec(d)
     return SegmentSpec("vit", SegmentKind.VIT, None,
                        (T("pixel_values", (p, v.patch_dim), f), T("position_ids", (p, 2), i),
                         T("full_attn_mask", (1, 1, p, p), f), T("window_attn_mask", (1, 1, p, p), f),
                         T("reverse_index", (v.tokens,), i)),
+                       (T("vit_embeds", (v.tokens, d.hidden), f),))
+
+
+# Bilinear interpolation of a learned position table: each patch reads 4 of its rows (Qwen3-VL's pos_idx/pos_weight).
+POSITION_TAPS = 4
+
+
+def qwen3_vit_spec(d: ContractDims) -> SegmentSpec:
+    """Qwen3-VL's vision encoder + mergers (llm_convert's Qwen3-VL ``vit`` net): patchified pixels in the
+    processor's order, their (h, w) rotary positions, the 4 rows of the learned position table each patch
+    interpolates and their weights, and the attention mask (0 within the image, MASK elsewhere) -> the image's
+    embedding rows and one deepstack feature per early language-model block, each [P / merge_unit, H]."""
+    v, f, i, T = d.vision, d.float_dtype, d.int_dtype, TensorSpec
+    p = v.patches
+    rows = (v.tokens, d.hidden)
+    return SegmentSpec("vit", SegmentKind.VIT, None,
+                       (T("pixel_values", (p, v.patch_dim), f), T("position_ids", (p, 2), i),
+                        T("pos_idx", (p, POSITION_TAPS), i), T("pos_weight", (p, POSITION_TAPS, 1), f),
+                        T("attention_mask", (1, 1, p, p), f)),
+                       (T("vit_embeds", rows, f), *(T(f"deepstack_{k}", rows, f) for k in range(v.deepstack))))
+
+
+def gemma3_vit_spec(d: ContractDims) -> SegmentSpec:
+    """Gemma 3's SigLIP vision tower at its fixed image size + the multimodal projector: the processor's image
+    [1, 3, S, S] -> its mm_tokens_per_image embedding rows [P / merge_unit, H] (P = (S / patch)^2 patches,
+    average-pooled merge_unit at a time)."""
+    v, f, T = d.vision, d.float_dtype, TensorSpec
+    side = int(round((v.max_pixels) ** 0.5))
+    return SegmentSpec("vit", SegmentKind.VIT, None, (T("pixel_values", (1, 3, side, side), f),),
                        (T("vit_embeds", (v.tokens, d.hidden), f),))
 
 

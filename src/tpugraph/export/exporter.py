@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,8 +95,10 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
     if spec.kind == SegmentKind.VIT:  # export/vision.py: the vision tower with host-made window bookkeeping
         from .vision import vit_segment
 
-        with parts.materialized(fam.vision.path, placeholders_from) as visual:
-            yield _with_float_boundary(vit_segment(fam.vision.kind, visual, spec.inputs[0].shape[0]), parts)
+        projector_path = fam.vision.projector_path  # Gemma 3: the multimodal projector, outside the tower
+        projected = parts.materialized(projector_path, placeholders_from) if projector_path else nullcontext()
+        with parts.materialized(fam.vision.path, placeholders_from) as visual, projected as projector:
+            yield _with_float_boundary(vit_segment(fam.vision.kind, visual, spec.inputs[0].shape[0], projector), parts)
         return
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE) and spec.per_layer:
         # Per-layer embeddings (Gemma 4): the second table is gathered by the same segment.

@@ -17,7 +17,7 @@ from ..source.families import FamilySpec
 from ..source.weights import WeightStore
 from .fused_weights import with_fused_weights
 from .per_layer_inputs import attach_per_layer_modules, with_per_layer_weights
-from .wrappers import MropeRotaryTable, RotaryTable
+from .rotary import InterleavedMropeRotaryTable, MropeRotaryTable, RotaryTable
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -196,7 +196,8 @@ class ModelParts:
         if key not in self._rotary_tables:
             table = RotaryTable.from_hf(self._submodule(path), seq, self.dtype, **kwargs)
             sections = fam.mrope_section(self.text_config)
-            self._rotary_tables[key] = MropeRotaryTable.of(table, sections) if sections else table
+            mrope = InterleavedMropeRotaryTable if fam.mrope_interleaved else MropeRotaryTable
+            self._rotary_tables[key] = mrope.of(table, sections) if sections else table
         return self._rotary_tables[key]
 
     def sliding_window(self, layer: int) -> int | None:

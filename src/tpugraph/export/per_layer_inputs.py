@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..source.families import FamilySpec
-from .wrappers import RotaryTable, _apply_window, _CaptureKV, _layer_cache_kwarg, clamp_mask
+from .rotary import RotaryTable
+from .wrappers import _apply_window, _CaptureKV, _layer_cache_kwarg, clamp_mask
 
 PROJECTION = "ple_model_projection"  # names of the per-layer modules added to each decoder layer
 NORM = "ple_projection_norm"

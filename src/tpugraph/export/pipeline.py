@@ -1,4 +1,7 @@
-"""The main job as a library call: MODEL -> OUT with every segment exported, optimised and described."""
+"""The main job as a library call: MODEL -> OUT with every segment exported, optimised and described.
+
+Why this module is long: ExportOptions (every export option, documented where it is declared) and the manifest's
+model facts (layers, states, vision) are read here, beside the one function that runs the job."""
 
 from __future__ import annotations
 
@@ -358,12 +361,19 @@ def vision_record(config, family, dims: ContractDims) -> dict:
     if dims.vision is None:
         return record
     v = config.vision_config
+    # A vit without windows (Qwen3-VL): window_size 0, every block full attention.
+    full = getattr(v, "fullatt_block_indexes", None)
+    full = range(int(getattr(v, "depth", None) or v.num_hidden_layers)) if full is None else full
+    merge = getattr(v, "spatial_merge_size", None) or int(round(dims.vision.merge_unit ** 0.5))  # Gemma 3: the pooling
+    learned = {"num_position_embeddings": int(v.num_position_embeddings),
+               "deepstack_visual_indexes": [int(i) for i in v.deepstack_visual_indexes]} \
+        if dims.vision.kind == "qwen3_vl" else {}
     return {**record, "vision": VisionRecord(
         kind=family.vision.kind, max_pixels=dims.vision.max_pixels, patches=dims.vision.patches,
         patch_dim=dims.vision.patch_dim, tokens=dims.vision.tokens, patch_size=int(v.patch_size),
-        temporal_patch_size=int(v.temporal_patch_size), spatial_merge_size=int(v.spatial_merge_size),
-        window_size=int(v.window_size), fullatt_block_indexes=[int(i) for i in v.fullatt_block_indexes],
-        token_ids=family.vision.token_ids(config))}
+        temporal_patch_size=int(getattr(v, "temporal_patch_size", 1)), spatial_merge_size=int(merge),
+        window_size=int(getattr(v, "window_size", 0) or 0), fullatt_block_indexes=[int(i) for i in full],
+        token_ids=family.vision.token_ids(config), **learned)}
 
 
 def layer_records(dims: ContractDims) -> dict:

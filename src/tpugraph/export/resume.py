@@ -17,7 +17,8 @@ def segment_weight_prefixes(family: FamilySpec, spec: SegmentSpec) -> list[str]:
     """Checkpoint key prefixes of the weights a segment is made of."""
     ple = family.per_layer_embedding
     if spec.kind == SegmentKind.VIT:
-        return [f"{family.vision.path}."]
+        projector = family.vision.projector_path
+        return [f"{family.vision.path}."] + ([f"{projector}."] if projector else [])
     if spec.kind in (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE):
         return [f"{family.embed_path}."] + ([f"{ple.table_path}."] if spec.per_layer else [])
     if spec.kind in (SegmentKind.BLOCK, SegmentKind.BLOCK_KV, SegmentKind.BLOCK_CACHE):

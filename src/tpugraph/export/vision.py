@@ -1,5 +1,6 @@
 """A vision tower (transformers' module, its own weights) -> the ``vit`` segment: static shapes for a fixed
-number of patches, the window bookkeeping left to the host (runtime/vision.py).
+number of patches, the window bookkeeping (Qwen2.5-VL) and the position-table interpolation (Qwen3-VL) left to
+the host (runtime/vision.py).
 
 transformers' Qwen2.5-VL vision forward computes the rotary positions, the window order and the attention
 splits (``cu_seqlens``) from ``grid_thw`` with data-dependent loops and splits. The segment takes them as
@@ -9,6 +10,8 @@ is the split attention exactly) and the reverse index of the window order. docs/
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -80,10 +83,72 @@ class QwenVitSegment(nn.Module):
         return merged[reverse_index]
 
 
-VIT_WRAPPERS = {"qwen2_5_vl": QwenVitSegment}
+class Qwen3VitSegment(QwenVitSegment):
+    """(pixel_values [P, C*T*p*p], position_ids [P, 2], pos_idx [P, 4], pos_weight [P, 4, 1],
+    attention_mask [1,1,P,P]) -> vit_embeds [P/4, H], deepstack_0.. [P/4, H]: Qwen3-VL's patch embedding (with
+    bias), its learned position table interpolated to the image's grid (the host computes each patch's 4 rows and
+    weights, as transformers' ``get_vision_interpolation_indices_and_weights``), full-attention vision blocks, the
+    merger and the deepstack mergers of the blocks in ``deepstack_visual_indexes``. No window order: the merged rows
+    come out in the processor's (image) order."""
+
+    def __init__(self, visual: nn.Module, patches: int):
+        nn.Module.__init__(self)
+        for part in ("patch_embed", "pos_embed", "rotary_pos_emb", "blocks", "merger", "deepstack_merger_list",
+                     "deepstack_visual_indexes"):
+            if not hasattr(visual, part):
+                raise ModelError(f"{type(visual).__name__}: the Qwen3-VL vit wrapper expects a vision tower with "
+                                 f"{part}; this one has none")
+        self.visual = visual
+        self.patches = patches
+        rotary = visual.rotary_pos_emb
+        freqs = torch.arange(patches, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None]
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        conv = visual.patch_embed.proj.weight.detach()  # stored flat, as for Qwen2.5-VL (see QwenVitSegment)
+        self.register_buffer("patch_weight", conv.reshape(conv.shape[0], -1).t().contiguous(), persistent=False)
+        self.deepstack = {int(block): k for k, block in enumerate(visual.deepstack_visual_indexes)}
+        self.rotate = sys.modules[type(visual).__module__].apply_rotary_pos_emb_vision
+
+    def forward(self, pixel_values, position_ids, pos_idx, pos_weight, attention_mask):
+        visual = self.visual
+        x = torch.matmul(pixel_values.to(self.patch_weight.dtype), self.patch_weight) + visual.patch_embed.proj.bias
+        x = x + (visual.pos_embed(pos_idx) * pos_weight.to(x.dtype)).sum(dim=1)
+        cos, sin = self._rotary(self.cos, position_ids), self._rotary(self.sin, position_ids)
+        mask = clamp_mask(attention_mask)
+        features = [None] * len(self.deepstack)
+        for index, block in enumerate(visual.blocks):
+            x = x + self._attention(block.attn, block.norm1(x), cos, sin, mask)
+            x = x + block.mlp(block.norm2(x))
+            if index in self.deepstack:
+                k = self.deepstack[index]
+                features[k] = visual.deepstack_merger_list[k](x)
+        return (visual.merger(x), *features)
 
 
-def vit_segment(kind: str, visual: nn.Module, patches: int) -> nn.Module:
+class Gemma3VitSegment(nn.Module):
+    """(pixel_values [1, 3, S, S]) -> vit_embeds [mm_tokens_per_image, H]: Gemma 3's SigLIP tower (static at its
+    fixed image size: nothing for the host to compute) and the multimodal projector (average pooling, RMSNorm,
+    projection), as transformers' ``get_image_features``."""
+
+    def __init__(self, visual: nn.Module, projector: nn.Module):
+        super().__init__()
+        if projector is None:
+            raise ModelError("the Gemma 3 vit wrapper needs the multimodal projector beside the vision tower")
+        self.visual = visual
+        self.projector = projector
+
+    def forward(self, pixel_values):
+        hidden = self.visual(pixel_values=pixel_values).last_hidden_state
+        return self.projector(hidden)[0]
+
+
+VIT_WRAPPERS = {"qwen2_5_vl": QwenVitSegment, "qwen3_vl": Qwen3VitSegment}
+
+
+def vit_segment(kind: str, visual: nn.Module, patches: int, projector: nn.Module | None = None) -> nn.Module:
+    if kind == "gemma3":
+        return Gemma3VitSegment(visual, projector)
     return VIT_WRAPPERS[kind](visual, patches)
 
 
@@ -94,6 +159,8 @@ def vision_dims(config, family, max_pixels: int | None):
     from ..errors import UsageError
 
     v = config.vision_config
+    if family.vision.kind == "gemma3":
+        return fixed_vision_dims(config, family, max_pixels)
     patch, merge = int(v.patch_size), int(v.spatial_merge_size)
     max_pixels = family.vision.default_max_pixels if max_pixels is None else int(max_pixels)
     unit = (patch * merge) ** 2
@@ -104,4 +171,21 @@ def vision_dims(config, family, max_pixels: int | None):
     patches = max_pixels // (patch * patch)
     in_channels = int(getattr(v, "in_channels", None) or getattr(v, "in_chans", 3))
     return VisionDims(patches=patches, patch_dim=in_channels * int(v.temporal_patch_size) * patch * patch,
-                      merge_unit=merge * merge, max_pixels=max_pixels)
+                      merge_unit=merge * merge, max_pixels=max_pixels, kind=family.vision.kind,
+                      deepstack=len(getattr(v, "deepstack_visual_indexes", None) or ()))
+
+
+def fixed_vision_dims(config, family, max_pixels: int | None):
+    """A vit at one fixed image size (Gemma 3's SigLIP): --max-pixels is that size or nothing."""
+    from ..contract.segments import VisionDims
+    from ..errors import UsageError
+
+    v = config.vision_config
+    size, patch = int(v.image_size), int(v.patch_size)
+    if max_pixels is not None and int(max_pixels) != size * size:
+        raise UsageError(f"this vit takes images of {size}x{size} only (the processor resizes every image to it): "
+                         f"leave it out or give {size * size}", option="max_pixels")
+    patches = (size // patch) ** 2
+    tokens = int(config.mm_tokens_per_image)
+    return VisionDims(patches=patches, patch_dim=int(getattr(v, "num_channels", 3)) * patch * patch,
+                      merge_unit=patches // tokens, max_pixels=size * size, kind=family.vision.kind)

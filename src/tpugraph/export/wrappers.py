@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..contract.segments import MASK_VALUE
+from .rotary import RotaryTable
 
 
 def _layer_cache_kwarg(layer: nn.Module) -> str:
@@ -41,58 +42,6 @@ class _CaptureKV:
     # Some 4.x code paths ask the cache these; a fixed-size contract cache has nothing to report.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.history_k is None else int(self.history_k.shape[2])
-
-
-class RotaryTable(nn.Module):
-    """cos/sin for positions 0..SEQ-1 baked in as constants; looked up by position_ids (a Gather)."""
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.register_buffer("cos", cos.to(dtype).contiguous(), persistent=False)
-        self.register_buffer("sin", sin.to(dtype).contiguous(), persistent=False)
-
-    @classmethod
-    def from_hf(cls, rotary: nn.Module, seq: int, dtype: torch.dtype = torch.float32, **call_kwargs) -> "RotaryTable":
-        """Ask the model's own rotary module for positions 0..SEQ-1 (in float32, cast like HF casts it)."""
-        pos = torch.arange(seq, dtype=torch.long)[None]
-        probe = torch.zeros(1, seq, 1, dtype=torch.float32)
-        with torch.no_grad():
-            cos, sin = rotary(probe, pos, **call_kwargs)
-        return cls(cos[0], sin[0], dtype)
-
-    def forward(self, position_ids: torch.Tensor):
-        return self.cos[position_ids], self.sin[position_ids]
-
-
-class MropeRotaryTable(RotaryTable):
-    """Qwen2-VL's multimodal rotary: position_ids [3, L] (temporal, height, width rows) -> cos/sin [1, L, D].
-
-    The lanes of each half of the head dim are split by ``mrope_section``; section i reads row i % 3 (as
-    transformers' recomposition does). A text token has three equal rows, which gives the plain rotary. Static:
-    one Gather per table, then a Slice per section and a Concat.
-    """
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, sections: tuple[int, ...]):
-        super().__init__(cos, sin, cos.dtype)
-        half = int(cos.shape[-1]) // 2
-        if sum(sections) != half:
-            raise ValueError(f"mrope_section {list(sections)} does not cover half the head dim ({half})")
-        self.lanes: list[tuple[int, int, int]] = []  # (row, first lane, end lane)
-        for offset in (0, half):
-            start = offset
-            for i, width in enumerate(sections):
-                self.lanes.append((i % 3, start, start + width))
-                start += width
-
-    @classmethod
-    def of(cls, table: RotaryTable, sections: tuple[int, ...]) -> "MropeRotaryTable":
-        return cls(table.cos, table.sin, tuple(sections))
-
-    def _pick(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.cat([rows[row:row + 1, :, start:end] for row, start, end in self.lanes], dim=-1)
-
-    def forward(self, position_ids: torch.Tensor):
-        return self._pick(self.cos[position_ids]), self._pick(self.sin[position_ids])
 
 
 class EmbeddingSegment(nn.Module):

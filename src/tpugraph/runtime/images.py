@@ -89,7 +89,12 @@ def load_processor(out_dir: Path, manifest: Manifest):
 
 
 def process_image(processor, image, vision: VisionConfig, source: str) -> ProcessedImage:
-    """The processor's patches of ``image``, resized to at most the vit's max_pixels."""
+    """The processor's patches of ``image``, resized to at most the vit's max_pixels (a vit of one fixed size: the
+    processor's own resize to it)."""
+    if vision.kind == "gemma3":
+        out = processor(images=image, return_tensors="np")
+        side = int(round(vision.patches ** 0.5))
+        return ProcessedImage(np.asarray(out["pixel_values"], dtype=np.float32), (1, side, side), source)
     size = dict(getattr(processor, "size", None) or {})
     shortest = min(int(size.get("shortest_edge", 56 * 56)), vision.max_pixels)
     out = processor(images=image, size={"shortest_edge": shortest, "longest_edge": vision.max_pixels},
@@ -111,7 +116,7 @@ def load_image(out_dir: Path, manifest: Manifest, image: str | Path | None) -> P
 def image_prompt_ids(ids: list[int], vision: VisionConfig, image: ProcessedImage | None, seq: int) -> list[int]:
     """The prompt ids as the model takes them: its image placeholder expanded for ``image``; a placeholder
     without an image, or a prompt that no longer fits SEQ, is one clear line."""
-    placeholder = vision.token_ids["image"]
+    placeholder = vision.token_ids[vision.placeholder]
     if image is None:
         if placeholder in ids:
             raise UsageError("the prompt holds an image placeholder but no image was given: pass --image FILE")

@@ -1,4 +1,8 @@
-"""Drive segments exactly as the TPU runtime does (CONTRACT.md, greedy decoding), on any SegmentBackend."""
+"""Drive segments exactly as the TPU runtime does (CONTRACT.md, greedy decoding), on any SegmentBackend.
+
+Why this module is long: SegmentRuntime is the one generation loop every backend, command and proof drives
+(prefill, decode, history prefill, state layers, shared KV, per-layer inputs, images, LoRA inputs), and each of
+those is a few lines of the same loop; split apart they would have to share its state."""
 
 from __future__ import annotations
 
@@ -248,6 +252,7 @@ class SegmentRuntime:
         if image is not None:
             hidden = image.merge(hidden)
             pos[:, : len(prompt)] = image.positions
+            mask = image.attend(mask)
         if self.dynamic_prefill:  # the n prompt rows only: [1,n,H], [1,n], [1,1,n,n] (as LLM-TPU's net_launch_dyn)
             n = len(prompt)
             hidden, pos, mask = hidden[:, :n], pos[:, :n], np.ascontiguousarray(mask[:, :, :n, :n])
@@ -263,6 +268,8 @@ class SegmentRuntime:
             else:
                 hidden, k, v = self.run(f"block_{i}", hidden, pos, mask, *self._extra(embedded, i))
                 history.append((self._history_buffer(k), self._history_buffer(v)))
+            if image is not None:  # Qwen3-VL's deepstack: the image rows of the first blocks' outputs
+                hidden = image.add_deepstack(hidden, i)
         return hidden, history
 
     def _history_buffer(self, rows: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The host side of a vision-language output (docs/guides/vision-language.md): an image's patches -> the vit
-net's inputs (window order, rotary positions, masks, reverse index), the prompt's 3-D rotary positions (mrope),
-and the vit rows merged into the embedding of the image placeholder tokens.
+net's inputs (Qwen2.5-VL: window order, rotary positions, masks, reverse index; Qwen3-VL: rotary positions,
+position-table taps and weights, mask), the prompt's 3-D rotary positions (mrope), the vit rows merged into the
+embedding of the image placeholder tokens and (Qwen3-VL) the deepstack rows added after the first blocks.
 
 numpy re-implementations of what transformers' Qwen2.5-VL computes from ``grid_thw`` (``get_vision_position_ids``,
 ``get_vision_window_index``, ``get_rope_index``), so the runtime needs neither torch nor transformers' models.
@@ -28,15 +29,27 @@ class VisionConfig:
     spatial_merge_size: int
     window_size: int
     token_ids: dict  # image, start, end
+    kind: str = "qwen2_5_vl"
+    position_embeddings: int = 0  # Qwen3-VL: rows of the learned position table (a square grid)
+    deepstack: int = 0  # Qwen3-VL: the vit's deepstack outputs, added after language-model blocks 0..deepstack-1
+    placeholder: str = "image"  # the token role the image goes at (VisionSpec.placeholder)
+    bidirectional: bool = False  # the image tokens attend to each other both ways in the prefill (Gemma 3)
+    mrope: bool = True  # 3-D rotary positions (Qwen); else the plain 1-D ones
 
     @classmethod
     def of(cls, manifest) -> "VisionConfig | None":
+        from ..source.families import family_by_name
+
         v = manifest.model.vision
         if v is None:
             return None
+        spec = family_by_name(manifest.model.family).vision
         return cls(patches=v.patches, patch_dim=v.patch_dim, tokens=v.tokens, max_pixels=v.max_pixels,
                    patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                   token_ids={k: int(x) for k, x in v.token_ids.items()})
+                   token_ids={k: int(x) for k, x in v.token_ids.items()}, kind=v.kind,
+                   position_embeddings=int(v.num_position_embeddings or 0),
+                   deepstack=len(v.deepstack_visual_indexes or ()), placeholder=spec.placeholder,
+                   bidirectional=spec.bidirectional_image, mrope=bool(manifest.model.mrope_section))
 
     @property
     def merge_unit(self) -> int:
@@ -77,11 +90,8 @@ class VitInputs:
     rows: int
 
 
-def vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: VisionConfig,
-               mask_value: float = MASK_VALUE) -> VitInputs:
-    """pixel_values [n, patch_dim] of one image (the processor's output) -> the vit's inputs padded to P patches."""
+def _check_patches(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: VisionConfig) -> int:
     n = int(np.prod(grid))
-    unit = vision.merge_unit
     if pixel_values.shape != (n, vision.patch_dim):
         raise UsageError(f"the image processor gave pixel_values {list(pixel_values.shape)}; the vit takes "
                          f"[{n}, {vision.patch_dim}] for grid {list(grid)}: is OUT's preprocessor_config.json "
@@ -89,6 +99,22 @@ def vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: Vis
     if n > vision.patches:
         raise UsageError(f"the image has {n} patches, more than the {vision.patches} the vit was exported for "
                          f"(--max-pixels {vision.max_pixels})")
+    return n
+
+
+def vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: VisionConfig,
+               mask_value: float = MASK_VALUE) -> VitInputs:
+    """pixel_values [n, patch_dim] of one image (the processor's output) -> the vit's inputs padded to P patches."""
+    if vision.kind == "qwen3_vl":
+        return qwen3_vit_inputs(pixel_values, grid, vision, mask_value)
+    if vision.kind == "gemma3":  # the processor's image as it is: [1, 3, S, S]
+        side = int(round(vision.max_pixels ** 0.5))
+        if pixel_values.shape != (1, 3, side, side):
+            raise UsageError(f"the image processor gave pixel_values {list(pixel_values.shape)}; the vit takes "
+                             f"[1, 3, {side}, {side}]: is OUT's preprocessor_config.json the model's own?")
+        return VitInputs((np.asarray(pixel_values, dtype=np.float32),), vision.tokens)
+    n = _check_patches(pixel_values, grid, vision)
+    unit = vision.merge_unit
     order, lengths = window_index(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
     p = vision.patches
 
@@ -115,11 +141,62 @@ def vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: Vis
     return VitInputs((pixels, positions, full, window, reverse), n // unit)
 
 
+def interpolation_taps(grid: tuple[int, int, int], merge: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """([t*h*w, 4] rows of a side x side learned position table, [t*h*w, 4] their weights) per patch in the
+    processor's order: bilinear with aligned corners, transformers' ``get_vision_interpolation_indices_and_weights``
+    for one image."""
+    hw = vision_position_ids(grid, merge)  # (row, col) of each patch
+
+    def axis(index: np.ndarray, size: int):
+        src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(src)
+        taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+        weights = np.clip(1 - np.abs(src[:, None] - floor[:, None] - np.arange(2, dtype=np.float32)), 0, None)
+        return taps, weights
+
+    h_taps, h_weights = axis(hw[:, 0], grid[1])
+    w_taps, w_weights = axis(hw[:, 1], grid[2])
+    indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    return indices, weights
+
+
+def qwen3_vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: VisionConfig,
+                     mask_value: float = MASK_VALUE) -> VitInputs:
+    """Qwen3-VL's vit inputs padded to P patches: the pixels and (h, w) positions in the processor's order, each
+    patch's 4 position-table rows and weights, and full attention within each frame."""
+    n = _check_patches(pixel_values, grid, vision)
+    p = vision.patches
+    pixels = np.zeros((p, vision.patch_dim), dtype=np.float32)
+    pixels[:n] = pixel_values
+    positions = np.zeros((p, 2), dtype=np.int64)
+    positions[:n] = vision_position_ids(grid, vision.spatial_merge_size)
+    side = int(round(vision.position_embeddings ** 0.5))
+    taps, weights = interpolation_taps(grid, vision.spatial_merge_size, side)
+    pos_idx = np.zeros((p, 4), dtype=np.int64)
+    pos_idx[:n] = taps
+    pos_weight = np.zeros((p, 4, 1), dtype=np.float32)
+    pos_weight[:n, :, 0] = weights
+    mask = np.full((1, 1, p, p), mask_value, dtype=np.float32)
+    frame = grid[1] * grid[2]
+    for start in range(0, n, frame):
+        mask[0, 0, start:start + frame, start:start + frame] = 0.0
+    for pad in range(n, p):  # padding rows see themselves only: finite, and never read
+        mask[0, 0, pad, pad] = 0.0
+    return VitInputs((pixels, positions, pos_idx, pos_weight, mask), n // vision.merge_unit)
+
+
 def expand_image_tokens(ids: list[int], vision: VisionConfig, grid: tuple[int, int, int]) -> list[int]:
     """The prompt with its one image placeholder repeated once per vit row (as the processor does); a prompt
     without the placeholder gets the bracketed image in front."""
     image, start, end = (vision.token_ids[k] for k in ("image", "start", "end"))
     count = int(np.prod(grid)) // vision.merge_unit
+    if vision.placeholder == "start":  # Gemma 3: <start_of_image> -> <start_of_image> image x count <end_of_image>
+        places = [i for i, t in enumerate(ids) if t == start]
+        if len(places) > 1:
+            raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
+        at = places[0] if places else 0
+        return list(ids[:at]) + [start] + [image] * count + [end] + list(ids[at + 1 if places else 0:])
     places = [i for i, t in enumerate(ids) if t == image]
     if len(places) > 1:
         raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
@@ -164,6 +241,26 @@ class PromptImage:
     rows: np.ndarray  # the k prompt indices of the image placeholder
     positions: np.ndarray  # [3, n]
     delta: int  # decode positions: index + delta
+    # Qwen3-VL's deepstack features, [k, H] each: the i-th is added to the image rows of block i's output (prefill).
+    deepstack: tuple = ()
+    bidirectional: bool = False  # Gemma 3: the image rows attend to each other both ways in the prefill
+
+    def attend(self, mask: np.ndarray) -> np.ndarray:
+        """The prefill mask [1, 1, L, L] with the image rows seeing each other (itself when not bidirectional)."""
+        if not self.bidirectional:
+            return mask
+        mask = np.array(mask, copy=True)
+        mask[0, 0, self.rows[:, None], self.rows[None, :]] = 0.0
+        return mask
+
+    def add_deepstack(self, hidden: np.ndarray, layer: int) -> np.ndarray:
+        """Block ``layer``'s output [1, L, H] with its deepstack rows added at the image tokens (itself when the
+        layer has none)."""
+        if layer >= len(self.deepstack):
+            return hidden
+        hidden = np.array(hidden, copy=True)
+        hidden[0, self.rows] += self.deepstack[layer].astype(hidden.dtype)
+        return hidden
 
     def merge(self, hidden: np.ndarray) -> np.ndarray:
         """The embedding net's [1, L, H] with the image rows in place of the placeholder tokens' embeddings."""
@@ -177,9 +274,13 @@ def encode_image(runtime, ids: list[int], pixel_values: np.ndarray, grid: tuple[
     """Run the vit on one image (``runtime.run``) and place its rows at the placeholder tokens of ``ids`` (already
     expanded: ``expand_image_tokens``)."""
     inputs = vit_inputs(pixel_values, grid, vision, runtime.mask_value)
-    (embeds,) = runtime.run("vit", *inputs.arrays)
+    embeds, *deepstack = runtime.run("vit", *inputs.arrays)
     rows = np.flatnonzero(np.asarray(ids) == vision.token_ids["image"])
     if len(rows) != inputs.rows:
         raise UsageError(f"the prompt has {len(rows)} image tokens for an image of {inputs.rows} vit rows")
-    positions, delta = rope_index(ids, vision.token_ids["image"], grid, vision.spatial_merge_size)
-    return PromptImage(np.asarray(embeds)[: inputs.rows], rows, positions, delta)
+    if vision.mrope:
+        positions, delta = rope_index(ids, vision.token_ids["image"], grid, vision.spatial_merge_size)
+    else:
+        positions, delta = np.arange(len(ids), dtype=np.int64)[None], 0
+    return PromptImage(np.asarray(embeds)[: inputs.rows], rows, positions, delta,
+                       tuple(np.asarray(d)[: inputs.rows] for d in deepstack), vision.bidirectional)

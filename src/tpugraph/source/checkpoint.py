@@ -225,7 +225,8 @@ def model_facts(config, family: FamilySpec) -> ModelFacts:
     rope = dict(rope) if isinstance(rope, dict) else {}
     if "rope_theta" not in rope and getattr(c, "rope_theta", None) is not None:
         rope["rope_theta"] = c.rope_theta
-    dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None)
+    # transformers warns on stderr when torch_dtype is read (5.x); a vision-language family is 5.x only
+    dtype = getattr(c, "dtype", None) or (None if family.vision else getattr(c, "torch_dtype", None))
     return ModelFacts(
         architecture=(getattr(config, "architectures", None) or [family.architectures[0]])[0],
         model_type=c.model_type,

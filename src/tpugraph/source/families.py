@@ -62,12 +62,18 @@ class VisionSpec:
     segment's wrapper (export/vision.py) and the host code that prepares its inputs (runtime/vision.py); the
     paths and config attributes are read from the model. docs/guides/vision-language.md has the vit contract."""
 
-    kind: str  # "qwen2_5_vl"
+    kind: str  # "qwen2_5_vl", "qwen3_vl", "gemma3"
     path: str  # the vision tower inside the model (module path)
+    projector_path: str | None = None  # a projector outside the tower, in the vit segment too (Gemma 3)
     image_token_attr: str = "image_token_id"  # config attributes of the prompt's image tokens
     vision_start_attr: str = "vision_start_token_id"
     vision_end_attr: str = "vision_end_token_id"
     default_max_pixels: int = 224 * 224  # --max-pixels when none is given: 256 patches, 64 image tokens
+    # The prompt token the image goes at: "image" (Qwen: the placeholder between its brackets, repeated) or "start"
+    # (Gemma 3: <start_of_image>, followed by the image tokens and <end_of_image>).
+    placeholder: str = "image"
+    # The image tokens attend to each other both ways in the prefill (Gemma 3), besides causally to the text.
+    bidirectional_image: bool = False
 
     def token_ids(self, config: Any) -> dict[str, int]:
         """The image placeholder and its brackets, by role (image, start, end)."""
@@ -153,6 +159,10 @@ class FamilySpec:
     # Multimodal rotary positions (Qwen2-VL's mrope): block position_ids are [3, L] (temporal, height, width) and
     # the rotary lanes take their row by config.rope_parameters["mrope_section"]; text tokens have three equal rows.
     mrope: bool = False
+    # Qwen3-VL's interleaved mrope: the rotary lanes cycle t, h, w (lane j of half the head dim reads row 1 when
+    # j % 3 == 1 and j < 3 * section[1], row 2 when j % 3 == 2 and j < 3 * section[2], else row 0) instead of
+    # taking contiguous runs of mrope_section lanes.
+    mrope_interleaved: bool = False
     # The vision encoder of a vision-language family (the ``vit`` segment), or None.
     vision: VisionSpec | None = None
 
@@ -811,6 +821,72 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
         quirks=("Qwen2.5-VL (3B/7B/32B/72B)", "vit segment: window + full attention, 2x2 patch merger, host-side "
                 "window index and masks", "mrope: block position_ids [3, L] (temporal, height, width)",
                 "q/k/v bias", "tied (3B) or untied embeddings"),
+    ),
+    FamilySpec(
+        name="qwen3_vl",
+        model_types=("qwen3_vl",),
+        architectures=("Qwen3VLForConditionalGeneration",),
+        min_transformers="5.24",
+        auto_class="AutoModelForImageTextToText",
+        layers_path="model.language_model.layers",
+        embed_path="model.language_model.embed_tokens",
+        norm_path="model.language_model.norm",
+        rotary_path="model.language_model.rotary_emb",
+        mrope=True,
+        mrope_interleaved=True,
+        # 256 patches of 16x16, 64 image tokens
+        vision=VisionSpec(kind="qwen3_vl", path="model.visual", default_max_pixels=256 * 256),
+        refused_options=(
+            ("history_kv", (False,), "a prefill on top of a KV history would need the image's 3-D positions and "
+                                     "rope delta carried across turns, which the runtime does not do yet"),
+            ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
+                                          "takes the whole window, SEQ), the deepstack rows added after the first "
+                                          "blocks included"),
+            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
+                                         "host-side gather is not wired to images yet"),
+            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+        ),
+        quirks=("Qwen3-VL, dense (2B/4B/8B/32B)", "vit segment: full attention, learned position embeddings "
+                "interpolated on the host (pos_idx, pos_weight), deepstack features as extra vit outputs, added by "
+                "the host after the first blocks", "interleaved mrope: block position_ids [3, L]", "q/k norm",
+                "tied or untied embeddings"),
+    ),
+    FamilySpec(
+        name="gemma3_vl",
+        model_types=("gemma3",),
+        architectures=("Gemma3ForConditionalGeneration",),
+        min_transformers="5.24",
+        auto_class="AutoModelForImageTextToText",
+        layers_path="model.language_model.layers",
+        embed_path="model.language_model.embed_tokens",
+        norm_path="model.language_model.norm",
+        rotary_path="model.language_model.rotary_emb",
+        embedding_multiplier="sqrt_hidden",
+        final_softcap_attr="final_logit_softcapping",
+        rotary_per_layer_type=True,
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        # transformers' save_pretrained (and Google's checkpoints) keep the original layout.
+        checkpoint_prefixes=(("model.language_model.", "language_model.model."),
+                             ("model.vision_tower.", "vision_tower."),
+                             ("model.multi_modal_projector.", "multi_modal_projector.")),
+        vision=VisionSpec(kind="gemma3", path="model.vision_tower", projector_path="model.multi_modal_projector",
+                          image_token_attr="image_token_index", vision_start_attr="boi_token_index",
+                          vision_end_attr="eoi_token_index", default_max_pixels=0, placeholder="start",
+                          bidirectional_image=True),
+        refused_options=(
+            ("history_kv", (False,), "a prefill on top of a KV history would need the image block's bidirectional "
+                                     "mask carried across turns, which the runtime does not do yet"),
+            ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
+                                          "takes the whole window, SEQ)"),
+            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
+                                         "host-side gather is not wired to images yet"),
+            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+        ),
+        embeddings="tied",
+        quirks=("Gemma 3 with images (4B/12B/27B)", "vit segment: SigLIP at its fixed image size + projector "
+                "(avg-pooled to mm_tokens_per_image, RMSNorm, projection)", "bidirectional attention among the image "
+                "tokens in the prefill (host-made mask)", "Gemma 3 text blocks (sliding-window layers, rope per "
+                "layer type, embedding scaled by sqrt(hidden))"),
     ),
 )
 FAMILIES = FAMILIES + VISION_FAMILIES
