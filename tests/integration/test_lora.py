@@ -144,7 +144,7 @@ RANK = 6  # R > the adapter's r = 4: the runtime pads with zero rows
 @pytest.fixture(scope="module")
 def with_inputs(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-inputs") / "out"
-    export_and_optimize(str(base), out, ExportOptions(seq_length=SEQ, lora_max_rank=RANK))
+    export_and_optimize(str(base), out, ExportOptions(seq_length=SEQ, lora_max_rank=RANK, with_test_data=True))
     return out
 
 
@@ -165,6 +165,12 @@ def test_lora_inputs_declared(with_inputs):
         assert graph_inputs["mlp.down_proj.lora_A"] == [RANK, inter]
         assert [t.name for t in manifest.segment(name).inputs][-2:] == ["mlp.down_proj.lora_A", "mlp.down_proj.lora_B"]
     assert not any("lora" in t.name for t in manifest.segment("lm_head").inputs)
+    import numpy as np
+
+    from tpugraph.export.compare_inputs import segment_npz
+
+    with np.load(with_inputs / segment_npz("block_cache_1")) as data:  # tpu-mlir's compare inputs: zero LoRA inputs
+        assert data["self_attn.q_proj.lora_A"].shape == (RANK, hidden) and not data["mlp.up_proj.lora_B"].any()
 
 
 def test_lora_inputs_zeros_are_the_base_model(with_inputs):
