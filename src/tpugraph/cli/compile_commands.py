@@ -8,12 +8,14 @@ from typing import Optional
 
 import typer
 
-from ..errors import EXIT_CHECK_FAILED
+from ..errors import EXIT_CHECK_FAILED, EXIT_USAGE
 from .app import _echo, _state, app, user_errors
 from .progress import compile_progress
 from .options import (
     Chip,
     CompileCheck,
+    DeviceMemory,
+    DryRun,
     Dynamic,
     JsonOut,
     NoCheck,
@@ -29,18 +31,19 @@ from .options import (
 
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
                      no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
-                     dynamic: bool = False):
+                     dynamic: bool = False, device_memory: Optional[float] = None):
     from ..compiler import CompileOptions
     from ..errors import UsageError
 
+    memory = None if device_memory is None else int(device_memory * (1 << 30))
     try:
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
                               check="none" if no_check else check, fuse=not no_fuse,
-                              share_vocab=not no_share_vocab, dynamic=dynamic).check_options()
+                              share_vocab=not no_share_vocab, dynamic=dynamic, device_memory=memory).check_options()
     except UsageError as err:  # the library names what is wrong; the command line names its flag
         flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
                 "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
-                "check": "--check"}
+                "check": "--check", "the device memory": "--device-memory"}
         for words, name in flag.items():
             if str(err).startswith(words + " "):
                 raise UsageError(f"{name}: {err}") from None
@@ -89,6 +92,8 @@ def compile_cmd(
     no_fuse: NoFuse = False,
     no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
+    device_memory: DeviceMemory = None,
+    dry_run: DryRun = False,
     jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
     json_out: JsonOut = False,
 ) -> None:
@@ -96,7 +101,10 @@ def compile_cmd(
     from ..compiler import SegmentCompileError, compile_segments, format_table
 
     options = _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse, no_share_vocab,
-                               dynamic)
+                               dynamic, device_memory)
+    if dry_run:
+        _dry_run(out, options, json_out)
+        return
     try:
         with compile_progress(enabled=_state["verbosity"] >= 0 and not json_out) as progress:
             report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs)
@@ -130,6 +138,25 @@ def compile_cmd(
         _echo(f"wrote {report.embedding_table} (the vocabulary rows the host gathers: --embedding-disk)")
     if not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _dry_run(out: Path, options, json_out: bool) -> None:
+    from ..compiler.memory_plan import check_fits
+    from ..compiler.runner import preview_compile
+
+    plan, memory, why = preview_compile(out, options)
+    if json_out:  # one object; a plan that does not fit says so in it ("fits": false) and in the exit code
+        typer.echo(json.dumps({"bmodel": plan.bmodel, "steps": [" ".join(s.argv) for s in plan.steps],
+                               "memory": memory.to_json() if memory else None, "memory_unavailable": why or None}))
+        if memory is not None and not memory.fits:
+            raise typer.Exit(EXIT_USAGE)
+        return
+    for line in memory.lines() if memory else [f"memory plan: unavailable ({why})"]:
+        _echo(line)
+    _echo(f"{len(plan.steps)} tool runs for {len(plan.segments)} segments -> {plan.bmodel} "
+          f"(tpugraph compile-script writes them as bash)")
+    if memory is not None:
+        check_fits(memory)
 
 
 @app.command("quant-fidelity")

@@ -22,6 +22,7 @@ from ..tpu_mlir.logs import failure_reason, log_tail, parse_min_cosine
 from ..tpu_mlir.toolchain import check_toolchain, tool_environment
 from ..tpu_mlir.worker import ToolWorker
 from .bmodel_reuse import DRIVER, derive_deploys, plan_deploy_reuse
+from .memory_plan import check_fits, output_memory_or_none
 from .options import CompileOptions
 from .plan import OUT_VAR, Step, StepAction, plan_compile
 from .progress import ProgressFn, StepCounter
@@ -203,15 +204,32 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
 
         jobs = max(os.cpu_count() or 1, 4)
     out_dir = Path(out).resolve()
-    manifest = read_manifest(out_dir)  # the user's own argument first, then the toolchain
-    venv = check_toolchain(venv)
+    manifest = read_manifest(out_dir)  # the user's own arguments first (and whether the model fits), then the toolchain
     plan = plan_compile(out_dir, options, manifest)
+    memory, why = output_memory_or_none(out_dir, manifest, plan.options)
+    if memory is None:
+        log.warning("no memory plan: %s", why)
+    else:
+        check_fits(memory)
+    venv = check_toolchain(venv)
     save_script(plan, manifest, out_dir / plan.script_name)
     env = tool_environment(venv)
     (out_dir / plan.work_dir).mkdir(parents=True, exist_ok=True)
     server = ToolWorker(venv, env, log_path=out_dir / plan.work_dir / "worker.log") if tool_worker else nullcontext()
     with server as worker:  # the worker (None without one) ends with the compile, however it ends
-        return _compile(out_dir, venv, manifest, plan, env, progress, jobs, worker)
+        report = _compile(out_dir, venv, manifest, plan, env, progress, jobs, worker)
+    report.memory = memory
+    return report
+
+
+def preview_compile(out: str | Path, options: CompileOptions | None = None):
+    """compile --dry-run: the compile plan and the memory plan (None and why when the source's config cannot be
+    read), without the toolchain and without running anything."""
+    out_dir = Path(out).resolve()
+    manifest = read_manifest(out_dir)
+    plan = plan_compile(out_dir, options, manifest)
+    memory, why = output_memory_or_none(out_dir, manifest, plan.options)
+    return plan, memory, why
 
 
 def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], progress: ProgressFn | None, jobs: int,
