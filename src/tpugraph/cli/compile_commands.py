@@ -94,7 +94,9 @@ def compile_cmd(
     dynamic: Dynamic = False,
     device_memory: DeviceMemory = None,
     dry_run: DryRun = False,
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys (with --executor ray: the cluster's CPUs)."),
+    executor: str = typer.Option("local", "--executor", help="Where the tools run: local (here), or ray (each tool a Ray task on a cluster: the extra tpugraph[ray]). The same plan and outputs."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster to join (default: a local cluster started for the compile)."),
     json_out: JsonOut = False,
 ) -> None:
     """Compile OUT's segments with tpu-mlir (transform, deploy, numerical compares) and combine them into one bmodel beside the manifest."""
@@ -107,7 +109,8 @@ def compile_cmd(
         return
     try:
         with compile_progress(enabled=_state["verbosity"] >= 0 and not json_out) as progress:
-            report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs)
+            report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs, executor=executor,
+                                      ray_address=ray_address)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
             typer.echo(format_table(err.report.results), err=True)

@@ -339,13 +339,16 @@ def plan_output_memory(out_dir: Path, manifest, options) -> MemoryPlan:
 
 
 def output_memory_or_none(out_dir: Path, manifest, options) -> tuple[MemoryPlan | None, str]:
-    """plan_output_memory, or None and why when the source's config cannot be read (the compile goes on)."""
+    """plan_output_memory, or None and why when the source's config cannot be read or its shapes cannot be built
+    (the compile goes on: the plan is a check before the tools, not a step of the compile)."""
     from ..errors import TpugraphError
 
     try:
         return plan_output_memory(out_dir, manifest, options), ""
     except TpugraphError as err:
         return None, str(err)
+    except Exception as exc:  # transformers cannot build this model's skeleton from its config
+        return None, f"the model's shapes could not be built ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
 def check_fits(plan: MemoryPlan) -> None:
