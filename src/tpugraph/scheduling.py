@@ -5,6 +5,9 @@ A task starts once every task it comes ``after`` has finished, and among the tas
 given. The first failure sets the stop event: no task starts after it, the running ones finish (a task may also
 read the event to stop early, raising ``Stopped``), and that first error is raised. With one job the tasks run in
 the calling thread, in order, and no thread is started at all.
+
+Where a task's heavy call runs is the executor's choice (make_executor): here (LocalExecutor), or as a Ray task on a
+cluster (RayExecutor, `compile --executor ray`); the order of the tasks is run_tasks's either way.
 """
 
 from __future__ import annotations
@@ -112,3 +115,69 @@ def _threaded(tasks: list[Task], jobs: int, stop: threading.Event, run: TaskRun,
     run.skipped += [t.name for t in pending]
     if errors:
         raise errors[0]
+
+
+class LocalExecutor:
+    """Where a task's heavy call runs: here, in the task's own thread."""
+
+    name = "local"
+
+    def call(self, fn: Callable, *args):
+        return fn(*args)
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """A task's heavy call as a Ray task (one CPU) on a cluster: the one at ``address``, else the one this process
+    is already connected to, else a local cluster started here (and shut down by ``close``). The calls must be
+    picklable module-level functions, and their files on a file system every node sees (a local cluster's is
+    this machine's). The ordering of the tasks stays run_tasks's: each task's thread waits for its Ray call."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            from .errors import UsageError
+
+            raise UsageError("--executor ray needs Ray: pip install 'tpugraph[ray]'") from None
+        self._ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        self._remote = ray.remote(num_cpus=1)(_call_remote)
+
+    @property
+    def cpus(self) -> int:
+        return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+
+    def call(self, fn: Callable, *args):
+        return self._ray.get(self._remote.remote(fn, *args))
+
+    def close(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+
+
+def _call_remote(fn: Callable, *args):
+    return fn(*args)
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(name: str, address: str | None = None, num_cpus: int | None = None):
+    """The executor of that name (EXECUTORS); raises UsageError for another name or a missing extra."""
+    from .errors import UsageError
+
+    if name == "local":
+        if address:
+            raise UsageError("--ray-address applies to --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address, num_cpus)
+    raise UsageError(f"executor must be one of {', '.join(EXECUTORS)} (got '{name}')")

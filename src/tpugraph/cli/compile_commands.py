@@ -8,12 +8,14 @@ from typing import Optional
 
 import typer
 
-from ..errors import EXIT_CHECK_FAILED
+from ..errors import EXIT_CHECK_FAILED, EXIT_USAGE
 from .app import _echo, _state, app, user_errors
 from .progress import compile_progress
 from .options import (
     Chip,
     CompileCheck,
+    DeviceMemory,
+    DryRun,
     Dynamic,
     EvalHead,
     JsonOut,
@@ -30,19 +32,20 @@ from .options import (
 
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
                      no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
-                     dynamic: bool = False, eval_head: bool = False):
+                     dynamic: bool = False, eval_head: bool = False, device_memory: Optional[float] = None):
     from ..compiler import CompileOptions
     from ..errors import UsageError
 
+    memory = None if device_memory is None else int(device_memory * (1 << 30))
     try:
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
                               check="none" if no_check else check, fuse=not no_fuse,
-                              share_vocab=not no_share_vocab, dynamic=dynamic,
-                              eval_head=eval_head).check_options()
+                              share_vocab=not no_share_vocab, dynamic=dynamic, eval_head=eval_head,
+                              device_memory=memory).check_options()
     except UsageError as err:  # the library names what is wrong; the command line names its flag
         flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
                 "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
-                "check": "--check"}
+                "check": "--check", "the device memory": "--device-memory"}
         for words, name in flag.items():
             if str(err).startswith(words + " "):
                 raise UsageError(f"{name}: {err}") from None
@@ -93,7 +96,11 @@ def compile_cmd(
     no_share_vocab: NoShareVocab = False,
     dynamic: Dynamic = False,
     eval_head: EvalHead = False,
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys."),
+    device_memory: DeviceMemory = None,
+    dry_run: DryRun = False,
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Segments to compile at once (each tool uses about one core; mind the memory of big blocks). 0: max(cores, 4), as llm_convert.py runs its deploys (with --executor ray: the cluster's CPUs)."),
+    executor: str = typer.Option("local", "--executor", help="Where the tools run: local (here), or ray (each tool a Ray task on a cluster: the extra tpugraph[ray]). The same plan and outputs."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster to join (default: a local cluster started for the compile)."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="With --quantize auto: measure the modes from the cheapest (W4BF16 g128, W4BF16 g64, W8BF16, BF16), each compiled with the evaluation head and scored on the cmodel against transformers (tpugraph eval --bmodel, the built-in text), and compile the first whose perplexity is at most this many percent above transformers'. Slow: minutes per mode on the cmodel."),
     ppl_windows: int = typer.Option(2, "--ppl-windows", help="With --max-ppl-increase: windows of the built-in text scored per mode (L tokens each)."),
     json_out: JsonOut = False,
@@ -102,15 +109,19 @@ def compile_cmd(
     from ..compiler import SegmentCompileError, compile_segments, format_table
 
     options = _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse, no_share_vocab,
-                               dynamic, eval_head)
+                               dynamic, eval_head, device_memory)
+    if dry_run:
+        _dry_run(out, options, json_out)
+        return
     ppl_choice = None
     if max_ppl_increase is not None:
         ppl_choice = _choose_by_perplexity(out, tpu_mlir, options, max_ppl_increase, ppl_windows, jobs, json_out)
         options = _compile_options(chip, ppl_choice.chosen.quantize, ppl_choice.chosen.q_group_size, num_device, check,
-                                   no_check, no_fuse, no_share_vocab, dynamic, eval_head)
+                                   no_check, no_fuse, no_share_vocab, dynamic, eval_head, device_memory)
     try:
         with compile_progress(enabled=_state["verbosity"] >= 0 and not json_out) as progress:
-            report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs)
+            report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs, executor=executor,
+                                      ray_address=ray_address)
     except SegmentCompileError as err:
         if err.report and err.report.results and not json_out:
             typer.echo(format_table(err.report.results), err=True)
@@ -164,6 +175,25 @@ def _choose_by_perplexity(out, tpu_mlir, options, max_increase: float, windows: 
     if choice.chosen is None:
         raise CheckFailedError(choice.summary())
     return choice
+
+
+def _dry_run(out: Path, options, json_out: bool) -> None:
+    from ..compiler.memory_plan import check_fits
+    from ..compiler.runner import preview_compile
+
+    plan, memory, why = preview_compile(out, options)
+    if json_out:  # one object; a plan that does not fit says so in it ("fits": false) and in the exit code
+        typer.echo(json.dumps({"bmodel": plan.bmodel, "steps": [" ".join(s.argv) for s in plan.steps],
+                               "memory": memory.to_json() if memory else None, "memory_unavailable": why or None}))
+        if memory is not None and not memory.fits:
+            raise typer.Exit(EXIT_USAGE)
+        return
+    for line in memory.lines() if memory else [f"memory plan: unavailable ({why})"]:
+        _echo(line)
+    _echo(f"{len(plan.steps)} tool runs for {len(plan.segments)} segments -> {plan.bmodel} "
+          f"(tpugraph compile-script writes them as bash)")
+    if memory is not None:
+        check_fits(memory)
 
 
 @app.command("quant-fidelity")

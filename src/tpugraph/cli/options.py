@@ -17,7 +17,7 @@ PassOptions = Annotated[Optional[list[str]], typer.Option(
 _QUANTIZE_HELP = ("Quantization: auto, f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
                   "the float type, the greedy/sample heads stay F32). auto (default): for a quantized source (GPTQ, AWQ, "
                   "GGUF...) the weight-only mode, group size and symmetry that keep its integers best; f16 otherwise.")
-Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x or bm1688.")]
+Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x, bm1688 or cv186x (compiler/chips.py).")]
 Quantize = Annotated[str, typer.Option("--quantize", help=_QUANTIZE_HELP)]
 QGroupSize = Annotated[Optional[int], typer.Option(
     "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*).")]
@@ -46,3 +46,9 @@ EvalHead = Annotated[bool, typer.Option(
 
 def _choices(values) -> str:
     return ", ".join(values)
+DeviceMemory = Annotated[Optional[float], typer.Option(
+    "--device-memory", help="GiB of memory the model may take on each device (default: the chip's, see "
+    "docs/guides/chips-and-memory.md). The compile refuses a model its memory plan puts above it.")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Print the memory plan (weights per net group, KV cache, activations per device, whether it "
+    "fits) and the tool runs, and stop: no tool runs, no tpu-mlir needed.")]

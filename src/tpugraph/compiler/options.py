@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from ..contract.segments import SegmentKind
 from ..errors import UsageError
+from .chips import ALL_MODES, CHIPS, chip_spec
 
-CHIPS = ("bm1684x", "bm1688")
-QUANTIZE_MODES = ("f16", "bf16", "w8bf16", "w4bf16", "w8f16", "w4f16")
+QUANTIZE_MODES = ALL_MODES
 # auto: the weight-only mode matching a quantized source (quant_fidelity.choose_compile_mode), else f16.
 AUTO = "auto"
 DEFAULT_FLOAT_MODE = "f16"
@@ -66,14 +66,19 @@ class CompileOptions:
     # also compile lm_head_all (compiler/eval_head.py), the evaluation's head over every position of a prefill, for
     # tpugraph eval --bmodel; a net no runtime uses, so only when asked (the bmodel's name ends in _eval)
     eval_head: bool = False
+    # the device memory the model must fit in (bytes); None: the chip's (chips.CHIP_TABLE). A board with more or
+    # less memory than the chip's common one; the compile refuses a model the memory plan puts above it.
+    device_memory: int | None = None
 
     def check_options(self) -> "CompileOptions":
         """Validate and normalise (lowercase names, the default group size); raises UsageError."""
         chip, quantize = self.chip.lower(), self.quantize.lower()
-        if chip not in CHIPS:
-            raise UsageError(f"chip must be one of {', '.join(CHIPS)} (got '{self.chip}')")
+        spec = chip_spec(chip)
         if quantize not in QUANTIZE_MODES + (AUTO,):
             raise UsageError(f"quantization must be one of {', '.join(QUANTIZE_MODES + (AUTO,))} (got '{self.quantize}')")
+        if quantize != AUTO and quantize not in spec.quantize_modes:
+            raise UsageError(f"quantization {quantize} is not supported on {chip} "
+                             f"(it takes {', '.join(spec.quantize_modes)})")
         group = self.q_group_size
         if group is not None:
             if not quantize.startswith("w") and quantize != AUTO:
@@ -84,14 +89,23 @@ class CompileOptions:
             group = DEFAULT_Q_GROUP_SIZE  # auto keeps None: the checkpoint's own group size is chosen later
         if self.num_device not in NUM_DEVICES:
             raise UsageError(f"the device count must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
-        if chip == "bm1688" and self.num_device != 1:
-            raise UsageError("a device count > 1 needs bm1684x: bm1688 is a single-chip SoC")
+        if self.num_device > spec.max_devices:
+            multi = ", ".join(c for c in CHIPS if chip_spec(c).max_devices > 1)
+            raise UsageError(f"a device count > {spec.max_devices} needs {multi}: {chip} is a single-chip SoC")
+        if self.device_memory is not None and self.device_memory <= 0:
+            raise UsageError(f"the device memory must be a positive number of bytes (got {self.device_memory})")
         check = {True: "representative", False: "none"}.get(self.check, self.check)  # type: ignore[arg-type]
         if check not in CHECK_MODES:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
                               check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
-                              share_vocab=self.share_vocab, dynamic=bool(self.dynamic), eval_head=bool(self.eval_head))
+                              share_vocab=self.share_vocab, dynamic=bool(self.dynamic), eval_head=bool(self.eval_head),
+                              device_memory=self.device_memory)
+
+    @property
+    def chip_spec(self):
+        """The chip's entry of chips.CHIP_TABLE."""
+        return chip_spec(self.chip)
 
     @property
     def tag(self) -> str:

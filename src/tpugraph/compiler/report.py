@@ -42,6 +42,7 @@ class CompileReport:
     deploys_derived: list[str] = field(default_factory=list)  # layers whose bmodel came from another layer's
     deploy_reuse_notes: list[str] = field(default_factory=list)  # why some layers were deployed after all
     embedding_table: Path | None = None  # --embedding-disk: embedding.bin written beside the bmodel
+    memory: object | None = None  # memory_plan.MemoryPlan checked before the tools ran (None: no source config)
 
     @property
     def passed(self) -> bool:
@@ -57,6 +58,7 @@ class CompileReport:
                 "segments": [r.to_json() for r in self.results],
                 "end_to_end": self.end_to_end.to_json() if self.end_to_end is not None else None,
                 "end_to_end_seconds": round(self.end_to_end_seconds, 2),
+                "memory": self.memory.to_json() if self.memory is not None else None,
                 "embedding_table": str(self.embedding_table) if self.embedding_table else None,
                 "transforms_derived": self.transforms_derived, "deploys_derived": self.deploys_derived,
                 "deploy_reuse_notes": self.deploy_reuse_notes, "vocab_sharing": self.vocab_sharing,

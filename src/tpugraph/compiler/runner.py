@@ -16,12 +16,13 @@ from pathlib import Path
 from ..contract.manifest import read_manifest
 from ..contract.segments import SegmentKind
 from ..errors import UsageError
-from ..scheduling import Task, run_tasks
+from ..scheduling import LocalExecutor, Task, make_executor, run_tasks
 from ..tpu_mlir.guest import guest_script
 from ..tpu_mlir.logs import failure_reason, log_tail, parse_min_cosine
 from ..tpu_mlir.toolchain import check_toolchain, tool_environment
 from ..tpu_mlir.worker import ToolWorker
 from .bmodel_reuse import DRIVER, derive_deploys, plan_deploy_reuse
+from .memory_plan import check_fits, output_memory_or_none
 from .options import CompileOptions
 from .plan import OUT_VAR, Step, StepAction, plan_compile
 from .progress import ProgressFn, StepCounter
@@ -37,7 +38,7 @@ VOCABULARY_KINDS = (SegmentKind.EMBEDDING, SegmentKind.EMBEDDING_CACHE, SegmentK
 
 
 def run_step(step: Step, out_dir: Path, env: dict[str, str],
-             worker: ToolWorker | None = None) -> tuple[int, str, Path]:
+             worker: ToolWorker | None = None, executor=None) -> tuple[int, str, Path]:
     """One tool run in its folder; its output goes to ``<action>.log`` there. (return code, output, log path)
     With a worker, the Python tools it serves run in its forked children; anything else, or everything once the
     worker is gone, as a subprocess."""
@@ -45,20 +46,27 @@ def run_step(step: Step, out_dir: Path, env: dict[str, str],
     cwd.mkdir(parents=True, exist_ok=True)
     argv = [a.replace(OUT_VAR, str(out_dir), 1) if a.startswith(OUT_VAR) else a for a in step.argv]
     log_path = cwd / f"{step.action}.log"
-    rc = run_tool(argv, cwd, log_path, env, worker)
+    rc = run_tool(argv, cwd, log_path, env, worker, executor)
     return rc, log_path.read_text(errors="replace"), log_path
 
 
-def run_tool(argv: list[str], cwd: Path, log_path: Path, env: dict[str, str], worker: ToolWorker | None = None) -> int:
+def run_tool(argv: list[str], cwd: Path, log_path: Path, env: dict[str, str], worker: ToolWorker | None = None,
+             executor=None) -> int:
     """A tool of the tpu-mlir venv (argv[0] a name in its bin/) in ``cwd``, its output in ``log_path``; its exit
-    code. By the worker when it serves that tool, else (or once the worker is gone) as a subprocess."""
+    code. By the worker when it serves that tool, else (or once the worker is gone) as a subprocess, which the
+    executor (scheduling.make_executor; None: here) runs where it runs its calls."""
     log.debug("running %s in %s", " ".join(argv), cwd)
     rc = worker.run(argv, cwd, log_path) if worker is not None and worker.serves(argv) else None
     if rc is None:
-        with open(log_path, "w") as fh:
-            rc = subprocess.run([str(Path(env["VIRTUAL_ENV"]) / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        rc = (executor or LocalExecutor()).call(tool_subprocess, list(argv), str(cwd), str(log_path), dict(env))
     return rc
+
+
+def tool_subprocess(argv: list[str], cwd: str, log_path: str, env: dict[str, str]) -> int:
+    """The tool as a subprocess, its output in ``log_path``: what an executor runs (a picklable call)."""
+    with open(log_path, "w") as fh:
+        return subprocess.run([str(Path(env["VIRTUAL_ENV"]) / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env,
+                              stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
 
 
 @dataclass
@@ -146,7 +154,7 @@ class TransformReuse:
 
 def _run_steps(steps: list[Step], out_dir: Path, env: dict[str, str], result: SegmentCompileResult | None,
                counter: StepCounter, reuse: TransformReuse | None = None,
-               worker: ToolWorker | None = None) -> _Failure | None:
+               worker: ToolWorker | None = None, executor=None) -> _Failure | None:
     """Run one segment's steps (or the combine) in order; the first failure ends them."""
     for step in steps:
         counter.start(step.segment, step.action)
@@ -155,7 +163,7 @@ def _run_steps(steps: list[Step], out_dir: Path, env: dict[str, str], result: Se
             rc, text, log_path = 0, "derived from the transform of " + step.reuse_from, out_dir / step.cwd
             reuse.release(step)
         else:
-            rc, text, log_path = run_step(step, out_dir, env, worker)
+            rc, text, log_path = run_step(step, out_dir, env, worker, executor)
             if step.action == StepAction.TRANSFORM and reuse is not None:
                 reuse.after_tool(step, rc == 0, out_dir)
         elapsed = time.perf_counter() - t0
@@ -182,7 +190,8 @@ def _run_steps(steps: list[Step], out_dir: Path, env: dict[str, str], result: Se
 
 
 def compile_segments(out: str | Path, venv: str | Path | None = None, options: CompileOptions | None = None,
-                     progress: ProgressFn | None = None, jobs: int = 1, tool_worker: bool = True) -> CompileReport:
+                     progress: ProgressFn | None = None, jobs: int = 1, tool_worker: bool = True,
+                     executor: str = "local", ray_address: str | None = None) -> CompileReport:
     """Run the compile plan of OUT with the tpu-mlir in VENV (default_tpu_mlir_venv() when None): transform +
     deploy each segment, then combine. ``jobs`` segments compile at once (each tool is mostly one core; 0: as
     many as llm_convert.py runs, max(cores, 4)).
@@ -195,27 +204,60 @@ def compile_segments(out: str | Path, venv: str | Path | None = None, options: C
     SegmentCompileError that names the segment and quotes the tool. Writes the plan's script into OUT too,
     so what ran can be rerun by hand.
     ``progress`` gets a StepEvent when each step starts and ends, counted over every step and the end-to-end check.
+
+    ``executor``: where the tools run (scheduling.EXECUTORS): ``local`` here; ``ray`` as Ray tasks on the cluster at
+    ``ray_address`` (else the one this process is connected to, else a local one started for the compile), the
+    same plan in the same order, with as many segments at once as the cluster has CPUs when ``jobs`` is 0.
     """
     if jobs < 0:
         raise UsageError(f"jobs must be >= 0 (got {jobs}; 0: max(cores, 4))")
-    if jobs == 0:
-        import os
+    from ..scheduling import EXECUTORS
 
-        jobs = max(os.cpu_count() or 1, 4)
+    if executor not in EXECUTORS:
+        raise UsageError(f"executor must be one of {', '.join(EXECUTORS)} (got '{executor}')")
+    if ray_address and executor != "ray":
+        raise UsageError("--ray-address applies to --executor ray")
     out_dir = Path(out).resolve()
-    manifest = read_manifest(out_dir)  # the user's own argument first, then the toolchain
-    venv = check_toolchain(venv)
+    manifest = read_manifest(out_dir)  # the user's own arguments first (and whether the model fits), then the toolchain
     plan = plan_compile(out_dir, options, manifest)
-    save_script(plan, manifest, out_dir / plan.script_name)
-    env = tool_environment(venv)
-    (out_dir / plan.work_dir).mkdir(parents=True, exist_ok=True)
-    server = ToolWorker(venv, env, log_path=out_dir / plan.work_dir / "worker.log") if tool_worker else nullcontext()
-    with server as worker:  # the worker (None without one) ends with the compile, however it ends
-        return _compile(out_dir, venv, manifest, plan, env, progress, jobs, worker)
+    memory, why = output_memory_or_none(out_dir, manifest, plan.options)
+    if memory is None:
+        log.warning("no memory plan: %s", why)
+    else:
+        check_fits(memory)
+    venv = check_toolchain(venv)
+    runner = make_executor(executor, ray_address)
+    try:
+        if jobs == 0:
+            import os
+
+            jobs = runner.cpus if runner.name == "ray" else max(os.cpu_count() or 1, 4)
+        save_script(plan, manifest, out_dir / plan.script_name)
+        env = tool_environment(venv)
+        (out_dir / plan.work_dir).mkdir(parents=True, exist_ok=True)
+        # the fork server serves this machine's tools: with Ray every tool is a Ray task
+        server = (ToolWorker(venv, env, log_path=out_dir / plan.work_dir / "worker.log")
+                  if tool_worker and runner.name == "local" else nullcontext())
+        with server as worker:  # the worker (None without one) ends with the compile, however it ends
+            report = _compile(out_dir, venv, manifest, plan, env, progress, jobs, worker, runner)
+    finally:
+        runner.close()
+    report.memory = memory
+    return report
+
+
+def preview_compile(out: str | Path, options: CompileOptions | None = None):
+    """compile --dry-run: the compile plan and the memory plan (None and why when the source's config cannot be
+    read), without the toolchain and without running anything."""
+    out_dir = Path(out).resolve()
+    manifest = read_manifest(out_dir)
+    plan = plan_compile(out_dir, options, manifest)
+    memory, why = output_memory_or_none(out_dir, manifest, plan.options)
+    return plan, memory, why
 
 
 def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], progress: ProgressFn | None, jobs: int,
-             worker: ToolWorker | None) -> CompileReport:
+             worker: ToolWorker | None, executor) -> CompileReport:
     kinds = {s.name: s.kind for s in manifest.segments}
     if plan.eval_head:  # compile --eval-head: an lm_head over every position, not a segment of OUT
         kinds[plan.eval_head] = SegmentKind.LM_HEAD
@@ -243,7 +285,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
             if stop.is_set():
                 return
             started[i] = True
-            failures[i] = _run_steps(steps, out_dir, env, results[i], counter, reuse, worker)
+            failures[i] = _run_steps(steps, out_dir, env, results[i], counter, reuse, worker, executor)
             if failures[i] is not None:
                 stop.set()
         finally:
@@ -263,7 +305,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
         if stop.is_set() or not part:
             return
         started[i] = True
-        failure = _run_steps([s for _, s in part], out_dir, env, results[i], counter, reuse, worker)
+        failure = _run_steps([s for _, s in part], out_dir, env, results[i], counter, reuse, worker, executor)
         if failure is not None:
             failures[i] = failure
             stop.set()
@@ -285,7 +327,8 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     def derive(k: int, r) -> None:
         t0 = time.perf_counter()
         derived, why = derive_deploys(r, out_dir / plan.work_dir, plan.options.quantize,
-                                      lambda argv, cwd, path: run_tool(argv, cwd, path, env, worker), driver)
+                                      lambda argv, cwd, path: run_tool(argv, cwd, path, env, worker, executor),
+                                      driver)
         share = (time.perf_counter() - t0) / max(1, len(r.targets))
         for name in r.targets:
             i = index_of[name]
@@ -317,7 +360,7 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
     report.transforms_derived = sorted(reuse.derived)
     failure = next((f for f in failures if f is not None), None)
     if failure is None:
-        failure = _run_steps([plan.steps[-1]], out_dir, env, None, counter)
+        failure = _run_steps([plan.steps[-1]], out_dir, env, None, counter, executor=executor)
     report.seconds = time.perf_counter() - t_start
     if failure is not None:
         raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,

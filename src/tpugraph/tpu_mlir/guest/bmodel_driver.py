@@ -30,6 +30,9 @@ def _environment() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
+TPUV7_CHIPS = ("BM1690", "BM1690E", "SG2262")
+
+
 def _load(bmodel: str):
     import importlib
     import re
@@ -49,7 +52,8 @@ def _load(bmodel: str):
     with FileLock("/tmp/cmodel_so.lock"):
         model_runner.link_cmodel_so(chip, rvti)
         model_runner.link_bmlib_so(chip)
-        runtime = importlib.import_module("pyruntime_bm")
+        # BM1690's runtime is tpuv7's (tools/model_runner.py picks it the same way); the others are bmruntime's
+        runtime = importlib.import_module("pyruntime_tpuv7" if chip.upper() in TPUV7_CHIPS else "pyruntime_bm")
         model_runner.bind_cmodel_so(chip, rvti)
     return chip, runtime.Model(bmodel, 0, ""), dynamic
 
