@@ -59,8 +59,11 @@ def find_toolchain() -> tuple[Path | None, str]:
 
 
 def pytest_configure(config):
-    # Presets materialise into a per-run cache, never into the user's home.
-    os.environ.setdefault("TPUGRAPH_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "tpugraph-cache"))
+    # Presets materialise into a per-run cache, never into the user's home; one per pytest-xdist worker, so two
+    # workers never build the same preset into one folder at once.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    os.environ.setdefault("TPUGRAPH_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "-".join(
+        filter(None, ("tpugraph-cache", worker)))))
 
 
 def build_model_dir(folder: Path, model_type: str, seed: int = 0, **config_kwargs) -> Path:
