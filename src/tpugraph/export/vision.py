@@ -11,8 +11,6 @@ is the split attention exactly) and the reverse index of the window order. docs/
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
@@ -26,9 +24,15 @@ class QwenVitSegment(nn.Module):
 
     def __init__(self, visual: nn.Module, patches: int):
         super().__init__()
-        for part in ("patch_embed", "rotary_pos_emb", "blocks", "merger", "fullatt_block_indexes"):
+        self._take(visual, patches, "Qwen2.5-VL", ("patch_embed", "rotary_pos_emb", "blocks", "merger",
+                                                    "fullatt_block_indexes"))
+        self.full_blocks = {int(i) for i in visual.fullatt_block_indexes}
+
+    def _take(self, visual: nn.Module, patches: int, family: str, parts: tuple[str, ...]) -> None:
+        """The vision tower, its rotary tables for P patches and its patch embedding's weight as one matrix."""
+        for part in parts:
             if not hasattr(visual, part):
-                raise ModelError(f"{type(visual).__name__}: the Qwen2.5-VL vit wrapper expects a vision tower with "
+                raise ModelError(f"{type(visual).__name__}: the {family} vit wrapper expects a vision tower with "
                                  f"{part}; this one has none")
         self.visual = visual
         self.patches = patches
@@ -45,7 +49,6 @@ class QwenVitSegment(nn.Module):
         # ("operand visual.patch_embed.proj.weight not found", a 3B-sized vit).
         conv = visual.patch_embed.proj.weight.detach()
         self.register_buffer("patch_weight", conv.reshape(conv.shape[0], -1).t().contiguous(), persistent=False)
-        self.full_blocks = {int(i) for i in visual.fullatt_block_indexes}
 
     def _rotary(self, table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # [P, 2, F] -> the h lanes then the w lanes [P, 2F], twice over the head dim (transformers' layout), as
@@ -93,22 +96,9 @@ class Qwen3VitSegment(QwenVitSegment):
 
     def __init__(self, visual: nn.Module, patches: int):
         nn.Module.__init__(self)
-        for part in ("patch_embed", "pos_embed", "rotary_pos_emb", "blocks", "merger", "deepstack_merger_list",
-                     "deepstack_visual_indexes"):
-            if not hasattr(visual, part):
-                raise ModelError(f"{type(visual).__name__}: the Qwen3-VL vit wrapper expects a vision tower with "
-                                 f"{part}; this one has none")
-        self.visual = visual
-        self.patches = patches
-        rotary = visual.rotary_pos_emb
-        freqs = torch.arange(patches, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None]
-        scale = float(getattr(rotary, "attention_scaling", 1.0))
-        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
-        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
-        conv = visual.patch_embed.proj.weight.detach()  # stored flat, as for Qwen2.5-VL (see QwenVitSegment)
-        self.register_buffer("patch_weight", conv.reshape(conv.shape[0], -1).t().contiguous(), persistent=False)
+        self._take(visual, patches, "Qwen3-VL", ("patch_embed", "pos_embed", "rotary_pos_emb", "blocks", "merger",
+                                                  "deepstack_merger_list", "deepstack_visual_indexes"))
         self.deepstack = {int(block): k for k, block in enumerate(visual.deepstack_visual_indexes)}
-        self.rotate = sys.modules[type(visual).__module__].apply_rotary_pos_emb_vision
 
     def forward(self, pixel_values, position_ids, pos_idx, pos_weight, attention_mask):
         visual = self.visual

@@ -316,6 +316,16 @@ GATED_DELTANET_REFUSALS = (
                                   "export yet (the prefill takes the whole window, SEQ)"),
 )
 
+SHORT_CONV_REFUSALS = (
+    ("naming", (None, "llm-tpu"), "the conv state inputs/outputs of its short-convolution layers have "
+                                  "names only in the llm-tpu convention"),
+    ("history_kv", (False, None), "its short-convolution layers would need a prefill that starts from "
+                                  "their conv state, which tpugraph does not export yet"),
+    ("max_input_length", (None,), "a prompt fed in chunks would need its short-convolution layers to "
+                                  "prefill from their conv state, which tpugraph does not export yet "
+                                  "(the prefill takes the whole window, SEQ)"),
+)
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
@@ -648,15 +658,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         layer_rewrites=("short_conv",),
         state_layer_type="conv",
         state_kind="short_conv",
-        refused_options=(
-            ("naming", (None, "llm-tpu"), "the conv state inputs/outputs of its short-convolution layers have "
-                                          "names only in the llm-tpu convention"),
-            ("history_kv", (False, None), "its short-convolution layers would need a prefill that starts from "
-                                          "their conv state, which tpugraph does not export yet"),
-            ("max_input_length", (None,), "a prompt fed in chunks would need its short-convolution layers to "
-                                          "prefill from their conv state, which tpugraph does not export yet "
-                                          "(the prefill takes the whole window, SEQ)"),
-        ),
+        refused_options=SHORT_CONV_REFUSALS,
         quirks=("LFM2 (350M-2.6B)", "hybrid: gated short-convolution layers with a conv state segment "
                 "(B * x through a depthwise causal conv, times C), the other layers full attention",
                 "q/k RMSNorm", "GQA", "final norm model.embedding_norm", "--naming llm-tpu only"),
@@ -674,15 +676,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                        ("feed_forward.experts.down_proj", ("feed_forward.experts.{e}.w2.weight",))),
         state_layer_type="conv",
         state_kind="short_conv",
-        refused_options=(
-            ("naming", (None, "llm-tpu"), "the conv state inputs/outputs of its short-convolution layers have "
-                                          "names only in the llm-tpu convention"),
-            ("history_kv", (False, None), "its short-convolution layers would need a prefill that starts from "
-                                          "their conv state, which tpugraph does not export yet"),
-            ("max_input_length", (None,), "a prompt fed in chunks would need its short-convolution layers to "
-                                          "prefill from their conv state, which tpugraph does not export yet "
-                                          "(the prefill takes the whole window, SEQ)"),
-        ),
+        refused_options=SHORT_CONV_REFUSALS,
         quirks=("LFM2-MoE (8B-A1B)", "LFM2's hybrid layout: short-convolution layers with a conv state segment, "
                 "full-attention layers", "first num_dense_layers layers dense, then top-k experts with sigmoid "
                 "routing and expert bias (static: gathered for decode, all weighted for prefill)",
