@@ -12,6 +12,11 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 TpuMlirVenv = Annotated[Optional[Path], typer.Option(
     "--tpu-mlir", help="The tpu-mlir venv made by scripts/setup_tpu_mlir.sh (default: $TPUGRAPH_TPU_MLIR_VENV, "
                        "else the script's default location).")]
+Backend = Annotated[str, typer.Option(
+    "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip "
+                      "simulator.")]
+BmodelFile = Annotated[Optional[Path], typer.Option(
+    "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT).")]
 PassOptions = Annotated[Optional[list[str]], typer.Option(
     "--option", help="A pass option PASS.KEY=VALUE (repeatable), e.g. rename_kv_io.convention=optimum.")]
 _QUANTIZE_HELP = ("Quantization: auto, f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import EXIT_CHECK_FAILED
 from .app import _echo, _state, app, user_errors
-from .options import JsonOut, OutFolder, TpuMlirVenv
+from .options import Backend, BmodelFile, JsonOut, OutFolder, TpuMlirVenv
 
 
 @app.command("verify")
@@ -116,8 +116,8 @@ def run_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="An image for a vision-language output (resized within its --max-pixels by the model's own image processor); it goes in front of the prompt, or at the prompt's image placeholder."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens (or at EOS, or when the window is full)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (works without a tokenizer)."),
-    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
-    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    backend: Backend = "onnx",
+    bmodel: BmodelFile = None,
     tpu_mlir: TpuMlirVenv = None,
     sample: bool = typer.Option(False, "--sample", help="Draw each token from OUT's sample head (export with --sample-head) instead of greedy."),
     temperature: float = typer.Option(1.0, "--temperature", help="With --sample: softmax temperature (> 0)."),
@@ -152,8 +152,8 @@ def run_cmd(
 @user_errors
 def chat_cmd(
     out: OutFolder,
-    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
-    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    backend: Backend = "onnx",
+    bmodel: BmodelFile = None,
     tpu_mlir: TpuMlirVenv = None,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply (it also stops at EOS and when the window is full)."),
 ) -> None:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .app import app, user_errors
-from .options import OutFolder, TpuMlirVenv
+from .options import Backend, BmodelFile, OutFolder, TpuMlirVenv
 
 
 @app.command("serve")
 @user_errors
 def serve_cmd(
     out: OutFolder,
-    backend: str = typer.Option("onnx", "--backend", help="onnx: OUT's segments in onnxruntime; bmodel: a compiled bmodel on tpu-mlir's cmodel chip simulator."),
-    bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="The combined bmodel for --backend bmodel (default: the one .bmodel in OUT)."),
+    backend: Backend = "onnx",
+    bmodel: BmodelFile = None,
     tpu_mlir: TpuMlirVenv = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free one, printed at start)."),
