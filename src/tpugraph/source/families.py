@@ -788,17 +788,27 @@ FAMILIES: tuple[FamilySpec, ...] = (
 
 
 # Vision-language families (docs/guides/vision-language.md): a ``vit`` segment beside the language model's.
+# transformers' image-text-to-text models keep the language model under model.language_model.
+LANGUAGE_MODEL_INSIDE = {
+    "auto_class": "AutoModelForImageTextToText",
+    "layers_path": "model.language_model.layers",
+    "embed_path": "model.language_model.embed_tokens",
+    "norm_path": "model.language_model.norm",
+    "rotary_path": "model.language_model.rotary_emb",
+}
+# What every vision family refuses, after its own reasons.
+IMAGE_REFUSALS = (
+    ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
+                                 "host-side gather is not wired to images yet"),
+    ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+)
 VISION_FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="qwen2_5_vl",
         model_types=("qwen2_5_vl",),
         architectures=("Qwen2_5_VLForConditionalGeneration",),
         min_transformers="5.24",
-        auto_class="AutoModelForImageTextToText",
-        layers_path="model.language_model.layers",
-        embed_path="model.language_model.embed_tokens",
-        norm_path="model.language_model.norm",
-        rotary_path="model.language_model.rotary_emb",
+        **LANGUAGE_MODEL_INSIDE,
         # Qwen's own checkpoints (and transformers' save_pretrained) keep the original layout.
         checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
         mrope=True,
@@ -808,9 +818,7 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
                                      "rope delta carried across turns, which the runtime does not do yet"),
             ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
                                           "takes the whole window, SEQ)"),
-            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
-                                         "host-side gather is not wired to images yet"),
-            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+            *IMAGE_REFUSALS,
         ),
         quirks=("Qwen2.5-VL (3B/7B/32B/72B)", "vit segment: window + full attention, 2x2 patch merger, host-side "
                 "window index and masks", "mrope: block position_ids [3, L] (temporal, height, width)",
@@ -821,11 +829,7 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("qwen3_vl",),
         architectures=("Qwen3VLForConditionalGeneration",),
         min_transformers="5.24",
-        auto_class="AutoModelForImageTextToText",
-        layers_path="model.language_model.layers",
-        embed_path="model.language_model.embed_tokens",
-        norm_path="model.language_model.norm",
-        rotary_path="model.language_model.rotary_emb",
+        **LANGUAGE_MODEL_INSIDE,
         mrope=True,
         mrope_interleaved=True,
         # 256 patches of 16x16, 64 image tokens
@@ -836,9 +840,7 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
             ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
                                           "takes the whole window, SEQ), the deepstack rows added after the first "
                                           "blocks included"),
-            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
-                                         "host-side gather is not wired to images yet"),
-            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+            *IMAGE_REFUSALS,
         ),
         quirks=("Qwen3-VL, dense (2B/4B/8B/32B)", "vit segment: full attention, learned position embeddings "
                 "interpolated on the host (pos_idx, pos_weight), deepstack features as extra vit outputs, added by "
@@ -850,11 +852,7 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("gemma3",),
         architectures=("Gemma3ForConditionalGeneration",),
         min_transformers="5.24",
-        auto_class="AutoModelForImageTextToText",
-        layers_path="model.language_model.layers",
-        embed_path="model.language_model.embed_tokens",
-        norm_path="model.language_model.norm",
-        rotary_path="model.language_model.rotary_emb",
+        **LANGUAGE_MODEL_INSIDE,
         embedding_multiplier="sqrt_hidden",
         final_softcap_attr="final_logit_softcapping",
         rotary_per_layer_type=True,
@@ -872,9 +870,7 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
                                      "mask carried across turns, which the runtime does not do yet"),
             ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
                                           "takes the whole window, SEQ)"),
-            ("embedding_disk", (False,), "the host merges the vit output into the embedding net's rows; the "
-                                         "host-side gather is not wired to images yet"),
-            ("naming", (None, "llm-tpu"), "the vit segment's inputs have names only in the llm-tpu convention"),
+            *IMAGE_REFUSALS,
         ),
         embeddings="tied",
         quirks=("Gemma 3 with images (4B/12B/27B)", "vit segment: SigLIP at its fixed image size + projector "
