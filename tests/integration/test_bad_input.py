@@ -9,26 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_harness import one_line, run
 from conftest import TINY_LLAMA, build_model_dir
-from typer.testing import CliRunner
-
-from tpugraph.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def one_line(code, output, expected_code, *needles):
-    assert code == expected_code, (code, output)
-    assert "Traceback" not in output
-    errors = [l for l in output.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1, output
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
+from cli_harness import one_line, run
 from conftest import TINY_LLAMA, build_model_dir
 from lora_adapters import make_adapter
-from typer.testing import CliRunner
 
-from tpugraph.cli import app
 from tpugraph.contract.manifest import read_manifest
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import hf_greedy, verify
@@ -80,23 +79,6 @@ def test_merged_export_refuses_another_adapter_at_verify_and_rebuilds_with_it(ba
     assert {s for s in again.last_run.built if s.startswith("block")} == {
         s.name for s in again.segments if s.name.startswith("block")}
     assert "lm_head" in again.last_run.kept and again.model.lora.sha256 == read_adapter(other).sha256
-
-
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def one_line(code, output, expected_code, *needles):
-    assert code == expected_code, (code, output)
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, output
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
 
 
 def test_missing_adapter_folder(base, tmp_path):
