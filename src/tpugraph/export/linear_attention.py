@@ -155,6 +155,28 @@ def last_columns(x: torch.Tensor, n: torch.Tensor, k_size: int) -> torch.Tensor:
     return x @ pick
 
 
+def causal_conv_with_state(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache: "StateCapture",
+                           seq: int) -> torch.Tensor:
+    """A depthwise causal conv over ``x`` [1, C, S] (``weight`` [C, K]) that carries its conv state through
+    ``cache``: from an empty state for a prefill (a Conv, then the last K prompt columns as the next state), else
+    one decode step (the state shifted by the new column, weighted and summed). Gated DeltaNet's and LFM2's."""
+    k_size = int(weight.shape[-1])
+    if cache.conv_state is None:  # prefill from an empty state
+        # ONNX Conv has no bfloat16 kernel type: with --dtype bfloat16 the conv runs in float32.
+        wide = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+        conv = F.conv1d(x.to(wide), weight.unsqueeze(1).to(wide), None if bias is None else bias.to(wide),
+                        padding=k_size - 1, groups=int(x.shape[1]))
+        conv = conv[:, :, :seq].to(x.dtype)
+        cache.next_conv_state = last_columns(x, cache.valid.sum(), k_size)
+    else:  # one decode step
+        full = torch.cat([cache.conv_state.to(x.dtype), x], dim=-1)  # [1, C, K + 1]
+        cache.next_conv_state = full[:, :, 1:]
+        conv = (cache.next_conv_state * weight).sum(dim=-1, keepdim=True)
+        if bias is not None:
+            conv = conv + bias.unsqueeze(-1)
+    return conv
+
+
 class StateCapture:
     """Stand-in for transformers' cache in a linear-attention layer: the states in, the new ones out, and
     (prefill) which positions are prompt tokens."""
@@ -198,22 +220,7 @@ def _gated_deltanet_forward(self, hidden_states, cache=None, attention_mask=None
     # Python ints, not traced shape values: every Reshape of the segment gets a constant shape.
     batch, seq = int(hidden_states.shape[0]), int(hidden_states.shape[1])
     mixed, z, b, a = self._tpugraph_projections(hidden_states, batch, seq)  # mixed: q|k|v [1, C, S]
-    weight = self.conv1d.weight.squeeze(1)  # [C, K]
-    k_size = int(weight.shape[-1])
-    if cache.conv_state is None:  # prefill from an empty state
-        # ONNX Conv has no bfloat16 kernel type: with --dtype bfloat16 the conv runs in float32.
-        wide = torch.float32 if mixed.dtype == torch.bfloat16 else mixed.dtype
-        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(wide)
-        conv = F.conv1d(mixed.to(wide), weight.unsqueeze(1).to(wide), bias, padding=k_size - 1,
-                        groups=int(mixed.shape[1]))
-        conv = conv[:, :, :seq].to(mixed.dtype)
-        cache.next_conv_state = last_columns(mixed, cache.valid.sum(), k_size)
-    else:  # one decode step
-        full = torch.cat([cache.conv_state.to(mixed.dtype), mixed], dim=-1)  # [1, C, K + 1]
-        cache.next_conv_state = full[:, :, 1:]
-        conv = (cache.next_conv_state * weight).sum(dim=-1, keepdim=True)
-        if self.conv1d.bias is not None:
-            conv = conv + self.conv1d.bias.unsqueeze(-1)
+    conv = causal_conv_with_state(mixed, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache, seq)
     mixed = F.silu(conv).transpose(1, 2)
     query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
     query = query.reshape(batch, seq, -1, self.head_k_dim)

@@ -16,12 +16,10 @@ from __future__ import annotations
 import types
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .linear_attention import StateCapture, last_columns
+from .linear_attention import StateCapture, causal_conv_with_state
 
 
 def _short_conv_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
@@ -32,22 +30,7 @@ def _short_conv_forward(self, hidden_states, cache=None, attention_mask=None, **
     bcx = self.in_proj(hidden_states).transpose(-1, -2)  # [1, 3H, S]
     b, c, x = bcx.chunk(3, dim=-2)
     bx = b * x  # [1, H, S]
-    weight = self.conv.weight.squeeze(1)  # [H, K]
-    k_size = int(weight.shape[-1])
-    bias = self.conv.bias
-    if cache.conv_state is None:  # prefill from an empty state
-        # ONNX Conv has no bfloat16 kernel type: with --dtype bfloat16 the conv runs in float32.
-        wide = torch.float32 if bx.dtype == torch.bfloat16 else bx.dtype
-        conv = F.conv1d(bx.to(wide), weight.unsqueeze(1).to(wide), None if bias is None else bias.to(wide),
-                        padding=k_size - 1, groups=int(bx.shape[1]))
-        conv = conv[:, :, :seq].to(bx.dtype)
-        cache.next_conv_state = last_columns(bx, cache.valid.sum(), k_size)
-    else:  # one decode step
-        full = torch.cat([cache.conv_state.to(bx.dtype), bx], dim=-1)  # [1, H, K + 1]
-        cache.next_conv_state = full[:, :, 1:]
-        conv = (cache.next_conv_state * weight).sum(dim=-1, keepdim=True)
-        if bias is not None:
-            conv = conv + bias.unsqueeze(-1)
+    conv = causal_conv_with_state(bx, self.conv.weight.squeeze(1), self.conv.bias, cache, seq)
     y = (c * conv).transpose(-1, -2).contiguous()
     return self.out_proj(y)
 
