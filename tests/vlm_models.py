@@ -134,3 +134,58 @@ def build_gemma3(folder: Path, seed: int = 0, tokenizer: bool = True, processor:
         Gemma3ImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
                                 image_std=[0.5] * 3).save_pretrained(folder)
     return folder
+
+
+# InternVL (transformers' layout, as OpenGVLab's -hf checkpoints): a Qwen2 text model behind an InternViT that takes
+# 28x28 tiles (4x4 patches of 7), pixel-shuffled 2x2 to 4 rows per tile by the MLP projector. The brackets <img>,
+# </img> and the placeholder <IMG_CONTEXT> are added tokens of the tokenizer (ids 5, 6, 7), as in the real ones; the
+# processor crops an image into at most 4 tiles plus a thumbnail (the synthetic picture: 2x2 + 1).
+INTERNVL_WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+INTERNVL_TOKEN_IDS = dict(start=5, end=6, image=7)
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|> <|image_pad|> <|vision_end|> ", "<IMG_CONTEXT> ")
+INTERNVL_TEXT = dict(model_type="qwen2", **{k: v for k, v in TEXT.items() if k != "rope_parameters"})
+INTERNVL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=28, patch_size=7, initializer_range=0.2)
+INTERNVL_MAX_TILES = 4
+
+
+def save_internvl_tokenizer(folder: Path, vocab_size: int, brackets: bool = True) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = INTERNVL_WORDS + [f"w{i}" for i in range(vocab_size - len(INTERNVL_WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(w, special=True) for w in INTERNVL_WORDS[5 if brackets else 7:]])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = INTERNVL_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def build_internvl(folder: Path, seed: int = 0, tokenizer: bool = True, processor: bool = True,
+                   brackets: bool = True) -> Path:
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    config = InternVLConfig(text_config=INTERNVL_TEXT, vision_config=INTERNVL_VISION,
+                            image_token_id=INTERNVL_TOKEN_IDS["image"], image_seq_length=4, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones
+            elif "lambda_" in name:
+                param.uniform_(0.5, 1.5)  # layer scales of 0.1 would let the blocks barely move the rows
+            elif "cls_token" in name or "position_embeddings" in name:
+                param.normal_(0.0, 1.0)  # transformers starts them at zeros: the order of the patches would not matter
+    model.save_pretrained(folder)
+    if tokenizer:
+        save_internvl_tokenizer(folder, INTERNVL_TEXT["vocab_size"], brackets)
+    if processor:  # InternVL's own settings: crop_to_patches off in the file, InternVLProcessor turns it on
+        size = INTERNVL_VISION["image_size"]
+        GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=False, min_patches=1,
+                                 max_patches=INTERNVL_MAX_TILES, image_mean=[0.485, 0.456, 0.406],
+                                 image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder

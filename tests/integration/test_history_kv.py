@@ -64,7 +64,7 @@ def test_history_kv_is_refused_like_any_option_with_the_reason():
     # the linear-attention and short-convolution states, the shared-KV layers, an image's positions before a KV
     # history
     assert refusing == {"qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm2_moe", "gemma4_text",
-                        "qwen2_5_vl", "qwen3_vl", "gemma3_vl"}
+                        "qwen2_5_vl", "qwen3_vl", "gemma3_vl", "internvl"}
     stateful = dataclasses.replace(family_by_name("llama"), name="stateful", refused_options=(
         ("history_kv", (False, None), "its layers carry a recurrent state besides the KV cache"),))
     assert stateful.refused_option(ExportOptions(history_kv=True)) == (

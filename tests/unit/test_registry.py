@@ -71,7 +71,7 @@ def test_lookup_by_architecture_then_model_type():
 
 
 @pytest.mark.parametrize("archs,model_type", [(["GPT2LMHeadModel"], "gpt2"),
-                                              (["InternVLForConditionalGeneration"], "internvl"),
+                                              (["LlavaForConditionalGeneration"], "llava"),
                                               (None, "mamba")])
 def test_unsupported_architecture_is_named_and_points_to_the_families_command(archs, model_type):
     with pytest.raises(UnsupportedModelError) as err:

@@ -311,7 +311,7 @@ def vit_spec(d: ContractDims) -> SegmentSpec:
     p = v.patches
     if v.kind == "qwen3_vl":
         return qwen3_vit_spec(d)
-    if v.kind == "gemma3":
+    if v.kind in ("gemma3", "internvl"):  # one fixed-size image (InternVL: one tile) per run
         return gemma3_vit_spec(d)
     return SegmentSpec("vit", SegmentKind.VIT, None,
                        (T("pixel_values", (p, v.patch_dim), f), T("position_ids", (p, 2), i),
@@ -342,7 +342,8 @@ def qwen3_vit_spec(d: ContractDims) -> SegmentSpec:
 def gemma3_vit_spec(d: ContractDims) -> SegmentSpec:
     """Gemma 3's SigLIP vision tower at its fixed image size + the multimodal projector: the processor's image
     [1, 3, S, S] -> its mm_tokens_per_image embedding rows [P / merge_unit, H] (P = (S / patch)^2 patches,
-    average-pooled merge_unit at a time)."""
+    average-pooled merge_unit at a time). InternVL's vit has the same contract for one tile (llm_convert's
+    InternVL3 vit): InternViT, the pixel shuffle (merge_unit patches per row) and the MLP projector."""
     v, f, T = d.vision, d.float_dtype, TensorSpec
     side = int(round((v.max_pixels) ** 0.5))
     return SegmentSpec("vit", SegmentKind.VIT, None, (T("pixel_values", (1, 3, side, side), f),),

@@ -126,10 +126,10 @@ def _record_vit(rt: SegmentRuntime, out_dir: Path, manifest: Manifest) -> None:
     """The vit's inputs for the built-in synthetic picture through OUT's own image processor, as run/verify make
     them (window order, positions, masks, reverse index; rows past the image are padding)."""
     from ..runtime.images import load_image
-    from ..runtime.vision import VisionConfig, vit_inputs
+    from ..runtime.vision import VisionConfig, vit_runs
 
-    image = load_image(out_dir, manifest, None)
-    rt.run("vit", *vit_inputs(image.pixel_values, image.grid, VisionConfig.of(manifest), rt.mask_value).arrays)
+    image = load_image(out_dir, manifest, None)  # the first run (InternVL: the first tile)
+    rt.run("vit", *vit_runs(image.pixel_values, image.grid, VisionConfig.of(manifest), rt.mask_value)[0].arrays)
 
 
 def _named(entry: SegmentEntry, arrays: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:

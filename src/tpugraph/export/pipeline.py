@@ -236,7 +236,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     tools = tool_versions()
     manifest = Manifest(
         model=ModelRecord(**vars(facts), **_state_facts(dims), **layer_records(dims),
-                          **vision_record(config, family, dims), source=source.record(),
+                          **vision_record(config, family, dims, source.path), source=source.record(),
                           source_quantization=read_quantization(weights.quantization) if weights.quantization else None,
                           lora=adapter.record("merged") if adapter else lora_inputs_record(lora_dims)),
         tools=tools,
@@ -355,11 +355,15 @@ def vision_fields(config, family, options: ExportOptions) -> dict:
     return {**fields, "vision": vision}
 
 
-def vision_record(config, family, dims: ContractDims) -> dict:
-    """ModelRecord fields of what the host does around the vit (runtime/vision.py); none for text models."""
+def vision_record(config, family, dims: ContractDims, source_dir: Path | None = None) -> dict:
+    """ModelRecord fields of what the host does around the vit (runtime/vision.py); none for text models.
+    ``source_dir``: the model folder, whose tokenizer names the image brackets a config does not (InternVL)."""
     record: dict = {"mrope_section": list(family.mrope_section(config.get_text_config()))} if family.mrope else {}
     if dims.vision is None:
         return record
+    from ..source.tokenizer import added_token_id
+    from .vision import square_size
+
     v = config.vision_config
     # A vit without windows (Qwen3-VL): window_size 0, every block full attention.
     full = getattr(v, "fullatt_block_indexes", None)
@@ -370,10 +374,10 @@ def vision_record(config, family, dims: ContractDims) -> dict:
         if dims.vision.kind == "qwen3_vl" else {}
     return {**record, "vision": VisionRecord(
         kind=family.vision.kind, max_pixels=dims.vision.max_pixels, patches=dims.vision.patches,
-        patch_dim=dims.vision.patch_dim, tokens=dims.vision.tokens, patch_size=int(v.patch_size),
+        patch_dim=dims.vision.patch_dim, tokens=dims.vision.tokens, patch_size=square_size(v.patch_size),
         temporal_patch_size=int(getattr(v, "temporal_patch_size", 1)), spatial_merge_size=int(merge),
         window_size=int(getattr(v, "window_size", 0) or 0), fullatt_block_indexes=[int(i) for i in full],
-        token_ids=family.vision.token_ids(config), **learned)}
+        token_ids=family.vision.token_ids(config, lambda text: added_token_id(source_dir, text)), **learned)}
 
 
 def layer_records(dims: ContractDims) -> dict:

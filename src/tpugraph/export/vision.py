@@ -1,6 +1,6 @@
 """A vision tower (transformers' module, its own weights) -> the ``vit`` segment: static shapes for a fixed
-number of patches, the window bookkeeping (Qwen2.5-VL) and the position-table interpolation (Qwen3-VL) left to
-the host (runtime/vision.py).
+number of patches (or one fixed-size image or tile: Gemma 3, InternVL), the window bookkeeping (Qwen2.5-VL) and
+the position-table interpolation (Qwen3-VL) left to the host (runtime/vision.py).
 
 transformers' Qwen2.5-VL vision forward computes the rotary positions, the window order and the attention
 splits (``cu_seqlens``) from ``grid_thw`` with data-dependent loops and splits. The segment takes them as
@@ -133,13 +133,69 @@ class Gemma3VitSegment(nn.Module):
         return self.projector(hidden)[0]
 
 
+class InternVitSegment(nn.Module):
+    """(pixel_values [1, 3, S, S]) -> vit_embeds [(S/patch)^2 / k^2, H]: one InternVL tile (llm_convert's InternVL3
+    vit): InternViT's patch embedding, class token and position table (at the config's image size, so never
+    interpolated), its layers, the class token dropped, the pixel shuffle (k x k neighbours into one row of k^2
+    channels, k = 1 / downsample_ratio, as transformers' ``InternVLModel.pixel_shuffle``) and the MLP projector."""
+
+    def __init__(self, visual: nn.Module, projector: nn.Module):
+        super().__init__()
+        if projector is None:
+            raise ModelError("the InternVL vit wrapper needs the multimodal projector beside the vision tower")
+        self.visual = visual
+        self.projector = projector
+        width = int(visual.config.hidden_size)
+        # the projector's input is k^2 vision channels: k from its weights, not from the top-level config
+        self.k = int(round((projector.linear_1.in_features // width) ** 0.5))
+        self.side = square_size(visual.config.image_size) // square_size(visual.config.patch_size)
+
+    def forward(self, pixel_values):
+        embeddings = self.visual.embeddings
+        x = embeddings.patch_embeddings(pixel_values)  # [1, P, C]
+        x = torch.cat([embeddings.cls_token, x], dim=1)
+        if embeddings.position_embeddings is not None:
+            x = x + embeddings.position_embeddings
+        for layer in self.visual.encoder.layer:
+            x = self._layer(layer, x)
+        x = self.visual.layernorm(x)[:, 1:]
+        g, k, c = self.side, self.k, x.shape[-1]
+        x = x.reshape(1, g, g // k, k * c).transpose(1, 2).reshape(1, g // k, g // k, k * k * c).transpose(1, 2)
+        return self.projector(x.reshape(-1, k * k * c))
+
+    @staticmethod
+    def _layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """transformers' InternVLVisionLayer with its attention written out, the queries scaled before Q @ K^T: the
+        eager form (scores scaled after, no mask) is what onnxsim fuses into com.microsoft::Attention, which
+        tpu-mlir cannot convert."""
+        attn = layer.attention
+        p, heads = x.shape[1], attn.num_heads
+        h = layer.layernorm_before(x)
+        q, k, v = attn.q_norm(attn.q_proj(h)), attn.k_norm(attn.k_proj(h)), attn.v_proj(h)
+        q, k, v = (t.reshape(1, p, heads, -1).transpose(1, 2) for t in (q, k, v))  # [1, heads, P, d]
+        probs = torch.softmax(torch.matmul(q * attn.scale, k.transpose(2, 3)), dim=-1)
+        x = x + layer.lambda_1 * attn.projection_layer(torch.matmul(probs, v).transpose(1, 2).reshape(1, p, -1))
+        return x + layer.lambda_2 * layer.mlp(layer.layernorm_after(x))
+
+
 VIT_WRAPPERS = {"qwen2_5_vl": QwenVitSegment, "qwen3_vl": Qwen3VitSegment}
 
 
 def vit_segment(kind: str, visual: nn.Module, patches: int, projector: nn.Module | None = None) -> nn.Module:
     if kind == "gemma3":
         return Gemma3VitSegment(visual, projector)
+    if kind == "internvl":
+        return InternVitSegment(visual, projector)
     return VIT_WRAPPERS[kind](visual, patches)
+
+
+def square_size(value) -> int:
+    """A size given as n or as (n, n) (InternViT's image_size and patch_size)."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ModelError(f"a non-square vision size {list(value)} is not supported")
+        value = value[0]
+    return int(value)
 
 
 def vision_dims(config, family, max_pixels: int | None):
@@ -149,7 +205,7 @@ def vision_dims(config, family, max_pixels: int | None):
     from ..errors import UsageError
 
     v = config.vision_config
-    if family.vision.kind == "gemma3":
+    if family.vision.kind in ("gemma3", "internvl"):
         return fixed_vision_dims(config, family, max_pixels)
     patch, merge = int(v.patch_size), int(v.spatial_merge_size)
     max_pixels = family.vision.default_max_pixels if max_pixels is None else int(max_pixels)
@@ -166,16 +222,37 @@ def vision_dims(config, family, max_pixels: int | None):
 
 
 def fixed_vision_dims(config, family, max_pixels: int | None):
-    """A vit at one fixed image size (Gemma 3's SigLIP): --max-pixels is that size or nothing."""
+    """A vit at one fixed image size (Gemma 3's SigLIP; InternViT's tile): --max-pixels is that size or nothing."""
     from ..contract.segments import VisionDims
     from ..errors import UsageError
 
     v = config.vision_config
-    size, patch = int(v.image_size), int(v.patch_size)
+    size, patch = square_size(v.image_size), square_size(v.patch_size)
     if max_pixels is not None and int(max_pixels) != size * size:
         raise UsageError(f"this vit takes images of {size}x{size} only (the processor resizes every image to it): "
                          f"leave it out or give {size * size}", option="max_pixels")
     patches = (size // patch) ** 2
-    tokens = int(config.mm_tokens_per_image)
+    if family.vision.kind == "internvl":  # the pixel shuffle: k x k patches -> one row
+        merge_unit = internvl_merge(config, size // patch) ** 2
+    else:
+        merge_unit = patches // int(config.mm_tokens_per_image)
     return VisionDims(patches=patches, patch_dim=int(getattr(v, "num_channels", 3)) * patch * patch,
-                      merge_unit=patches // tokens, max_pixels=size * size, kind=family.vision.kind)
+                      merge_unit=merge_unit, max_pixels=size * size, kind=family.vision.kind)
+
+
+def internvl_merge(config, side: int) -> int:
+    """k = 1 / downsample_ratio, the pixel shuffle's side, refusing what the InternVL vit does not export: a
+    feature layer other than the last, a feature strategy that keeps the class token, a grid k does not divide."""
+    from ..errors import UnsupportedModelError
+
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    if layer != -1 or strategy != "default":
+        raise UnsupportedModelError(f"InternVL with vision_feature_layer={layer}, vision_feature_select_strategy="
+                                    f"{strategy!r} is not supported yet: its vit exports the last layer's patch "
+                                    "rows (-1, 'default')")
+    k = int(round(1 / float(config.downsample_ratio)))
+    if abs(k * float(config.downsample_ratio) - 1) > 1e-6 or side % k:
+        raise UnsupportedModelError(f"InternVL with downsample_ratio={config.downsample_ratio} on a {side}x{side} "
+                                    "patch grid is not supported: the pixel shuffle needs 1/ratio, an integer "
+                                    "dividing the grid")
+    return k

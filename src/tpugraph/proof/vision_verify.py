@@ -41,6 +41,9 @@ def hf_image_features(model, image: ProcessedImage) -> list[np.ndarray]:
 
     pixels = torch.from_numpy(image.pixel_values)
     with torch.no_grad():
+        if getattr(model.config, "downsample_ratio", None):  # InternVL: the tiles' rows, tile after tile
+            features = model.model.get_image_features(pixels).pooler_output
+            return [features.reshape(-1, features.shape[-1]).float().numpy()]
         if getattr(model.config, "mm_tokens_per_image", None):  # Gemma 3: one fixed-size image, no grid
             return [model.model.get_image_features(pixels).pooler_output[0].float().numpy()]
         out = model.model.get_image_features(pixels, torch.tensor([image.grid]))
@@ -59,6 +62,8 @@ def hf_image_generate(model, ids: list[int], image: ProcessedImage, image_token:
     t = torch.tensor([ids], dtype=torch.long)
     extra = {"image_grid_thw": torch.tensor([image.grid])}
     params = inspect.signature(model.forward).parameters
+    if "image_grid_thw" not in params:  # InternVL: tiles of a fixed size, no grid
+        del extra["image_grid_thw"]
     # transformers 5.25 computes the 3-D positions from mm_token_type_ids (without it: text positions)
     if "mm_token_type_ids" in params:
         extra["mm_token_type_ids"] = (t == image_token).int()

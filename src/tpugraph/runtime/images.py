@@ -95,6 +95,11 @@ def process_image(processor, image, vision: VisionConfig, source: str) -> Proces
         out = processor(images=image, return_tensors="np")
         side = int(round(vision.patches ** 0.5))
         return ProcessedImage(np.asarray(out["pixel_values"], dtype=np.float32), (1, side, side), source)
+    if vision.kind == "internvl":  # tiles as InternVLProcessor makes them (it crops to patches by default)
+        out = processor(images=image, crop_to_patches=True, return_tensors="np")
+        pixels = np.asarray(out["pixel_values"], dtype=np.float32)
+        side = int(round(vision.patches ** 0.5))
+        return ProcessedImage(pixels, (len(pixels), side, side), source)
     size = dict(getattr(processor, "size", None) or {})
     shortest = min(int(size.get("shortest_edge", 56 * 56)), vision.max_pixels)
     out = processor(images=image, size={"shortest_edge": shortest, "longest_edge": vision.max_pixels},

@@ -35,6 +35,7 @@ class VisionConfig:
     placeholder: str = "image"  # the token role the image goes at (VisionSpec.placeholder)
     bidirectional: bool = False  # the image tokens attend to each other both ways in the prefill (Gemma 3)
     mrope: bool = True  # 3-D rotary positions (Qwen); else the plain 1-D ones
+    bracketed: bool = False  # the image placeholder becomes start + image tokens + end (VisionSpec.bracketed)
 
     @classmethod
     def of(cls, manifest) -> "VisionConfig | None":
@@ -49,7 +50,8 @@ class VisionConfig:
                    token_ids={k: int(x) for k, x in v.token_ids.items()}, kind=v.kind,
                    position_embeddings=int(v.num_position_embeddings or 0),
                    deepstack=len(v.deepstack_visual_indexes or ()), placeholder=spec.placeholder,
-                   bidirectional=spec.bidirectional_image, mrope=bool(manifest.model.mrope_section))
+                   bidirectional=spec.bidirectional_image, mrope=bool(manifest.model.mrope_section),
+                   bracketed=spec.bracketed)
 
     @property
     def merge_unit(self) -> int:
@@ -191,8 +193,9 @@ def expand_image_tokens(ids: list[int], vision: VisionConfig, grid: tuple[int, i
     without the placeholder gets the bracketed image in front."""
     image, start, end = (vision.token_ids[k] for k in ("image", "start", "end"))
     count = int(np.prod(grid)) // vision.merge_unit
-    if vision.placeholder == "start":  # Gemma 3: <start_of_image> -> <start_of_image> image x count <end_of_image>
-        places = [i for i, t in enumerate(ids) if t == start]
+    # Gemma 3: <start_of_image> -> <start_of_image> image x count <end_of_image>; InternVL: <IMG_CONTEXT> -> the same
+    if vision.placeholder == "start" or vision.bracketed:
+        places = [i for i, t in enumerate(ids) if t == vision.token_ids[vision.placeholder]]
         if len(places) > 1:
             raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
         at = places[0] if places else 0
@@ -269,10 +272,37 @@ class PromptImage:
         return hidden
 
 
+def vit_runs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: VisionConfig,
+             mask_value: float = MASK_VALUE) -> list[VitInputs]:
+    """The vit runs of one image: InternVL's tiles [n, 3, S, S] (the processor's, thumbnail last) one run each,
+    [1, 3, S, S], their rows one after the other; any other vit, one run (``vit_inputs``)."""
+    if vision.kind != "internvl":
+        return [vit_inputs(pixel_values, grid, vision, mask_value)]
+    side = int(round(vision.max_pixels ** 0.5))
+    if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, side, side):
+        raise UsageError(f"the image processor gave pixel_values {list(pixel_values.shape)}; the vit takes tiles "
+                         f"[n, 3, {side}, {side}]: is OUT's preprocessor_config.json the model's own?")
+    return [VitInputs((np.ascontiguousarray(tile[None], dtype=np.float32),), vision.tokens) for tile in pixel_values]
+
+
+def encode_tiles(runtime, ids: list[int], pixel_values: np.ndarray, vision: VisionConfig) -> PromptImage:
+    """InternVL: each tile through the vit on its own (as LLM-TPU's InternVL3 demo), the tiles' rows in order at the
+    image tokens of ``ids``; plain positions, causal attention."""
+    runs = vit_runs(pixel_values, (len(pixel_values), 0, 0), vision)
+    embeds = np.concatenate([np.asarray(runtime.run("vit", *run.arrays)[0])[: run.rows] for run in runs])
+    rows = np.flatnonzero(np.asarray(ids) == vision.token_ids["image"])
+    if len(rows) != len(embeds):
+        raise UsageError(f"the prompt has {len(rows)} image tokens for an image of {len(embeds)} vit rows "
+                         f"({len(runs)} tiles)")
+    return PromptImage(embeds, rows, np.arange(len(ids), dtype=np.int64)[None], 0)
+
+
 def encode_image(runtime, ids: list[int], pixel_values: np.ndarray, grid: tuple[int, int, int],
                  vision: VisionConfig) -> PromptImage:
     """Run the vit on one image (``runtime.run``) and place its rows at the placeholder tokens of ``ids`` (already
     expanded: ``expand_image_tokens``)."""
+    if vision.kind == "internvl":
+        return encode_tiles(runtime, ids, pixel_values, vision)
     inputs = vit_inputs(pixel_values, grid, vision, runtime.mask_value)
     embeds, *deepstack = runtime.run("vit", *inputs.arrays)
     rows = np.flatnonzero(np.asarray(ids) == vision.token_ids["image"])

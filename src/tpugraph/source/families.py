@@ -62,7 +62,7 @@ class VisionSpec:
     segment's wrapper (export/vision.py) and the host code that prepares its inputs (runtime/vision.py); the
     paths and config attributes are read from the model. docs/guides/vision-language.md has the vit contract."""
 
-    kind: str  # "qwen2_5_vl", "qwen3_vl", "gemma3"
+    kind: str  # "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl"
     path: str  # the vision tower inside the model (module path)
     projector_path: str | None = None  # a projector outside the tower, in the vit segment too (Gemma 3)
     image_token_attr: str = "image_token_id"  # config attributes of the prompt's image tokens
@@ -74,11 +74,20 @@ class VisionSpec:
     placeholder: str = "image"
     # The image tokens attend to each other both ways in the prefill (Gemma 3), besides causally to the text.
     bidirectional_image: bool = False
+    # The placeholder alone stands for the image: it becomes the whole block, start + image tokens + end (InternVL's
+    # <IMG_CONTEXT> -> <img> <IMG_CONTEXT> x N </img>), instead of being repeated between brackets already there.
+    bracketed: bool = False
+    # Brackets that are tokenizer tokens, not config attributes (InternVL's <img> and </img>): their text, looked up
+    # in the source's tokenizer at export; None reads the *_attr above.
+    start_token: str | None = None
+    end_token: str | None = None
 
-    def token_ids(self, config: Any) -> dict[str, int]:
-        """The image placeholder and its brackets, by role (image, start, end)."""
-        return {role: int(getattr(config, attr)) for role, attr in (
-            ("image", self.image_token_attr), ("start", self.vision_start_attr), ("end", self.vision_end_attr))}
+    def token_ids(self, config: Any, token_id: Any = None) -> dict[str, int]:
+        """The image placeholder and its brackets, by role (image, start, end); a bracket declared by its text is
+        looked up with ``token_id`` (text -> id: the source's tokenizer)."""
+        return {role: int(getattr(config, attr)) if text is None else int(token_id(text)) for role, attr, text in (
+            ("image", self.image_token_attr, None), ("start", self.vision_start_attr, self.start_token),
+            ("end", self.vision_end_attr, self.end_token))}
 
 
 @dataclass(frozen=True)
@@ -877,6 +886,32 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
                 "(avg-pooled to mm_tokens_per_image, RMSNorm, projection)", "bidirectional attention among the image "
                 "tokens in the prefill (host-made mask)", "Gemma 3 text blocks (sliding-window layers, rope per "
                 "layer type, embedding scaled by sqrt(hidden))"),
+    ),
+    FamilySpec(
+        name="internvl",
+        model_types=("internvl",),
+        architectures=("InternVLForConditionalGeneration",),
+        min_transformers="5.24",
+        **LANGUAGE_MODEL_INSIDE,
+        # A Qwen2.5 (or Llama-shaped) language model: sliding windows only where its layer_types say so.
+        sliding_layers=SLIDING_BY_LAYER_TYPE,
+        # transformers' save_pretrained (and OpenGVLab's -hf checkpoints) keep the llava layout.
+        checkpoint_prefixes=(("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                             ("model.vision_tower.", "vision_tower."),
+                             ("model.multi_modal_projector.", "multi_modal_projector.")),
+        vision=VisionSpec(kind="internvl", path="model.vision_tower", projector_path="model.multi_modal_projector",
+                          default_max_pixels=0, bracketed=True, start_token="<img>", end_token="</img>"),
+        refused_options=(
+            ("history_kv", (False,), "a prefill on top of a KV history does not take the image tiles' rows, which "
+                                     "the runtime merges into a whole-window prefill only"),
+            ("max_input_length", (None,), "the image tiles' tokens and the prompt are prefilled in one piece (the "
+                                          "prefill takes the whole window, SEQ)"),
+            *IMAGE_REFUSALS,
+        ),
+        quirks=("InternVL3 / 3.5 in transformers' layout (-hf checkpoints)", "vit segment: one tile at the config's "
+                "image_size (448x448), InternViT + pixel shuffle + MLP projector -> (S/patch)^2 * downsample_ratio^2 "
+                "rows", "tiles: the model's own processor (crop_to_patches, max_patches, a thumbnail), each tile "
+                "through the vit, <img> <IMG_CONTEXT> x rows x tiles </img>", "Qwen2.5 blocks, plain 1-D positions"),
     ),
 )
 FAMILIES = FAMILIES + VISION_FAMILIES

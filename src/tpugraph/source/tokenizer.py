@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..contract.manifest_records import TokenizerRecord
-from ..errors import OutputError, UsageError
+from ..errors import ModelError, OutputError, UsageError
 
 if TYPE_CHECKING:
     from ..contract.manifest import Manifest
@@ -123,3 +123,24 @@ def load_output_tokenizer(out_dir: Path, manifest: Manifest, instead: str = IDS_
     except Exception as exc:  # transformers' own message says which file or class it could not use
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"transformers cannot load the tokenizer in {folder}: {first}") from None
+
+
+def added_token_id(source: Path, text: str) -> int:
+    """The id of the added token ``text`` in the source model's tokenizer files (tokenizer.json's added_tokens, or
+    tokenizer_config.json's added_tokens_decoder), read as JSON: a vision family's image brackets that its config
+    does not name (InternVL's <img>). ModelError when neither file has it."""
+    import json
+
+    def read(name: str) -> dict:
+        try:
+            return json.loads((Path(source) / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    found = [t.get("id") for t in read("tokenizer.json").get("added_tokens") or () if t.get("content") == text]
+    found += [i for i, t in (read("tokenizer_config.json").get("added_tokens_decoder") or {}).items()
+              if t.get("content") == text]
+    if not found:
+        raise ModelError(f"the source model's tokenizer has no token {text!r} (tokenizer.json added_tokens or "
+                         "tokenizer_config.json added_tokens_decoder): the image's brackets need its id")
+    return int(found[0])
