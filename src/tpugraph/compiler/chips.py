@@ -39,6 +39,11 @@ CHIP_TABLE: dict[str, ChipSpec] = {spec.name: spec for spec in (
     ChipSpec("cv186x", cores=1, memory_bytes=4 * GIB, quantize_modes=ALL_MODES,
              cmodel_library="libcmodel_bm1688.so",
              note="SoC, 1 TPU core (BM1688's core; the same cmodel); 4 GB boards"),
+    # BM1690 (SG2260): 8 cores is tpu_info.py's max_core_num; its memory is an UNVERIFIED GUESS (no Sophgo document
+    # for its boards' memory was found): give the real board's with --device-memory
+    ChipSpec("bm1690", cores=8, memory_bytes=64 * GIB, quantize_modes=ALL_MODES,
+             cmodel_library="libtpuv7_emulator.so", runtime="pyruntime_tpuv7",
+             note="8 TPU cores; the 64 GB memory is an unverified guess; simulated by tpuv7's emulator"),
 )}
 CHIPS = tuple(CHIP_TABLE)
 

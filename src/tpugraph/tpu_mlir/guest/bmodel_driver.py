@@ -115,7 +115,9 @@ def main() -> int:
                     raise ValueError(f"net {name} input {t.name}: {t.data.shape} expected, got {x.shape}")
                 t.data.reshape(-1)[:x.size] = lowering(x, pdtype=t.dtype, pshape=x.shape, pzero_point=t.qzero_point,
                                                        pscale=t.qscale).reshape(-1)
-            if dynamic:
+            # tpuv7's runtime (BM1690) computes only through forward_dynamic: its forward() leaves the outputs
+            # unwritten (measured with tpu-mlir 1.30.2); tools/model_runner.py runs every bmodel that way
+            if dynamic or chip.upper() in TPUV7_CHIPS:
                 shapes = net.forward_dynamic([list(x.shape) for x in arrays])
             else:
                 net.forward()
