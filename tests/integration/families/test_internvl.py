@@ -75,3 +75,19 @@ def test_a_tokenizer_without_the_image_brackets_is_one_line(tmp_path):
     with pytest.raises(ModelError, match=f"no token '{INTERNVL_WORDS[5]}'") as err:
         export_and_optimize(str(folder), tmp_path / "out", ExportOptions(seq_length=SEQ))
     assert "\n" not in str(err.value)
+
+
+def test_tiles_of_another_size_than_the_vit_are_one_line(vlm):
+    """InternVL's own path: a processor that is not the model's (tiles of another size) is refused before the vit."""
+    import numpy as np
+
+    from tpugraph.errors import UsageError
+    from tpugraph.runtime.images import vision_of
+    from tpugraph.runtime.vision import vit_runs
+
+    _, out, manifest = vlm
+    vision = vision_of(out, manifest)
+    assert len(vit_runs(np.zeros((3, 3, 28, 28), np.float32), (3, 4, 4), vision)) == 3
+    with pytest.raises(UsageError, match=r"the vit takes tiles \[n, 3, 28, 28\]") as err:
+        vit_runs(np.zeros((2, 3, 32, 32), np.float32), (2, 4, 4), vision)
+    assert "\n" not in str(err.value)
