@@ -176,6 +176,10 @@ def build_internvl(folder: Path, seed: int = 0, tokenizer: bool = True, processo
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 param.add_(torch.randn_like(param) * 0.1)  # trained norms are not all ones
+            elif "norm" in name and name.endswith("bias"):
+                # nor without bias: tpu-mlir 1.30.2's tpu optimization aborts ("v is none type") on an F16 vit whose
+                # LayerNorms keep neither weight nor bias (the weight folded into the next MatMul, a zero bias dropped)
+                param.normal_(0.0, 0.1)
             elif "lambda_" in name:
                 param.uniform_(0.5, 1.5)  # layer scales of 0.1 would let the blocks barely move the rows
             elif "cls_token" in name or "position_embeddings" in name:

@@ -1,7 +1,8 @@
 """The host side of a vision-language output (docs/guides/vision-language.md): an image's patches -> the vit
 net's inputs (Qwen2.5-VL: window order, rotary positions, masks, reverse index; Qwen3-VL: rotary positions,
-position-table taps and weights, mask), the prompt's 3-D rotary positions (mrope), the vit rows merged into the
-embedding of the image placeholder tokens and (Qwen3-VL) the deepstack rows added after the first blocks.
+position-table taps and weights, mask; InternVL: one run per tile), the prompt's 3-D rotary positions (mrope), the
+vit rows merged into the embedding of the image placeholder tokens and (Qwen3-VL) the deepstack rows added after the
+first blocks.
 
 numpy re-implementations of what transformers' Qwen2.5-VL computes from ``grid_thw`` (``get_vision_position_ids``,
 ``get_vision_window_index``, ``get_rope_index``), so the runtime needs neither torch nor transformers' models.

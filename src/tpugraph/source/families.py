@@ -908,10 +908,11 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
                                           "prefill takes the whole window, SEQ)"),
             *IMAGE_REFUSALS,
         ),
-        quirks=("InternVL3 / 3.5 in transformers' layout (-hf checkpoints)", "vit segment: one tile at the config's "
+        quirks=("InternVL3 in transformers' layout (-hf checkpoints)", "vit segment: one tile at the config's "
                 "image_size (448x448), InternViT + pixel shuffle + MLP projector -> (S/patch)^2 * downsample_ratio^2 "
                 "rows", "tiles: the model's own processor (crop_to_patches, max_patches, a thumbnail), each tile "
-                "through the vit, <img> <IMG_CONTEXT> x rows x tiles </img>", "Qwen2.5 blocks, plain 1-D positions"),
+                "through the vit, <img> <IMG_CONTEXT> x rows x tiles </img>", "Qwen2.5 (or Llama-shaped) blocks, "
+                "plain 1-D positions"),
     ),
 )
 FAMILIES = FAMILIES + VISION_FAMILIES

@@ -75,3 +75,37 @@ def test_a_tokenizer_without_the_image_brackets_is_one_line(tmp_path):
     with pytest.raises(ModelError, match=f"no token '{INTERNVL_WORDS[5]}'") as err:
         export_and_optimize(str(folder), tmp_path / "out", ExportOptions(seq_length=SEQ))
     assert "\n" not in str(err.value)
+
+
+def test_tiles_of_another_size_than_the_vit_are_one_line(vlm):
+    """InternVL's own path: a processor that is not the model's (tiles of another size) is refused before the vit."""
+    import numpy as np
+
+    from tpugraph.errors import UsageError
+    from tpugraph.runtime.images import vision_of
+    from tpugraph.runtime.vision import vit_runs
+
+    _, out, manifest = vlm
+    vision = vision_of(out, manifest)
+    assert len(vit_runs(np.zeros((3, 3, 28, 28), np.float32), (3, 4, 4), vision)) == 3
+    with pytest.raises(UsageError, match=r"the vit takes tiles \[n, 3, 28, 28\]") as err:
+        vit_runs(np.zeros((2, 3, 32, 32), np.float32), (2, 4, 4), vision)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("attr,value", [("vision_feature_layer", -2), ("vision_feature_select_strategy", "full"),
+                                        ("downsample_ratio", 0.3)])
+def test_what_the_vit_does_not_export_is_refused_with_the_reason(vlm, attr, value):
+    from transformers import AutoConfig
+
+    from tpugraph.errors import UnsupportedModelError
+    from tpugraph.export.vision import vision_dims
+    from tpugraph.source.families import family_by_name
+
+    config = AutoConfig.from_pretrained(str(vlm[0]))
+    assert vision_dims(config, family_by_name("internvl"), None).tokens == 4
+    setattr(config, attr, value)
+    with pytest.raises(UnsupportedModelError, match=f"{attr}={value!r}" if attr != "downsample_ratio" else
+                       "downsample_ratio=0.3") as err:
+        vision_dims(config, family_by_name("internvl"), None)
+    assert "\n" not in str(err.value) and err.value.exit_code == 4
