@@ -75,3 +75,21 @@ def test_chip_w4bf16_bmodel_verifies(exported_w4_model, toolchain, chip):
     assert result.dtype == "bmodel-w4bf16" and result.teacher_forced
     # verify's own W4 bounds (cosine >= 0.95, relative difference <= 0.25) on every step, untouched
     assert result.passed, result.to_json()
+
+
+def test_bm1688_two_core_bmodel_verifies(exported, toolchain):
+    """compile --num-core 2: bm1688's two TPU cores, every net but the F32 head built for both (llm_convert's way)."""
+    import re
+    import subprocess
+
+    if not ALL:
+        pytest.skip("set TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile every chip and mode (about a minute each)")
+    options = CompileOptions(chip="bm1688", quantize="bf16", num_core=2, check="none")
+    report = compile_segments(exported, toolchain, options, jobs=2)
+    assert report.bmodel.name == f"llama_bf16_seq{SEQ}_bm1688_1dev_2core.bmodel"
+    info = subprocess.run([str(toolchain / "bin" / "model_tool"), "--info", str(report.bmodel)], capture_output=True,
+                          text=True, check=True).stdout
+    cores = dict(re.findall(r"^net \d+: \[(\w+)\].*?core num: (\d+)", info, re.MULTILINE | re.DOTALL))
+    assert cores["block_0"] == cores["block_cache_1"] == cores["lm_head"] == "2" and cores["greedy_head"] == "1"
+    result = verify(exported, prompt=PROMPT, new_tokens=3, bmodel=report.bmodel, tpu_mlir=toolchain)
+    assert result.tokens_equal and result.passed, result.to_json()
