@@ -143,7 +143,7 @@ def test_weight_only_modes(with_data):
 
     w8 = plan_compile(with_data, CompileOptions("bm1684x", "W8F16"))
     assert _value(_deploy_argv(w8, "block_cache_1"), "--quantize") == "W8F16"
-    assert "--q_group_size" not in _deploy_argv(w8, "block_cache_1")  # per-channel unless asked
+    assert "--q_group_size" not in _deploy_argv(w8, "block_cache_1")  # model_deploy's group (64) unless asked
     assert _value(_deploy_argv(w8, "embedding_cache"), "--quantize") == "F16"
     grouped = plan_compile(with_data, CompileOptions("bm1684x", "w8f16", q_group_size=128))
     assert _value(_deploy_argv(grouped, "block_1"), "--q_group_size") == "128"

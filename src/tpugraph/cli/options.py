@@ -25,7 +25,7 @@ _QUANTIZE_HELP = ("Quantization: auto, f16, bf16, w8bf16, w4bf16, w8f16 or w4f16
 Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x, bm1688, cv186x or bm1690 (compiler/chips.py).")]
 Quantize = Annotated[str, typer.Option("--quantize", help=_QUANTIZE_HELP)]
 QGroupSize = Annotated[Optional[int], typer.Option(
-    "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*).")]
+    "--q-group-size", help="Group size of the weight-only modes (default 64, model_deploy's, for w4* and w8* alike).")]
 NumDevice = Annotated[int, typer.Option("--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x).")]
 NumCore = Annotated[int, typer.Option("--num-core", help="TPU cores of the chip each net is compiled for (model_deploy --num_core): 1 up to the chip's (bm1688: 2, bm1690: 8). A bmodel for more cores than the board's chip has computes garbage.")]
 CompileCheck = Annotated[str, typer.Option(

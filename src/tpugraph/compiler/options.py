@@ -50,7 +50,7 @@ CHECK_MODES = ("representative", "all", "none")
 class CompileOptions:
     chip: str = "bm1684x"
     quantize: str = AUTO  # resolved against OUT's manifest by resolve_auto before planning
-    q_group_size: int | None = None  # None: 64 for the 4-bit modes, per-channel otherwise
+    q_group_size: int | None = None  # None: 64 (model_deploy's default for the W4 and W8 modes; weight_cost.py)
     q_symmetric: bool = False  # model_deploy --q_symmetric (chosen by auto for checkpoints it fits better)
     num_device: int = 1
     # TPU cores of one chip each net is compiled for (model_deploy --num_core; at most the chip's, chips.CHIP_TABLE)
