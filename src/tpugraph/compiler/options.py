@@ -93,7 +93,7 @@ class CompileOptions:
             raise UsageError(f"the device count must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
         if self.num_device > spec.max_devices:
             multi = ", ".join(c for c in CHIPS if chip_spec(c).max_devices > 1)
-            raise UsageError(f"a device count > {spec.max_devices} needs {multi}: {chip} is a single-chip SoC")
+            raise UsageError(f"a device count > {spec.max_devices} needs {multi}: {chip} {spec.single_device_reason}")
         if not 1 <= self.num_core <= spec.cores:
             raise UsageError(f"the core count must be 1 to {spec.cores} on {chip}, which has {spec.cores} TPU "
                              f"core{'s' if spec.cores > 1 else ''} (got {self.num_core})")
