@@ -79,17 +79,19 @@ def test_chip_w4bf16_bmodel_verifies(exported_w4_model, toolchain, chip):
 
 
 @OPT_IN
-def test_bm1688_two_core_bmodel_verifies(exported, toolchain):
-    """compile --num-core 2: bm1688's two TPU cores, every net but the F32 head built for both (llm_convert's way)."""
+@pytest.mark.parametrize("chip, cores", [("bm1688", 2), ("bm1690", 8)])
+def test_multi_core_bmodel_verifies(exported, toolchain, chip, cores):
+    """compile --num-core N: all the chip's TPU cores, every net but the F32 head built for them (llm_convert's way)."""
     import re
     import subprocess
 
-    options = CompileOptions(chip="bm1688", quantize="bf16", num_core=2, check="none")
+    options = CompileOptions(chip=chip, quantize="bf16", num_core=cores, check="none")
     report = compile_segments(exported, toolchain, options, jobs=2)
-    assert report.bmodel.name == f"llama_bf16_seq{SEQ}_bm1688_1dev_2core.bmodel"
+    assert report.bmodel.name == f"llama_bf16_seq{SEQ}_{chip}_1dev_{cores}core.bmodel"
     info = subprocess.run([str(toolchain / "bin" / "model_tool"), "--info", str(report.bmodel)], capture_output=True,
                           text=True, check=True).stdout
-    cores = dict(re.findall(r"^net \d+: \[(\w+)\].*?core num: (\d+)", info, re.MULTILINE | re.DOTALL))
-    assert cores["block_0"] == cores["block_cache_1"] == cores["lm_head"] == "2" and cores["greedy_head"] == "1"
+    net_cores = dict(re.findall(r"^net \d+: \[(\w+)\].*?core num: (\d+)", info, re.MULTILINE | re.DOTALL))
+    assert net_cores["block_0"] == net_cores["block_cache_1"] == net_cores["lm_head"] == str(cores)
+    assert net_cores["greedy_head"] == "1"
     result = verify(exported, prompt=PROMPT, new_tokens=3, bmodel=report.bmodel, tpu_mlir=toolchain)
     assert result.tokens_equal and result.passed, result.to_json()
