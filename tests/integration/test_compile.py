@@ -143,7 +143,7 @@ def test_weight_only_modes(with_data):
 
     w8 = plan_compile(with_data, CompileOptions("bm1684x", "W8F16"))
     assert _value(_deploy_argv(w8, "block_cache_1"), "--quantize") == "W8F16"
-    assert "--q_group_size" not in _deploy_argv(w8, "block_cache_1")  # per-channel unless asked
+    assert "--q_group_size" not in _deploy_argv(w8, "block_cache_1")  # model_deploy's group (64) unless asked
     assert _value(_deploy_argv(w8, "embedding_cache"), "--quantize") == "F16"
     grouped = plan_compile(with_data, CompileOptions("bm1684x", "w8f16", q_group_size=128))
     assert _value(_deploy_argv(grouped, "block_1"), "--q_group_size") == "128"
@@ -156,6 +156,17 @@ def test_multi_device(with_data):
         assert _value(_deploy_argv(plan, seg), "--num_device") == (None if seg == "greedy_head" else "2")
     assert plan.bmodel == "llama_bf16_seq16_bm1684x_2dev.bmodel"
     assert plan.script_name == "compile_bf16_bm1684x_2dev.sh"
+
+
+def test_multi_core(with_data):
+    plan = plan_compile(with_data, CompileOptions("bm1688", "bf16", num_core=2))
+    for seg in plan.segments:
+        # as llm_convert deploys: every net on the chip's cores but the F32 heads
+        assert _value(_deploy_argv(plan, seg), "--num_core") == (None if seg == "greedy_head" else "2")
+    assert plan.bmodel == "llama_bf16_seq16_bm1688_1dev_2core.bmodel"
+    assert plan.command.endswith("--num-core 2")
+    single = plan_compile(with_data, CompileOptions("bm1688", "bf16"))
+    assert not any("--num_core" in s.argv for s in single.steps) and single.bmodel.endswith("_1dev.bmodel")
 
 
 def test_numerical_checks_only_with_test_data(exported, with_data):
@@ -197,7 +208,11 @@ def test_default_check_compares_one_segment_per_structure_then_end_to_end(with_d
     (CompileOptions(quantize="f16", q_group_size=64), "a group size applies to the weight-only modes"),
     (CompileOptions(quantize="w4f16", q_group_size=0), "the group size must be a positive number"),
     (CompileOptions(num_device=3), "the device count must be one of 1, 2, 4, 8"),
-    (CompileOptions(chip="bm1688", num_device=2), "a device count > 1 needs bm1684x"),
+    (CompileOptions(chip="bm1688", num_device=2), "a device count > 1 needs bm1684x: bm1688 is a single-chip SoC"),
+    (CompileOptions(chip="bm1690", num_device=2), "needs bm1684x: bm1690 has no multi-device compile proven"),
+    (CompileOptions(chip="bm1684x", num_core=2), "the core count must be 1 to 1 on bm1684x, which has 1 TPU core "),
+    (CompileOptions(chip="bm1688", num_core=4), "the core count must be 1 to 2 on bm1688, which has 2 TPU cores"),
+    (CompileOptions(chip="cv186x", num_core=0), r"the core count must be 1 to 1 on cv186x.*\(got 0\)"),
     (CompileOptions(check="some"), "check must be one of representative, all, none"),
 ])
 def test_bad_options(exported, options, message):

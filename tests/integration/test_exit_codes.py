@@ -77,6 +77,7 @@ CASES = [
     ("compile-script FOREIGN", "output", "not a tpugraph output"),
     ("compile-script OUT --quantize int3", "usage", "--quantize"),
     ("compile-script OUT --num-device x", "usage", "--num-device"),
+    ("compile-script OUT --chip cv186x --num-core 2", "usage", "--num-core"),
     ("compile OUT --quantize int3", "usage", "--quantize"),
     ("compile OUT --tpu-mlir ROOT/no-venv", "usage", "tpu-mlir"),
     ("compile FOREIGN --tpu-mlir ROOT/no-venv", "output", "not a tpugraph output"),

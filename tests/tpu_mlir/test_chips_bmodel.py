@@ -19,6 +19,8 @@ SEQ = 16
 PROMPT = [1, 45, 97, 200]
 ALL = os.environ.get("TPUGRAPH_ALL_FAMILY_COMPILES") == "1"
 DEFAULT = ("cv186x", "bf16")
+OPT_IN_REASON = "set TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile every chip and mode (about a minute each)"
+OPT_IN = pytest.mark.skipif(not ALL, reason=OPT_IN_REASON)  # before the fixtures: no export for a skipped test
 PAIRS = [pytest.param(*DEFAULT, id="-".join(DEFAULT))] + [pytest.param(c, m, id=f"{c}-{m}")
                      for c in ("bm1688", "cv186x", "bm1690") for m in ("f16", "bf16") if (c, m) != DEFAULT]
 # W4BF16 is proven on a model of its own, not on the preset. The preset's random weights (initializer_range 0.2,
@@ -45,7 +47,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("chip, mode", PAIRS)
 def test_chip_bmodel_verifies(exported, toolchain, chip, mode):
     if (chip, mode) != DEFAULT and not ALL:
-        pytest.skip("set TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile every chip and mode (about a minute each)")
+        pytest.skip(OPT_IN_REASON)
     report = compile_segments(exported, toolchain, CompileOptions(chip=chip, quantize=mode, check="none"), jobs=2)
     assert report.bmodel.name == f"llama_{mode}_seq{SEQ}_{chip}_1dev.bmodel"
     assert report.memory is not None and report.memory.fits and report.memory.chip.name == chip
@@ -64,10 +66,9 @@ def exported_w4_model(tmp_path_factory):
     return root / "out"
 
 
+@OPT_IN
 @pytest.mark.parametrize("chip", ["bm1688", "cv186x", "bm1690"])
 def test_chip_w4bf16_bmodel_verifies(exported_w4_model, toolchain, chip):
-    if not ALL:
-        pytest.skip("set TPUGRAPH_ALL_FAMILY_COMPILES=1 to compile every chip and mode (about a minute each)")
     report = compile_segments(exported_w4_model, toolchain, CompileOptions(chip=chip, quantize="w4bf16", check="none"),
                               jobs=2)
     assert report.bmodel.name == f"llama_w4bf16_seq{SEQ}_{chip}_1dev.bmodel"
@@ -75,3 +76,22 @@ def test_chip_w4bf16_bmodel_verifies(exported_w4_model, toolchain, chip):
     assert result.dtype == "bmodel-w4bf16" and result.teacher_forced
     # verify's own W4 bounds (cosine >= 0.95, relative difference <= 0.25) on every step, untouched
     assert result.passed, result.to_json()
+
+
+@OPT_IN
+@pytest.mark.parametrize("chip, cores", [("bm1688", 2), ("bm1690", 8)])
+def test_multi_core_bmodel_verifies(exported, toolchain, chip, cores):
+    """compile --num-core N: all the chip's TPU cores, every net but the F32 head built for them (llm_convert's way)."""
+    import re
+    import subprocess
+
+    options = CompileOptions(chip=chip, quantize="bf16", num_core=cores, check="none")
+    report = compile_segments(exported, toolchain, options, jobs=2)
+    assert report.bmodel.name == f"llama_bf16_seq{SEQ}_{chip}_1dev_{cores}core.bmodel"
+    info = subprocess.run([str(toolchain / "bin" / "model_tool"), "--info", str(report.bmodel)], capture_output=True,
+                          text=True, check=True).stdout
+    net_cores = dict(re.findall(r"^net \d+: \[(\w+)\].*?core num: (\d+)", info, re.MULTILINE | re.DOTALL))
+    assert net_cores["block_0"] == net_cores["block_cache_1"] == net_cores["lm_head"] == str(cores)
+    assert net_cores["greedy_head"] == "1"
+    result = verify(exported, prompt=PROMPT, new_tokens=3, bmodel=report.bmodel, tpu_mlir=toolchain)
+    assert result.tokens_equal and result.passed, result.to_json()

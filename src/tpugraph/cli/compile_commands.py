@@ -22,6 +22,7 @@ from .options import (
     NoCheck,
     NoFuse,
     NoShareVocab,
+    NumCore,
     NumDevice,
     OutFolder,
     QGroupSize,
@@ -32,7 +33,8 @@ from .options import (
 
 def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_device: int, check: str,
                      no_check: bool, no_fuse: bool = False, no_share_vocab: bool = False,
-                     dynamic: bool = False, eval_head: bool = False, device_memory: Optional[float] = None):
+                     dynamic: bool = False, eval_head: bool = False, device_memory: Optional[float] = None,
+                     num_core: int = 1):
     from ..compiler import CompileOptions
     from ..errors import UsageError
 
@@ -41,10 +43,11 @@ def _compile_options(chip: str, quantize: str, q_group_size: Optional[int], num_
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=q_group_size, num_device=num_device,
                               check="none" if no_check else check, fuse=not no_fuse,
                               share_vocab=not no_share_vocab, dynamic=dynamic, eval_head=eval_head,
-                              device_memory=memory).check_options()
+                              device_memory=memory, num_core=num_core).check_options()
     except UsageError as err:  # the library names what is wrong; the command line names its flag
         flag = {"chip": "--chip", "quantization": "--quantize", "a group size": "--q-group-size",
                 "the group size": "--q-group-size", "the device count": "--num-device", "a device count": "--num-device",
+                "the core count": "--num-core",
                 "check": "--check", "the device memory": "--device-memory"}
         for words, name in flag.items():
             if str(err).startswith(words + " "):
@@ -60,6 +63,7 @@ def compile_script_cmd(
     quantize: Quantize = "auto",
     q_group_size: QGroupSize = None,
     num_device: NumDevice = 1,
+    num_core: NumCore = 1,
     check: CompileCheck = "representative",
     no_check: NoCheck = False,
     no_fuse: NoFuse = False,
@@ -73,7 +77,7 @@ def compile_script_cmd(
     from ..compiler import write_compile_script
 
     path = write_compile_script(out, _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse,
-                                                      no_share_vocab, dynamic, eval_head), script)
+                                                      no_share_vocab, dynamic, eval_head, num_core=num_core), script)
     if json_out:
         typer.echo(json.dumps({"script": str(path)}))
         return
@@ -90,6 +94,7 @@ def compile_cmd(
     quantize: Quantize = "auto",
     q_group_size: QGroupSize = None,
     num_device: NumDevice = 1,
+    num_core: NumCore = 1,
     check: CompileCheck = "representative",
     no_check: NoCheck = False,
     no_fuse: NoFuse = False,
@@ -109,7 +114,7 @@ def compile_cmd(
     from ..compiler import SegmentCompileError, compile_segments, format_table
 
     options = _compile_options(chip, quantize, q_group_size, num_device, check, no_check, no_fuse, no_share_vocab,
-                               dynamic, eval_head, device_memory)
+                               dynamic, eval_head, device_memory, num_core)
     if dry_run:
         _dry_run(out, options, json_out)
         return
@@ -117,7 +122,7 @@ def compile_cmd(
     if max_ppl_increase is not None:
         ppl_choice = _choose_by_perplexity(out, tpu_mlir, options, max_ppl_increase, ppl_windows, jobs, json_out)
         options = _compile_options(chip, ppl_choice.chosen.quantize, ppl_choice.chosen.q_group_size, num_device, check,
-                                   no_check, no_fuse, no_share_vocab, dynamic, eval_head, device_memory)
+                                   no_check, no_fuse, no_share_vocab, dynamic, eval_head, device_memory, num_core)
     try:
         with compile_progress(enabled=_state["verbosity"] >= 0 and not json_out) as progress:
             report = compile_segments(out, tpu_mlir, options, progress=progress, jobs=jobs, executor=executor,

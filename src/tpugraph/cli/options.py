@@ -22,11 +22,12 @@ PassOptions = Annotated[Optional[list[str]], typer.Option(
 _QUANTIZE_HELP = ("Quantization: auto, f16, bf16, w8bf16, w4bf16, w8f16 or w4f16 (blocks and lm_head; the embedding keeps "
                   "the float type, the greedy/sample heads stay F32). auto (default): for a quantized source (GPTQ, AWQ, "
                   "GGUF...) the weight-only mode, group size and symmetry that keep its integers best; f16 otherwise.")
-Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x, bm1688 or cv186x (compiler/chips.py).")]
+Chip = Annotated[str, typer.Option("--chip", help="Target chip: bm1684x, bm1688, cv186x or bm1690 (compiler/chips.py).")]
 Quantize = Annotated[str, typer.Option("--quantize", help=_QUANTIZE_HELP)]
 QGroupSize = Annotated[Optional[int], typer.Option(
-    "--q-group-size", help="Group size of the weight-only modes (default 64 for w4*, per-channel for w8*).")]
+    "--q-group-size", help="Group size of the weight-only modes (default 64, model_deploy's, for w4* and w8* alike).")]
 NumDevice = Annotated[int, typer.Option("--num-device", help="Number of TPUs to split the model over (1, 2, 4, 8; bm1684x).")]
+NumCore = Annotated[int, typer.Option("--num-core", help="TPU cores of the chip each net is compiled for (model_deploy --num_core): 1 up to the chip's (bm1688: 2, bm1690: 8). A bmodel for more cores than the board's chip has computes garbage.")]
 CompileCheck = Annotated[str, typer.Option(
     "--check", help="representative: tpu-mlir's numerical compares on one segment of each distinct structure "
     "(those with test data: export-and-optimize --with-test-data), then an end-to-end greedy check of the bmodel on "

@@ -27,6 +27,7 @@ class ChipSpec:
     cmodel_library: str
     runtime: str = "pyruntime_bm"
     max_devices: int = 1  # chips per card a --num-device compile may split over (SoCs: 1)
+    single_device_reason: str = "is a single-chip SoC"  # why max_devices is 1, as the refusal says it
     note: str = ""
 
 
@@ -43,6 +44,7 @@ CHIP_TABLE: dict[str, ChipSpec] = {spec.name: spec for spec in (
     # for its boards' memory was found): give the real board's with --device-memory
     ChipSpec("bm1690", cores=8, memory_bytes=64 * GIB, quantize_modes=ALL_MODES,
              cmodel_library="libtpuv7_emulator.so", runtime="pyruntime_tpuv7",
+             single_device_reason="has no multi-device compile proven in tpugraph yet",
              note="8 TPU cores; the 64 GB memory is an unverified guess; simulated by tpuv7's emulator"),
 )}
 CHIPS = tuple(CHIP_TABLE)

@@ -3,9 +3,9 @@
 Counted before any tool runs, from the model's config (its weights' shapes on the meta device, no weight read):
 
 - weights per net group (embedding, blocks, lm_head, vit), in the compile's types: the embedding, norms, biases
-  and the vit in the mode's float type (2 bytes); matmul weights (the blocks' linears, lm_head) in the mode:
-  2 bytes (f16/bf16), or 1 byte (w8) / half a byte (w4) per element plus, per quantization group of a row, a
-  2-byte scale and (asymmetric) a 1-byte zero point. A tied vocabulary matrix shared by embedding and lm_head
+  and the vit in the mode's float type (2 bytes); matmul weights (the blocks' linears, lm_head) in the mode, as
+  weight_cost.WeightCost counts them (tpu-mlir's layout: 1 byte (w8) / half a byte (w4) per element plus, per
+  group of a row, a 2-byte scale and a 1-byte zero point). A tied vocabulary matrix shared by embedding and lm_head
   (one device, compile's default) is counted once, in the embedding.
 - KV cache: SEQ x the layers' (kv heads x head dim) x 2 (K and V) x 2 bytes.
 - activations: an estimate of the largest net's working set (the prefill block at L tokens, lm_head's logits).
@@ -27,9 +27,9 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .chips import GIB, ChipSpec, chip_spec
+from .weight_cost import FLOAT_BYTES, WeightCost
 
 WEIGHT_LIMIT = 0x400000  # DevParallel.cpp: "only >= 4MB distribute to multi devices" (elements of the weight)
-FLOAT_BYTES = 2  # f16 / bf16
 GROUPS = ("embedding", "blocks", "lm_head", "vit", "other")
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
@@ -151,17 +151,6 @@ def classify(named_parameters, family, hidden: int, heads: int, kv: int, head_di
     return weights
 
 
-def quantized_bytes(rows: int, cols: int, quantize: str, q_group_size: int | None, q_symmetric: bool) -> int:
-    """Bytes of a [rows, cols] matmul weight in a mode: 2 per element in f16/bf16; in w8/w4 1 or 1/2 per element
-    plus per group of ``q_group_size`` columns of a row (the whole row: per-channel) a 2-byte scale and, when
-    asymmetric, a 1-byte zero point."""
-    if not quantize.startswith("w"):
-        return rows * cols * FLOAT_BYTES
-    bits = 4 if quantize.startswith("w4") else 8
-    groups = math.ceil(cols / q_group_size) if q_group_size else 1
-    return math.ceil(rows * cols * bits / 8) + rows * groups * (2 + (0 if q_symmetric else 1))
-
-
 @dataclass
 class MemoryPlan:
     """The bytes one device holds (the largest share, device 0), by part, and whether they fit the chip."""
@@ -244,7 +233,8 @@ def _shorten(parts: list[str], keep: int = 4) -> str:
 def plan_memory(shape: ModelShape, chip: str | ChipSpec, quantize: str, num_device: int, seq_length: int,
                 input_length: int | None = None, q_group_size: int | None = None, q_symmetric: bool = False,
                 share_vocab: bool = True, memory_bytes: int | None = None) -> MemoryPlan:
-    """The per-device bytes of ``shape`` compiled in ``quantize`` for ``chip`` over ``num_device`` devices."""
+    """The per-device bytes of ``shape`` compiled in ``quantize`` for ``chip`` over ``num_device`` devices.
+    ``q_symmetric`` costs the same: tpu-mlir keeps a zero point per group either way (weight_cost.py)."""
     spec = chip if isinstance(chip, ChipSpec) else chip_spec(chip)
     quantize = quantize.lower()
     if num_device < 1:
@@ -271,7 +261,7 @@ def plan_memory(shape: ModelShape, chip: str | ChipSpec, quantize: str, num_devi
         if w.group == "lm_head" and w.matmul and shared:
             continue  # the embedding's matrix, stored once
         if w.matmul and w.group in ("blocks", "lm_head"):
-            weights[w.group] += quantized_bytes(rows, cols, quantize, q_group_size, q_symmetric)
+            weights[w.group] += WeightCost(quantize, q_group_size).bytes(rows, cols)
         else:
             weights[w.group] += rows * cols * FLOAT_BYTES
     attention_split = any(p.endswith(" attention") for p in split)

@@ -50,9 +50,11 @@ CHECK_MODES = ("representative", "all", "none")
 class CompileOptions:
     chip: str = "bm1684x"
     quantize: str = AUTO  # resolved against OUT's manifest by resolve_auto before planning
-    q_group_size: int | None = None  # None: 64 for the 4-bit modes, per-channel otherwise
+    q_group_size: int | None = None  # None: 64 (model_deploy's default for the W4 and W8 modes; weight_cost.py)
     q_symmetric: bool = False  # model_deploy --q_symmetric (chosen by auto for checkpoints it fits better)
     num_device: int = 1
+    # TPU cores of one chip each net is compiled for (model_deploy --num_core; at most the chip's, chips.CHIP_TABLE)
+    num_core: int = 1
     # representative: the tools' compares on one segment per distinct structure (with test data), then an
     # end-to-end greedy check of the combined bmodel on the cmodel; all: the compares on every segment; none.
     check: str = "representative"
@@ -91,14 +93,17 @@ class CompileOptions:
             raise UsageError(f"the device count must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})")
         if self.num_device > spec.max_devices:
             multi = ", ".join(c for c in CHIPS if chip_spec(c).max_devices > 1)
-            raise UsageError(f"a device count > {spec.max_devices} needs {multi}: {chip} is a single-chip SoC")
+            raise UsageError(f"a device count > {spec.max_devices} needs {multi}: {chip} {spec.single_device_reason}")
+        if not 1 <= self.num_core <= spec.cores:
+            raise UsageError(f"the core count must be 1 to {spec.cores} on {chip}, which has {spec.cores} TPU "
+                             f"core{'s' if spec.cores > 1 else ''} (got {self.num_core})")
         if self.device_memory is not None and self.device_memory <= 0:
             raise UsageError(f"the device memory must be a positive number of bytes (got {self.device_memory})")
         check = {True: "representative", False: "none"}.get(self.check, self.check)  # type: ignore[arg-type]
         if check not in CHECK_MODES:
             raise UsageError(f"check must be one of {', '.join(CHECK_MODES)} (got '{self.check}')")
         return CompileOptions(chip=chip, quantize=quantize, q_group_size=group, num_device=self.num_device,
-                              check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
+                              num_core=self.num_core, check=check, q_symmetric=self.q_symmetric and quantize.startswith("w"), fuse=self.fuse,
                               share_vocab=self.share_vocab, dynamic=bool(self.dynamic), eval_head=bool(self.eval_head),
                               device_memory=self.device_memory)
 
@@ -109,7 +114,8 @@ class CompileOptions:
 
     @property
     def tag(self) -> str:
-        return (f"{self.quantize}_{self.chip}_{self.num_device}dev" + ("_dynamic" if self.dynamic else "")
+        return (f"{self.quantize}_{self.chip}_{self.num_device}dev" + (f"_{self.num_core}core" if self.num_core > 1 else "")
+                + ("_dynamic" if self.dynamic else "")
                 + ("_eval" if self.eval_head else ""))
 
 

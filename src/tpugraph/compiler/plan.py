@@ -83,13 +83,15 @@ class CompilePlan:
 
 
 def bmodel_name(manifest: Manifest, options: CompileOptions) -> str:
-    """`{model_type}_{quantize}_seq{SEQ}_{chip}_{N}dev.bmodel`, lowercase (LLM-TPU's naming plus the chip)."""
+    """`{model_type}_{quantize}_seq{SEQ}_{chip}_{N}dev.bmodel`, lowercase (LLM-TPU's naming plus the chip; `_{C}core`
+    after `dev` for a compile for C > 1 cores)."""
     model_type = str(manifest.model.model_type or manifest.model.family or "model")
     model_type = re.sub(r"[^a-z0-9.-]+", "-", model_type.lower()).strip("-") or "model"
     seq = int(manifest.options.seq_length)
     dynamic = "_dynamic" if options.dynamic else ""
     evaluation = "_eval" if options.eval_head else ""
-    return (f"{model_type}_{options.quantize}_seq{seq}_{options.chip}_{options.num_device}dev{dynamic}{evaluation}"
+    cores = f"_{options.num_core}core" if options.num_core > 1 else ""
+    return (f"{model_type}_{options.quantize}_seq{seq}_{options.chip}_{options.num_device}dev{cores}{dynamic}{evaluation}"
             ".bmodel").lower()
 
 
@@ -115,6 +117,9 @@ def deploy_flags(kind: SegmentKind, options: CompileOptions, float_weights: bool
     # heads stay single-device nets, as in LLM-TPU's multi-device scripts; model_tool combines both kinds.
     if options.num_device > 1 and kind not in HEAD_KINDS:
         flags += ["--num_device", str(options.num_device)]
+    # the cores of one chip, as llm_convert passes them: every net but the F32 heads (single-core nets there too)
+    if options.num_core > 1 and kind not in HEAD_KINDS:
+        flags += ["--num_core", str(options.num_core)]
     if kind in QUANT_INPUT_KINDS:
         flags.append("--quant_input")
     if kind in QUANT_OUTPUT_KINDS:
@@ -236,6 +241,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         command += f" --q-group-size {options.q_group_size}"
     if options.num_device != 1:
         command += f" --num-device {options.num_device}"
+    if options.num_core != 1:
+        command += f" --num-core {options.num_core}"
     if not options.fuse:
         command += " --no-fuse"
     if not options.share_vocab:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UsageError
+from .weight_cost import WeightCost
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Candidate:
     quantize: str  # bf16, w8bf16, w4bf16, ... (options.QUANTIZE_MODES)
-    q_group_size: int | None = None  # None: the mode's default (per channel for W8)
+    q_group_size: int | None = None  # None: model_deploy's default (64, W8 too)
 
     @property
     def label(self) -> str:
@@ -33,12 +34,9 @@ class Candidate:
 
     @property
     def bits_per_weight(self) -> float:
-        """What a weight of the blocks costs in the bmodel: its integer, plus its group's scale (16 bits) and zero
-        point (the integer's bits) shared by the group; 16 for the float modes."""
-        if not self.quantize.startswith("w"):
-            return 16.0
-        bits = int(self.quantize[1])
-        return bits + ((16 + bits) / self.q_group_size if self.q_group_size else 0.0)
+        """What a weight of the blocks costs in the bmodel (weight_cost.WeightCost: its integer plus its group's
+        16-bit scale and 8-bit zero point; 16 for the float modes)."""
+        return WeightCost(self.quantize, self.q_group_size).bits_per_weight
 
 
 DEFAULT_CANDIDATES = (Candidate("w4bf16", 128), Candidate("w4bf16", 64), Candidate("w8bf16"), Candidate("bf16"))
