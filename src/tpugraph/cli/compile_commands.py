@@ -133,6 +133,8 @@ def compile_cmd(
         _echo(f"quantize auto: {report.plan.quant_choice.summary()}")
     _echo(report.table())
     _echo(f"vocabulary matrix: {report.vocab_sharing}")
+    for split in report.device_splits:  # --num-device N > 1: measured from the bmodel (compiler/device_split.py)
+        _echo(f"devices: {split.line()}")
     unchecked = [r.segment for r in report.results if not r.checked]
     if unchecked and report.plan.options.check != "none":
         reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"

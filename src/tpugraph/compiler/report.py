@@ -43,6 +43,7 @@ class CompileReport:
     deploy_reuse_notes: list[str] = field(default_factory=list)  # why some layers were deployed after all
     embedding_table: Path | None = None  # --embedding-disk: embedding.bin written beside the bmodel
     memory: object | None = None  # memory_plan.MemoryPlan checked before the tools ran (None: no source config)
+    device_splits: list = field(default_factory=list)  # --num-device N > 1: device_split.SegmentSplit per segment
 
     @property
     def passed(self) -> bool:
@@ -62,7 +63,8 @@ class CompileReport:
                 "embedding_table": str(self.embedding_table) if self.embedding_table else None,
                 "transforms_derived": self.transforms_derived, "deploys_derived": self.deploys_derived,
                 "deploy_reuse_notes": self.deploy_reuse_notes, "vocab_sharing": self.vocab_sharing,
-                "tensor_parallel": self.plan.tensor_parallel_note or None}
+                "tensor_parallel": self.plan.tensor_parallel_note or None,
+                "device_splits": [s.to_json() for s in self.device_splits] or None}
 
     @property
     def vocab_sharing(self) -> str:

@@ -366,6 +366,12 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
         raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,
                                   failure.log_path, report)
     report.bmodel = out_dir / plan.bmodel
+    if plan.options.num_device > 1:  # what tpu-mlir made of each segment over the devices, read from the bmodel
+        from .device_split import measure_splits
+
+        report.device_splits = measure_splits(report.bmodel, env, {s.name: [t.name for t in s.inputs]
+                                                                   for s in manifest.segments},
+                                              plan.options.num_device)
     if manifest.conventions.embedding_disk:  # --embedding-disk: the rows in the compile's float type
         from ..contract.embedding_table import COMPILED_NAME, write_compiled
         from .plan import _float_mode

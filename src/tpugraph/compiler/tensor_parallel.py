@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from .options import NUM_DEVICES
 
-# Why `compile --num-device N` is not yet tensor parallel (a line of the compile script and the plan).
-NOT_SPLIT_NOTE = ("tpu-mlir 1.30.2's --dev-parallel pass does not recognise tpugraph's block graphs, so each of the "
-                  "N devices holds the full weights (see docs/explanation/tensor-parallel.md); `tpugraph verify OUT "
-                  "--num-device N` proves the split itself on OUT's blocks")
+# What the devices of `compile --num-device N` hold (a line of the compile script and the plan), by how OUT was exported.
+NOT_SPLIT_NOTE = ("tpu-mlir 1.30.2's --dev-parallel pass does not recognise tpugraph's block graphs as exported for "
+                  "one device, so each of the N devices holds the full weights; `export-and-optimize --num-device N` "
+                  "writes the blocks in the form it splits (see docs/explanation/tensor-parallel.md); "
+                  "`tpugraph verify OUT --num-device N` proves the split itself on OUT's blocks")
+SPLIT_FORM_NOTE = ("OUT's blocks are written in the form tpu-mlir's --dev-parallel pass splits (export-and-optimize "
+                   "--num-device): it cuts attention heads and MLP columns over the N devices where its patterns "
+                   "match (an MLP whose down projection has at most 4M elements stays whole); the compile report "
+                   "measures the split from the bmodel")
 
 
 @dataclass(frozen=True)
