@@ -70,7 +70,7 @@ def test_a_split_that_does_not_exist_is_one_line(exported):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--num-device" in errors[0], result.output
     result = CliRunner().invoke(app, ["verify", str(exported), "--num-device", "2", "--bmodel", "x.bmodel"])
-    assert result.exit_code == EXIT_USAGE and "simulates one device" in result.output, result.output
+    assert result.exit_code == EXIT_USAGE and "x.bmodel' does not exist" in result.output, result.output
 
 
 def test_verify_num_device_through_the_cli(exported):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 _NET = re.compile(r"^net(?: \d+)?: \[(?P<name>[^\]]+)\]\s+(?P<kind>\w+)")
 _DEVICE = re.compile(r"^device id: (\d+)")
-_INPUT = re.compile(r"^input: (?:devid\((\d+)\) )?([^,]+),")
+_INPUT = re.compile(r"^(input|output): (?:devid\((\d+)\) )?([^,]+),")
 _WEIGHT_NET = re.compile(r'^net \d+ : "(?P<name>[^"]+)"')
 _RANGE = re.compile(r"\[0x([0-9a-f]+), 0x([0-9a-f]+)\)")
 
@@ -33,11 +33,13 @@ class NetInfo:
     kind: str  # static | dynamic | cascade
     device: int | None = None
     inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
     weight_bytes: int = 0
 
 
 def parse_info(text: str) -> dict[str, NetInfo]:
-    """``model_tool --info --all``: every net, its device and its input names (a cascade net's without devid)."""
+    """``model_tool --info --all``: every net, its device and its input and output names (a cascade net's without
+    devid)."""
     nets: dict[str, NetInfo] = {}
     current: NetInfo | None = None
     for line in text.splitlines():
@@ -51,8 +53,10 @@ def parse_info(text: str) -> dict[str, NetInfo]:
         if d:
             current.device = int(d.group(1))
         i = _INPUT.match(line)
-        if i and i.group(2).strip() not in current.inputs:
-            current.inputs.append(i.group(2).strip())
+        if i:
+            names = current.inputs if i.group(1) == "input" else current.outputs
+            if i.group(3).strip() not in names:  # a cascade net lists each device's copy: its name once
+                names.append(i.group(3).strip())
     return nets
 
 
@@ -130,12 +134,28 @@ def segment_splits(nets: dict[str, NetInfo], segments: dict[str, list[str]], num
     return result
 
 
-def measure_splits(bmodel: Path, env: dict[str, str], segments: dict[str, list[str]],
-                   num_device: int) -> list[SegmentSplit]:
-    """Run model_tool (in the tpu-mlir environment ``env``) on ``bmodel`` and read its split per segment."""
+def segment_parts(nets: dict[str, NetInfo], segment: str) -> dict[int, list[NetInfo]]:
+    """A split segment's per-device nets by step (``<segment>_<step>_<device>``), each step's in device order."""
+    pattern = re.compile(re.escape(segment) + r"_(\d+)_(\d+)")
+    steps: dict[int, list[tuple[int, NetInfo]]] = {}
+    for n in nets.values():
+        m = pattern.fullmatch(n.name)
+        if m and n.kind != "cascade":
+            steps.setdefault(int(m.group(1)), []).append((int(m.group(2)), n))
+    return {k: [n for _, n in sorted(v, key=lambda t: t[0])] for k, v in sorted(steps.items())}
+
+
+def model_tool_nets(bmodel: Path, env: dict[str, str]) -> dict[str, NetInfo]:
+    """``bmodel``'s nets as model_tool lists them (run in the tpu-mlir environment ``env``), with their weights."""
     def listing(*args: str) -> str:
         return subprocess.run(["model_tool", *args], env=env, capture_output=True, text=True, check=True).stdout
 
     nets = parse_info(listing("--info", str(bmodel), "--all"))
     add_weights(nets, listing("--weight", str(bmodel)))
-    return segment_splits(nets, segments, num_device)
+    return nets
+
+
+def measure_splits(bmodel: Path, env: dict[str, str], segments: dict[str, list[str]],
+                   num_device: int) -> list[SegmentSplit]:
+    """Run model_tool (in the tpu-mlir environment ``env``) on ``bmodel`` and read its split per segment."""
+    return segment_splits(model_tool_nets(bmodel, env), segments, num_device)
