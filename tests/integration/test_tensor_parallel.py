@@ -139,7 +139,10 @@ def test_the_split_form_is_what_the_matcher_takes(exported_split):
     projection's [1, S, H, D] view (one Gather per table, shared by Q and K), and the manifest says so."""
     import onnx
 
-    assert read_manifest(exported_split).options.num_device == 2
+    manifest = read_manifest(exported_split)
+    assert manifest.options.num_device == 2
+    # tiny-llama's down projection (160 x 64) is under tpu-mlir's 4M-element limit: the manifest warns
+    assert any("splits the attention only" in n for n in manifest.notes)
     graph = onnx.load(str(exported_split / "block_cache_0.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert "Clip" not in ops

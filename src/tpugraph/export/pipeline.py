@@ -196,7 +196,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     from .exporter import DEFAULT_OPSET
     from .factory import SegmentFactory
     from .model_parts import ModelParts
-    from .notes import export_notes, unused_inputs_note
+    from .notes import export_notes, split_form_note, unused_inputs_note
     from .resume import unit_fingerprint
 
     started = time.perf_counter()
@@ -298,7 +298,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     manifest.segments.sort(key=lambda e: order[e.name])
     unused = {e.name: e.unused_inputs for e in manifest.segments if e.unused_inputs}
     manifest.notes = export_notes(family, config, options.seq_length, options.dtype) + (
-        [unused_inputs_note(unused)] if unused else [])
+        [unused_inputs_note(unused)] if unused else []) + (
+        [split_form_note(config)] if options.num_device > 1 and split_form_note(config) else [])
     for note in manifest.notes:
         log.info("note: %s", note)
     if options.embedding_disk:  # the rows the host gathers instead of running embedding nets
