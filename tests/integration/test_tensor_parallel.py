@@ -173,6 +173,15 @@ def test_the_split_form_refuses_what_it_does_not_cover(tmp_path):
         ExportOptions(seq_length=SEQ, num_device=2, history_kv=True).check()
     with pytest.raises(UsageError, match="over 8 devices"):
         export_and_optimize("tiny-llama", tmp_path / "l8", ExportOptions(seq_length=SEQ, num_device=8))
+    # 2 KV heads over 4 devices: tpu-mlir 1.30.2 aborts ("size is 0"), so the split form refuses it, naming N = 2
+    with pytest.raises(UsageError, match=r"2 KV heads are fewer than the devices.*--num-device 2 would"):
+        export_and_optimize("tiny-llama", tmp_path / "l4", ExportOptions(seq_length=SEQ, num_device=4))
+
+
+def test_the_compile_of_the_split_form_refuses_fewer_kv_heads_than_devices(exported, exported_split):
+    with pytest.raises(UsageError, match="fewer than the devices"):
+        plan_compile(exported_split, CompileOptions("bm1684x", "bf16", num_device=4))
+    plan_compile(exported, CompileOptions("bm1684x", "bf16", num_device=4))  # one-device export: copies, no split
 
 
 def test_the_compile_plan_of_the_split_form_says_the_report_measures_it(exported_split):

@@ -23,7 +23,7 @@ from .options import (
     CompileOptions,
     resolve_auto,
 )
-from .tensor_parallel import NOT_SPLIT_NOTE, SPLIT_FORM_NOTE, tensor_split
+from .tensor_parallel import NOT_SPLIT_NOTE, SPLIT_FORM_NOTE, check_split_form, tensor_split
 from .vocab_sharing import VocabSharing, plan_sharing, rewritten_file
 
 OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" in the script, the real path here
@@ -191,6 +191,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         check_dynamic_prefill(manifest)
     if options.num_device > 1:  # one line for a model whose heads have no even split (tensor_parallel.py)
         tensor_split(manifest.model.num_heads, manifest.model.num_kv_heads, options.num_device)
+        if manifest.options.num_device > 1:  # the split form: what tpu-mlir itself can split
+            check_split_form(manifest.model.num_heads, manifest.model.num_kv_heads, options.num_device)
     work = f"compile/{options.tag}"
     compared = {"all": {e.name for e in manifest.segments}, "representative": representatives(manifest),
                 "none": set()}[options.check]

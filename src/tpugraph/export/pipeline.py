@@ -215,9 +215,9 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")
     if options.num_device > 1:  # one line for heads with no even split (compiler/tensor_parallel.py)
-        from ..compiler.tensor_parallel import tensor_split
+        from ..compiler.tensor_parallel import check_split_form
 
-        tensor_split(facts.num_heads, facts.num_kv_heads, options.num_device)
+        check_split_form(facts.num_heads, facts.num_kv_heads, options.num_device)
         if family.vision is not None or family.per_layer_embedding is not None:
             raise UsageError(f"cannot be used with family {family.name} yet: the tensor-parallel block form is "
                              "written for text decoder layers", option="num_device")
