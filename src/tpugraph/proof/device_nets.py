@@ -47,19 +47,20 @@ class DeviceNetsReport:
     checks: list[PartCheck] = field(default_factory=list)
     nets_run: list[str] = field(default_factory=list)
     unsplit: list[str] = field(default_factory=list)  # block segments tpu-mlir did not split (not checked here)
+    mask: str = f"{MASK_VALUE:g}"  # the masked-position value the nets were fed
 
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "num_device": self.num_device, "nets_run": self.nets_run,
+        return {"passed": self.passed, "num_device": self.num_device, "mask": self.mask, "nets_run": self.nets_run,
                 "unsplit": self.unsplit, "checks": [c.to_json() for c in self.checks]}
 
 
-def block_feeds(entry: SegmentEntry, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+def block_feeds(entry: SegmentEntry, seq: int, seed: int = 0, mask_value: float = MASK_VALUE) -> dict[str, np.ndarray]:
     """Inputs for a block segment: random states (and history), positions 0.. (prefill) or a decode step at
-    position ``seq // 2`` with the history rows before it written, the contract's causal mask."""
+    position ``seq // 2`` with the history rows before it written, a causal mask writing ``mask_value``."""
     rng = np.random.default_rng(seed)
     decode = "history_k" in {t.name for t in entry.inputs}
     step = seq // 2
@@ -72,9 +73,9 @@ def block_feeds(entry: SegmentEntry, seq: int, seed: int = 0) -> dict[str, np.nd
             q, k = t.shape[-2:]
             if decode:
                 mask = np.zeros((q, k), np.float32)
-                mask[:, step:k - 1] = MASK_VALUE  # history rows not written yet; the new token's own column open
+                mask[:, step:k - 1] = mask_value  # history rows not written yet; the new token's own column open
             else:
-                mask = np.triu(np.full((q, k), MASK_VALUE, np.float32), 1)
+                mask = np.triu(np.full((q, k), mask_value, np.float32), 1)
             feeds[t.name] = mask.reshape(t.shape)
         else:
             feeds[t.name] = rng.standard_normal(t.shape).astype(np.float32)
@@ -87,9 +88,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def verify_device_nets(out: str | Path, bmodel: str | Path, num_device: int, tpu_mlir: str | Path | None = None,
-                       layers: list[int] | None = None, seed: int = 0) -> DeviceNetsReport:
+                       layers: list[int] | None = None, seed: int = 0, other_mask: bool = False) -> DeviceNetsReport:
     """Run every split block segment of ``bmodel`` (compiled for ``num_device`` devices) part by part on the cmodel
-    and compare hidden state and KV outputs with OUT's block ONNX in onnxruntime (float32)."""
+    and compare hidden state and KV outputs with OUT's block ONNX in onnxruntime (float32). ``other_mask``: the
+    masked positions hold the other encoding a runtime writes (verify.other_mask_value, e.g. BF16's reading of
+    0xF0E2, about -5.5e29) instead of MASK_VALUE: the split form hands the mask to tpu-mlir without a Clip."""
     import onnxruntime as ort
 
     from ..compiler.device_split import model_tool_nets, segment_parts
@@ -108,6 +111,12 @@ def verify_device_nets(out: str | Path, bmodel: str | Path, num_device: int, tpu
     report = DeviceNetsReport(num_device)
     backend = BmodelBackend(bmodel, manifest, venv, check=False)
     try:
+        mask_value = MASK_VALUE
+        if other_mask:
+            from .verify import other_mask_value
+
+            pattern, mask_value = other_mask_value(backend.activation_dtype)
+            report.mask = f"{pattern} ({mask_value:.3g})"
         for entry in blocks:
             parts = segment_parts(nets, entry.name)
             if not parts:
@@ -116,7 +125,7 @@ def verify_device_nets(out: str | Path, bmodel: str | Path, num_device: int, tpu
             if any(len(step) not in (1, num_device) for step in parts.values()):
                 raise UsageError(f"{entry.name}'s parts in the bmodel do not match {num_device} devices",
                                  option="num_device")
-            feeds = block_feeds(entry, int(manifest.options.seq_length), seed)
+            feeds = block_feeds(entry, int(manifest.options.seq_length), seed, mask_value)
             values = dict(feeds)
             for name in HISTORY_INPUTS:  # each device's KV heads of the history: tpu-mlir's contiguous slices
                 if name in feeds:
