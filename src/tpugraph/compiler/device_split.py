@@ -155,7 +155,8 @@ def model_tool_nets(bmodel: Path, env: dict[str, str]) -> dict[str, NetInfo]:
     return nets
 
 
-def measure_splits(bmodel: Path, env: dict[str, str], segments: dict[str, list[str]],
-                   num_device: int) -> list[SegmentSplit]:
-    """Run model_tool (in the tpu-mlir environment ``env``) on ``bmodel`` and read its split per segment."""
+def measure_splits(bmodel: Path, env: dict[str, str], manifest, num_device: int) -> list[SegmentSplit]:
+    """Run model_tool (in the tpu-mlir environment ``env``) on ``bmodel`` and read its split per segment of
+    ``manifest``."""
+    segments = {s.name: [t.name for t in s.inputs] for s in manifest.segments}
     return segment_splits(model_tool_nets(bmodel, env), segments, num_device)

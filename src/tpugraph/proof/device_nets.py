@@ -161,3 +161,16 @@ def verify_device_nets(out: str | Path, bmodel: str | Path, num_device: int, tpu
     finally:
         backend.close()
     return report
+
+
+def prove_splits(splits: list, out: Path, bmodel: Path, num_device: int,
+                 tpu_mlir: Path) -> tuple[DeviceNetsReport | None, float]:
+    """compile --num-device N's check: the per-device proof when tpu-mlir's split of ``splits``
+    (device_split.SegmentSplit) is well formed, None when nothing was split or a split is malformed (the compile
+    report says which); and its seconds."""
+    import time
+
+    t0 = time.perf_counter()
+    if not any(s.split for s in splits) or not all(s.well_formed or not s.split for s in splits):
+        return None, time.perf_counter() - t0
+    return verify_device_nets(out, bmodel, num_device, tpu_mlir), time.perf_counter() - t0
