@@ -138,6 +138,15 @@ def compile_cmd(
         _echo(f"quantize auto: {report.plan.quant_choice.summary()}")
     _echo(report.table())
     _echo(f"vocabulary matrix: {report.vocab_sharing}")
+    for split in report.device_splits:  # --num-device N > 1: measured from the bmodel (compiler/device_split.py)
+        _echo(f"devices: {split.line()}")
+    proof = report.device_proof
+    if proof is not None:
+        worst = min((c.cosine for c in proof.checks), default=float("nan"))
+        _echo(f"per device on the cmodel: {len(proof.nets_run)} device parts chained against the whole blocks, min "
+              f"cosine {worst:.6f} ({report.end_to_end_seconds:.0f}s): {'PASS' if proof.passed else 'FAIL'}")
+    elif report.device_splits and report.plan.end_to_end:
+        _echo("per device on the cmodel: not checked (no well-formed split; the cmodel cannot launch a cascade net)")
     unchecked = [r.segment for r in report.results if not r.checked]
     if unchecked and report.plan.options.check != "none":
         reason = ("same structure as a compared segment, or no test data (export with --with-test-data)"

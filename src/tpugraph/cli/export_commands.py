@@ -43,6 +43,7 @@ def export_and_optimize_cmd(
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Vision-language models: the largest image (in pixels, a multiple of (patch x merge)^2, e.g. 784 for Qwen2.5-VL) the static vit segment takes; larger images are resized within it (default: the family's, 50176 = 224x224 for Qwen2.5-VL, 65536 = 256x256 for Qwen3-VL)."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into the exported weights (W + scale * B @ A per targeted linear); the manifest records it."),
     lora_max_rank: Optional[int] = typer.Option(None, "--lora-max-rank", help="R: each block net also takes LoRA inputs, per linear of the layer A [R, in] and B [R, out] (named <linear>.lora_A/.lora_B), which the runtime fills with an adapter of rank <= R (zeros: the base model); run/verify --lora ADAPTER_DIR fill them."),
+    num_device: int = typer.Option(1, "--num-device", help="Write the blocks for a compile over this many TPUs (compile --num-device N): rotary as mul/add and the mask straight from the input, the form tpu-mlir's device-parallel pass splits by heads and MLP columns (docs/explanation/tensor-parallel.md). Llama-like families."),
     json_out: JsonOut = False,
 ) -> None:
     """Export MODEL into TPU-ready ONNX segments in OUT, run the pass chain on each, write OUT/manifest.json."""
@@ -56,7 +57,7 @@ def export_and_optimize_cmd(
                          embedding_disk=embedding_disk, external_data=external_data, weight_swap=weight_swap,
                          jobs=jobs, with_test_data=with_test_data, max_input_length=max_input_length,
                          history_kv=history_kv, max_pixels=max_pixels, lora=str(lora) if lora is not None else None,
-                         lora_max_rank=lora_max_rank)
+                         lora_max_rank=lora_max_rank, num_device=num_device)
 
     if gguf_file:
         from ..source.checkpoint import resolve_model

@@ -23,7 +23,7 @@ from .options import (
     CompileOptions,
     resolve_auto,
 )
-from .tensor_parallel import NOT_SPLIT_NOTE, tensor_split
+from .tensor_parallel import NOT_SPLIT_NOTE, SPLIT_FORM_NOTE, check_split_form, tensor_split
 from .vocab_sharing import VocabSharing, plan_sharing, rewritten_file
 
 OUT_VAR = "{OUT}"  # stands for the output folder in a Step's arguments: "$OUT" in the script, the real path here
@@ -70,7 +70,7 @@ class CompilePlan:
     vocab_sharing_note: str = ""  # why the matrix is not shared (when the option asked for it)
     # compile --eval-head: lm_head_all's steps, from the file written into the work folder (compiler/eval_head.py)
     eval_head: str = ""
-    tensor_parallel_note: str = ""  # --num-device N > 1: what the devices hold (tensor_parallel.NOT_SPLIT_NOTE)
+    tensor_parallel_note: str = ""  # --num-device N > 1: what the devices hold (tensor_parallel's notes)
 
     @property
     def script_name(self) -> str:
@@ -196,6 +196,8 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
         check_dynamic_prefill(manifest)
     if options.num_device > 1:  # one line for a model whose heads have no even split (tensor_parallel.py)
         tensor_split(manifest.model.num_heads, manifest.model.num_kv_heads, options.num_device)
+        if manifest.options.num_device > 1:  # the split form: what tpu-mlir itself can split
+            check_split_form(manifest.model.num_heads, manifest.model.num_kv_heads, options.num_device)
     work = f"compile/{options.tag}"
     compared = {"all": {e.name for e in manifest.segments}, "representative": representatives(manifest),
                 "none": set()}[options.check]
@@ -259,7 +261,13 @@ def plan_compile(out: str | Path, options: CompileOptions | None = None,
                        segments=[s.name for s in manifest.segments], command=command, quant_choice=quant_choice,
                        vocab_sharing=sharing, vocab_sharing_note=sharing_note,
                        eval_head=EVAL_HEAD if options.eval_head else "",
-                       tensor_parallel_note=NOT_SPLIT_NOTE if options.num_device > 1 else "")
+                       tensor_parallel_note=_tensor_parallel_note(manifest, options))
+
+
+def _tensor_parallel_note(manifest: Manifest, options: CompileOptions) -> str:
+    if options.num_device == 1:
+        return ""
+    return SPLIT_FORM_NOTE if manifest.options.num_device > 1 else NOT_SPLIT_NOTE
 
 
 def _eval_head_steps(manifest: Manifest, options: CompileOptions, work: str, float_weights: bool) -> list[Step]:

@@ -43,11 +43,15 @@ class CompileReport:
     deploy_reuse_notes: list[str] = field(default_factory=list)  # why some layers were deployed after all
     embedding_table: Path | None = None  # --embedding-disk: embedding.bin written beside the bmodel
     memory: object | None = None  # memory_plan.MemoryPlan checked before the tools ran (None: no source config)
+    device_splits: list = field(default_factory=list)  # --num-device N > 1: device_split.SegmentSplit per segment
+    device_proof: object | None = None  # --num-device N > 1: device_nets.DeviceNetsReport (the end-to-end check's place)
 
     @property
     def passed(self) -> bool:
         segments_ok = self.bmodel is not None and all(r.transform_ok and r.deploy_ok for r in self.results)
-        return segments_ok and (self.end_to_end is None or self.end_to_end.passed)
+        splits_ok = all(s.well_formed or not s.split for s in self.device_splits)  # a malformed one runs nowhere
+        return (segments_ok and splits_ok and (self.end_to_end is None or self.end_to_end.passed)
+                and (self.device_proof is None or self.device_proof.passed))
 
     def table(self) -> str:
         return format_table(self.results)
@@ -62,7 +66,9 @@ class CompileReport:
                 "embedding_table": str(self.embedding_table) if self.embedding_table else None,
                 "transforms_derived": self.transforms_derived, "deploys_derived": self.deploys_derived,
                 "deploy_reuse_notes": self.deploy_reuse_notes, "vocab_sharing": self.vocab_sharing,
-                "tensor_parallel": self.plan.tensor_parallel_note or None}
+                "tensor_parallel": self.plan.tensor_parallel_note or None,
+                "device_splits": [s.to_json() for s in self.device_splits] or None,
+                "device_proof": self.device_proof.to_json() if self.device_proof is not None else None}
 
     @property
     def vocab_sharing(self) -> str:

@@ -366,12 +366,25 @@ def _compile(out_dir: Path, venv: Path, manifest, plan, env: dict[str, str], pro
         raise SegmentCompileError(failure.step.segment, failure.step.action, failure.reason, failure.tail,
                                   failure.log_path, report)
     report.bmodel = out_dir / plan.bmodel
+    if plan.options.num_device > 1:  # what tpu-mlir made of each segment over the devices, read from the bmodel
+        from .device_split import measure_splits
+
+        report.device_splits = measure_splits(report.bmodel, env, manifest, plan.options.num_device)
     if manifest.conventions.embedding_disk:  # --embedding-disk: the rows in the compile's float type
         from ..contract.embedding_table import COMPILED_NAME, write_compiled
         from .plan import _float_mode
 
         report.embedding_table = write_compiled(out_dir, _float_mode(plan.options.quantize), out_dir / COMPILED_NAME)
-    if plan.end_to_end:
+    if plan.end_to_end and plan.options.num_device > 1:  # the cmodel cannot launch a cascade net (device_nets.py)
+        from ..proof.device_nets import prove_splits
+
+        counter.start("", "per-device check")
+        report.device_proof, report.end_to_end_seconds = prove_splits(report.device_splits, out_dir, report.bmodel,
+                                                                      plan.options.num_device, venv)
+        counter.finish("", "per-device check", report.end_to_end_seconds,
+                       getattr(report.device_proof, "passed", True))
+        report.seconds = time.perf_counter() - t_start
+    elif plan.end_to_end:
         from ..proof.verify import verify
 
         counter.start("", "end-to-end check")

@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from .options import NUM_DEVICES
 
-# Why `compile --num-device N` is not yet tensor parallel (a line of the compile script and the plan).
-NOT_SPLIT_NOTE = ("tpu-mlir 1.30.2's --dev-parallel pass does not recognise tpugraph's block graphs, so each of the "
-                  "N devices holds the full weights (see docs/explanation/tensor-parallel.md); `tpugraph verify OUT "
-                  "--num-device N` proves the split itself on OUT's blocks")
+# What the devices of `compile --num-device N` hold (a line of the compile script and the plan), by how OUT was exported.
+NOT_SPLIT_NOTE = ("tpu-mlir 1.30.2's --dev-parallel pass does not recognise tpugraph's block graphs as exported for "
+                  "one device, so each of the N devices holds the full weights; `export-and-optimize --num-device N` "
+                  "writes the blocks in the form it splits (see docs/explanation/tensor-parallel.md); "
+                  "`tpugraph verify OUT --num-device N` proves the split itself on OUT's blocks")
+SPLIT_FORM_NOTE = ("OUT's blocks are written in the form tpu-mlir's --dev-parallel pass splits (export-and-optimize "
+                   "--num-device): it cuts attention heads and MLP columns over the N devices where its patterns "
+                   "match (an MLP whose down projection has at most 4M elements stays whole); the compile report "
+                   "measures the split from the bmodel")
 
 
 @dataclass(frozen=True)
@@ -82,3 +87,16 @@ def tensor_split(num_heads: int, num_kv_heads: int, num_device: int, intermediat
             cols = range(start, start + base + (d < extra))
         shards.append(DeviceShard(d, q, kv, cols))
     return TensorSplit(num_device, num_heads, num_kv_heads, tuple(shards))
+
+
+def check_split_form(num_heads: int, num_kv_heads: int, num_device: int) -> None:
+    """One-line UsageError for a split tpu-mlir cannot make of the split form (export-and-optimize / compile
+    --num-device N): heads with no even split, or fewer KV heads than devices, where tpu-mlir 1.30.2's
+    device-parallel pass aborts ("size is 0" in get_splited_size, measured with 2 KV heads over 4 devices)."""
+    tensor_split(num_heads, num_kv_heads, num_device)
+    if num_kv_heads < num_device:
+        fits = [n for n in valid_device_counts(num_heads, num_kv_heads) if n <= num_kv_heads]
+        hint = f"; --num-device {' or '.join(map(str, fits))} would" if fits else ""
+        raise UsageError(f"cannot split this model over {num_device} devices with tpu-mlir: its {num_kv_heads} KV "
+                         f"heads are fewer than the devices, which tpu-mlir 1.30.2's device-parallel pass aborts on "
+                         f"(\"size is 0\"){hint}", option="num_device")

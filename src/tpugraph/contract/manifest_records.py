@@ -186,6 +186,7 @@ class RecordedOptions(JsonRecord):
     max_input_length: int | None = optional()  # L, when it is not SEQ
     history_kv: bool = optional(False)
     max_pixels: int | None = optional()  # vision-language models: the vit's compiled image size
+    num_device: int = optional(1)  # > 1: blocks written for tpu-mlir's device-parallel split
     extra: dict[str, Any] = extra_keys()
 
     @property

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..contract.segments import MASK_VALUE, SegmentKind, SegmentSpec
-from ..errors import ModelError
+from ..errors import ModelError, UsageError
 from ..source.families import KV_SHARING_NONE
 from .family_layers import adapt_layer
 from .graph_surgery import params_to_weights, restore_unused_inputs, unused_graph_inputs  # noqa: F401
@@ -132,6 +132,8 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
                 yield _with_float_boundary(cls(layer, rotary, window, fam, parts.skeleton,
                                                fam.layer_type(parts.text_config, spec.layer),
                                                spec.per_layer, spec.shared_kv), parts)
+            elif parts.num_device > 1:  # the form tpu-mlir's device-parallel pass splits (tensor_parallel_block)
+                yield _with_float_boundary(_tensor_parallel_block(layer, rotary, window, spec, fam.name), parts)
             else:
                 cls = {SegmentKind.BLOCK: BlockSegment, SegmentKind.BLOCK_KV: BlockKvSegment,
                        SegmentKind.BLOCK_CACHE: BlockCacheSegment}[spec.kind]
@@ -148,6 +150,22 @@ def segment_module(parts: ModelParts | None, spec: SegmentSpec, seq: int, int_dt
                               token_only), parts)
     else:
         raise ModelError(f"segment kind '{spec.kind.value}' is not implemented by the exporter")
+
+
+def _tensor_parallel_block(layer: nn.Module, rotary, window: int | None, spec: SegmentSpec, family: str) -> nn.Module:
+    from .tensor_parallel_block import (TensorParallelBlockCacheSegment, TensorParallelBlockSegment,
+                                        unsupported_reason)
+
+    reason = unsupported_reason(layer)
+    if reason is None and window is not None:
+        reason = "its layers use a sliding window shorter than SEQ"
+    if reason is None and spec.kind not in (SegmentKind.BLOCK, SegmentKind.BLOCK_CACHE):
+        reason = f"segment kind '{spec.kind.value}' has no tensor-parallel form"
+    if reason:
+        raise UsageError(f"cannot write {family}'s blocks for tpu-mlir's device-parallel split: {reason}",
+                         option="num_device")
+    cls = TensorParallelBlockSegment if spec.kind == SegmentKind.BLOCK else TensorParallelBlockCacheSegment
+    return cls(layer, rotary)
 
 
 # torch.onnx's TorchScript exporter keeps global state (opset, flags) while it runs: one export at a time.

@@ -88,7 +88,7 @@ class ModelParts:
     (no memory), and each module gets its weights from the memory-mapped safetensors only while it is
     exported."""
 
-    def __init__(self, config, family: FamilySpec, weights: WeightStore, dtype: str = "float32"):
+    def __init__(self, config, family: FamilySpec, weights: WeightStore, dtype: str = "float32", num_device: int = 1):
         import transformers
 
         family.check_transformers(transformers.__version__)
@@ -98,6 +98,7 @@ class ModelParts:
         self.weights = with_fused_weights(weights, family)  # fused_weights: MoE experts as transformers holds them
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
+        self.num_device = num_device  # > 1: blocks in the form tpu-mlir's device-parallel pass splits
         config._attn_implementation = "eager"
         self.skeleton = _build_skeleton(config, family.auto_class)
         self.skeleton.eval()

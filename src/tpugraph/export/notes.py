@@ -72,3 +72,16 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(map(str, idx))
 
 
+
+
+def split_form_note(config) -> str:
+    """--num-device N: the note for a model whose MLP tpu-mlir will not split ("" when it will)."""
+    from ..compiler.memory_plan import WEIGHT_LIMIT
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    down = int(text_config.hidden_size) * int(getattr(text_config, "intermediate_size", 0) or 0)
+    if down > WEIGHT_LIMIT:
+        return ""
+    return (f"tensor-parallel form: the MLP's down projection has {down} elements, at most tpu-mlir's "
+            f"{WEIGHT_LIMIT} (WEIGHT_LIMIT), so its device-parallel pass splits the attention only; tpu-mlir 1.30.2 "
+            "then writes multi-device nets no runtime can feed (docs/explanation/tensor-parallel.md)")

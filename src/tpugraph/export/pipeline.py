@@ -67,6 +67,7 @@ class ExportOptions:
     max_pixels: int | None = None  # vision-language models: the vit segment's image size (None: the family's)
     lora: str | None = None  # a PEFT LoRA adapter folder merged into the weights (source/lora.py)
     lora_max_rank: int | None = None  # R: the block nets take each linear's LoRA A [R, in] and B [R, out] as inputs
+    num_device: int = 1  # > 1: blocks written for tpu-mlir's device-parallel split (export/tensor_parallel_block.py)
 
     def check(self) -> None:
         """UsageError naming the field at fault (``option``), in the library's terms."""
@@ -100,6 +101,17 @@ class ExportOptions:
         if self.max_input_length is not None and not 1 <= self.max_input_length <= self.seq_length:
             raise UsageError(f"must be within 1..SEQ={self.seq_length}: the prefill nets take at most the "
                              f"decode window (got {self.max_input_length})", option="max_input_length")
+        if self.num_device != 1:
+            from ..compiler.options import NUM_DEVICES
+
+            if self.num_device not in NUM_DEVICES:
+                raise UsageError(f"must be one of {', '.join(map(str, NUM_DEVICES))} (got {self.num_device})",
+                                 option="num_device")
+            for option, used in (("history_kv", self.history_kv), ("lora_max_rank", self.lora_max_rank is not None),
+                                 ("max_input_length", self.max_input_length not in (None, self.seq_length))):
+                if used:  # the tensor-parallel block form is written for block_i and block_cache_i at SEQ only
+                    raise UsageError("does not go with --num-device > 1 yet (the tensor-parallel block form covers "
+                                     "the prefill and decode blocks at SEQ tokens)", option=option)
 
     def record(self) -> RecordedOptions:
         """The manifest's record of the options; the runtime options only where they differ from the default
@@ -109,7 +121,7 @@ class ExportOptions:
             penalty_head=self.penalty_head, greedy_in_lm_head=self.greedy_in_lm_head, sample_head=self.sample_head,
             lm_head_topk=self.lm_head_topk, embedding_disk=self.embedding_disk,
             max_input_length=self.max_input_length if self.max_input_length != self.seq_length else None,
-            history_kv=self.history_kv)
+            history_kv=self.history_kv, num_device=self.num_device)
 
 
 def naming_conventions() -> tuple[str, ...]:
@@ -184,7 +196,7 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     from .exporter import DEFAULT_OPSET
     from .factory import SegmentFactory
     from .model_parts import ModelParts
-    from .notes import export_notes, unused_inputs_note
+    from .notes import export_notes, split_form_note, unused_inputs_note
     from .resume import unit_fingerprint
 
     started = time.perf_counter()
@@ -202,6 +214,13 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     if facts.max_positions and options.seq_length > facts.max_positions:
         raise UsageError(f"{options.seq_length} exceeds the model's max_position_embeddings ({facts.max_positions})",
                          option="seq_length")
+    if options.num_device > 1:  # one line for heads with no even split (compiler/tensor_parallel.py)
+        from ..compiler.tensor_parallel import check_split_form
+
+        check_split_form(facts.num_heads, facts.num_kv_heads, options.num_device)
+        if family.vision is not None or family.per_layer_embedding is not None:
+            raise UsageError(f"cannot be used with family {family.name} yet: the tensor-parallel block form is "
+                             "written for text decoder layers", option="num_device")
     if options.max_pixels is not None and family.vision is None:
         raise UsageError(f"is for vision-language models; family {family.name} has no vision encoder",
                          option="max_pixels")
@@ -249,7 +268,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     work = Path(tempfile.mkdtemp(prefix=".tpugraph-work-", dir=out_dir))
 
     def make_factory() -> SegmentFactory:
-        factory = SegmentFactory(ModelParts(config, family, weights, options.dtype), chain, options.seq_length,
+        factory = SegmentFactory(ModelParts(config, family, weights, options.dtype, options.num_device), chain,
+                                 options.seq_length,
                                  options.int_dtype, work, options.weight_swap)
         factory.on_pass = pass_progress
         return factory
@@ -278,7 +298,8 @@ def export_and_optimize(model: str, out: str | Path, options: ExportOptions | No
     manifest.segments.sort(key=lambda e: order[e.name])
     unused = {e.name: e.unused_inputs for e in manifest.segments if e.unused_inputs}
     manifest.notes = export_notes(family, config, options.seq_length, options.dtype) + (
-        [unused_inputs_note(unused)] if unused else [])
+        [unused_inputs_note(unused)] if unused else []) + (
+        [split_form_note(config)] if options.num_device > 1 and split_form_note(config) else [])
     for note in manifest.notes:
         log.info("note: %s", note)
     if options.embedding_disk:  # the rows the host gathers instead of running embedding nets
