@@ -120,3 +120,19 @@ def test_text_prompt_on_the_vlm_output(vlm):
     hf_tokens, hf_logits = hf_greedy(Path(manifest.model.source.path), ids, 5, set())
     assert trace.tokens == hf_tokens
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(hf_logits, trace.logits)) < 1e-3
+
+
+def test_verify_passes_with_two_images(vlm, tmp_path):
+    """Two images of different grids: each through the vit in turn, their deepstack rows added at their own
+    tokens, the 3-D positions over both."""
+    from PIL import Image
+
+    _, out, _ = vlm
+    rng = np.random.default_rng(3)
+    images = []
+    for name, (w, h) in (("a.png", (120, 90)), ("b.png", (64, 100))):
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB").save(tmp_path / name)
+        images.append(tmp_path / name)
+    report = verify(out, prompt_length=4, new_tokens=6, image=images)
+    assert report.passed, report.to_json()
+    assert report.vision["images"] == 2 and len(report.vision["deepstack_cosines"]) == 2
