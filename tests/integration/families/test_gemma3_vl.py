@@ -158,11 +158,10 @@ def test_images_and_placeholders_that_differ_are_one_line(vlm, tmp_path):
 
     _, out, manifest = vlm
     images = [picture(tmp_path / "a.png", 40, 40, seed=3), picture(tmp_path / "b.png", 40, 40, seed=4)]
-    run = subprocess.run([sys.executable, "-m", "tpugraph", "run", str(out), "--prompt", "w5 <start_of_image> w6",
-                          "--image", str(images[0]), "--image", str(images[1])],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC})
-    assert run.returncode == 2 and "1 image placeholder(s) for 2 image(s)" in run.stderr, run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1
+    from cli_harness import one_line, run
+
+    one_line(*run("run", out, "--prompt", "w5 <start_of_image> w6", "--image", images[0], "--image", images[1]), 2,
+             "1 image placeholder(s) for 2 image(s)")
     with pytest.raises(UsageError, match="2 image placeholder"):  # fewer images than placeholders
         text_prompt_ids(load_output_tokenizer(out, manifest), "<start_of_image> w5 <start_of_image>", False,
                         vision_of(out, manifest), [load_image(out, manifest, images[0])], SEQ)

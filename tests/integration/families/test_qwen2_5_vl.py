@@ -188,6 +188,23 @@ def test_chat_with_two_images_then_a_text_turn(vlm, tmp_path):
         session.close()
 
 
+def test_chat_command_takes_image_lines(vlm, tmp_path):
+    """`/image FILE` twice, then a turn; a bad /image line is one `sorry:` line and the chat goes on."""
+    from cli_harness import runner
+
+    from tpugraph.cli import app
+
+    _, out, _ = vlm
+    a, b = picture(tmp_path / "a.png", 80, 60, seed=9), picture(tmp_path / "b.png", 40, 70, seed=10)
+    result = runner.invoke(app, ["chat", str(out), "--max-new-tokens", "2"],
+                           input=f"/image {a}\n/image {tmp_path / 'nope.png'}\n/image\n/image {b}\nw3 w4\nw5\n")
+    assert result.exit_code == 0, result.output
+    assert "[1 image(s) for the next turn]" in result.output and "[2 image(s) for the next turn]" in result.output
+    assert "sorry: 'nope.png' not found" in result.output.replace(str(tmp_path) + "/", "")
+    assert "sorry: /image needs a file" in result.output
+    assert result.output.count("stop:") == 2 and "Traceback" not in result.output
+
+
 def _cli(*args: str):
     import os
 
