@@ -165,3 +165,42 @@ def build_gemma3(folder: Path, seed: int = 0, tokenizer: bool = True, processor:
         Gemma3ImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
                                 image_std=[0.5] * 3, **(image_processor or {})).save_pretrained(folder)
     return folder
+
+
+def image_conversation(out: Path, source: Path, turns: list[tuple[str, list]],
+                       new_tokens: int = 3) -> list[tuple[int, int]]:
+    """Drive OUT's nets through a chat of ``turns`` (user text, image files attached to it) keeping one KV cache,
+    as `tpugraph chat` does, and check each turn against transformers' generate on the whole conversation with
+    all its images (tokens equal, logits within 1e-3). Returns (prompt tokens, cached tokens reused) per turn."""
+    import numpy as np
+
+    from tpugraph.contract.manifest import read_manifest
+    from tpugraph.proof.reference import load_full
+    from tpugraph.proof.vision_verify import hf_image_generate
+    from tpugraph.runtime.images import image_chat_messages, image_messages_ids, load_images
+    from tpugraph.runtime.loop import KvCache, SegmentRuntime
+    from tpugraph.runtime.text import stop_ids
+    from tpugraph.runtime.vision import VisionConfig, encode_images
+    from tpugraph.source.tokenizer import load_output_tokenizer
+
+    manifest = read_manifest(out)
+    tokenizer, vision = load_output_tokenizer(out, manifest), VisionConfig.of(manifest)
+    runtime, cache, model = SegmentRuntime(out, manifest), KvCache(), load_full(source)
+    eos = stop_ids(out, manifest, tokenizer)
+    messages, images, reused = [], [], []
+    try:
+        for text, files in turns:
+            new = load_images(out, manifest, files) if files else []
+            images += new
+            messages += image_chat_messages(text, len(new)) if new else [{"role": "user", "content": text}]
+            ids = image_messages_ids(tokenizer, messages, vision, images, runtime.seq)
+            merged = encode_images(runtime, ids, images, vision) if images else None
+            reused.append((len(ids), runtime.reusable_prefix(cache, ids, merged)))
+            trace = runtime.generate(ids, new_tokens, eos, cache=cache, image=merged)
+            hf_tokens, hf_logits = hf_image_generate(model, ids, images, vision.token_ids["image"], new_tokens, eos)
+            assert trace.tokens == hf_tokens, (text, trace.tokens, hf_tokens)
+            assert max(float(np.max(np.abs(a - b))) for a, b in zip(trace.logits, hf_logits)) < 1e-3
+            messages.append({"role": "assistant", "content": tokenizer.decode(trace.tokens, skip_special_tokens=True)})
+    finally:
+        runtime.close()
+    return reused

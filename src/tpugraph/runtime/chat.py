@@ -91,15 +91,15 @@ class ChatSession:
             self.conversation.messages.pop()
             raise ConversationFull(f"the conversation would take {len(ids)} tokens and the window holds SEQ={self.seq}: "
                                    "/reset to start a new one")
-        reused = 0 if images else self.runtime.reusable_prefix(self.cache, ids)
         stream = TextStream(self.tokenizer, on_text)
         t0 = time.perf_counter()
         try:
             merged = None
-            if images:  # every image of the conversation through the vit again: the whole conversation is prefilled
+            if images:  # every image of the conversation through the vit again (its rows tell what the cache holds)
                 from .vision import encode_images
 
                 merged = encode_images(self.runtime, ids, images, self.vision)
+            reused = self.runtime.reusable_prefix(self.cache, ids, merged)
             trace = self.runtime.generate(ids, min(self.max_new_tokens, room), self.eos, on_token=stream,
                                           cache=self.cache, image=merged)
         except PrefillUnsupported as exc:

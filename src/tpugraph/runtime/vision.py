@@ -259,15 +259,23 @@ class PromptImage:
         ``get_block_sequence_ids_for_mask``: a new block starts at an image token after a non-image one)."""
         return np.split(self.rows, np.flatnonzero(np.diff(self.rows) != 1) + 1) if len(self.rows) else []
 
-    def attend(self, mask: np.ndarray) -> np.ndarray:
+    def attend(self, mask: np.ndarray, column: int = 0) -> np.ndarray:
         """The prefill mask [1, 1, L, L] with the rows of each image block seeing each other, never a later block
-        (itself when not bidirectional)."""
+        (itself when not bidirectional). ``column``: where the prompt's own columns start (a history prefill's
+        [1, 1, L, SEQ + L] mask: SEQ)."""
         if not self.bidirectional:
             return mask
         mask = np.array(mask, copy=True)
         for block in self.blocks:
-            mask[0, 0, block[:, None], block[None, :]] = 0.0
+            mask[0, 0, block[:, None], column + block[None, :]] = 0.0
         return mask
+
+    def window(self, start: int, n: int) -> "PromptImage":
+        """What tokens ``start .. start+n-1`` of the prompt hold (a history prefill's chunk), in the chunk's own
+        indices: its image rows, positions and deepstack rows."""
+        inside = (self.rows >= start) & (self.rows < start + n)
+        return PromptImage(self.embeds[inside], self.rows[inside] - start, self.positions[:, start:start + n],
+                           self.delta, tuple(d[inside] for d in self.deepstack), self.bidirectional)
 
     def add_deepstack(self, hidden: np.ndarray, layer: int) -> np.ndarray:
         """Block ``layer``'s output [1, L, H] with its deepstack rows added at the image tokens (itself when the

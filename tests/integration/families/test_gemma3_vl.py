@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import numpy as np
-from vlm_models import GEMMA3_TOKEN_IDS, GEMMA3_VISION, GEMMA3_WORDS, build_gemma3
+from vlm_models import GEMMA3_TOKEN_IDS, GEMMA3_VISION, GEMMA3_WORDS, build_gemma3, image_conversation
 
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
@@ -165,3 +165,16 @@ def test_images_and_placeholders_that_differ_are_one_line(vlm, tmp_path):
     with pytest.raises(UsageError, match="2 image placeholder"):  # fewer images than placeholders
         text_prompt_ids(load_output_tokenizer(out, manifest), "<start_of_image> w5 <start_of_image>", False,
                         vision_of(out, manifest), [load_image(out, manifest, images[0])], SEQ)
+
+
+def test_history_kv_keeps_the_cache_across_image_turns(vlm, tmp_path):
+    """--history-kv: the image block of a later turn is prefilled on the history (block_kv_i), bidirectional
+    within itself in the chunk's own mask columns, and each turn answers as transformers on the whole
+    conversation."""
+    folder, _, _ = vlm
+    out = tmp_path / "kv"
+    export_and_optimize(str(folder), out, ExportOptions(seq_length=SEQ, history_kv=True, force=True))
+    files = [picture(tmp_path / "a.png", 70, 50, seed=5), picture(tmp_path / "b.png", 40, 60, seed=6)]
+    reused = image_conversation(out, folder, [("w3 w4", files[:1]), ("w5", []), ("w6 w7", files[1:])])
+    (first, none), *later = reused
+    assert none == 0 and all(kept >= before - 1 for (before, _), (_, kept) in zip(reused, later)), reused
