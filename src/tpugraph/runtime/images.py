@@ -1,5 +1,6 @@
-"""An image file (or the built-in synthetic test image) -> the model's own image processor's patches, within the
-vit's compiled size, and the prompt ids with its image placeholder expanded (tpugraph run/verify --image).
+"""Image files (or the built-in synthetic test image) -> the model's own image processor's patches, within the
+vit's compiled size, and the prompt ids with its image placeholders expanded, one image each (tpugraph run/verify
+--image, chat /image).
 
 The processor is the one saved beside the tokenizer (OUT/tokenizer/preprocessor_config.json), loaded through
 transformers' PIL image processors (torchvision is not needed). An image larger than the vit's max_pixels is
