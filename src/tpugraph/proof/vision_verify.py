@@ -5,7 +5,7 @@ prompt, and the vit output vs transformers' vision features."""
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +81,21 @@ def hf_image_generate(model, ids: list[int], images: list[ProcessedImage], image
 
 
 @dataclass
+class ImageTurn:
+    """One turn of an image verify: the conversation so far as the prompt, both sides' replies."""
+
+    prompt: list[int]
+    hf_tokens: list[int]
+    hf_logits: list[np.ndarray]
+    trace: object  # runtime.loop.GenerationTrace
+    forced: list[int] | None  # transformers' tokens fed back (reduced precision), else None
+    reused: int = 0  # of the prompt, tokens the runtime took from its KV cache (--history-kv)
+
+
+@dataclass
 class ImageRun:
-    """Both sides of an image verify, for ``verify`` to compare step by step."""
+    """Both sides of an image verify, for ``verify`` to compare step by step (the first turn's fields, then
+    every turn in ``turns``)."""
 
     prompt: list[int]
     hf_tokens: list[int]
@@ -91,16 +104,21 @@ class ImageRun:
     forced: list[int] | None  # transformers' tokens fed back (reduced precision), else None
     backend: str
     vision: dict  # the report's vision record
+    turns: list[ImageTurn] = field(default_factory=list)
 
 
 def run_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, prompt: list[int] | None,
                    prompt_length: int, new_tokens: int, seed: int, eos: set[int], source: Path,
-                   free_running: tuple[str, ...], min_cosine: float, dtype: str, backend=None) -> ImageRun:
+                   free_running: tuple[str, ...], min_cosine: float, dtype: str, backend=None,
+                   turns: int = 1) -> ImageRun:
     """``image`` (None: the built-in synthetic picture; a file; or a list of files, each through the vit in turn)
     in front of the prompt, through OUT's vit and segments (or
     ``backend``: a bmodel on the cmodel, its vit net included) and through transformers. ``dtype``: the thresholds'
     name ("float32", "float16", "bmodel-f16"...); ``free_running``: those compared without teacher forcing;
-    ``min_cosine``: the vit's bound for a reduced-precision export or bmodel."""
+    ``min_cosine``: the vit's bound for a reduced-precision export or bmodel. ``turns``: a conversation of that
+    many turns, each after the first the reference's reply and a new random prompt (``prompt_length`` ids), the
+    runtime keeping its KV cache between turns (with block_kv_i, only the new tokens are prefilled)."""
+    from ..runtime.loop import KvCache
     from .reference import load_full
 
     vision = vision_of(out_dir, manifest)
@@ -115,13 +133,31 @@ def run_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, 
                          f"SEQ={seq}; use fewer --new-tokens or --prompt-length")
     model = load_full(source)
     reference = hf_image_features(model, processed)
-    hf_tokens, hf_logits = hf_image_generate(model, ids, processed, vision.token_ids["image"], new_tokens, eos)
-    del model
-    forced = None if dtype in free_running else hf_tokens  # reduced precision: transformers' tokens fed back
+    image_token = vision.token_ids["image"]
+    first = hf_image_generate(model, ids, processed, image_token, new_tokens, eos)
+    if turns == 1:
+        del model  # one turn: the reference is done before the runtime loads
     runtime = SegmentRuntime(out_dir, manifest, backend=backend)
+    cache, done, special = KvCache(), [], set(vision.token_ids.values())
     try:
-        merged = encode_images(runtime, ids, processed, vision)
-        trace = runtime.generate(ids, new_tokens, eos, forced=forced, image=merged)
+        for turn in range(1, turns + 1):
+            if turn > 1:
+                if len(ids) + new_tokens - 1 > seq:
+                    raise UsageError(f"turn {turn}: the conversation ({len(ids)} tokens) + {new_tokens} new tokens "
+                                     f"does not fit SEQ={seq}; use fewer --turns, --new-tokens or --prompt-length")
+            hf_tokens, hf_logits = first if turn == 1 else hf_image_generate(model, ids, processed, image_token,
+                                                                            new_tokens, eos)
+            forced = None if dtype in free_running else hf_tokens  # reduced precision: transformers' tokens fed back
+            merged = encode_images(runtime, ids, processed, vision)
+            reused = runtime.reusable_prefix(cache, ids, merged)
+            trace = runtime.generate(ids, new_tokens, eos, forced=forced, image=merged, cache=cache)
+            done.append(ImageTurn(list(ids), hf_tokens, hf_logits, trace, forced, reused))
+            if turn < turns:
+                if special & set(hf_tokens):
+                    raise UsageError(f"turn {turn}: the reference's reply holds an image token, which would be "
+                                     "another image in the next turn; use another --seed", option="turns")
+                ids = ids + hf_tokens + random_text_ids(int(manifest.model.vocab_size), prompt_length,
+                                                        seed + turn, vision)
     finally:
         runtime.close()
     ours = [merged.embeds, *merged.deepstack]
@@ -136,4 +172,6 @@ def run_with_image(out_dir: Path, manifest: Manifest, image: str | Path | None, 
               "vit_max_abs_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(ours, reference)),
               **({"deepstack_cosines": cosines[1:]} if len(cosines) > 1 else {}),
               "min_vit_cosine": MIN_VIT_COSINE if dtype == "float32" else min_cosine, "rope_delta": merged.delta}
-    return ImageRun(ids, hf_tokens, hf_logits, trace, forced, runtime.backend.name, record)
+    head = done[0]
+    return ImageRun(head.prompt, head.hf_tokens, head.hf_logits, head.trace, head.forced, runtime.backend.name,
+                    record, done)

@@ -156,3 +156,7 @@ def test_history_kv_keeps_the_cache_across_image_turns(vlm, tmp_path):
     reused = image_conversation(out, folder, [("w3 w4", files[:1]), ("w5", []), ("w6 w7", files[1:])])
     (first, none), *later = reused
     assert none == 0 and all(kept >= before - 1 for (before, _), (_, kept) in zip(reused, later)), reused
+    report = verify(out, turns=3, prompt_length=3, new_tokens=3)  # verify --turns: the image in the first turn
+    assert report.passed, report.to_json()
+    cached = [t.prompt_tokens - t.new_tokens for t in report.turns]
+    assert cached[0] == 0 and all(kept >= t.prompt_tokens for t, kept in zip(report.turns, cached[1:]))
