@@ -111,7 +111,38 @@ GEMMA3_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, 
                      patch_size=8, vision_use_head=False)
 
 
-def build_gemma3(folder: Path, seed: int = 0, tokenizer: bool = True, processor: bool = True) -> Path:
+# Gemma 3's tokenizer, in small: its image tokens and turn markers special (matched whole, even between other
+# text), the blank line "\n\n" a token of its own, BOS added in front, the image tokens named in
+# extra_special_tokens (as Gemma3Processor reads them), and its chat template's shape.
+GEMMA3_WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<start_of_image>", "<end_of_image>",
+                "<image_soft_token>", "<end_of_turn>", "\n\n", "user", "model"]
+GEMMA3_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' "
+                        "else m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+                        "{% if c.type == 'image' %}<start_of_image>{% else %}{{ c.text }}{% endif %}{% endfor %}"
+                        "{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+                        "{% endif %}")
+
+
+def save_gemma3_tokenizer(folder: Path, vocab_size: int) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = GEMMA3_WORDS + [f"w{i}" for i in range(vocab_size - len(GEMMA3_WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(w, special=True, normalized=False) for w in GEMMA3_WORDS[:9]])
+    tok.add_tokens([AddedToken("\n\n", normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", extra_special_tokens={
+                                       "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                       "image_token": "<image_soft_token>"})
+    fast.chat_template = GEMMA3_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def build_gemma3(folder: Path, seed: int = 0, tokenizer: bool = True, processor: bool = True,
+                 image_processor: dict | None = None) -> Path:
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -128,11 +159,11 @@ def build_gemma3(folder: Path, seed: int = 0, tokenizer: bool = True, processor:
                 param.normal_(0.0, 0.2)  # transformers starts it at zeros: the image would reach nothing
     model.save_pretrained(folder)
     if tokenizer:
-        save_vlm_tokenizer(folder, GEMMA3_TEXT["vocab_size"])
-    if processor:
+        save_gemma3_tokenizer(folder, GEMMA3_TEXT["vocab_size"])
+    if processor:  # image_processor: other settings (pan-and-scan)
         size = GEMMA3_VISION["image_size"]
         Gemma3ImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                image_std=[0.5] * 3).save_pretrained(folder)
+                                image_std=[0.5] * 3, **(image_processor or {})).save_pretrained(folder)
     return folder
 
 
@@ -193,3 +224,42 @@ def build_internvl(folder: Path, seed: int = 0, tokenizer: bool = True, processo
                                  max_patches=INTERNVL_MAX_TILES, image_mean=[0.485, 0.456, 0.406],
                                  image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
     return folder
+
+
+def image_conversation(out: Path, source: Path, turns: list[tuple[str, list]],
+                       new_tokens: int = 3) -> list[tuple[int, int]]:
+    """Drive OUT's nets through a chat of ``turns`` (user text, image files attached to it) keeping one KV cache,
+    as `tpugraph chat` does, and check each turn against transformers' generate on the whole conversation with
+    all its images (tokens equal, logits within 1e-3). Returns (prompt tokens, cached tokens reused) per turn."""
+    import numpy as np
+
+    from tpugraph.contract.manifest import read_manifest
+    from tpugraph.proof.reference import load_full
+    from tpugraph.proof.vision_verify import hf_image_generate
+    from tpugraph.runtime.images import image_chat_messages, image_messages_ids, load_images
+    from tpugraph.runtime.loop import KvCache, SegmentRuntime
+    from tpugraph.runtime.text import stop_ids
+    from tpugraph.runtime.vision import VisionConfig, encode_images
+    from tpugraph.source.tokenizer import load_output_tokenizer
+
+    manifest = read_manifest(out)
+    tokenizer, vision = load_output_tokenizer(out, manifest), VisionConfig.of(manifest)
+    runtime, cache, model = SegmentRuntime(out, manifest), KvCache(), load_full(source)
+    eos = stop_ids(out, manifest, tokenizer)
+    messages, images, reused = [], [], []
+    try:
+        for text, files in turns:
+            new = load_images(out, manifest, files) if files else []
+            images += new
+            messages += image_chat_messages(text, len(new)) if new else [{"role": "user", "content": text}]
+            ids = image_messages_ids(tokenizer, messages, vision, images, runtime.seq)
+            merged = encode_images(runtime, ids, images, vision) if images else None
+            reused.append((len(ids), runtime.reusable_prefix(cache, ids, merged)))
+            trace = runtime.generate(ids, new_tokens, eos, cache=cache, image=merged)
+            hf_tokens, hf_logits = hf_image_generate(model, ids, images, vision.token_ids["image"], new_tokens, eos)
+            assert trace.tokens == hf_tokens, (text, trace.tokens, hf_tokens)
+            assert max(float(np.max(np.abs(a - b))) for a, b in zip(trace.logits, hf_logits)) < 1e-3
+            messages.append({"role": "assistant", "content": tokenizer.decode(trace.tokens, skip_special_tokens=True)})
+    finally:
+        runtime.close()
+    return reused

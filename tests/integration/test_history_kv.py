@@ -61,10 +61,10 @@ def test_history_prefill_mask_follows_the_contract():
 def test_history_kv_is_refused_like_any_option_with_the_reason():
     """One mechanism: a family whose layers cannot prefill on a KV history lists history_kv in refused_options."""
     refusing = {f.name for f in FAMILIES if any(o == "history_kv" for o, _, _ in f.refused_options)}
-    # the linear-attention and short-convolution states, the shared-KV layers, an image's positions before a KV
-    # history
+    # the linear-attention and short-convolution states, the shared-KV layers (the vision families take it: their
+    # images' positions, rows and blocks are given to block_kv_i by the host; InternVL not yet)
     assert refusing == {"qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm2_moe", "gemma4_text",
-                        "qwen2_5_vl", "qwen3_vl", "gemma3_vl", "internvl"}
+                        "internvl"}
     stateful = dataclasses.replace(family_by_name("llama"), name="stateful", refused_options=(
         ("history_kv", (False, None), "its layers carry a recurrent state besides the KV cache"),))
     assert stateful.refused_option(ExportOptions(history_kv=True)) == (

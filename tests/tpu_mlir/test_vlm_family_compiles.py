@@ -40,3 +40,25 @@ def test_vit_compiles_and_verify_bmodel_with_an_image_passes(family, mode, toolc
     assert proof.passed, proof.to_json()
     assert proof.dtype == f"bmodel-{mode}" and proof.hf_tokens == proof.onnx_tokens and not proof.teacher_forced
     assert proof.vision["image"] == "synthetic" and proof.vision["vit_cosine"] >= proof.vision["min_vit_cosine"]
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_two_images_on_the_cmodel(family, toolchain, tmp_path):
+    """Two images in one prompt (the synthetic picture and a file of another size), each through the bmodel's vit
+    net in turn on the cmodel, against transformers' generate with both (F16, token for token)."""
+    import numpy as np
+    from PIL import Image
+
+    build, max_pixels = BUILDERS[family]
+    out = tmp_path / "out"
+    export_and_optimize(str(build(tmp_path / "model")), out, ExportOptions(seq_length=48, max_pixels=max_pixels))
+    report = compile_segments(out, toolchain, CompileOptions(quantize="f16", check="none"), jobs=2)
+    assert report.passed
+    second = tmp_path / "second.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(90, 60, 3), dtype=np.uint8), "RGB").save(second)
+    proof = verify(out, bmodel=report.bmodel, tpu_mlir=toolchain, prompt_length=3, new_tokens=3,
+                   image=[None, second])
+    assert proof.passed, proof.to_json()
+    assert proof.vision["images"] == 2 and proof.hf_tokens == proof.onnx_tokens
+    assert proof.vision["vit_cosine"] >= proof.vision["min_vit_cosine"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -29,7 +29,7 @@ def verify_cmd(
              "model would take over half the available memory, e.g. 7B on 24 GB)."),
     bmodel: Optional[Path] = typer.Option(None, "--bmodel", help="Test this combined bmodel (compiled from OUT) on tpu-mlir's cmodel chip simulator instead of OUT's ONNX segments."),
     tpu_mlir: TpuMlirVenv = None,
-    image: Optional[Path] = typer.Option(None, "--image", help="A vision-language output: verify with this image in front of the prompt (default: a built-in synthetic picture); the vit output is also compared with transformers' vision features."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="A vision-language output: verify with this image in front of the prompt (default: a built-in synthetic picture); given more than once, with each image in turn; the vit output is also compared with transformers' vision features."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A PEFT LoRA adapter folder: the reference is transformers with it loaded by PEFT; an export with --lora-max-rank is fed its A and B (without --lora: zeros, the base model). An export with an adapter merged is compared with that adapter by default."),
     turns: int = typer.Option(1, "--turns", help="Verify a conversation of this many turns (OUT's chat template when its tokenizer has one, else the prompt, each reply and a new random prompt): each turn is compared with transformers on the whole conversation so far, while the runtime keeps the KV cache and prefills only the new tokens (block_kv_i, --history-kv)."),
     num_device: int = typer.Option(1, "--num-device", help="Instead, the tensor-parallel shard proof: cut each block over this many devices by heads and MLP columns, run the shards in onnxruntime, sum them like the all-reduce and compare with the whole block; with --bmodel (compiled --num-device N), run each device's parts of tpu-mlir's split on the cmodel, chained, against the whole block (docs/explanation/tensor-parallel.md)."),
@@ -42,7 +42,8 @@ def verify_cmd(
         _verify_shards(out, num_device, model, seed, bmodel, json_out)
         return
     report = verify(out, prompt_length=prompt_length, new_tokens=new_tokens, seed=seed, model_path=model,
-                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns, image=image,
+                    stream_reference=stream_reference, bmodel=bmodel, tpu_mlir=tpu_mlir, turns=turns,
+                    image=_images(image),
                     lora=lora)
     if json_out:
         typer.echo(json.dumps(report.to_json()))
@@ -77,6 +78,11 @@ def verify_cmd(
         typer.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _images(images: Optional[List[Path]]) -> Optional[List[Path]]:
+    """--image given once or more (None when not given)."""
+    return list(images) if images else None
 
 
 def _verify_shards(out: Path, num_device: int, model: Optional[str], seed: int, bmodel: Optional[Path],
@@ -143,7 +149,7 @@ def run_cmd(
     out: OutFolder,
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text (tokenized with OUT's own tokenizer)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn with the model's chat template."),
-    image: Optional[Path] = typer.Option(None, "--image", help="An image for a vision-language output (resized within its --max-pixels by the model's own image processor); it goes in front of the prompt, or at the prompt's image placeholder."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="An image for a vision-language output (resized within its --max-pixels by the model's own image processor); it goes in front of the prompt, or at the prompt's image placeholder. Give it more than once for several images, one per placeholder in order."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens (or at EOS, or when the window is full)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (works without a tokenizer)."),
     backend: Backend = "onnx",
@@ -166,7 +172,7 @@ def run_cmd(
     result = run_prompt(out, prompt=prompt, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
                         chat=chat, max_new_tokens=max_new_tokens, backend=backend, bmodel=bmodel, venv=tpu_mlir,
                         on_text=stream, sampling=SamplingParams(temperature, top_p, top_k, penalty, seed) if sample else None,
-                        image=image, lora=lora)
+                        image=_images(image), lora=lora)
     if json_out:
         typer.echo(json.dumps(result.to_json()))
         return
@@ -188,7 +194,9 @@ def chat_cmd(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply (it also stops at EOS and when the window is full)."),
 ) -> None:
     """Chat with OUT turn by turn (its tokenizer's chat template). The conversation stays in the KV cache: with
-    --history-kv each turn prefills only its new tokens. /reset starts over, /exit (or end of input) quits."""
+    --history-kv each turn prefills only its new tokens. /image FILE attaches an image to the next turn (a
+    vision-language output; once per image), /reset starts over, /exit (or end of input) quits."""
+    from ..errors import UsageError
     from ..runtime.chat import ChatSession, ConversationFull
 
     session = ChatSession(out, backend=backend, bmodel=bmodel, venv=tpu_mlir, max_new_tokens=max_new_tokens)
@@ -209,6 +217,17 @@ def chat_cmd(
             if text == "/reset":
                 session.reset()
                 typer.echo("[conversation reset]", err=True)
+                continue
+            if text == "/image" or text.startswith("/image "):
+                file = text[len("/image"):].strip()
+                try:
+                    if not file:
+                        raise UsageError("/image needs a file: /image FILE")
+                    waiting = session.attach(file)
+                except UsageError as bad:
+                    typer.echo(f"sorry: {bad.problem}", err=True)
+                    continue
+                typer.echo(f"[{waiting} image(s) for the next turn]", err=True)
                 continue
             try:
                 reply = session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))

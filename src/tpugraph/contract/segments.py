@@ -249,7 +249,7 @@ def segment_specs(d: ContractDims, with_penalty_head: bool = False, greedy_in_lm
         if history_kv:
             specs.append(SegmentSpec(
                 f"block_kv_{layer}", SegmentKind.BLOCK_KV, layer,
-                (T("input_states", (1, n, d.hidden), f), T("position_ids", (1, n), i),
+                (T("input_states", (1, n, d.hidden), f), T("position_ids", (d.position_rows, n), i),
                  T("attention_mask", (1, 1, n, d.seq + n), f), T("history_k", kv_hist, f),
                  T("history_v", kv_hist, f), *lora),
                 (T("hidden_states", (1, n, d.hidden), f), T("past_k", kv_new, f), T("past_v", kv_new, f)),

@@ -275,12 +275,11 @@ def _system_under_test(manifest: Manifest, bmodel, tpu_mlir) -> tuple[object, st
 
 def _verify_image(out_dir: Path, manifest: Manifest, image, prompt, prompt_length: int, new_tokens: int, seed: int,
                   model_path: str | None, bmodel, tpu_mlir, turns: int) -> VerifyReport:
-    """A vision-language output: one turn with an image (proof/vision_verify.py), its vit output compared too; on
-    OUT's segments or a bmodel with its vit net on the cmodel (no second mask encoding: the text path checks it)."""
+    """A vision-language output: the image(s) in front of the first turn (proof/vision_verify.py), its vit output
+    compared too, over ``turns`` turns (the runtime keeping its KV cache); on OUT's segments or a bmodel with its
+    vit net on the cmodel (no second mask encoding: the text path checks it)."""
     from .vision_verify import run_with_image
 
-    if turns > 1:
-        raise UsageError("a conversation with an image is not verified yet: use one turn", option="turns")
     for option, value in (("prompt_length", prompt_length), ("new_tokens", new_tokens)):
         if value < 1:
             raise UsageError(f"must be >= 1 (got {value})", option=option)
@@ -288,13 +287,19 @@ def _verify_image(out_dir: Path, manifest: Manifest, image, prompt, prompt_lengt
     try:
         run = run_with_image(out_dir, manifest, image, prompt, prompt_length, new_tokens, seed,
                              _eos_ids(manifest.model.eos_token_id), _source_folder(manifest, model_path),
-                             FREE_RUNNING, THRESHOLDS[dtype][0], dtype, backend)
+                             FREE_RUNNING, THRESHOLDS[dtype][0], dtype, backend, turns=turns)
     finally:
         if backend is not None:
             backend.close()
-    report = VerifyReport(prompt=run.prompt, hf_tokens=run.hf_tokens, onnx_tokens=run.trace.tokens, dtype=dtype,
-                          backend=run.backend, teacher_forced=run.forced is not None, vision=run.vision)
-    _compare_steps(report, 1, run.hf_tokens, run.hf_logits, run.trace, run.forced)
+    report = VerifyReport(prompt=run.prompt, hf_tokens=[], onnx_tokens=[], dtype=dtype, backend=run.backend,
+                          teacher_forced=run.forced is not None, vision=run.vision)
+    for turn, done in enumerate(run.turns, start=1):
+        report.hf_tokens += done.hf_tokens
+        report.onnx_tokens += done.trace.tokens
+        if turns > 1:
+            report.turns.append(TurnReport(turn, len(done.prompt), len(done.prompt) - done.reused, done.hf_tokens,
+                                           done.trace.tokens))
+        _compare_steps(report, turn, done.hf_tokens, done.hf_logits, done.trace, done.forced)
     return report
 
 

@@ -40,6 +40,10 @@ class KvCache:
 
     layers: list = field(default_factory=list)  # [(k, v)] per layer (a state layer: its states)
     tokens: list[int] = field(default_factory=list)
+    # The image rows the cached tokens hold: their indices and vit rows (runtime.vision.PromptImage), so a new
+    # prompt reuses them only where its images are the same.
+    image_rows: np.ndarray | None = None
+    image_embeds: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -48,6 +52,25 @@ class KvCache:
     def reset(self) -> None:
         self.layers = []
         self.tokens = []
+        self.image_rows = self.image_embeds = None
+
+
+def image_prefix(keep: int, cache: KvCache, image) -> int:
+    """``keep`` cached tokens shortened to where the cache's image rows and ``image``'s (a PromptImage, or None)
+    are the same rows with the same vit rows, and never ending inside one of ``image``'s blocks."""
+    none = np.zeros(0, dtype=np.int64)
+    cached = none if cache.image_rows is None else cache.image_rows[cache.image_rows < keep]
+    new = none if image is None else image.rows[image.rows < keep]
+    same = 0
+    while (same < min(len(cached), len(new)) and cached[same] == new[same]
+           and np.array_equal(cache.image_embeds[same], image.embeds[same])):
+        same += 1
+    if same < max(len(cached), len(new)):
+        keep = min([keep] + [int(rows[same]) for rows in (cached, new) if same < len(rows)])
+    for block in image.blocks if image is not None else ():
+        if block[0] < keep <= block[-1]:
+            keep = int(block[0])
+    return keep
 
 
 @dataclass
@@ -280,13 +303,20 @@ class SegmentRuntime:
         buffer[:, : rows.shape[1]] = rows
         return buffer
 
-    def prefill_on_history(self, chunk: list[int], h: int, history) -> np.ndarray:
+    def prefill_on_history(self, chunk: list[int], h: int, history, image=None) -> np.ndarray:
         """Up to L new tokens on top of ``h`` cached ones through ``block_kv_i``; their keys/values are written
-        into the history buffers at rows h..h+n-1. Returns the hidden state of the chunk's last token."""
+        into the history buffers at rows h..h+n-1. Returns the hidden state of the chunk's last token.
+        ``image``: the whole prompt's runtime.vision.PromptImage; the chunk takes its rows, 3-D positions,
+        bidirectional blocks and deepstack rows at h..h+n-1."""
         ids, pos, mask = history_prefill_inputs(chunk, h, self.input_length, self.seq, self.mask_value)
         hidden = self.embed("embedding", ids)[0]
         pos = self._positions(pos)
         n = len(chunk)
+        if image is not None:
+            image = image.window(h, n)
+            hidden = image.merge(hidden)
+            pos[:, :n] = image.positions
+            mask = image.attend(mask, column=self.seq)
         if self.dynamic_prefill:  # the n new rows; mask columns: the SEQ history ones, then the n new ones
             hidden, pos = hidden[:, :n], pos[:, :n]
             mask = np.ascontiguousarray(mask[:, :, :n, : self.seq + n])
@@ -295,17 +325,23 @@ class SegmentRuntime:
             hidden, k, v = self.run(f"block_kv_{i}", hidden, pos, mask, hk, hv)
             hk[0, h: h + n] = k[0, :n]
             hv[0, h: h + n] = v[0, :n]
+            if image is not None:
+                hidden = image.add_deepstack(hidden, i)
         return hidden[0, n - 1]
 
-    def reusable_prefix(self, cache: KvCache, prompt: list[int]) -> int:
+    def reusable_prefix(self, cache: KvCache, prompt: list[int], image=None) -> int:
         """How many leading tokens of ``prompt`` the cache already holds and ``generate`` reuses: the common
         prefix, short of the prompt's last token (whose hidden state is needed). Without block_kv_i none: a new
-        turn re-prefills the whole conversation, as single-turn runtimes do."""
+        turn re-prefills the whole conversation, as single-turn runtimes do. With ``image`` (the prompt's
+        runtime.vision.PromptImage) the prefix also stops at the first image row whose vit row differs from the
+        cached one, and never ends inside an image block (its rows attend to each other)."""
         if not self.history_kv:
             return 0
         keep, limit = 0, min(cache.length, len(prompt) - 1)
         while keep < limit and cache.tokens[keep] == prompt[keep]:
             keep += 1
+        if image is not None or cache.image_rows is not None:
+            keep = image_prefix(keep, cache, image)
         return keep
 
     def feed(self, cache: KvCache, tokens: list[int], image=None) -> np.ndarray:
@@ -317,8 +353,8 @@ class SegmentRuntime:
             raise ValueError(f"{cache.length} cached + {len(tokens)} new tokens exceed SEQ={self.seq}")
         self.check_prompt(len(tokens), cache.length)
         L = self.input_length
-        if image is not None and (cache.length or len(tokens) > L):
-            raise PrefillUnsupported("an image is prefilled with its whole prompt in one piece, on an empty cache")
+        if image is not None and (len(tokens) > L or (cache.length and not self.history_kv)):
+            raise PrefillUnsupported("an image is prefilled with the rest of its prompt in one piece")
         start = 0
         if cache.length == 0:
             hidden, cache.layers = self.prefill(tokens[:L], image)
@@ -326,8 +362,10 @@ class SegmentRuntime:
             start = L
         for at in range(start, len(tokens), L):
             chunk = tokens[at: at + L]
-            hidden = self.prefill_on_history(chunk, cache.length, cache.layers)
+            hidden = self.prefill_on_history(chunk, cache.length, cache.layers, image)
             cache.tokens.extend(chunk)
+        # what the cached rows hold, for the next turn's reuse (without an image: none, image_prefix saw to it)
+        cache.image_rows, cache.image_embeds = (image.rows, image.embeds) if image is not None else (None, None)
         return hidden
 
     def decode(self, token: int, n: int, history) -> np.ndarray:
@@ -371,7 +409,7 @@ class SegmentRuntime:
         if not 1 <= len(prompt) <= self.seq:
             raise ValueError(f"prompt length {len(prompt)} must be within 1..{self.seq}")
         cache = KvCache() if cache is None else cache
-        keep = 0 if image is not None else self.reusable_prefix(cache, prompt)
+        keep = self.reusable_prefix(cache, prompt, image)
         self.check_prompt(len(prompt) - keep, keep)
         self.rope_delta = image.delta if image is not None else 0
         del cache.tokens[keep:]

@@ -35,15 +35,17 @@ class RunResult:
         return dict(self.__dict__)
 
 
-def encode_prompt(tokenizer, text: str, chat: bool, image: bool = False) -> list[int]:
-    """``image``: the user turn holds an image first (structured content for the chat template)."""
+def encode_prompt(tokenizer, text: str, chat: bool, image: bool = False, images: int = 0) -> list[int]:
+    """``images`` (``image``: one): the user turn holds that many images first (structured content for the chat
+    template)."""
     if not chat:
         return [int(t) for t in tokenizer(text)["input_ids"]]
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("--chat needs a chat template, and this model's tokenizer has none: drop --chat")
     from .images import image_chat_messages
 
-    messages = image_chat_messages(text) if image else [{"role": "user", "content": text}]
+    images = max(images, int(image))
+    messages = image_chat_messages(text, images) if images else [{"role": "user", "content": text}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -118,11 +120,12 @@ def stop_reason(tokens: list[int], eos: set[int], max_new_tokens: int) -> str:
 def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int] | None = None, chat: bool = False,
                max_new_tokens: int = 64, backend: str = "onnx", bmodel: str | Path | None = None,
                venv: str | Path | None = None, on_text: TextFn | None = None,
-               sampling: SamplingParams | None = None, image: str | Path | None = None,
+               sampling: SamplingParams | None = None, image=None,
                lora: str | Path | None = None) -> RunResult:
     """Generate from OUT with the chosen backend, greedily or (``sampling``) drawing from OUT's sample head;
-    ``on_text`` gets each new piece of text as it comes. ``image``: an image file in front of the prompt (or at
-    its image placeholder), for a vision-language output (runtime/images.py). ``lora``: a PEFT LoRA adapter folder
+    ``on_text`` gets each new piece of text as it comes. ``image``: an image file, or a list of them, for a
+    vision-language output (runtime/images.py): at the prompt's image placeholders in order, or in front of the
+    prompt when it has none, each through the vit in turn. ``lora``: a PEFT LoRA adapter folder
     fed to the blocks' LoRA inputs of an export with --lora-max-rank (without it: zeros, the base model)."""
     from .backends.choice import open_backend
 
@@ -134,23 +137,27 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
         raise UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    from .images import image_prompt_ids, load_image
+    from .images import image_prompt_ids, load_images, text_prompt_ids
     from .vision import VisionConfig
 
-    processed = load_image(out_dir, manifest, image) if image is not None else None
+    files = [] if image is None else [image] if isinstance(image, (str, Path)) else list(image)
+    processed = load_images(out_dir, manifest, files) if files else []
     tokenizer = None
+    seq = int(manifest.options.seq_length)
+    vocab = int(manifest.model.vocab_size)
+    vision = VisionConfig.of(manifest)
     if prompt is not None:
         tokenizer = load_output_tokenizer(out_dir, manifest)
-        ids = encode_prompt(tokenizer, prompt, chat, image=processed is not None)
+        if vision is not None:  # the ids the model's processor makes of the text and its images
+            ids = text_prompt_ids(tokenizer, prompt, chat, vision, processed, seq)
+        else:
+            ids = encode_prompt(tokenizer, prompt, chat)
     else:
         if chat:
             raise UsageError("--chat applies to --prompt TEXT, not to --prompt-ids")
         ids = list(prompt_ids)
-    seq = int(manifest.options.seq_length)
-    vocab = int(manifest.model.vocab_size)
-    vision = VisionConfig.of(manifest)
-    if vision is not None:
-        ids = image_prompt_ids(ids, vision, processed, seq)
+        if vision is not None:
+            ids = image_prompt_ids(ids, vision, processed, seq)
     if len(ids) > seq:
         raise UsageError(f"the prompt is {len(ids)} tokens, longer than this output's SEQ={seq} "
                          "(export with a larger --seq-length)")
@@ -177,10 +184,10 @@ def run_prompt(out: str | Path, prompt: str | None = None, prompt_ids: list[int]
     stream = TextStream(tokenizer, on_text)
     try:
         merged = None
-        if processed is not None:
-            from .vision import encode_image
+        if processed:
+            from .vision import encode_images
 
-            merged = encode_image(runtime, ids, processed.pixel_values, processed.grid, vision)
+            merged = encode_images(runtime, ids, processed, vision)
         trace = runtime.generate(ids, max_new_tokens, eos, on_token=stream, image=merged)
     finally:
         runtime.close()

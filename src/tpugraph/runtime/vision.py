@@ -189,50 +189,59 @@ def qwen3_vit_inputs(pixel_values: np.ndarray, grid: tuple[int, int, int], visio
     return VitInputs((pixels, positions, pos_idx, pos_weight, mask), n // vision.merge_unit)
 
 
-def expand_image_tokens(ids: list[int], vision: VisionConfig, grid: tuple[int, int, int]) -> list[int]:
-    """The prompt with its one image placeholder repeated once per vit row (as the processor does); a prompt
-    without the placeholder gets the bracketed image in front."""
+def expand_image_tokens(ids: list[int], vision: VisionConfig, grids) -> list[int]:
+    """The prompt with each image placeholder repeated once per vit row of its image (as the processor does), the
+    images taken in order; a prompt without a placeholder gets the images' bracketed blocks in front. ``grids``:
+    one (t, h, w) per image (one grid alone: one image). A prompt with placeholders for more or fewer images than
+    given is one clear line."""
+    grids = [grids] if grids and isinstance(grids[0], (int, np.integer)) else list(grids)
     image, start, end = (vision.token_ids[k] for k in ("image", "start", "end"))
-    count = int(np.prod(grid)) // vision.merge_unit
-    # Gemma 3: <start_of_image> -> <start_of_image> image x count <end_of_image>; InternVL: <IMG_CONTEXT> -> the same
-    if vision.placeholder == "start" or vision.bracketed:
-        places = [i for i, t in enumerate(ids) if t == vision.token_ids[vision.placeholder]]
-        if len(places) > 1:
-            raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
-        at = places[0] if places else 0
-        return list(ids[:at]) + [start] + [image] * count + [end] + list(ids[at + 1 if places else 0:])
-    places = [i for i, t in enumerate(ids) if t == image]
-    if len(places) > 1:
-        raise UsageError(f"the prompt holds {len(places)} image placeholders; one image is supported")
-    if not places:
-        ids = [start, image, end] + list(ids)
-        places = [1]
-    at = places[0]
-    return list(ids[:at]) + [image] * count + list(ids[at + 1:])
+    counts = [int(np.prod(grid)) // vision.merge_unit for grid in grids]
+    marker = start if vision.placeholder == "start" else image
+    places = [i for i, t in enumerate(ids) if t == marker]
+    # Gemma 3's <start_of_image> and InternVL's <IMG_CONTEXT> stand alone for the image; Qwen's sits in brackets
+    alone = marker == start or vision.bracketed
+    if not places:  # the images' blocks in front, each with its placeholder
+        ids = [t for _ in counts for t in ([marker] if alone else [start, image, end])] + list(ids)
+        places = [i for i, t in enumerate(ids) if t == marker]
+    if len(places) != len(counts):
+        raise UsageError(f"the prompt holds {len(places)} image placeholder(s) for {len(counts)} image(s): give "
+                         "one image per placeholder, in order")
+    out, at = [], 0
+    for place, count in zip(places, counts):
+        out += ids[at:place]
+        # Gemma 3 / InternVL: the placeholder -> start, image x count, end; Qwen: the placeholder x count
+        out += [start] + [image] * count + [end] if alone else [image] * count
+        at = place + 1
+    return out + list(ids[at:])
 
 
-def rope_index(ids: list[int], image_token: int, grid: tuple[int, int, int] | None,
-               merge: int) -> tuple[np.ndarray, int]:
-    """([3, n] mrope positions of the prompt, rope delta): transformers' ``get_rope_index`` for one image.
+def rope_index(ids: list[int], image_token: int, grids, merge: int) -> tuple[np.ndarray, int]:
+    """([3, n] mrope positions of the prompt, rope delta): transformers' ``get_rope_index``, the images in order
+    (``grids``: one (t, h, w) per image; one grid alone: one image; None: text only).
 
-    Text tokens count on one by one on all three rows; the image's tokens take (t, h, w) grid positions from
+    Text tokens count on one by one on all three rows; an image's tokens take (t, h, w) grid positions from
     where the text stopped, and the text after it goes on from the largest of them + 1. A decode step's three
     rows are all ``index + delta``."""
+    if grids is not None and grids and isinstance(grids[0], (int, np.integer)):
+        grids = [grids]
+    pending = list(grids or ())
     n = len(ids)
     positions = np.zeros((3, n), dtype=np.int64)
     at, current = 0, 0
     while at < n:
-        if ids[at] != image_token or grid is None:
+        if ids[at] != image_token or not pending:
             positions[:, at] = current
             at += 1
             current += 1
             continue
+        grid = pending.pop(0)
         t, h, w = grid[0], grid[1] // merge, grid[2] // merge
         count = t * h * w
         tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
         positions[:, at:at + count] = np.stack([tt, hh, ww]).reshape(3, -1) + current
         at += count
-        current += max(h, w)
+        current += max(t, h, w)
     delta = int(positions.max()) + 1 - n if n else 0
     return positions, delta
 
@@ -247,15 +256,31 @@ class PromptImage:
     delta: int  # decode positions: index + delta
     # Qwen3-VL's deepstack features, [k, H] each: the i-th is added to the image rows of block i's output (prefill).
     deepstack: tuple = ()
-    bidirectional: bool = False  # Gemma 3: the image rows attend to each other both ways in the prefill
+    bidirectional: bool = False  # Gemma 3: each image block's rows attend to each other both ways in the prefill
 
-    def attend(self, mask: np.ndarray) -> np.ndarray:
-        """The prefill mask [1, 1, L, L] with the image rows seeing each other (itself when not bidirectional)."""
+    @property
+    def blocks(self) -> list[np.ndarray]:
+        """The image rows in runs of consecutive prompt indices: one per image block (transformers' Gemma 3
+        ``get_block_sequence_ids_for_mask``: a new block starts at an image token after a non-image one)."""
+        return np.split(self.rows, np.flatnonzero(np.diff(self.rows) != 1) + 1) if len(self.rows) else []
+
+    def attend(self, mask: np.ndarray, column: int = 0) -> np.ndarray:
+        """The prefill mask [1, 1, L, L] with the rows of each image block seeing each other, never a later block
+        (itself when not bidirectional). ``column``: where the prompt's own columns start (a history prefill's
+        [1, 1, L, SEQ + L] mask: SEQ)."""
         if not self.bidirectional:
             return mask
         mask = np.array(mask, copy=True)
-        mask[0, 0, self.rows[:, None], self.rows[None, :]] = 0.0
+        for block in self.blocks:
+            mask[0, 0, block[:, None], column + block[None, :]] = 0.0
         return mask
+
+    def window(self, start: int, n: int) -> "PromptImage":
+        """What tokens ``start .. start+n-1`` of the prompt hold (a history prefill's chunk), in the chunk's own
+        indices: its image rows, positions and deepstack rows."""
+        inside = (self.rows >= start) & (self.rows < start + n)
+        return PromptImage(self.embeds[inside], self.rows[inside] - start, self.positions[:, start:start + n],
+                           self.delta, tuple(d[inside] for d in self.deepstack), self.bidirectional)
 
     def add_deepstack(self, hidden: np.ndarray, layer: int) -> np.ndarray:
         """Block ``layer``'s output [1, L, H] with its deepstack rows added at the image tokens (itself when the
@@ -276,9 +301,10 @@ class PromptImage:
 def vit_runs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: VisionConfig,
              mask_value: float = MASK_VALUE) -> list[VitInputs]:
     """The vit runs of one image: InternVL's tiles [n, 3, S, S] (the processor's, thumbnail last) one run each,
-    [1, 3, S, S], their rows one after the other; any other vit, one run (``vit_inputs``)."""
+    [1, 3, S, S], their rows one after the other; Gemma 3 with pan-and-scan, the image then each crop
+    (``vit_tiles``); any other vit, one run (``vit_inputs``)."""
     if vision.kind != "internvl":
-        return [vit_inputs(pixel_values, grid, vision, mask_value)]
+        return [vit_inputs(tile, grid, vision, mask_value) for tile in vit_tiles(pixel_values, vision)]
     side = int(round(vision.max_pixels ** 0.5))
     if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, side, side):
         raise UsageError(f"the image processor gave pixel_values {list(pixel_values.shape)}; the vit takes tiles "
@@ -286,32 +312,41 @@ def vit_runs(pixel_values: np.ndarray, grid: tuple[int, int, int], vision: Visio
     return [VitInputs((np.ascontiguousarray(tile[None], dtype=np.float32),), vision.tokens) for tile in pixel_values]
 
 
-def encode_tiles(runtime, ids: list[int], pixel_values: np.ndarray, vision: VisionConfig) -> PromptImage:
-    """InternVL: each tile through the vit on its own (as LLM-TPU's InternVL3 demo), the tiles' rows in order at the
-    image tokens of ``ids``; plain positions, causal attention."""
-    runs = vit_runs(pixel_values, (len(pixel_values), 0, 0), vision)
-    embeds = np.concatenate([np.asarray(runtime.run("vit", *run.arrays)[0])[: run.rows] for run in runs])
-    rows = np.flatnonzero(np.asarray(ids) == vision.token_ids["image"])
-    if len(rows) != len(embeds):
-        raise UsageError(f"the prompt has {len(rows)} image tokens for an image of {len(embeds)} vit rows "
-                         f"({len(runs)} tiles)")
-    return PromptImage(embeds, rows, np.arange(len(ids), dtype=np.int64)[None], 0)
-
-
 def encode_image(runtime, ids: list[int], pixel_values: np.ndarray, grid: tuple[int, int, int],
                  vision: VisionConfig) -> PromptImage:
     """Run the vit on one image (``runtime.run``) and place its rows at the placeholder tokens of ``ids`` (already
     expanded: ``expand_image_tokens``)."""
-    if vision.kind == "internvl":
-        return encode_tiles(runtime, ids, pixel_values, vision)
-    inputs = vit_inputs(pixel_values, grid, vision, runtime.mask_value)
-    embeds, *deepstack = runtime.run("vit", *inputs.arrays)
+    return encode_images(runtime, ids, [(pixel_values, grid)], vision)
+
+
+def vit_tiles(pixel_values: np.ndarray, vision: VisionConfig) -> list[np.ndarray]:
+    """What goes through the vit for one processed image: itself, or (Gemma 3 with pan-and-scan) the image and
+    each of its crops, [1, 3, S, S] each, in the prompt's order."""
+    if vision.kind == "gemma3" and np.ndim(pixel_values) == 4:
+        return [pixel_values[i:i + 1] for i in range(len(pixel_values))]
+    return [pixel_values]
+
+
+def encode_images(runtime, ids: list[int], images, vision: VisionConfig) -> PromptImage:
+    """Run the vit on each image in turn (``images``: (pixel_values, grid) pairs, or objects with those
+    attributes, in the prompt's order) and place their rows at the placeholder tokens of ``ids`` (already
+    expanded: ``expand_image_tokens``), the 3-D positions computed over all of them."""
+    pairs = [(x.pixel_values, x.grid) if hasattr(x, "pixel_values") else x for x in images]
+    embeds, deepstack = [], []
+    for pixel_values, grid in pairs:
+        for inputs in vit_runs(pixel_values, grid, vision, runtime.mask_value):
+            rows, *stack = runtime.run("vit", *inputs.arrays)
+            embeds.append(np.asarray(rows)[: inputs.rows])
+            deepstack.append([np.asarray(d)[: inputs.rows] for d in stack])
     rows = np.flatnonzero(np.asarray(ids) == vision.token_ids["image"])
-    if len(rows) != inputs.rows:
-        raise UsageError(f"the prompt has {len(rows)} image tokens for an image of {inputs.rows} vit rows")
+    total = sum(len(e) for e in embeds)
+    if len(rows) != total:
+        raise UsageError(f"the prompt has {len(rows)} image tokens for {len(pairs)} image(s) of {total} vit rows")
     if vision.mrope:
-        positions, delta = rope_index(ids, vision.token_ids["image"], grid, vision.spatial_merge_size)
+        positions, delta = rope_index(ids, vision.token_ids["image"], [grid for _, grid in pairs],
+                                      vision.spatial_merge_size)
     else:
         positions, delta = np.arange(len(ids), dtype=np.int64)[None], 0
-    return PromptImage(np.asarray(embeds)[: inputs.rows], rows, positions, delta,
-                       tuple(np.asarray(d)[: inputs.rows] for d in deepstack), vision.bidirectional)
+    layers = len(deepstack[0]) if deepstack else 0
+    return PromptImage(np.concatenate(embeds), rows, positions, delta,
+                       tuple(np.concatenate([d[i] for d in deepstack]) for i in range(layers)), vision.bidirectional)

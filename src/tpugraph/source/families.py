@@ -823,8 +823,6 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
         mrope=True,
         vision=VisionSpec(kind="qwen2_5_vl", path="model.visual"),
         refused_options=(
-            ("history_kv", (False,), "a prefill on top of a KV history would need the image's 3-D positions and "
-                                     "rope delta carried across turns, which the runtime does not do yet"),
             ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
                                           "takes the whole window, SEQ)"),
             *IMAGE_REFUSALS,
@@ -844,8 +842,6 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
         # 256 patches of 16x16, 64 image tokens
         vision=VisionSpec(kind="qwen3_vl", path="model.visual", default_max_pixels=256 * 256),
         refused_options=(
-            ("history_kv", (False,), "a prefill on top of a KV history would need the image's 3-D positions and "
-                                     "rope delta carried across turns, which the runtime does not do yet"),
             ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
                                           "takes the whole window, SEQ), the deepstack rows added after the first "
                                           "blocks included"),
@@ -875,8 +871,6 @@ VISION_FAMILIES: tuple[FamilySpec, ...] = (
                           vision_end_attr="eoi_token_index", default_max_pixels=0, placeholder="start",
                           bidirectional_image=True),
         refused_options=(
-            ("history_kv", (False,), "a prefill on top of a KV history would need the image block's bidirectional "
-                                     "mask carried across turns, which the runtime does not do yet"),
             ("max_input_length", (None,), "the image tokens and the prompt are prefilled in one piece (the prefill "
                                           "takes the whole window, SEQ)"),
             *IMAGE_REFUSALS,

@@ -12,12 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from vlm_models import GEMMA3_TOKEN_IDS, build_gemma3
+import numpy as np
+from vlm_models import GEMMA3_TOKEN_IDS, GEMMA3_VISION, GEMMA3_WORDS, build_gemma3, image_conversation
 
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
 
-SEQ = 40
+SEQ = 80  # room for two images (18 tokens each) or one with two pan-and-scan crops
 SRC = str(Path(__file__).parents[3] / "src")
 
 
@@ -77,3 +78,107 @@ def test_max_pixels_other_than_the_fixed_size_is_one_line(vlm, tmp_path):
                          env={**os.environ, "PYTHONPATH": SRC})
     assert run.returncode == 2 and "64x64 only" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_ids_equal_the_processors(vlm):
+    """The ids run feeds for a text prompt and its images are Gemma3Processor's: the blank lines around each image
+    block, several images, the chat template, and pan-and-scan's crops with the processor's sentence."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from tpugraph.runtime.images import image_chat_messages, process_image, synthetic_image, text_prompt_ids, vision_of
+    from tpugraph.source.tokenizer import load_output_tokenizer
+
+    _, out, manifest = vlm
+    tokenizer = load_output_tokenizer(out, manifest)
+    vision = vision_of(out, manifest)
+    pictures = [synthetic_image(), synthetic_image(60, 56)]  # 100x80, 60x56: 2 and 0 crops with pan-and-scan
+    side = GEMMA3_VISION["image_size"]
+    for settings, crops in (({}, [0, 0]), ({"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}, [2, 0])):
+        image_processor = Gemma3ImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3,
+                                                  image_std=[0.5] * 3, **settings)
+        processor = Gemma3Processor(image_processor, tokenizer, image_seq_length=vision.tokens)
+        images = [process_image(image_processor, p, vision, "picture") for p in pictures]
+        assert [image.crops for image in images] == crops
+        for text, count, chat in (("w5 <start_of_image> w6 w7", 1, False),
+                                  ("w5 <start_of_image> w6 <start_of_image> w7", 2, False), ("w5 w6", 2, True)):
+            ours = text_prompt_ids(tokenizer, text, chat, vision, images[:count], 10_000)
+            if chat:
+                rendered = tokenizer.apply_chat_template(image_chat_messages(text, count), tokenize=False,
+                                                         add_generation_prompt=True)
+                theirs = processor(text=rendered, images=pictures[:count], add_special_tokens=False,
+                                   return_tensors="np", **settings)
+            else:  # the processor takes pan-and-scan as a call argument (its own default: off)
+                theirs = processor(text=text, images=pictures[:count], return_tensors="np", **settings)
+            assert ours == theirs["input_ids"][0].tolist(), (settings, text)
+            assert ours.count(GEMMA3_WORDS.index("\n\n")) >= 2 * count and ours.count(1) == 1  # blank lines, one BOS
+            pixels = np.concatenate([image.pixel_values for image in images[:count]])
+            assert np.array_equal(pixels, theirs["pixel_values"])
+
+
+def picture(path: Path, width: int, height: int, seed: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB").save(path)
+    return path
+
+
+def test_verify_passes_with_two_images(vlm, tmp_path):
+    """Each image through the vit in turn, each block bidirectional within itself only (a later image is not
+    seen by an earlier one), against transformers' generate with both."""
+    _, out, _ = vlm
+    images = [picture(tmp_path / "a.png", 90, 60, seed=1), picture(tmp_path / "b.png", 50, 70, seed=2)]
+    report = verify(out, prompt_length=4, new_tokens=6, image=images)
+    assert report.passed, report.to_json()
+    assert report.vision["images"] == 2 and report.vision["image_tokens"] == 32
+    assert report.prompt.count(GEMMA3_TOKEN_IDS["boi_token_index"]) == 2
+
+
+def test_verify_passes_with_pan_and_scan_crops(vlm, tmp_path):
+    """OUT's image processor with pan-and-scan on: the image and its crops each through the vit, one block each."""
+    import json
+    import shutil
+
+    _, out, _ = vlm
+    crops_out = tmp_path / "out"
+    shutil.copytree(out, crops_out)
+    config = crops_out / "tokenizer" / "preprocessor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "do_pan_and_scan": True,
+                                  "pan_and_scan_min_crop_size": 16}))
+    report = verify(crops_out, prompt_length=4, new_tokens=6)  # the synthetic 100x80 picture: two crops
+    assert report.passed, report.to_json()
+    assert report.vision["crops"] == [2] and report.vision["image_tokens"] == 48
+
+
+def test_images_and_placeholders_that_differ_are_one_line(vlm, tmp_path):
+    from tpugraph.errors import UsageError
+    from tpugraph.runtime.images import load_image, text_prompt_ids, vision_of
+    from tpugraph.source.tokenizer import load_output_tokenizer
+
+    _, out, manifest = vlm
+    images = [picture(tmp_path / "a.png", 40, 40, seed=3), picture(tmp_path / "b.png", 40, 40, seed=4)]
+    from cli_harness import one_line, run
+
+    one_line(*run("run", out, "--prompt", "w5 <start_of_image> w6", "--image", images[0], "--image", images[1]), 2,
+             "1 image placeholder(s) for 2 image(s)")
+    with pytest.raises(UsageError, match="2 image placeholder"):  # fewer images than placeholders
+        text_prompt_ids(load_output_tokenizer(out, manifest), "<start_of_image> w5 <start_of_image>", False,
+                        vision_of(out, manifest), [load_image(out, manifest, images[0])], SEQ)
+
+
+def test_history_kv_keeps_the_cache_across_image_turns(vlm, tmp_path):
+    """--history-kv: the image block of a later turn is prefilled on the history (block_kv_i), bidirectional
+    within itself in the chunk's own mask columns, and each turn answers as transformers on the whole
+    conversation."""
+    folder, _, _ = vlm
+    out = tmp_path / "kv"
+    export_and_optimize(str(folder), out, ExportOptions(seq_length=SEQ, history_kv=True, force=True))
+    files = [picture(tmp_path / "a.png", 70, 50, seed=5), picture(tmp_path / "b.png", 40, 60, seed=6)]
+    reused = image_conversation(out, folder, [("w3 w4", files[:1]), ("w5", []), ("w6 w7", files[1:])])
+    (first, none), *later = reused
+    assert none == 0 and all(kept >= before - 1 for (before, _), (_, kept) in zip(reused, later)), reused
+    report = verify(out, turns=3, prompt_length=3, new_tokens=3)  # verify --turns: the image in the first turn
+    assert report.passed, report.to_json()
+    cached = [t.prompt_tokens - t.new_tokens for t in report.turns]
+    assert cached[0] == 0 and all(kept >= t.prompt_tokens for t, kept in zip(report.turns, cached[1:]))

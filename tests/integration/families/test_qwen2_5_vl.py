@@ -133,6 +133,78 @@ def test_host_positions_match_transformers():
     assert positions.tolist() == ref[:, 0].tolist() and ours == int(delta)
 
 
+def test_host_positions_of_two_images_match_transformers():
+    import torch
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    from tpugraph.runtime.vision import rope_index
+
+    grids = [(1, 6, 8), (1, 4, 2)]
+    image = TOKEN_IDS["image_token_id"]
+    ids = [3, 9] + [image] * 12 + [10, 11] + [image] * 2 + [12]
+    config = Qwen2_5_VLConfig(text_config={"num_hidden_layers": 1}, **TOKEN_IDS)
+    t = torch.tensor([ids])
+    ref, delta = Qwen2_5_VLModel.get_rope_index(
+        type("M", (), {"config": config, "get_vision_position_ids": Qwen2_5_VLModel.get_vision_position_ids})(),
+        t, mm_token_type_ids=(t == image).int(), image_grid_thw=torch.tensor(grids))
+    positions, ours = rope_index(ids, image, grids, 2)
+    assert positions.tolist() == ref[:, 0].tolist() and ours == int(delta)
+
+
+def test_verify_passes_with_two_images(vlm, tmp_path):
+    _, out, _ = vlm
+    images = [picture(tmp_path / "a.png", 120, 100, seed=5), picture(tmp_path / "b.png", 60, 90, seed=6)]
+    report = verify(out, prompt_length=4, new_tokens=6, image=images)
+    assert report.passed, report.to_json()
+    grids = report.vision["grid_thw"]
+    assert len(grids) == 2 and grids[0] != grids[1] and report.vision["images"] == 2
+    assert report.vision["image_tokens"] == sum(t * h * w // 4 for t, h, w in grids)
+
+
+def test_chat_with_two_images_then_a_text_turn(vlm, tmp_path):
+    """chat's /image twice, then a turn without: each reply is transformers' generate on the whole conversation
+    with both images."""
+    from tpugraph.proof.reference import load_full
+    from tpugraph.proof.vision_verify import hf_image_generate
+    from tpugraph.runtime.chat import ChatSession
+    from tpugraph.runtime.images import image_messages_ids
+
+    folder, out, _ = vlm
+    session = ChatSession(out, max_new_tokens=3)
+    model = load_full(folder)
+    try:
+        assert session.attach(picture(tmp_path / "a.png", 80, 60, seed=7)) == 1
+        assert session.attach(picture(tmp_path / "b.png", 50, 50, seed=8)) == 2
+        for text in ("w3 w4", "w5"):
+            reply = session.ask(text)
+            assert not session.pending and len(session.images) == 2
+            ids = image_messages_ids(session.tokenizer, session.conversation.messages[:-1], session.vision,
+                                     session.images, session.seq)
+            assert ids.count(TOKEN_IDS["vision_start_token_id"]) == 2 and reply.conversation_tokens == len(ids)
+            hf_tokens, _ = hf_image_generate(model, ids, session.images, TOKEN_IDS["image_token_id"], 3, set())
+            assert reply.tokens == hf_tokens
+    finally:
+        session.close()
+
+
+def test_chat_command_takes_image_lines(vlm, tmp_path):
+    """`/image FILE` twice, then a turn; a bad /image line is one `sorry:` line and the chat goes on."""
+    from cli_harness import runner
+
+    from tpugraph.cli import app
+
+    _, out, _ = vlm
+    a, b = picture(tmp_path / "a.png", 80, 60, seed=9), picture(tmp_path / "b.png", 40, 70, seed=10)
+    result = runner.invoke(app, ["chat", str(out), "--max-new-tokens", "2"],
+                           input=f"/image {a}\n/image {tmp_path / 'nope.png'}\n/image\n/image {b}\nw3 w4\nw5\n")
+    assert result.exit_code == 0, result.output
+    assert "[1 image(s) for the next turn]" in result.output and "[2 image(s) for the next turn]" in result.output
+    assert "sorry: 'nope.png' not found" in result.output.replace(str(tmp_path) + "/", "")
+    assert "sorry: /image needs a file" in result.output
+    assert result.output.count("stop:") == 2 and "Traceback" not in result.output
+
+
 def _cli(*args: str):
     import os
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vlm_models import QWEN3_VL_MAX_PIXELS, TOKEN_IDS, build_qwen3_vl
+from vlm_models import QWEN3_VL_MAX_PIXELS, TOKEN_IDS, build_qwen3_vl, image_conversation
 
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
@@ -120,3 +120,43 @@ def test_text_prompt_on_the_vlm_output(vlm):
     hf_tokens, hf_logits = hf_greedy(Path(manifest.model.source.path), ids, 5, set())
     assert trace.tokens == hf_tokens
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(hf_logits, trace.logits)) < 1e-3
+
+
+def test_verify_passes_with_two_images(vlm, tmp_path):
+    """Two images of different grids: each through the vit in turn, their deepstack rows added at their own
+    tokens, the 3-D positions over both."""
+    from PIL import Image
+
+    _, out, _ = vlm
+    rng = np.random.default_rng(3)
+    images = []
+    for name, (w, h) in (("a.png", (120, 90)), ("b.png", (64, 100))):
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB").save(tmp_path / name)
+        images.append(tmp_path / name)
+    report = verify(out, prompt_length=4, new_tokens=6, image=images)
+    assert report.passed, report.to_json()
+    assert report.vision["images"] == 2 and len(report.vision["deepstack_cosines"]) == 2
+
+
+def test_history_kv_keeps_the_cache_across_image_turns(vlm, tmp_path):
+    """--history-kv: a chat whose first and third turns bring an image keeps its KV cache, each turn prefilling
+    only its new tokens (block_kv_i with the new image's rows, 3-D positions and deepstack rows), and answers as
+    transformers on the whole conversation."""
+    from PIL import Image
+
+    folder, _, _ = vlm
+    out = tmp_path / "kv"
+    export_and_optimize(str(folder), out, ExportOptions(seq_length=SEQ + 16, max_pixels=QWEN3_VL_MAX_PIXELS,
+                                                        history_kv=True, force=True))
+    rng = np.random.default_rng(4)
+    files = []
+    for name, (w, h) in (("a.png", (100, 70)), ("b.png", (60, 60))):
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB").save(tmp_path / name)
+        files.append(tmp_path / name)
+    reused = image_conversation(out, folder, [("w3 w4", files[:1]), ("w5", []), ("w6 w7", files[1:])])
+    (first, none), *later = reused
+    assert none == 0 and all(kept >= before - 1 for (before, _), (_, kept) in zip(reused, later)), reused
+    report = verify(out, turns=3, prompt_length=3, new_tokens=3)  # verify --turns: the image in the first turn
+    assert report.passed, report.to_json()
+    cached = [t.prompt_tokens - t.new_tokens for t in report.turns]
+    assert cached[0] == 0 and all(kept >= t.prompt_tokens for t, kept in zip(report.turns, cached[1:]))
