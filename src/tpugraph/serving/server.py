@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,15 @@ def serve(out: str | Path, backend: str = "onnx", bmodel: str | Path | None = No
     require_serve_extra()
     import uvicorn
 
+    class InterruptAware(uvicorn.Server):
+        """uvicorn's server, remembering whether a Ctrl-C (SIGINT) stopped it."""
+
+        interrupted = False
+
+        def handle_exit(self, sig, frame) -> None:
+            self.interrupted = self.interrupted or sig == signal.SIGINT
+            super().handle_exit(sig, frame)
+
     from .engine import Engine
     from .openai_app import create_app
 
@@ -72,9 +83,13 @@ def serve(out: str | Path, backend: str = "onnx", bmodel: str | Path | None = No
     if on_listening:
         on_listening(Listening(f"http://{shown}:{bound}/v1", model_name or Path(out).resolve().name,
                                engine.backend_name, engine.seq, max_queue))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5))
+    server = InterruptAware(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
+        # uvicorn re-raises a captured Ctrl-C after its shutdown, but asyncio's runner can swallow it (the task ends
+        # before the cancel lands): exit as every command does on Ctrl-C (130), whichever way the run ended
+        if server.interrupted:
+            raise KeyboardInterrupt
     finally:
         sock.close()
         engine.close()  # the lifespan's shutdown closed it already, unless uvicorn never started
