@@ -120,7 +120,7 @@ def main() -> int:
     args = ap.parse_args()
 
     sys.path.insert(0, str(HERE))
-    from vit_estimate import llm_convert_vit, tpugraph_vit
+    from vit_estimate import llm_convert_vit, print_side_by_side, tpugraph_vit
 
     from tpugraph.compiler import CompileOptions, check_toolchain
 
@@ -135,14 +135,7 @@ def main() -> int:
     theirs_ms, theirs_s, theirs_cmd = llm_convert_vit(original, work, SIDE, SIDE, args.quantize, args.chip, venv)
     print(f"InternVL3-1B-shaped vit (InternViT-300M), random weights, one {SIDE}x{SIDE} tile (1024 patches, 256 "
           f"tokens), {args.quantize} {args.chip}: compiler's estimate per run")
-    print(f"  tpugraph     {ours_ms:10.3f} ms   (vit transform + deploy {ours_s:.0f} s)")
-    print(f"  llm_convert  {theirs_ms:10.3f} ms   (vit mlir + deploy {theirs_s:.0f} s)")
-    print(f"  ratio tpugraph / llm_convert: {ours_ms / theirs_ms:.3f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "tpugraph": {"runtime_ms": ours_ms, "seconds": ours_s, "deploy": ours_argv},
-                                         "llm_convert": {"runtime_ms": theirs_ms, "seconds": theirs_s,
-                                                         "deploy": theirs_cmd}}, indent=2))
+    print_side_by_side(ours_ms, ours_s, ours_argv, theirs_ms, theirs_s, theirs_cmd, args)
     return 0
 
 

@@ -150,6 +150,19 @@ def llm_convert_vit(model: Path, work: Path, width: int, height: int, quantize: 
     return profile_ms(vit_dir), time.time() - start, command
 
 
+def print_side_by_side(ours_ms: float, ours_s: float, ours_argv, theirs_ms: float, theirs_s: float, theirs_cmd,
+                       args) -> None:
+    """The two estimates, their ratio and (``--json``) the record, as every vit estimate script prints them."""
+    print(f"  tpugraph     {ours_ms:10.3f} ms   (vit transform + deploy {ours_s:.0f} s)")
+    print(f"  llm_convert  {theirs_ms:10.3f} ms   (vit mlir + deploy {theirs_s:.0f} s)")
+    print(f"  ratio tpugraph / llm_convert: {ours_ms / theirs_ms:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "tpugraph": {"runtime_ms": ours_ms, "seconds": ours_s, "deploy": ours_argv},
+                                         "llm_convert": {"runtime_ms": theirs_ms, "seconds": theirs_s,
+                                                         "deploy": theirs_cmd}}, indent=2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=224)
@@ -177,14 +190,7 @@ def main() -> int:
     patches = pixels // 14 ** 2
     print(f"Qwen2.5-VL-3B-shaped vit, random weights, {args.width}x{args.height} ({patches} patches, "
           f"{patches // 4} tokens), {args.quantize} {args.chip}: compiler's estimate per run")
-    print(f"  tpugraph     {ours_ms:10.3f} ms   (vit transform + deploy {ours_s:.0f} s)")
-    print(f"  llm_convert  {theirs_ms:10.3f} ms   (vit mlir + deploy {theirs_s:.0f} s)")
-    print(f"  ratio tpugraph / llm_convert: {ours_ms / theirs_ms:.3f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "tpugraph": {"runtime_ms": ours_ms, "seconds": ours_s, "deploy": ours_argv},
-                                         "llm_convert": {"runtime_ms": theirs_ms, "seconds": theirs_s,
-                                                         "deploy": theirs_cmd}}, indent=2))
+    print_side_by_side(ours_ms, ours_s, ours_argv, theirs_ms, theirs_s, theirs_cmd, args)
     return 0
 
 

@@ -263,3 +263,18 @@ def image_conversation(out: Path, source: Path, turns: list[tuple[str, list]],
     finally:
         runtime.close()
     return reused
+
+
+def check_image_turns(out: Path, source: Path, files: list[Path]) -> None:
+    """A --history-kv VLM export over three turns (an image, text only, another image): the chat against
+    transformers keeps its KV cache (nothing cached before the first turn, each later turn reusing the history), and
+    ``verify --turns 3`` (its image in the first turn) passes with the same reuse."""
+    from tpugraph.proof.verify import verify
+
+    reused = image_conversation(out, source, [("w3 w4", files[:1]), ("w5", []), ("w6 w7", files[1:])])
+    (first, none), *later = reused
+    assert none == 0 and all(kept >= before - 1 for (before, _), (_, kept) in zip(reused, later)), reused
+    report = verify(out, turns=3, prompt_length=3, new_tokens=3)  # verify --turns: the image in the first turn
+    assert report.passed, report.to_json()
+    cached = [t.prompt_tokens - t.new_tokens for t in report.turns]
+    assert cached[0] == 0 and all(kept >= t.prompt_tokens for t, kept in zip(report.turns, cached[1:]))

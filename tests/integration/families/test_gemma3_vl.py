@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import numpy as np
-from vlm_models import GEMMA3_TOKEN_IDS, GEMMA3_VISION, GEMMA3_WORDS, build_gemma3, image_conversation
+from vlm_models import GEMMA3_TOKEN_IDS, GEMMA3_VISION, GEMMA3_WORDS, build_gemma3, check_image_turns
 
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
@@ -175,10 +175,4 @@ def test_history_kv_keeps_the_cache_across_image_turns(vlm, tmp_path):
     out = tmp_path / "kv"
     export_and_optimize(str(folder), out, ExportOptions(seq_length=SEQ, history_kv=True, force=True))
     files = [picture(tmp_path / "a.png", 70, 50, seed=5), picture(tmp_path / "b.png", 40, 60, seed=6)]
-    reused = image_conversation(out, folder, [("w3 w4", files[:1]), ("w5", []), ("w6 w7", files[1:])])
-    (first, none), *later = reused
-    assert none == 0 and all(kept >= before - 1 for (before, _), (_, kept) in zip(reused, later)), reused
-    report = verify(out, turns=3, prompt_length=3, new_tokens=3)  # verify --turns: the image in the first turn
-    assert report.passed, report.to_json()
-    cached = [t.prompt_tokens - t.new_tokens for t in report.turns]
-    assert cached[0] == 0 and all(kept >= t.prompt_tokens for t, kept in zip(report.turns, cached[1:]))
+    check_image_turns(out, folder, files)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vlm_models import QWEN3_VL_MAX_PIXELS, TOKEN_IDS, build_qwen3_vl, image_conversation
+from vlm_models import QWEN3_VL_MAX_PIXELS, TOKEN_IDS, build_qwen3_vl, check_image_turns
 
 from tpugraph.export.pipeline import ExportOptions, export_and_optimize
 from tpugraph.proof.verify import verify
@@ -153,10 +153,4 @@ def test_history_kv_keeps_the_cache_across_image_turns(vlm, tmp_path):
     for name, (w, h) in (("a.png", (100, 70)), ("b.png", (60, 60))):
         Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB").save(tmp_path / name)
         files.append(tmp_path / name)
-    reused = image_conversation(out, folder, [("w3 w4", files[:1]), ("w5", []), ("w6 w7", files[1:])])
-    (first, none), *later = reused
-    assert none == 0 and all(kept >= before - 1 for (before, _), (_, kept) in zip(reused, later)), reused
-    report = verify(out, turns=3, prompt_length=3, new_tokens=3)  # verify --turns: the image in the first turn
-    assert report.passed, report.to_json()
-    cached = [t.prompt_tokens - t.new_tokens for t in report.turns]
-    assert cached[0] == 0 and all(kept >= t.prompt_tokens for t, kept in zip(report.turns, cached[1:]))
+    check_image_turns(out, folder, files)
